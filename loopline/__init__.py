@@ -1,0 +1,1 @@
+"""Loopline: streaming MLOps on Kafka."""

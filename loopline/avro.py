@@ -1,0 +1,140 @@
+"""Avro codecs (fastavro) for the schemas in ``schemas/``, in Avro single-object encoding.
+
+Each message is ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO fingerprint + the Avro body,
+so every message names the schema it was written with and a reader can resolve older writers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import io
+import json
+from functools import lru_cache
+from typing import Any
+
+import fastavro
+import fastavro.schema
+import fastavro.utils
+
+from loopline.errors import SchemaError
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+
+#: Topic kinds with a schema file; features/raw embed a record generated from the pipeline spec.
+KINDS = ("raw", "features", "prediction", "feedback", "deadletter", "alert", "registry")
+_SHARED = ("source",)
+
+
+def schema_text(name: str) -> str:
+    """Return the text of ``schemas/<name>.avsc``."""
+    try:
+        return importlib.resources.files("loopline.schemas").joinpath(f"{name}.avsc").read_text()
+    except FileNotFoundError as e:
+        raise SchemaError(f"no schema file schemas/{name}.avsc") from e
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """Return the JSON of ``schemas/<name>.avsc`` (cached; callers must not mutate it)."""
+    return json.loads(schema_text(name))  # type: ignore[no-any-return]
+
+
+def named_types() -> dict[str, Any]:
+    """Parsed shared named types that other schemas reference by name."""
+    named: dict[str, Any] = {}
+    for name in _SHARED:
+        fastavro.parse_schema(load_schema(name), named_schemas=named)
+    return named
+
+
+def fingerprint(parsed: dict[str, Any]) -> bytes:
+    """The 8-byte little-endian CRC-64-AVRO fingerprint of a parsed schema."""
+    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
+    return bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+
+
+def with_features(kind: str, feature_fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``raw`` or ``features`` schema with its ``Features`` record filled with the given fields."""
+    schema = copy.deepcopy(load_schema(kind))
+    for f in schema["fields"]:
+        if f["name"] == "features":
+            f["type"]["fields"] = feature_fields
+            return schema
+    raise SchemaError(f"schemas/{kind}.avsc has no 'features' field to fill")
+
+
+class Codec:
+    """Encode and decode one schema; decode also accepts the older writer schemas it was given."""
+
+    def __init__(self, schema: dict[str, Any], writers: list[dict[str, Any]] | None = None) -> None:
+        self.schema = schema
+        self.parsed = fastavro.parse_schema(schema, named_schemas=named_types())
+        self.name: str = self.parsed["name"]
+        self.fingerprint = fingerprint(self.parsed)
+        self._header = MAGIC + self.fingerprint
+        self._writers: dict[bytes, Any] = {self.fingerprint: None}
+        for writer in writers or []:
+            self.add_writer(writer)
+
+    def add_writer(self, schema: dict[str, Any]) -> None:
+        """Accept messages written with ``schema`` (resolved to this codec's schema on decode)."""
+        parsed = fastavro.parse_schema(schema, named_schemas=named_types())
+        fp = fingerprint(parsed)
+        if fp != self.fingerprint:
+            self._writers[fp] = parsed
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        """Serialize ``record``; raise :class:`SchemaError` naming the field if it does not fit."""
+        out = io.BytesIO()
+        out.write(self._header)
+        try:
+            fastavro.schemaless_writer(out, self.parsed, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SchemaError(f"record does not match schema {self.name}: {e}") from e
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """Deserialize a single-object encoded message; raise :class:`SchemaError` if unreadable."""
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise SchemaError(f"not an Avro single-object message for {self.name} (bad magic bytes)")
+        fp = data[2:HEADER_LEN]
+        if fp not in self._writers:
+            raise SchemaError(f"unknown writer schema fingerprint {fp.hex()} for {self.name}")
+        writer = self._writers[fp]
+        try:
+            if writer is None:
+                return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self.parsed, None)  # type: ignore[return-value]
+            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self.parsed)  # type: ignore[return-value]
+        except Exception as e:  # noqa: BLE001 - fastavro raises many kinds on corrupt input
+            raise SchemaError(f"corrupt {self.name} message: {type(e).__name__}: {e}") from e
+
+
+@lru_cache(maxsize=None)
+def codec(kind: str) -> Codec:
+    """The codec of a fixed schema kind (prediction, feedback, deadletter, alert, registry)."""
+    if kind in ("raw", "features"):
+        raise SchemaError(f"the {kind} schema depends on the pipeline spec; use PipelineSpec codecs")
+    return Codec(load_schema(kind))
+
+
+def is_backward_compatible(reader: dict[str, Any], writer: dict[str, Any], samples: int = 50,
+                           shared: bool = True) -> str | None:
+    """Return None if data written with ``writer`` is readable with ``reader``, else the reason.
+
+    Checks by resolution on generated records (fastavro raises on any unresolvable difference).
+    ``shared=False`` checks a schema that is itself one of the shared named types.
+    """
+    named_w, named_r = (named_types(), named_types()) if shared else ({}, {})
+    parsed_w = fastavro.parse_schema(writer, named_schemas=named_w)
+    parsed_r = fastavro.parse_schema(reader, named_schemas=named_r)
+    for record in fastavro.utils.generate_many(parsed_w, samples):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed_w, record)
+        buf.seek(0)
+        try:
+            fastavro.schemaless_reader(buf, parsed_w, parsed_r)
+        except Exception as e:  # noqa: BLE001 - the reason is the answer
+            return f"{type(e).__name__}: {e}"
+    return None

@@ -1,0 +1,149 @@
+"""The ``loopline`` command line."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from loopline.errors import LooplineError
+from loopline.service import SERVICES
+from loopline.settings import LooplineSettings
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(stderr=False, highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+def handle_errors(func: F) -> F:
+    """Turn Loopline errors into one clear message and exit status 2, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LooplineError as e:
+            errors.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(**overrides: Any) -> LooplineSettings:
+    from loopline.observability import configure_logging
+
+    settings = LooplineSettings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging("WARNING", "console")  # the CLI speaks through its own output
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loopline")
+def main() -> None:
+    """Loopline: streaming MLOps on Kafka (ingest, inference, monitor, trainer, lineage)."""
+
+
+@main.command()
+@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: a free one).")
+@handle_errors
+def broker(port: int) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu, memory storage) until Ctrl-C."""
+    from loopline.apply import ensure_global_topics
+    from loopline.broker import STATE_FILE, EmbeddedBroker
+    from loopline.kafka import KafkaConfig, StopFlag
+
+    settings = _settings()
+    stop = StopFlag()
+    signal.signal(signal.SIGINT, stop.set)
+    signal.signal(signal.SIGTERM, stop.set)
+    with console.status("starting the embedded broker..."):
+        embedded = EmbeddedBroker(home=settings.home, port=port)
+        address = embedded.start()
+    try:
+        ensure_global_topics(KafkaConfig.from_settings(settings))
+        console.print(f"Kafka-protocol broker ready at [bold]{address}[/] (pid {embedded.pid}, memory storage)")
+        console.print(f"state: {settings.home / STATE_FILE} — other loopline commands use it; "
+                      f"try: kcat -b {address} -L")
+        console.print("Ctrl-C stops it (all data is in memory and goes with it).", style="dim")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            if not embedded.running():
+                raise LooplineError(f"the broker exited unexpectedly; see {settings.home / 'broker.log'}")
+    finally:
+        embedded.stop()
+        console.print("broker stopped")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@handle_errors
+def apply(files: tuple[Path, ...]) -> None:
+    """Validate pipeline spec FILES, create their topics and publish them to the registry."""
+    from loopline.apply import apply_spec
+    from loopline.kafka import KafkaConfig
+    from loopline.spec import load_spec
+
+    settings = _settings()
+    specs = [load_spec(f) for f in files]  # validate all before changing anything
+    kafka = KafkaConfig.from_settings(settings)
+    for spec in specs:
+        with console.status(f"applying {spec.name}..."):
+            result = apply_spec(kafka, spec)
+        change = "published" if result.published else "unchanged"
+        console.print(f"pipeline [bold]{spec.name}[/]: spec {change} "
+                      f"(sha256 {spec.sha256()[:12]}), topics: {', '.join(spec.topics.all())}"
+                      + (f"; created {len(result.created_topics)}" if result.created_topics else ""))
+
+
+@main.command()
+@handle_errors
+def topics() -> None:
+    """List the broker's topics with their partitions."""
+    from loopline.kafka import KafkaConfig
+
+    kafka = KafkaConfig.from_settings(_settings())
+    metadata = kafka.admin().list_topics(timeout=10)
+    table = Table("topic", "partitions", title=f"topics on {kafka.broker.bootstrap_servers}")
+    for name in sorted(metadata.topics):
+        table.add_row(name, str(len(metadata.topics[name].partitions)))
+    console.print(table)
+
+
+@main.command()
+@click.argument("service", type=click.Choice(SERVICES))
+@handle_errors
+def run(service: str) -> None:
+    """Run one service in the foreground (what a container runs); settings from LOOPLINE_* variables."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"loopline.services.{service}.main")
+    except ModuleNotFoundError as e:
+        if e.name != f"loopline.services.{service}.main":
+            raise
+        raise LooplineError(f"the {service} service is not built yet") from None
+    module.main()
+
+
+@main.command()
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
+              default=Path("examples/fraud.yaml"), show_default=True, help="Pipeline spec to apply.")
+@click.option("--keep", is_flag=True, help="Keep the broker running until Ctrl-C at the end.")
+@handle_errors
+def demo(pipeline_file: Path, keep: bool) -> None:
+    """Start the embedded broker, apply an example pipeline and show that it is ready."""
+    from loopline.demo import run_demo
+
+    run_demo(_settings(), pipeline_file, keep, console)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,258 @@
+"""Kafka runtime on confluent-kafka: client settings, topic creation, at-least-once batch loop.
+
+The contract every service follows: consume a batch, produce its results, wait until Kafka
+acknowledged every one of them, and only then store the batch's offsets. A crash at any
+point re-delivers the unacknowledged input (at-least-once); idempotent sinks and
+deterministic ids make the retry invisible to readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from loopline.broker import BrokerAddress, resolve_broker
+from loopline.errors import DeliveryError, LooplineError
+from loopline.settings import LooplineSettings
+
+log = logging.getLogger(__name__)
+
+# Tansu does not answer a waiting fetch early and lists every stored batch of a partition on
+# each fetch: a short fetch wait keeps latency low, large producer batches keep fetches cheap.
+# Both are valid (if chattier) on Apache Kafka, where the 'kafka' profile keeps its defaults.
+_EMBEDDED_CONSUMER = {"fetch.wait.max.ms": 10, "fetch.min.bytes": 1}
+_EMBEDDED_PRODUCER = {"linger.ms": 5, "batch.size": 1_000_000, "batch.num.messages": 10_000}
+_KAFKA_CONSUMER = {"fetch.wait.max.ms": 100}
+_KAFKA_PRODUCER = {"linger.ms": 5, "batch.size": 1_000_000}
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Everything needed to build clients: broker address and settings."""
+
+    settings: LooplineSettings
+    broker: BrokerAddress
+
+    @classmethod
+    def from_settings(cls, settings: LooplineSettings) -> KafkaConfig:
+        """Resolve the broker (env or embedded state file) for these settings."""
+        return cls(settings, resolve_broker(settings))
+
+    @property
+    def embedded(self) -> bool:
+        """Whether clients are tuned for the embedded broker."""
+        return self.broker.embedded
+
+    def common(self, client_id: str) -> dict[str, Any]:
+        """Settings shared by producers, consumers and admin clients."""
+        s = self.settings
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.broker.bootstrap_servers,
+            "client.id": client_id,
+            "security.protocol": s.security_protocol,
+        }
+        if s.sasl_mechanism:
+            conf["sasl.mechanism"] = s.sasl_mechanism
+        if s.sasl_username:
+            conf["sasl.username"] = s.sasl_username
+        if s.sasl_password is not None:
+            conf["sasl.password"] = s.sasl_password.get_secret_value()
+        if s.ssl_ca_location:
+            conf["ssl.ca.location"] = s.ssl_ca_location
+        return conf
+
+    def producer(self, client_id: str, **overrides: Any) -> Producer:
+        """An idempotent producer waiting for all in-sync replicas."""
+        conf = self.common(client_id)
+        conf.update({"acks": "all", "enable.idempotence": True, "compression.type": "lz4"})
+        conf.update(_EMBEDDED_PRODUCER if self.embedded else _KAFKA_PRODUCER)
+        conf.update(overrides)
+        return Producer(conf)
+
+    def consumer(self, client_id: str, group_id: str, **overrides: Any) -> Consumer:
+        """A group consumer whose offsets are stored by hand, after results are acknowledged."""
+        conf = self.common(client_id)
+        conf.update({
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.commit.interval.ms": 1000,
+            "session.timeout.ms": self.settings.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, self.settings.session_timeout_ms // 10),
+            "partition.assignment.strategy": "cooperative-sticky",
+        })
+        conf.update(_EMBEDDED_CONSUMER if self.embedded else _KAFKA_CONSUMER)
+        conf.update(overrides)
+        return Consumer(conf)
+
+    def reader(self, client_id: str, **overrides: Any) -> Consumer:
+        """A consumer outside any group, for assign()-based reads (registry, tools)."""
+        conf = self.common(client_id)
+        conf.update({"group.id": f"{client_id}-reader", "enable.auto.commit": False,
+                     "enable.auto.offset.store": False, "auto.offset.reset": "earliest"})
+        conf.update(_EMBEDDED_CONSUMER if self.embedded else _KAFKA_CONSUMER)
+        conf.update(overrides)
+        return Consumer(conf)
+
+    def admin(self, client_id: str = "loopline-admin") -> AdminClient:
+        """An admin client."""
+        return AdminClient(self.common(client_id))
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic to create: name, partitions and topic-level configuration."""
+
+    name: str
+    partitions: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_topics(admin: AdminClient, topics: Sequence[TopicSpec], replication_factor: int = 1,
+                  timeout_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet and wait until all are visible; return the new ones."""
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [t for t in topics if t.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(t.name, t.partitions, replication_factor, config=dict(t.config)) for t in missing],
+            operation_timeout=timeout_s, request_timeout=timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise LooplineError(f"could not create topic {name}: {e.args[0].str()}") from e
+    deadline = time.monotonic() + timeout_s
+    wanted = {t.name for t in topics}
+    while True:
+        metadata = admin.list_topics(timeout=timeout_s).topics
+        ready = {n for n in wanted if n in metadata and metadata[n].partitions and metadata[n].error is None}
+        if ready == wanted:
+            return created
+        if time.monotonic() > deadline:
+            raise LooplineError(f"topics not visible after {timeout_s:.0f}s: {sorted(wanted - ready)}")
+        time.sleep(0.1)
+
+
+class AckedProducer:
+    """A producer that knows whether everything it sent was acknowledged.
+
+    ``send`` never blocks for long (it polls while librdkafka's queue is full);
+    ``confirm`` flushes and raises :class:`DeliveryError` if any send failed since the last call.
+    """
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self._failures: list[str] = []
+        self.delivered = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._failures.append(f"{msg.topic()}: {err.str()}")
+        else:
+            self.delivered += 1
+
+    def send(self, topic: str, value: bytes | None, key: bytes | str | None = None,
+             headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+        """Queue one message for delivery."""
+        kwargs: dict[str, Any] = {"key": key, "headers": headers, "on_delivery": self._on_delivery}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, value, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def confirm(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued message is acknowledged; raise if any was not."""
+        remaining = self.producer.flush(timeout_s)
+        failures, self._failures = self._failures, []
+        if remaining:
+            raise DeliveryError(f"{remaining} message(s) not acknowledged within {timeout_s:.0f}s")
+        if failures:
+            raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
+
+
+def store_batch_offsets(consumer: Consumer, messages: Iterable[Message]) -> None:
+    """Store, per partition, the offset after the last message of a handled batch."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        if m.offset() >= last.get(key, -1):
+            last[key] = m.offset()
+    if last:
+        consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
+
+
+class StopFlag:
+    """A stop request shared by signal handlers and the loop (a thin threading.Event)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self, *_: object) -> None:
+        """Ask the loop to stop; usable directly as a signal handler."""
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """Whether a stop was requested."""
+        return self._event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s`` unless a stop is requested first."""
+        return self._event.wait(timeout_s)
+
+
+BatchHandler = Callable[[list[Message]], None]
+
+
+def run_batches(consumer: Consumer, producer: AckedProducer, handle: BatchHandler, stop: StopFlag,
+                batch_size: int = 1000, batch_timeout_s: float = 0.05,
+                on_idle: Callable[[], None] | None = None) -> None:
+    """Consume in batches until ``stop``; each batch's offsets are stored once its output is acked.
+
+    ``handle`` receives only data messages (errors and partition EOFs are logged here) and
+    produces its results through ``producer``. If it or the delivery fails, the exception
+    propagates with the batch's offsets unstored, so a restart re-delivers it. The consumer is
+    closed (committing what was stored) on the way out.
+    """
+    try:
+        while not stop.is_set():
+            messages = consumer.consume(batch_size, batch_timeout_s)
+            data = []
+            for m in messages:
+                err = m.error()
+                if err is None:
+                    data.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    log.warning("consume_error", extra={"error": err.str(), "topic": m.topic(),
+                                                        "partition": m.partition()})
+            if not data:
+                producer.producer.poll(0)
+                if on_idle is not None:
+                    on_idle()
+                continue
+            handle(data)
+            producer.confirm()
+            store_batch_offsets(consumer, data)
+    finally:
+        try:
+            producer.producer.flush(10)
+        finally:
+            consumer.close()

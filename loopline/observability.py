@@ -1,0 +1,143 @@
+"""Structured logs, Prometheus metrics and the health/readiness endpoint every service exposes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, and the record's ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one JSON line."""
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS level event key=value ...`` for people at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one readable line."""
+        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _RESERVED)
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname.lower():7} " \
+               f"{record.getMessage()} {extras}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Send the root logger's records to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Health:
+    """Liveness (the main loop beats) and readiness (the service says it can do its job)."""
+
+    def __init__(self, stale_after_s: float = 60.0) -> None:
+        self.stale_after_s = stale_after_s
+        self._lock = threading.Lock()
+        self._last_beat = time.monotonic()
+        self._ready = False
+        self._reason = "starting"
+
+    def beat(self) -> None:
+        """Record that the main loop is making progress."""
+        self._last_beat = time.monotonic()
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        """Mark the service ready (or not, and why)."""
+        with self._lock:
+            self._ready, self._reason = ready, reason or ("ready" if ready else "not ready")
+
+    def live(self) -> tuple[bool, str]:
+        """Whether the loop beat recently enough, and a reason."""
+        age = time.monotonic() - self._last_beat
+        if age > self.stale_after_s:
+            return False, f"main loop silent for {age:.0f}s"
+        return True, "alive"
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the service is live and ready, and a reason."""
+        alive, why = self.live()
+        if not alive:
+            return False, why
+        with self._lock:
+            return self._ready, self._reason
+
+
+class MetricsServer:
+    """HTTP server on its own thread: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``."""
+
+    def __init__(self, registry: CollectorRegistry, health: Health, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.registry = registry
+        self.health = health
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+                elif path in ("/healthz", "/readyz"):
+                    ok, reason = server.health.live() if path == "/healthz" else server.health.ready()
+                    body = orjson.dumps({"status": "ok" if ok else "unavailable", "reason": reason})
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(404, b'{"error": "not found; try /metrics, /healthz, /readyz"}',
+                               "application/json")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # scrapes every few seconds are not events worth a log line
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+
+    @property
+    def address(self) -> str:
+        """``http://host:port`` the server listens on."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> MetricsServer:
+        """Start serving in the background."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

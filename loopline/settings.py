@@ -1,0 +1,75 @@
+"""Configuration: one settings object per process, read from ``LOOPLINE_*`` environment variables.
+
+Build it in ``main()`` and pass it down; nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class LooplineSettings(BaseSettings):
+    """Settings every Loopline command and service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPLINE_", extra="ignore", frozen=True)
+
+    home: Path = Field(
+        Path(".loopline"),
+        description="State folder: embedded broker state file and logs, local artifacts, lineage store.",
+    )
+    bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka bootstrap servers (host:port,...). Unset: use the embedded broker "
+        "recorded in LOOPLINE_HOME by `loopline broker`.",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol."
+    )
+    sasl_mechanism: str | None = Field(None, description="Kafka sasl.mechanism, e.g. PLAIN or SCRAM-SHA-512.")
+    sasl_username: str | None = Field(None, description="Kafka sasl.username.")
+    sasl_password: SecretStr | None = Field(None, description="Kafka sasl.password.")
+    ssl_ca_location: str | None = Field(None, description="CA certificate file for SSL / SASL_SSL.")
+    kafka_profile: Literal["auto", "embedded", "kafka"] = Field(
+        "auto",
+        description="Client tuning: 'embedded' for the Tansu broker, 'kafka' for Apache Kafka and "
+        "compatibles; 'auto' picks 'embedded' when the broker came from LOOPLINE_HOME.",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1_000, description="Consumer group session timeout (the embedded broker joins in ~half of it)."
+    )
+    replication_factor: int = Field(
+        1, ge=-1, description="Replication factor of topics Loopline creates (-1: broker default)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["json", "console"] = Field(
+        "json", description="'json': one JSON object per line; 'console': readable lines."
+    )
+
+
+class ServiceSettings(LooplineSettings):
+    """Settings of a long-running service process (metrics, health, batching)."""
+
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics/health HTTP server binds.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the metrics/health HTTP server (0: any free port)."
+    )
+    pipelines: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Pipelines to serve, comma separated (empty: every pipeline in the registry).",
+    )
+    group_id: str | None = Field(None, description="Consumer group (default: loopline-<service>).")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Most messages handled per batch.")
+    batch_timeout_s: float = Field(
+        0.05, gt=0, le=10, description="Longest wait for a batch to fill before handling what arrived."
+    )
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value

@@ -1,0 +1,240 @@
+"""Pipeline specs: the declarative YAML that defines a pipeline, validated with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loopline import avro
+from loopline.errors import SpecError
+from loopline.topics import PIPELINE_NAME, PipelineTopics
+
+FeatureType = Literal["float", "int", "string", "bool"]
+_AVRO_TYPES = {"float": "double", "int": "long", "string": "string", "bool": "boolean"}
+_FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"  # Avro field names; also safe as column names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Feature(_Strict):
+    """One input feature of the model."""
+
+    name: str = Field(pattern=_FIELD_NAME, description="Field name in events' 'features' object.")
+    type: FeatureType = Field(description="float, int, string or bool.")
+    required: bool = Field(True, description="Whether events must carry it (else it may be null/absent).")
+    min: float | None = Field(None, description="Smallest accepted value (numbers only).")
+    max: float | None = Field(None, description="Largest accepted value (numbers only).")
+    values: list[str] | None = Field(None, min_length=1, description="Accepted values (strings only).")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _rules_fit_type(self) -> Feature:
+        numeric = self.type in ("float", "int")
+        if (self.min is not None or self.max is not None) and not numeric:
+            raise ValueError(f"min/max apply to float or int features, not {self.type}")
+        if self.values is not None and self.type != "string":
+            raise ValueError(f"values apply to string features, not {self.type}")
+        for bound in (self.min, self.max):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError("min/max must be finite numbers")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+    def avro_field(self) -> dict[str, Any]:
+        """This feature as a field of the generated Avro ``Features`` record."""
+        t = _AVRO_TYPES[self.type]
+        if self.required:
+            return {"name": self.name, "type": t}
+        return {"name": self.name, "type": ["null", t], "default": None}
+
+
+class Label(_Strict):
+    """What feedback labels look like."""
+
+    name: str = Field("label", pattern=_FIELD_NAME)
+    task: Literal["classification", "regression"] = "classification"
+    classes: list[str] | None = Field(None, min_length=2, description="Class names (classification).")
+    positive: str | None = Field(None, description="The positive class, for binary metrics.")
+
+    @model_validator(mode="after")
+    def _classes_fit_task(self) -> Label:
+        if self.task == "regression" and (self.classes or self.positive):
+            raise ValueError("classes/positive apply to classification only")
+        if self.classes and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        if self.positive is not None and self.classes and self.positive not in self.classes:
+            raise ValueError(f"positive class {self.positive!r} is not one of classes {self.classes}")
+        return self
+
+
+class Deployment(_Strict):
+    """How inference serves the pipeline's model versions."""
+
+    canary_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of keys a canary serves.")
+    promotion: Literal["auto", "manual"] = "manual"
+    batch_size: int = Field(1000, ge=1, le=100_000)
+
+
+class Monitor(_Strict):
+    """Drift, data quality and performance monitoring."""
+
+    detectors: list[Literal["adwin", "page_hinkley", "kswin"]] = Field(default_factory=lambda: ["adwin"])
+    error_detectors: list[Literal["ddm", "eddm", "hddm_a", "hddm_w", "adwin"]] = Field(
+        default_factory=lambda: ["ddm"])
+    window: int = Field(1000, ge=50, description="Events in the windowed PSI/KS comparison.")
+    psi_warning: float = Field(0.1, gt=0)
+    psi_alert: float = Field(0.25, gt=0)
+    ks_alert_pvalue: float = Field(0.001, gt=0, lt=1)
+    performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling metrics.")
+    zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> Monitor:
+        if self.psi_warning > self.psi_alert:
+            raise ValueError(f"psi_warning ({self.psi_warning}) must not exceed psi_alert ({self.psi_alert})")
+        return self
+
+
+class Retrain(_Strict):
+    """When the trainer builds a new candidate."""
+
+    on_drift: bool = True
+    every_n_labels: int | None = Field(None, ge=1)
+    min_accepts: int | None = Field(None, ge=0, description="Business rule: at least this many accepts ...")
+    min_rejects: int | None = Field(None, ge=0, description="... and this many rejects since the last version.")
+    schedule_s: float | None = Field(None, gt=0)
+    warm_start: bool = False
+
+
+class Trainer(_Strict):
+    """Incremental retraining, validation and promotion."""
+
+    learner: Literal["logistic_regression", "linear_regression", "hoeffding_adaptive_tree"] = "logistic_regression"
+    retrain: Retrain = Field(default_factory=Retrain)
+    holdout: int = Field(500, ge=10, description="Most recent labeled examples held out for validation.")
+    margin: float = Field(0.01, ge=0, description="How much better a candidate must be.")
+    min_live_samples: int = Field(200, ge=1, description="Feedback needed before a live promotion decision.")
+    label_ttl_s: float = Field(86_400.0, gt=0, description="How long predictions wait for feedback.")
+    seed: int = 42
+
+
+class PipelineSpec(_Strict):
+    """A pipeline: its input features, label, and how each service treats it."""
+
+    name: str = Field(pattern=PIPELINE_NAME.pattern)
+    description: str = ""
+    features: list[Feature] = Field(min_length=1)
+    key: str | None = Field(None, pattern=_FIELD_NAME, description="Feature used as the event key when none is sent.")
+    label: Label = Field(default_factory=Label)
+    unknown_fields: Literal["reject", "drop"] = "reject"
+    max_message_bytes: int = Field(1_000_000, ge=64, le=100_000_000)
+    partitions: int = Field(3, ge=1, le=1000)
+    deployment: Deployment = Field(default_factory=Deployment)
+    monitor: Monitor = Field(default_factory=Monitor)
+    trainer: Trainer = Field(default_factory=Trainer)
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_names(cls, features: list[Feature]) -> list[Feature]:
+        seen: set[str] = set()
+        for f in features:
+            if f.name in seen:
+                raise ValueError(f"feature {f.name!r} is declared twice")
+            seen.add(f.name)
+        return features
+
+    @model_validator(mode="after")
+    def _key_is_a_feature(self) -> PipelineSpec:
+        if self.key is not None and self.key not in {f.name for f in self.features}:
+            raise ValueError(f"key {self.key!r} is not one of the features")
+        return self
+
+    @property
+    def topics(self) -> PipelineTopics:
+        """This pipeline's topics."""
+        return PipelineTopics(self.name)
+
+    def feature_fields(self) -> list[dict[str, Any]]:
+        """The generated Avro fields of the ``Features`` record."""
+        return [f.avro_field() for f in self.features]
+
+    def features_schema(self) -> dict[str, Any]:
+        """Avro schema of this pipeline's features topic."""
+        return avro.with_features("features", self.feature_fields())
+
+    def raw_schema(self) -> dict[str, Any]:
+        """Avro schema producers may use on this pipeline's raw topic."""
+        return avro.with_features("raw", self.feature_fields())
+
+    def canonical_json(self) -> bytes:
+        """The spec as canonical JSON (sorted keys): what the registry stores."""
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+    def sha256(self) -> str:
+        """Content hash of the canonical JSON."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """Path of an error such as ``features[amount].max``: list items by their name where they have one."""
+    path = ""
+    node = data
+    for item in loc:
+        child = None
+        if isinstance(item, int):
+            child = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+            name = child.get("name") if isinstance(child, dict) else None
+            path += f"[{name if isinstance(name, str) else item}]"
+        else:
+            child = node.get(item) if isinstance(node, dict) else None
+            path += f".{item}" if path else str(item)
+        node = child
+    return path or "(top level)"
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
+    """Validate a spec document; raise :class:`SpecError` listing every problem with field and rule."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [("(top level)", "type", f"expected a mapping, got {type(data).__name__}")])
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append((_location(err["loc"], data), err["type"], msg))
+        raise SpecError(source, problems) from None
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), [("(file)", "exists", "file not found")]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise SpecError(str(path), [("(file)", "readable", str(e))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(str(path), [(where, "yaml", f"not valid YAML: {problem}")]) from None
+    return parse_spec(data, str(path))
+
+
+def spec_from_json(data: bytes | str) -> PipelineSpec:
+    """Rebuild a spec from the registry's canonical JSON."""
+    return parse_spec(orjson.loads(data), "registry")

@@ -1,0 +1,79 @@
+"""Every Kafka topic name Loopline uses, from this one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from loopline.errors import SpecError
+
+PREFIX = "loopline"
+MODELS = f"{PREFIX}.models"
+ALERTS = f"{PREFIX}.alerts"
+
+#: Per-pipeline topic kinds, in the order data flows through them.
+KINDS = ("raw", "features", "predictions", "feedback", "deadletter")
+
+# Kafka allows [a-zA-Z0-9._-] up to 249 chars; '.' is our separator so pipelines may not use it.
+PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def check_pipeline_name(name: str) -> str:
+    """Return ``name`` if it is a valid pipeline name, else raise :class:`SpecError`."""
+    if not PIPELINE_NAME.match(name):
+        raise SpecError(
+            "pipeline name",
+            [("name", "pattern", f"{name!r} must match {PIPELINE_NAME.pattern} "
+              "(lowercase letter first, then lowercase letters, digits, '_' or '-')")],
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class PipelineTopics:
+    """The five topics of one pipeline."""
+
+    pipeline: str
+
+    def __post_init__(self) -> None:
+        check_pipeline_name(self.pipeline)
+
+    def _name(self, kind: str) -> str:
+        return f"{PREFIX}.{self.pipeline}.{kind}"
+
+    @property
+    def raw(self) -> str:
+        """Producer events, JSON or Avro, unvalidated."""
+        return self._name("raw")
+
+    @property
+    def features(self) -> str:
+        """Validated feature events (Avro), written by ingest."""
+        return self._name("features")
+
+    @property
+    def predictions(self) -> str:
+        """One record per event and model variant, written by inference."""
+        return self._name("predictions")
+
+    @property
+    def feedback(self) -> str:
+        """Labels and verdicts sent back by downstream consumers."""
+        return self._name("feedback")
+
+    @property
+    def deadletter(self) -> str:
+        """Rejected input with its original bytes and the reason."""
+        return self._name("deadletter")
+
+    def all(self) -> list[str]:
+        """All five topic names, in flow order."""
+        return [self._name(kind) for kind in KINDS]
+
+
+def pipeline_of(topic: str) -> str | None:
+    """Return the pipeline a per-pipeline topic belongs to, or None for global topics."""
+    parts = topic.split(".")
+    if len(parts) == 3 and parts[0] == PREFIX and parts[2] in KINDS:
+        return parts[1]
+    return None

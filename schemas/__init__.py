@@ -1,0 +1,1 @@
+"""Avro schemas of every Loopline topic: the contracts between services (installed as loopline.schemas)."""

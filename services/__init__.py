@@ -1,0 +1,1 @@
+"""Loopline's services, one folder each (installed as ``loopline.services``)."""

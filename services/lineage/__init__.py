@@ -1,0 +1,1 @@
+"""Lineage: logs every prediction for query, trace and replay."""

@@ -1,0 +1,1 @@
+"""Monitor: data quality, feature and prediction drift, performance from feedback, zombie models."""

@@ -1,0 +1,1 @@
+"""Trainer: turns feedback into training data, retrains incrementally, validates, exports ONNX, registers."""
