@@ -49,8 +49,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Send the root logger's records to stderr, one line each."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    handler.set_name("loopline")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler, so calling this twice (or under pytest) keeps other handlers.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "loopline"] + [handler]
     root.setLevel(level)
 
 
