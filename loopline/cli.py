@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
@@ -18,23 +16,20 @@ from loopline.errors import LooplineError
 from loopline.service import SERVICES
 from loopline.settings import LooplineSettings
 
-F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)
 
 
-def handle_errors(func: F) -> F:
-    """Turn Loopline errors into one clear message and exit status 2, not a traceback."""
+class LooplineGroup(click.Group):
+    """A click group that turns Loopline errors from any subcommand into one clear message (exit 2)."""
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; print a LooplineError as one message instead of a traceback."""
         try:
-            return func(*args, **kwargs)
+            return super().invoke(ctx)
         except LooplineError as e:
             errors.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
             sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _settings(**overrides: Any) -> LooplineSettings:
@@ -45,7 +40,7 @@ def _settings(**overrides: Any) -> LooplineSettings:
     return settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LooplineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loopline")
 def main() -> None:
     """Loopline: streaming MLOps on Kafka (ingest, inference, monitor, trainer, lineage)."""
@@ -53,7 +48,6 @@ def main() -> None:
 
 @main.command()
 @click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: a free one).")
-@handle_errors
 def broker(port: int) -> None:
     """Run the embedded Kafka-protocol broker (Tansu, memory storage) until Ctrl-C."""
     from loopline.apply import ensure_global_topics
@@ -84,7 +78,6 @@ def broker(port: int) -> None:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@handle_errors
 def apply(files: tuple[Path, ...]) -> None:
     """Validate pipeline spec FILES, create their topics and publish them to the registry."""
     from loopline.apply import apply_spec
@@ -104,7 +97,6 @@ def apply(files: tuple[Path, ...]) -> None:
 
 
 @main.command()
-@handle_errors
 def topics() -> None:
     """List the broker's topics with their partitions."""
     from loopline.kafka import KafkaConfig
@@ -119,7 +111,6 @@ def topics() -> None:
 
 @main.command()
 @click.argument("service", type=click.Choice(SERVICES))
-@handle_errors
 def run(service: str) -> None:
     """Run one service in the foreground (what a container runs); settings from LOOPLINE_* variables."""
     import importlib
@@ -137,13 +128,23 @@ def run(service: str) -> None:
 @click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
               default=Path("examples/fraud.yaml"), show_default=True, help="Pipeline spec to apply.")
 @click.option("--keep", is_flag=True, help="Keep the broker running until Ctrl-C at the end.")
-@handle_errors
 def demo(pipeline_file: Path, keep: bool) -> None:
     """Start the embedded broker, apply an example pipeline and show that it is ready."""
     from loopline.demo import run_demo
 
     run_demo(_settings(), pipeline_file, keep, console)
 
+
+def _add_service_commands() -> None:
+    from loopline.services.lineage.cli import lineage
+
+    main.add_command(lineage)
+    from loopline.cli_models import models
+
+    main.add_command(models)
+
+
+_add_service_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -46,7 +46,9 @@ def spec_event(spec: PipelineSpec) -> tuple[bytes, dict[str, Any]]:
         "model": None,
         "stage_change": None,
     }
-    return f"pipeline/{spec.name}/spec".encode(), event
+    # One key per spec version: compaction keeps every version, so readers can still decode
+    # events written under an older features schema.
+    return f"pipeline/{spec.name}/spec/{spec.sha256()}".encode(), event
 
 
 def stage_change_key(pipeline: str, name: str, version: int) -> bytes:
@@ -71,8 +73,11 @@ class RegistryState:
 
     specs: dict[str, PipelineSpec] = field(default_factory=dict)
     spec_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    features_schemas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     versions: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     stage_changes: list[dict[str, Any]] = field(default_factory=list)
+    #: (at, pipeline, name, version, stage, traffic) for every registration and stage change, in order.
+    stage_history: list[tuple[int, str, str, int, str, float]] = field(default_factory=list)
     offset: int = -1
 
     def apply(self, event: dict[str, Any], offset: int) -> None:
@@ -81,16 +86,33 @@ class RegistryState:
         if event["kind"] == "pipeline_spec" and event["spec"] is not None:
             self.specs[pipeline] = spec_from_json(event["spec"]["spec_json"])
             self.spec_events[pipeline] = event
+            self.features_schemas.setdefault(pipeline, []).append(
+                orjson.loads(event["spec"]["features_schema_json"]))
         elif event["kind"] == "model_version" and event["model"] is not None:
             m = event["model"]
             self.versions[(pipeline, m["name"], m["version"])] = dict(m, pipeline=pipeline, at=event["at"])
+            self.stage_history.append((event["at"], pipeline, m["name"], m["version"], m["stage"], m["traffic"]))
         elif event["kind"] == "stage_change" and event["stage_change"] is not None:
             c = event["stage_change"]
             self.stage_changes.append(dict(c, pipeline=pipeline, at=event["at"]))
+            self.stage_history.append((event["at"], pipeline, c["name"], c["version"], c["to_stage"], c["traffic"]))
             version = self.versions.get((pipeline, c["name"], c["version"]))
             if version is not None:
                 version["stage"], version["traffic"] = c["to_stage"], c["traffic"]
         self.offset = offset
+
+    def deployment_at(self, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
+        """Stage and traffic of every version of ``pipeline`` as they stood at ``at_ms``."""
+        plan: dict[tuple[str, int], tuple[str, float]] = {}
+        for at, p, name, version, stage, traffic in self.stage_history:
+            if p == pipeline and at <= at_ms:
+                plan[(name, version)] = (stage, traffic)
+        return plan
+
+    def features_codec(self, pipeline: str) -> avro.Codec:
+        """Codec of a pipeline's features topic that also reads events written under older specs."""
+        history = self.features_schemas[pipeline]
+        return avro.Codec(self.specs[pipeline].features_schema(), writers=history[:-1])
 
 
 class RegistryReader:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loopline import avro
 from loopline.apply import apply_spec
 from loopline.errors import SpecError
 from loopline.kafka import KafkaConfig
@@ -76,6 +77,19 @@ def test_incompatible_evolution_is_refused(kafka: KafkaConfig, unique: str) -> N
     added_required = {**base, "features": [*added_optional["features"], {"name": "z", "type": "int"}]}
     with pytest.raises(SpecError, match="backward_compatible"):
         apply_spec(kafka, parse_spec(added_required))
+
+    # Both spec versions stay in the registry, so events written under the first still decode.
+    reader = RegistryReader(kafka)
+    try:
+        state = reader.catch_up()
+    finally:
+        reader.close()
+    assert len(state.features_schemas[unique]) == 2
+    old_event = {"event_id": "e1", "key": None, "ts": 1, "ingested_at": 1,
+                 "source": {"topic": "raw", "partition": 0, "offset": 0}, "features": {"x": 1.5}}
+    old_bytes = avro.Codec(parse_spec(base).features_schema()).encode(old_event)
+    decoded = state.features_codec(unique).decode(old_bytes)
+    assert decoded["features"] == {"x": 1.5, "y": None}
 
 
 def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,14 @@
+"""Entry point of ``loopline run lineage``."""
+
+from __future__ import annotations
+
+from loopline.service import ServiceRuntime
+from loopline.services.lineage.service import LineageService
+from loopline.services.lineage.settings import LineageSettings
+
+
+def main() -> None:
+    """Run the lineage service until SIGINT/SIGTERM."""
+    settings = LineageSettings()
+    with ServiceRuntime("lineage", settings) as rt:
+        LineageService(rt, settings).run()

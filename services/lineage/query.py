@@ -1,0 +1,187 @@
+"""Questions the lineage store answers: what a model said, one event's whole chain, forgetting a key."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loopline.errors import LooplineError
+from loopline.registry import RegistryState
+from loopline.services.lineage import rows
+from loopline.services.lineage.store import TABLES, LineageStore
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """Parse ISO-8601, epoch milliseconds, or a duration back from now ("90s", "15m", "1h", "2d")."""
+    now = now or datetime.now(UTC)
+    text = text.strip()
+    if m := _RELATIVE.match(text):
+        return datetime.fromtimestamp(now.timestamp() - float(m[1]) * _UNITS[m[2]], UTC)
+    if text.isdigit():
+        return datetime.fromtimestamp(int(text) / 1000, UTC)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise LooplineError(f"cannot read time {text!r}: use ISO-8601 (2026-11-25T10:00), epoch ms, "
+                            "or a duration back from now (30m, 1h, 2d)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_model(text: str) -> tuple[str, int | None]:
+    """Parse ``NAME@VERSION`` (or just ``NAME``)."""
+    name, _, version = text.partition("@")
+    if not name or (version and not version.isdigit()):
+        raise LooplineError(f"model must be NAME@VERSION, e.g. fraud-lr@2; got {text!r}")
+    return name, int(version) if version else None
+
+
+def connect(store: LineageStore, pipeline: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with views ``features``, ``predictions``, ``feedback`` (deduplicated)."""
+    con = duckdb.connect()
+    for table in TABLES:
+        files = [str(p) for p in store.files(pipeline, table)]
+        if files:
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true) "
+                        "QUALIFY row_number() OVER (PARTITION BY _topic, _partition, _offset) = 1")
+        else:
+            schema = rows.PREDICTIONS if table == "predictions" else rows.FEEDBACK if table == "feedback" else None
+            if schema is None:  # no features stored: an empty table with the fixed columns
+                schema = pa.schema([f for f in rows.FEEDBACK if f.name.startswith("_")]
+                                   + [("event_id", pa.string()), ("key", pa.string())])
+            con.register(f"_{table}_empty", schema.empty_table())
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
+    return con
+
+
+@dataclass
+class QueryResult:
+    """Predictions of a window: summary and rows."""
+
+    summary: dict[str, Any]
+    distribution: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+
+
+def query_predictions(store: LineageStore, pipeline: str, model: str | None = None, version: int | None = None,
+                      since: datetime | None = None, until: datetime | None = None,
+                      limit: int = 50) -> QueryResult:
+    """What the model(s) output in the window, for whom: counts, output distribution, rows."""
+    if pipeline not in store.pipelines():
+        raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline {pipeline!r} "
+                            f"(it has: {', '.join(store.pipelines()) or 'nothing yet'})")
+    con = connect(store, pipeline)
+    where, params = ["TRUE"], []
+    for clause, value in (("model_name = ?", model), ("model_version = ?", version),
+                          ("event_ts >= ?", since), ("event_ts < ?", until)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    cond = " AND ".join(where)
+    summary = con.execute(
+        f"SELECT count(*) AS predictions, count(*) FILTER (WHERE served) AS served, "
+        f"count(DISTINCT event_id) AS events, count(DISTINCT key) AS keys, "
+        f"min(event_ts) AS first_event, max(event_ts) AS last_event, avg(value) AS mean_value "
+        f"FROM predictions WHERE {cond}", params).fetchone()
+    names = ["predictions", "served", "events", "keys", "first_event", "last_event", "mean_value"]
+    dist = con.execute(
+        f"SELECT model_name, model_version, variant, coalesce(label, '(none)') AS label, count(*) AS n, "
+        f"avg(value) AS mean_value FROM predictions WHERE {cond} GROUP BY ALL ORDER BY ALL", params)
+    dist_rows = [dict(zip([d[0] for d in dist.description], r, strict=True)) for r in dist.fetchall()]
+    detail = con.execute(
+        f"SELECT event_ts, event_id, key, model_name, model_version, variant, served, label, value "
+        f"FROM predictions WHERE {cond} ORDER BY event_ts, event_id, variant LIMIT {int(limit)}", params)
+    detail_rows = [dict(zip([d[0] for d in detail.description], r, strict=True)) for r in detail.fetchall()]
+    return QueryResult(dict(zip(names, summary, strict=True)), dist_rows, detail_rows)
+
+
+def _records(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params)
+    return [dict(zip([d[0] for d in cur.description], r, strict=True)) for r in cur.fetchall()]
+
+
+def _trained_on(state: RegistryState, pipeline: str, hits: list[tuple[str, int, int]]) -> list[str]:
+    """Model versions whose training ranges include any of the (topic, partition, offset) hits."""
+    found = []
+    for (p, name, version), v in sorted(state.versions.items()):
+        if p != pipeline:
+            continue
+        for r in v.get("training_ranges", []):
+            if any(t == r["topic"] and part == r["partition"] and r["first_offset"] <= off <= r["last_offset"]
+                   for t, part, off in hits):
+                found.append(f"{name}@{version}")
+                break
+    return found
+
+
+def trace(store: LineageStore, state: RegistryState, event_id: str) -> dict[str, Any]:
+    """The chain of one event: raw offset, features, every variant's prediction, feedback, trained-on."""
+    for pipeline in store.pipelines():
+        con = connect(store, pipeline)
+        features = _records(con, "SELECT * FROM features WHERE event_id = ?", [event_id])
+        predictions = _records(con, "SELECT * EXCLUDE (scores), map_entries(scores) AS scores FROM predictions "
+                                    "WHERE event_id = ? ORDER BY variant", [event_id])
+        if not features and not predictions:
+            continue
+        ids = [p["prediction_id"] for p in predictions]
+        feedback = _records(con, "SELECT * FROM feedback WHERE event_id = ? OR list_contains(?, prediction_id) "
+                                 "ORDER BY ts", [event_id, ids])
+        hits = [(f["_topic"], f["_partition"], f["_offset"]) for f in features + feedback]
+        return {"pipeline": pipeline, "event_id": event_id, "features": features, "predictions": predictions,
+                "feedback": feedback, "trained_on": _trained_on(state, pipeline, hits)}
+    raise LooplineError(f"event {event_id!r} is not in the lineage store at {store.root}")
+
+
+def served_at(state: RegistryState, pipeline: str, when: datetime) -> list[dict[str, Any]]:
+    """The deployment of ``pipeline`` at ``when``: every version with its stage and traffic then."""
+    if pipeline not in state.specs:
+        raise LooplineError(f"pipeline {pipeline!r} is not in the registry")
+    plan = state.deployment_at(pipeline, int(when.timestamp() * 1000))
+    order = {"champion": 0, "canary": 1, "challenger": 2, "shadow": 3}
+    return sorted(({"model": f"{n}@{v}", "stage": s, "traffic": t} for (n, v), (s, t) in plan.items()),
+                  key=lambda d: (order.get(d["stage"], 9), d["model"]))
+
+
+def forget(store: LineageStore, state: RegistryState, pipeline: str, key: str) -> dict[str, Any]:
+    """Remove every row of ``key`` (features, predictions and their feedback); list models trained on them."""
+    con = connect(store, pipeline)
+    events = [r[0] for r in con.execute(
+        "SELECT DISTINCT event_id FROM features WHERE key = ? UNION SELECT DISTINCT event_id FROM predictions "
+        "WHERE key = ?", [key, key]).fetchall()]
+    predictions = [r[0] for r in con.execute(
+        "SELECT DISTINCT prediction_id FROM predictions WHERE key = ?", [key]).fetchall()]
+    hits = [tuple(r) for r in con.execute(
+        "SELECT _topic, _partition, _offset FROM features WHERE key = ? UNION ALL "
+        "SELECT _topic, _partition, _offset FROM feedback WHERE list_contains(?, event_id) "
+        "OR list_contains(?, prediction_id)", [key, events, predictions]).fetchall()]
+    con.close()
+    removed = {t: 0 for t in TABLES}
+    for table in TABLES:
+        for path in store.files(pipeline, table):
+            removed[table] += _drop_rows(store, path, table, key, set(events), set(predictions))
+    return {"pipeline": pipeline, "key": key, "events": len(events), "removed": removed,
+            "trained_on": _trained_on(state, pipeline, hits)}  # type: ignore[arg-type]
+
+
+def _drop_rows(store: LineageStore, path: Path, table: str, key: str, events: set[str],
+               predictions: set[str]) -> int:
+    data = pq.read_table(path)
+    if table == "feedback":
+        keep = [not (e in events or p in predictions) for e, p in
+                zip(data["event_id"].to_pylist(), data["prediction_id"].to_pylist(), strict=True)]
+    else:
+        keep = [k != key for k in data["key"].to_pylist()]
+    dropped = keep.count(False)
+    if dropped:
+        store.rewrite(path, data.filter(pa.array(keep)))
+    return dropped
