@@ -125,6 +125,66 @@ def run(service: str) -> None:
 
 
 @main.command()
+@click.option("--pipelines", "pipelines_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Apply every *.yaml pipeline spec in this folder first.")
+@click.option("--services", default=None, help="Comma-separated services to run (default: all).")
+def up(pipelines_dir: Path | None, services: str | None) -> None:
+    """Start the broker (embedded unless LOOPLINE_BOOTSTRAP_SERVERS) and every service; Ctrl-C stops all."""
+    from loopline.apply import apply_spec, ensure_global_topics
+    from loopline.broker import BrokerAddress
+    from loopline.kafka import KafkaConfig, StopFlag
+    from loopline.spec import load_spec
+    from loopline.up import UP_FILE, Supervisor, available_services, broker_for, install_stop, read_up
+
+    settings = _settings()
+    if read_up(settings.home) is not None:
+        raise LooplineError(f"`loopline up` already runs (see {settings.home / UP_FILE}); `loopline down` stops it")
+    names = tuple(s.strip() for s in services.split(",")) if services else available_services()
+    unknown = set(names) - set(SERVICES)
+    if unknown:
+        raise LooplineError(f"unknown service(s) {sorted(unknown)}; choose from {', '.join(SERVICES)}")
+    specs = [load_spec(f) for f in sorted(pipelines_dir.glob("*.yaml"))] if pipelines_dir else []
+    stop = StopFlag()
+    install_stop(stop)
+    with broker_for(settings) as (bootstrap, embedded):
+        console.print(f"broker: {bootstrap} ({'embedded' if embedded else 'external'})")
+        kafka = KafkaConfig(settings, BrokerAddress(bootstrap, embedded))
+        ensure_global_topics(kafka)
+        for spec in specs:
+            apply_spec(kafka, spec)
+            console.print(f"pipeline {spec.name} applied")
+        supervisor = Supervisor(settings, bootstrap, embedded, names)
+        supervisor.start()
+        try:
+            with console.status("starting services...") as status:
+                ready = supervisor.wait_ready(120, lambda states: status.update(
+                    "starting services: " + ", ".join(f"{n} {h}" for n, h in states)))
+            table = Table("service", "pid", "metrics and health", "state", title="loopline is up" if ready
+                          else "loopline is up, but not every service is ready")
+            for s in supervisor.services:
+                table.add_row(s.name, str(s.process.pid if s.process else "-"),
+                              f"{s.metrics}/metrics  {s.metrics}/readyz", s.health())
+            console.print(table)
+            console.print(f"logs: {supervisor.home / 'logs'}; Ctrl-C or `loopline down` stops everything")
+            while not stop.wait(1.0):
+                for name in supervisor.supervise_once():
+                    console.print(f"restarted {name} (it had exited; see its log)")
+        finally:
+            supervisor.stop()
+            (supervisor.home / UP_FILE).unlink(missing_ok=True)
+            console.print("all services stopped")
+
+
+@main.command()
+def down() -> None:
+    """Stop a running `loopline up` (its services and, if it started one, the embedded broker)."""
+    from loopline.up import down as stop_up
+
+    pid = stop_up(_settings())
+    console.print(f"stopped loopline up (pid {pid})")
+
+
+@main.command()
 @click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
               default=Path("examples/fraud.yaml"), show_default=True, help="Pipeline spec to apply.")
 @click.option("--keep", is_flag=True, help="Keep the broker running until Ctrl-C at the end.")
