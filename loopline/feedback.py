@@ -1,0 +1,103 @@
+"""Feedback records (schemas/feedback.avsc), sent as Avro or as JSON by any client, decoded one way.
+
+JSON form: ``{"feedback_id"?, "prediction_id"?, "event_id"?, "label"?, "value"?, "verdict"?, "ts"?}``
+with at least one of prediction_id/event_id and one of label/value/verdict. Without a
+``feedback_id`` one is derived from the message's topic/partition/offset, so re-reading the same
+message gives the same id and duplicates stay recognisable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from loopline import avro
+from loopline.errors import LooplineError, SchemaError
+
+VERDICTS = ("accept", "reject", "correct")
+_FIELDS = {"feedback_id", "prediction_id", "event_id", "label", "value", "verdict", "ts"}
+_NAMESPACE = uuid.UUID("6f1b1c5e-4c1e-4b7e-9a57-3f0c9a4c2d10")
+
+
+class FeedbackError(LooplineError):
+    """A feedback message breaks a rule; ``field`` and ``rule`` say which."""
+
+    def __init__(self, field: str | None, rule: str, message: str) -> None:
+        self.field, self.rule = field, rule
+        super().__init__(message)
+
+
+def derived_id(topic: str, partition: int, offset: int) -> str:
+    """The feedback_id of a message that did not carry one."""
+    return str(uuid.uuid5(_NAMESPACE, f"{topic}:{partition}:{offset}"))
+
+
+def check(record: dict[str, Any], classes: list[str] | None = None) -> dict[str, Any]:
+    """Validate a feedback record; return it, or raise :class:`FeedbackError` naming field and rule."""
+    if not record.get("prediction_id") and not record.get("event_id"):
+        raise FeedbackError("prediction_id", "required", "feedback needs a prediction_id or an event_id")
+    if record.get("label") is None and record.get("value") is None and record.get("verdict") is None:
+        raise FeedbackError("label", "required", "feedback needs a label, a value or a verdict")
+    for name in ("feedback_id", "prediction_id", "event_id", "label"):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            raise FeedbackError(name, "type", f"{name} must be a string, got {type(record[name]).__name__}")
+    value = record.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
+        raise FeedbackError("value", "type", f"value must be a finite number, got {value!r}")
+    if record.get("verdict") is not None and record["verdict"] not in VERDICTS:
+        raise FeedbackError("verdict", "values", f"verdict must be one of {', '.join(VERDICTS)}, got {record['verdict']!r}")
+    if classes and record.get("label") is not None and record["label"] not in classes:
+        raise FeedbackError("label", "values", f"label {record['label']!r} is not one of the classes {classes}")
+    ts = record.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        raise FeedbackError("ts", "timestamp", f"ts must be epoch milliseconds, got {ts!r}")
+    return record
+
+
+def make(*, prediction_id: str | None = None, event_id: str | None = None, label: str | None = None,
+         value: float | None = None, verdict: str | None = None, feedback_id: str | None = None,
+         ts: int | None = None, classes: list[str] | None = None) -> dict[str, Any]:
+    """Build and validate a feedback record (a new random feedback_id unless given)."""
+    return check({"feedback_id": feedback_id or str(uuid.uuid4()), "prediction_id": prediction_id,
+                  "event_id": event_id, "label": label, "value": None if value is None else float(value),
+                  "verdict": verdict, "ts": time.time_ns() // 1_000_000 if ts is None else ts}, classes)
+
+
+def decode(data: bytes | None, topic: str, partition: int, offset: int, timestamp_ms: int | None = None,
+           classes: list[str] | None = None) -> dict[str, Any]:
+    """Decode an Avro or JSON feedback message; raise :class:`FeedbackError` if it is not valid."""
+    if not data:
+        raise FeedbackError(None, "empty", "empty feedback message")
+    if data[:2] == avro.MAGIC:
+        try:
+            return check(avro.codec("feedback").decode(data), classes)
+        except SchemaError as e:
+            raise FeedbackError(None, "avro", str(e)) from None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise FeedbackError(None, "json", f"feedback is neither Avro nor valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise FeedbackError(None, "type", f"feedback JSON must be an object, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - _FIELDS)
+    if unknown:
+        raise FeedbackError(unknown[0], "unknown_field", f"unknown feedback field {unknown[0]!r}")
+    label = doc.get("label")
+    record = {
+        "feedback_id": doc.get("feedback_id") or derived_id(topic, partition, offset),
+        "prediction_id": doc.get("prediction_id"), "event_id": doc.get("event_id"),
+        # a label sent as a JSON number or bool is a class name all the same: "1", "true"
+        "label": orjson.dumps(label).decode() if isinstance(label, int | float | bool) else label,
+        "value": doc.get("value"), "verdict": doc.get("verdict"),
+        "ts": doc.get("ts", timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else 0),
+    }
+    return check(record, classes)
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """Avro single-object encoding of a valid feedback record."""
+    return avro.codec("feedback").encode(record)
