@@ -1,0 +1,309 @@
+"""Everything the monitor tracks for one pipeline, and the alerts it derives from each batch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from loopline.registry import RegistryState
+from loopline.services.monitor.episodes import EpisodeKey, Episodes
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.performance import PerformanceTracker
+from loopline.services.monitor.quality import QualityTracker
+from loopline.services.monitor.streams import ColumnWatch, Finding
+from loopline.services.monitor.windowed import Thresholds
+from loopline.services.monitor.zombie import DEPLOYED, ZombieWatch
+from loopline.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+WINDOWED = "psi_ks"
+MIN_QUALITY_EVENTS = 50  # a partial quality window needs this many events (and a quarter window) to be judged
+Alert = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Service-level knobs (from MonitorSettings) that complete the spec's monitor section."""
+
+    drift_eval_every: int = 0
+    resolve_after: int = 0
+    quality_alert_rate: float = 0.05
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Decoded records of one topic in one consumed batch, with where each came from."""
+
+    records: list[dict[str, Any]]
+    offsets: list[int]
+    partitions: list[int]
+    topic: str
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+class PipelineMonitor:
+    """Drift, quality, performance and zombie tracking of one pipeline (picklable: no clients inside)."""
+
+    def __init__(self, spec: PipelineSpec, tuning: Tuning) -> None:
+        self.spec = spec
+        self.tuning = tuning
+        m = spec.monitor
+        self.window = m.window
+        self.every = tuning.drift_eval_every or max(1, m.window // 4)
+        self.resolve_after = tuning.resolve_after or m.window
+        self.thresholds = Thresholds(m.psi_warning, m.psi_alert, m.ks_alert_pvalue)
+        self.episodes = Episodes(spec.name)
+        self.quality = QualityTracker(spec, m.window)
+        self.performance = PerformanceTracker(
+            spec.label.task, spec.label.classes, m.performance_window, int(spec.trainer.label_ttl_s * 1000),
+            list(m.error_detectors), m.seed)
+        self.zombies = ZombieWatch(m.zombie_after_s)
+        self.champion: tuple[str, int] | None = None
+        self.features: dict[str, ColumnWatch] = {}
+        self.outputs: dict[tuple[str, int], dict[str, ColumnWatch]] = {}
+        self.profiles: dict[tuple[str, int], dict[str, Any]] = {}
+        self.perf_quiet: dict[EpisodeKey, int] = {}  # labeled predictions since a detector's last signal
+        self.quality_at_last_tick = 0
+        self._build_features(None)
+
+    # --- registry ---------------------------------------------------------------------------
+    def refresh(self, state: RegistryState) -> None:
+        """Follow the registry: new spec, reference profiles, champion and deployed versions."""
+        spec = state.specs.get(self.spec.name, self.spec)
+        self.spec = spec
+        deployed: dict[tuple[str, int], tuple[str, float]] = {}
+        champions = []
+        for (pipeline, name, version), v in state.versions.items():
+            if pipeline != spec.name:
+                continue
+            if (name, version) not in self.profiles and v.get("reference_profile_json"):
+                try:
+                    self.profiles[(name, version)] = orjson.loads(v["reference_profile_json"])
+                except orjson.JSONDecodeError as e:
+                    log.error("reference_profile_unreadable", extra={
+                        "pipeline": spec.name, "model": name, "version": version, "error": str(e)})
+            if v.get("stage") in DEPLOYED:
+                changes = [c["at"] for c in state.stage_changes
+                           if c["pipeline"] == pipeline and c["name"] == name and c["version"] == version]
+                deployed[(name, version)] = (v["stage"], max(changes or [v["at"]]) / 1000)
+            if v.get("stage") == "champion":
+                champions.append((name, version))
+        self.zombies.set_deployed(deployed)
+        champion = max(champions, key=lambda k: k[1]) if champions else None
+        self.quality.spec = spec
+        if champion != self.champion or {f.name for f in spec.features} != set(self.features):
+            log.info("monitor_reference_changed", extra={"pipeline": spec.name, "champion": champion})
+            self.champion = champion
+            self._build_features(self.profiles.get(champion) if champion else None)
+
+    def _build_features(self, profile: dict[str, Any] | None) -> None:
+        m = self.spec.monitor
+        refs = (profile or {}).get("features", {})
+        self.features = {
+            f.name: ColumnWatch(f.name, refs.get(f.name), f.type in ("float", "int"), list(m.detectors), m.seed,
+                                self.window, self.every, self.thresholds)
+            for f in self.spec.features}
+
+    def _outputs_of(self, key: tuple[str, int]) -> dict[str, ColumnWatch]:
+        watches = self.outputs.get(key)
+        if watches is None:
+            m = self.spec.monitor
+            refs = self.profiles.get(key, {}).get("outputs") or {"value": None}
+            watches = self.outputs[key] = {
+                name: ColumnWatch(name, ref, name != "label", list(m.detectors), m.seed, self.window,
+                                  self.every, self.thresholds)
+                for name, ref in refs.items()}
+        return watches
+
+    # --- batches ------------------------------------------------------------------------------
+    def on_features(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
+        """Quality and drift of one batch of feature events."""
+        columns = {f.name: [r["features"].get(f.name) for r in batch.records] for f in self.spec.features}
+        alerts = self._quality(self.quality.add_features(columns, batch.offsets), metrics, at)
+        model = self.champion
+        for name, watch in self.features.items():
+            finding = watch.update(columns[name])
+            alerts += self._drift("feature", name, watch, finding, batch, model, metrics, at)
+        return alerts
+
+    def on_dead_letters(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
+        """Quality counts from ingest's rejections."""
+        return self._quality(self.quality.add_dead_letters(batch.records, batch.offsets), metrics, at)
+
+    def on_predictions(self, batch: Batch, metrics: MonitorMetrics, at: int, now_s: float = 0.0) -> list[Alert]:
+        """Output drift per model version, traffic for zombie checks, and joins with earlier feedback."""
+        alerts: list[Alert] = []
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, p in enumerate(batch.records):
+            groups.setdefault((p["model_name"], p["model_version"]), []).append(i)
+        for key, idx in groups.items():
+            records = [batch.records[i] for i in idx]
+            sub = Batch(records, [batch.offsets[i] for i in idx], [batch.partitions[i] for i in idx], batch.topic)
+            # Traffic is when the monitor saw it: immune to clock skew between hosts and to backlogs.
+            self.zombies.traffic(key[0], key[1], now_s or at / 1000)
+            for name, watch in self._outputs_of(key).items():
+                finding = watch.update([_output(r, name) for r in records])
+                alerts += self._drift("output", name, watch, finding, sub, key, metrics, at)
+        alerts += self._performance(self.performance.add_predictions(batch.records, batch.offsets), metrics, at)
+        return alerts
+
+    def on_feedback(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
+        """Join feedback to predictions; rolling metrics and error-stream detectors."""
+        return self._performance(self.performance.add_feedback(batch.records, batch.offsets), metrics, at)
+
+    def tick(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
+        """Periodic work: zombie checks, and closing a partial quality window when the stream paused."""
+        alerts = self.check_zombies(now_s, watching_since_s, metrics)
+        pending = self.quality.events
+        if pending and pending == self.quality_at_last_tick:
+            reports = self.quality.flush(max(MIN_QUALITY_EVENTS, self.window // 4))
+            alerts += self._quality(reports, metrics, int(now_s * 1000))
+        self.quality_at_last_tick = self.quality.events
+        return alerts
+
+    def check_zombies(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
+        """Report deployed versions without traffic for spec.monitor.zombie_after_s."""
+        alerts = []
+        statuses = self.zombies.check(now_s, watching_since_s)
+        live = {(s.model_name, s.model_version) for s in statuses}
+        for s in statuses:
+            labels = (self.spec.name, s.model_name, str(s.model_version), s.stage)
+            metrics.idle.labels(*labels).set(s.idle_s)
+            metrics.zombie.labels(*labels).set(1.0 if s.zombie else 0.0)
+            key = EpisodeKey("zombie", model_name=s.model_name, model_version=s.model_version)
+            msg = (f"Model {s.model_name} v{s.model_version} ({s.stage}) has served no predictions for "
+                   f"{s.idle_s:.0f}s (zombie after {self.spec.monitor.zombie_after_s:.0f}s)."
+                   if s.zombie else f"Model {s.model_name} v{s.model_version} ({s.stage}) has traffic again.")
+            alerts += _some(self.episodes.observe(key, "warning" if s.zombie else None, msg, at=int(now_s * 1000),
+                                                  statistic=s.idle_s, threshold=self.spec.monitor.zombie_after_s))
+        for key in [k for k in self.episodes.open if k.signal == "zombie"]:
+            if (key.model_name, key.model_version) not in live:  # undeployed: the episode ends
+                msg = f"Model {key.model_name} v{key.model_version} is no longer deployed."
+                alerts += _some(self.episodes.observe(key, None, msg, at=int(now_s * 1000)))
+        return alerts
+
+    # --- alert derivation -----------------------------------------------------------------------
+    def _drift(self, subject: str, name: str, watch: ColumnWatch, finding: Finding, batch: Batch,
+               model: tuple[str, int] | None, metrics: MonitorMetrics, at: int) -> list[Alert]:
+        alerts: list[Alert] = []
+        what = f"Feature '{name}'" if subject == "feature" else \
+            f"Output '{name}' of model {model[0]} v{model[1]}"  # type: ignore[index]
+        out_model = model if subject == "output" else (None, None)
+        fired: dict[str, int] = {}
+        for det, i in finding.detections:
+            metrics.detections.labels(self.spec.name, subject, name, det).inc()
+            fired.setdefault(det, i)
+        for d in watch.detectors:
+            key = EpisodeKey("drift", name, d.name, *out_model)
+            if d.name in fired:
+                i = fired[d.name]
+                msg = (f"{what} drifted: {d.name} detected a change at {batch.topic} partition "
+                       f"{batch.partitions[i]} offset {batch.offsets[i]}; recent mean {_fmt(watch.recent_mean())} "
+                       f"vs reference mean {_fmt(watch.reference_mean)} (sd {_fmt(watch.reference_std)}).")
+                alerts += _some(self.episodes.observe(key, "alert", msg, at=at, offset=batch.offsets[i],
+                                                      window=d.seen, statistic=watch.recent_mean()))
+            elif self.episodes.is_open(key) and finding.quiet.get(d.name, 0) >= self.resolve_after:
+                msg = (f"{what}: {d.name} has detected no further change for {finding.quiet[d.name]} events; "
+                       f"recent mean {_fmt(watch.recent_mean())}.")
+                alerts += _some(self.episodes.observe(key, None, msg, at=at, offset=batch.offsets[-1],
+                                                      window=finding.quiet[d.name]))
+        r = finding.windowed
+        if r is not None:
+            ref_model = model
+            label = f"{ref_model[0]}:{ref_model[1]}" if ref_model else ""
+            metrics.psi.labels(self.spec.name, subject, name, label).set(r.psi)
+            if r.ks_pvalue is not None:
+                metrics.ks_pvalue.labels(self.spec.name, subject, name, label).set(r.ks_pvalue)
+            key = EpisodeKey("drift", name, WINDOWED, *(ref_model or (None, None)))
+            t = self.thresholds
+            ks = f", KS statistic {_fmt(r.ks_statistic)} p={r.ks_pvalue:.2g}" if r.ks_pvalue is not None else ""
+            ref = f"model {ref_model[0]} v{ref_model[1]}" if ref_model else "the reference"
+            if r.level is not None:
+                threshold = t.psi_alert if r.level == "alert" else t.psi_warning
+                msg = (f"{what} drifted from the reference profile of {ref}: PSI {r.psi:.3f} "
+                       f"(warning {t.psi_warning}, alert {t.psi_alert}){ks} over the last {r.window} events, "
+                       f"up to {batch.topic} offset {batch.offsets[-1]}.")
+            else:
+                threshold = t.psi_warning
+                msg = (f"{what} is back in line with the reference profile of {ref}: PSI {r.psi:.3f} "
+                       f"< {t.psi_warning}{ks} over the last {r.window} events.")
+            alerts += _some(self.episodes.observe(key, r.level, msg, at=at, offset=batch.offsets[-1],
+                                                  statistic=r.psi, threshold=threshold, window=r.window))
+        return alerts
+
+    def _quality(self, reports: list[Any], metrics: MonitorMetrics, at: int) -> list[Alert]:
+        alerts: list[Alert] = []
+        base = self.tuning.quality_alert_rate
+        refs = (self.profiles.get(self.champion, {}) if self.champion else {}).get("features", {})
+        for report in reports:
+            for (feature, kind), rate in sorted(report.rates.items()):
+                metrics.quality.labels(self.spec.name, feature, kind).set(rate)
+                key = EpisodeKey("quality", feature, kind)
+                limit = base
+                ref = refs.get(feature)
+                if kind == "missing" and ref and (ref.get("count", 0) + ref.get("missing", 0)):
+                    # An optional feature may be missing as often as in the reference, plus the margin.
+                    limit = min(1.0, base + ref["missing"] / (ref["count"] + ref["missing"]))
+                level = "alert" if rate >= limit else None
+                if level is None and not self.episodes.is_open(key):
+                    continue
+                msg = (f"Data quality of feature '{feature}': {rate:.1%} of the last {report.events} events "
+                       f"had {kind.replace('_', ' ')} (limit {limit:.1%})." if level else
+                       f"Data quality of feature '{feature}' recovered: {kind.replace('_', ' ')} "
+                       f"{rate:.1%} of the last {report.events} events (limit {limit:.1%}).")
+                alerts += _some(self.episodes.observe(key, level, msg, at=at, offset=report.last_offset,
+                                                      statistic=rate, threshold=limit, window=report.events))
+        return alerts
+
+    def _performance(self, scored: list[Any], metrics: MonitorMetrics, at: int) -> list[Alert]:
+        alerts: list[Alert] = []
+        metric_name = "mae" if self.performance.regression else "accuracy"
+        for s in scored:
+            labels = (self.spec.name, s.model_name, str(s.model_version), s.variant)
+            metrics.model_metric.labels(*labels, metric_name).set(s.metric)
+            metrics.labeled.labels(*labels).set(s.labeled)
+            for det in self.performance.detectors[(s.model_name, s.model_version, s.variant)]:
+                key = EpisodeKey("performance", None, det.name, s.model_name, s.model_version)
+                hits = [off for name, off in s.detections if name == det.name]
+                if hits:
+                    msg = (f"Performance of model {s.model_name} v{s.model_version} ({s.variant}) degraded: "
+                           f"{det.name} detected a change in its error stream at feedback offset {hits[0]}; "
+                           f"rolling {metric_name} {s.metric:.3f} over the last "
+                           f"{min(s.labeled, self.performance.window)} labeled predictions.")
+                    alerts += _some(self.episodes.observe(key, "alert", msg, at=at, offset=hits[0],
+                                                          statistic=s.metric, window=s.labeled))
+                    self.perf_quiet[key] = 0
+                elif self.episodes.is_open(key):
+                    self.perf_quiet[key] = self.perf_quiet.get(key, 0) + len(s.errors)
+                    if self.perf_quiet[key] >= self.performance.window:
+                        msg = (f"Performance of model {s.model_name} v{s.model_version} ({s.variant}) is stable "
+                               f"again: rolling {metric_name} {s.metric:.3f}, no change detected by {det.name} "
+                               f"for {self.perf_quiet[key]} labeled predictions.")
+                        alerts += _some(self.episodes.observe(key, None, msg, at=at, offset=int(s.offsets[-1]),
+                                                              statistic=s.metric, window=s.labeled))
+        if scored:
+            log.info("performance_side_by_side", extra={"pipeline": self.spec.name, "metric": metric_name,
+                                                        "variants": self.performance.side_by_side()})
+        return alerts
+
+
+def _output(prediction: dict[str, Any], name: str) -> Any:
+    """The value of output ``name`` in a prediction: the label, a class score, or the value."""
+    if name == "label":
+        return prediction.get("label")
+    scores = prediction.get("scores") or {}
+    if name in scores:
+        return scores[name]
+    return prediction.get("value")
+
+
+def _some(event: Alert | None) -> list[Alert]:
+    return [] if event is None else [event]
+

@@ -1,0 +1,247 @@
+"""The monitor's main loop: follow the registry, consume every pipeline's topics, alert, checkpoint.
+
+State (detectors, windows, joins, open episodes) is checkpointed together with the offset of the
+last message folded into it, and consumer offsets are stored only after a checkpoint is written.
+After a crash the consumer resumes at or before the checkpoint and messages the checkpoint
+already covers are skipped, so no event is learned twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from loopline import avro, feedback
+from loopline.alerts import send_alert
+from loopline.errors import SchemaError
+from loopline.kafka import AckedProducer, StopFlag
+from loopline.observability import Health
+from loopline.registry import RegistryReader, RegistryState, now_ms
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Alert, Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.settings import MonitorSettings
+from loopline.services.monitor.state import Checkpoint
+from loopline.topics import PipelineTopics, pipeline_of
+
+log = logging.getLogger(__name__)
+
+KIND_ORDER = ("deadletter", "features", "predictions", "feedback")  # feedback after the predictions it joins
+
+
+def checkpoint_path(settings: MonitorSettings, group_id: str) -> Path:
+    """Where this consumer group's checkpoint lives."""
+    folder = settings.state_dir or settings.home / "state" / "monitor"
+    return folder / f"{group_id}.ckpt"
+
+
+class MonitorService:
+    """Holds one :class:`PipelineMonitor` per pipeline and routes consumed messages to them."""
+
+    def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics, producer: AckedProducer,
+                 checkpoint: Checkpoint, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.producer = producer
+        self.checkpoint = checkpoint
+        self.clock = clock
+        self.tuning = Tuning(settings.drift_eval_every, settings.resolve_after, settings.quality_alert_rate)
+        restored = checkpoint.load()
+        self.pipelines: dict[str, PipelineMonitor] = restored["pipelines"] if restored else {}
+        self.offsets: dict[tuple[str, int], int] = restored["offsets"] if restored else {}
+        self.restored = restored is not None
+        self._codecs: dict[str, tuple[int, avro.Codec]] = {}
+        self._fixed = {k: avro.codec(k) for k in ("prediction", "deadletter")}
+        self.watching_since: float | None = None  # when partitions were first assigned
+        log.info("monitor_state", extra={"restored": self.restored, "pipelines": sorted(self.pipelines),
+                                         "checkpoint": str(checkpoint.path)})
+
+    # --- registry -----------------------------------------------------------------------------
+    def sync(self, state: RegistryState) -> bool:
+        """Adopt new pipelines and registry changes; return whether the set of topics changed."""
+        wanted = set(self.settings.pipelines) if self.settings.pipelines else None
+        before = set(self.pipelines)
+        for name, spec in state.specs.items():
+            if wanted is not None and name not in wanted:
+                continue
+            pm = self.pipelines.get(name)
+            if pm is None:
+                pm = self.pipelines[name] = PipelineMonitor(spec, self.tuning)
+            history = len(state.features_schemas.get(name, []))
+            if self._codecs.get(name, (None,))[0] != history:
+                # Reads events written under every earlier version of the spec, too.
+                self._codecs[name] = (history, state.features_codec(name))
+            pm.refresh(state)
+        return set(self.pipelines) != before
+
+    def topics(self) -> list[str]:
+        """Every topic the monitor reads."""
+        out = []
+        for name in sorted(self.pipelines):
+            t = PipelineTopics(name)
+            out += [t.features, t.predictions, t.feedback, t.deadletter]
+        return out
+
+    # --- batches ------------------------------------------------------------------------------
+    def handle(self, messages: list[Message]) -> list[Alert]:
+        """Fold a batch of data messages into the state; return the alert events it caused."""
+        grouped: dict[tuple[str, str], list[Message]] = {}
+        for m in messages:
+            pipeline = pipeline_of(m.topic())
+            if pipeline is None or pipeline not in self.pipelines:
+                continue
+            if m.offset() <= self.offsets.get((m.topic(), m.partition()), -1):
+                continue  # already in the checkpointed state (redelivered after a restart)
+            grouped.setdefault((pipeline, m.topic().rsplit(".", 1)[1]), []).append(m)
+        alerts: list[Alert] = []
+        at = now_ms()
+        for pipeline in sorted({p for p, _ in grouped}):
+            pm = self.pipelines[pipeline]
+            for kind in KIND_ORDER:
+                msgs = grouped.get((pipeline, kind))
+                if not msgs:
+                    continue
+                batch = self._decode(pipeline, kind, msgs)
+                self.metrics.events.labels(pipeline, kind).inc(len(msgs))
+                if batch.records:
+                    if kind == "predictions":
+                        alerts += pm.on_predictions(batch, self.metrics, at, self.clock())
+                    else:
+                        handler = {"features": pm.on_features, "feedback": pm.on_feedback,
+                                   "deadletter": pm.on_dead_letters}[kind]
+                        alerts += handler(batch, self.metrics, at)
+        for m in messages:
+            key = (m.topic(), m.partition())
+            if m.offset() > self.offsets.get(key, -1) and pipeline_of(m.topic()) in self.pipelines:
+                self.offsets[key] = m.offset()
+        return alerts
+
+    def _decode(self, pipeline: str, kind: str, msgs: list[Message]) -> Batch:
+        classes = self.pipelines[pipeline].spec.label.classes
+        codec = (self._codecs[pipeline][1] if kind == "features"
+                 else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
+
+        def decode(m: Message) -> dict[str, Any]:
+            if kind == "feedback":  # any client may send feedback, as Avro or as JSON
+                return feedback.decode(m.value(), m.topic(), m.partition(), m.offset(), m.timestamp()[1], classes)
+            return codec.decode(m.value())
+
+        records, offsets, partitions = [], [], []
+        for m in msgs:
+            try:
+                records.append(decode(m))
+            except (SchemaError, feedback.FeedbackError) as e:
+                # An unreadable message must not stop monitoring; it is counted and named.
+                self.metrics.events.labels(pipeline, f"{kind}_unreadable").inc()
+                log.error("monitor_unreadable_message", extra={
+                    "topic": m.topic(), "partition": m.partition(), "offset": m.offset(), "error": str(e)})
+                continue
+            offsets.append(m.offset())
+            partitions.append(m.partition())
+        return Batch(records, offsets, partitions, msgs[0].topic())
+
+    def tick(self) -> list[Alert]:
+        """Periodic checks of every pipeline (zombies, paused quality windows)."""
+        if self.watching_since is None:
+            return []  # not reading yet: no version can be called idle
+        now = self.clock()
+        alerts: list[Alert] = []
+        for pm in self.pipelines.values():
+            alerts += pm.tick(now, self.watching_since, self.metrics)
+        return alerts
+
+    def emit(self, alerts: list[Alert]) -> None:
+        """Send alert events and reflect them in the metrics (delivery confirmed by the caller)."""
+        for event in alerts:
+            send_alert(self.producer, event)
+            self.metrics.on_alert(event)
+            fields = {k: event[k] for k in ("pipeline", "state", "severity", "signal", "feature", "detector",
+                                             "model_name", "model_version", "statistic", "alert_id")}
+            log.warning("monitor_alert", extra=dict(fields, text=event["message"]))  # 'message' is reserved
+
+    def save(self, consumer: Consumer | None = None) -> None:
+        """Checkpoint the state; then store the consumer offsets it covers."""
+        size = self.checkpoint.save({"pipelines": self.pipelines, "offsets": dict(self.offsets)})
+        self.metrics.checkpoint_bytes.set(size)
+        if consumer is None or not self.offsets:
+            return
+        try:
+            consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in self.offsets.items()])
+        except KafkaException as e:
+            # Partitions revoked since: the checkpoint still covers them; a later store will do.
+            log.info("monitor_offsets_not_stored", extra={"error": str(e)})
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.watching_since is None and partitions:
+            self.watching_since = self.clock()
+
+    # --- loop ---------------------------------------------------------------------------------
+    def run(self, consumer: Consumer, registry: RegistryReader, stop: StopFlag, health: Health) -> None:
+        """Consume until ``stop``; checkpoint on the way out (not after a failure)."""
+        s = self.settings
+        self.sync(registry.catch_up())
+        subscribed = self.topics()
+        if subscribed:
+            consumer.subscribe(subscribed, on_assign=self._on_assign)
+        health.set_ready(True, f"monitoring {len(self.pipelines)} pipeline(s)")
+        last_registry = last_zombie = last_save = time.monotonic()
+        failed = False
+        try:
+            while not stop.is_set():
+                health.beat()
+                now = time.monotonic()
+                if now - last_registry >= s.registry_poll_s:
+                    last_registry = now
+                    if registry.poll(0):
+                        self.sync(registry.state)
+                        if self.topics() != subscribed:
+                            subscribed = self.topics()
+                            consumer.subscribe(subscribed, on_assign=self._on_assign)
+                alerts: list[Alert] = []
+                if subscribed:
+                    data = _data(consumer.consume(s.batch_size, s.batch_timeout_s))
+                    if data:
+                        alerts += self.handle(data)
+                else:
+                    stop.wait(s.batch_timeout_s)
+                if now - last_zombie >= s.zombie_check_s:
+                    last_zombie = now
+                    alerts += self.tick()
+                if alerts:
+                    self.emit(alerts)
+                    self.producer.confirm()
+                if now - last_save >= s.checkpoint_interval_s:
+                    last_save = now
+                    self.save(consumer)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            try:
+                if not failed:
+                    self.save(consumer)
+                self.producer.producer.flush(10)
+            finally:
+                consumer.close()
+
+
+def _data(messages: list[Message]) -> list[Message]:
+    out = []
+    for m in messages:
+        err = m.error()
+        if err is None:
+            out.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            if err.fatal():
+                raise KafkaException(err)
+            log.warning("consume_error", extra={"error": err.str(), "topic": m.topic(), "partition": m.partition()})
+    return out
+
+
+def describe(alert: dict[str, Any]) -> str:
+    """One line per alert, for people reading logs or tests."""
+    return f"[{alert['state']}/{alert['severity']}] {alert['pipeline']} {alert['signal']}: {alert['message']}"

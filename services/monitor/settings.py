@@ -1,0 +1,27 @@
+"""Settings of the monitor service (``LOOPLINE_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from loopline.settings import ServiceSettings
+
+
+class MonitorSettings(ServiceSettings):
+    """What the monitor needs beyond every service's settings; thresholds live in the pipeline spec."""
+
+    state_dir: Path | None = Field(
+        None, description="Folder of the monitor's checkpoints (default: LOOPLINE_HOME/state/monitor).")
+    checkpoint_interval_s: float = Field(
+        5.0, gt=0, description="How often detector state is checkpointed; offsets are committed only then.")
+    drift_eval_every: int = Field(
+        0, ge=0, description="Events between windowed PSI/KS comparisons (0: a quarter of spec.monitor.window).")
+    resolve_after: int = Field(
+        0, ge=0, description="Events without a new detection that close an online-detector episode "
+        "(0: spec.monitor.window).")
+    quality_alert_rate: float = Field(
+        0.05, gt=0, le=1, description="Missing / type-error / out-of-range share of a window that raises an alert.")
+    zombie_check_s: float = Field(5.0, gt=0, description="How often deployed versions are checked for traffic.")
+    registry_poll_s: float = Field(1.0, gt=0, description="How often the registry topic is polled for changes.")

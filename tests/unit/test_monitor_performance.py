@@ -1,0 +1,97 @@
+"""Feedback joined to predictions: by id, late, early, by verdict, deduplicated, bounded by the TTL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from loopline.services.monitor.performance import PerformanceTracker
+
+
+def tracker(task: str = "classification", ttl_ms: int = 10_000, **kw: Any) -> PerformanceTracker:
+    return PerformanceTracker(task, ["no", "yes"] if task == "classification" else None, window=100,
+                              ttl_ms=ttl_ms, detector_names=["ddm", "adwin"], seed=1, **kw)
+
+
+def pred(i: int, variant: str = "champion", label: str = "yes", value: float = 0.9, ts: int = 1000,
+         version: int = 1) -> dict[str, Any]:
+    return {"prediction_id": f"p{i}-{variant}", "event_id": f"e{i}", "model_name": "m", "model_version": version,
+            "variant": variant, "served": variant == "champion", "label": label, "value": value, "scored_at": ts}
+
+
+def fb(n: int, ts: int = 2000, **kw: Any) -> dict[str, Any]:
+    base = {"feedback_id": f"f{n}", "prediction_id": None, "event_id": None, "label": None, "value": None,
+            "verdict": None, "ts": ts}
+    return base | kw
+
+
+def by_variant(scored: list) -> dict[str, list[float]]:  # type: ignore[type-arg]
+    return {s.variant: s.errors.tolist() for s in scored}
+
+
+def test_label_by_event_id_scores_champion_and_challenger_side_by_side() -> None:
+    t = tracker()
+    t.add_predictions([pred(1), pred(1, "challenger", label="no", version=2)], [0, 1])
+    scored = t.add_feedback([fb(1, event_id="e1", label="no")], [7])
+    assert by_variant(scored) == {"champion": [1.0], "challenger": [0.0]}
+    assert {(s.model_version, s.metric) for s in scored} == {(1, 0.0), (2, 1.0)}
+    assert t.side_by_side() == {"m:1:champion": 0.0, "m:2:challenger": 1.0}
+    assert scored[0].offsets.tolist() == [7]
+
+
+def test_feedback_arriving_before_its_prediction_is_joined_later() -> None:
+    t = tracker()
+    assert t.add_feedback([fb(1, prediction_id="p1-champion", label="yes")], [0]) == []
+    scored = t.add_predictions([pred(1)], [5])
+    assert by_variant(scored) == {"champion": [0.0]}
+
+
+def test_truth_is_kept_for_predictions_of_the_same_event_that_arrive_late() -> None:
+    t = tracker()
+    t.add_predictions([pred(1)], [0])
+    t.add_feedback([fb(1, event_id="e1", label="yes")], [0])
+    assert by_variant(t.add_predictions([pred(1, "shadow", label="no")], [1])) == {"shadow": [1.0]}
+
+
+@pytest.mark.parametrize(("verdict", "champion_err", "challenger_err"), [("accept", 0.0, 1.0), ("reject", 1.0, 0.0)])
+def test_verdicts_imply_a_truth_for_binary_classes(verdict: str, champion_err: float, challenger_err: float) -> None:
+    t = tracker()
+    t.add_predictions([pred(1), pred(1, "challenger", label="no")], [0, 1])
+    scored = t.add_feedback([fb(1, prediction_id="p1-champion", verdict=verdict)], [0])
+    assert by_variant(scored) == {"champion": [champion_err], "challenger": [challenger_err]}
+
+
+def test_duplicate_feedback_counts_once() -> None:
+    t = tracker()
+    t.add_predictions([pred(1), pred(2)], [0, 1])
+    t.add_feedback([fb(1, event_id="e1", label="yes")], [0])
+    assert t.add_feedback([fb(1, event_id="e1", label="yes")], [1]) == []
+
+
+def test_predictions_expire_after_the_ttl() -> None:
+    t = tracker(ttl_ms=1000)
+    t.add_predictions([pred(1, ts=1000)], [0])
+    t.add_predictions([pred(2, ts=5000)], [1])
+    assert t.expired == 1
+    assert t.add_feedback([fb(1, event_id="e1", label="yes", ts=5100)], [0]) == []
+    assert by_variant(t.add_feedback([fb(2, event_id="e2", label="yes", ts=5100)], [1])) == {"champion": [0.0]}
+
+
+def test_regression_uses_absolute_error_and_mae() -> None:
+    t = tracker("regression")
+    t.add_predictions([pred(1, value=3.0), pred(2, value=5.0)], [0, 1])
+    scored = t.add_feedback([fb(1, event_id="e1", value=4.0), fb(2, event_id="e2", value=1.0)], [0, 1])
+    assert by_variant(scored) == {"champion": [1.0, 4.0]}
+    assert scored[0].metric == pytest.approx(2.5)
+    assert [d.name for d in t.detectors[("m", 1, "champion")]] == ["adwin"]
+
+
+def test_error_detectors_fire_when_the_error_rate_jumps() -> None:
+    t = tracker()
+    preds = [pred(i) for i in range(3000)]
+    t.add_predictions(preds, list(range(3000)))
+    labels = ["yes" if (i < 1500 and i % 10) or (i >= 1500 and i % 2) else "no" for i in range(3000)]
+    scored = t.add_feedback([fb(i, event_id=f"e{i}", label=labels[i]) for i in range(3000)], list(range(3000)))
+    hits = scored[0].detections
+    assert hits and all(off >= 1500 for _, off in hits)

@@ -1,0 +1,106 @@
+"""One pipeline's monitor without a broker: drift after a known shift, once per episode, state restorable."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+
+from loopline.profile import build_profile
+from loopline.registry import RegistryState, spec_event
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
+from loopline.spec import parse_spec
+
+SPEC = parse_spec({"name": "shift", "features": [
+    {"name": "amount", "type": "float"}, {"name": "kind", "type": "string"}],
+    "label": {"classes": ["no", "yes"], "positive": "yes"},
+    "monitor": {"detectors": ["adwin", "page_hinkley"], "window": 500}})
+SHIFT = 3000
+
+
+def registry_state(profile: dict[str, Any]) -> RegistryState:
+    state = RegistryState()
+    state.apply(spec_event(SPEC)[1], 0)
+    state.apply({"kind": "model_version", "pipeline": SPEC.name, "at": 0, "spec": None, "stage_change": None,
+                 "model": {"name": "m", "version": 1, "sha256": "x", "uri": "u", "stage": "champion",
+                           "traffic": 1.0, "created_at": 0,
+                           "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
+    return state
+
+
+def feature_batches(seed: int = 0, n: int = 6000) -> list[Batch]:
+    rng = np.random.default_rng(seed)
+    amount = np.r_[rng.normal(50, 10, SHIFT), rng.normal(65, 10, n - SHIFT)]
+    kinds = rng.choice(["a", "b"], n)
+    records = [{"features": {"amount": float(a), "kind": str(k)}} for a, k in zip(amount, kinds)]
+    return [Batch(records[i:i + 250], list(range(i, i + 250)), [0] * 250, "loopline.shift.features")
+            for i in range(0, n, 250)]
+
+
+def monitor() -> PipelineMonitor:
+    rng = np.random.default_rng(99)
+    profile = build_profile({"amount": rng.normal(50, 10, 5000), "kind": rng.choice(["a", "b"], 5000)},
+                            {"amount": "float", "kind": "string"})
+    pm = PipelineMonitor(SPEC, Tuning())
+    pm.refresh(registry_state(profile))
+    return pm
+
+
+def test_drift_alerts_come_after_the_shift_once_per_detector() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    alerts = [a for b in feature_batches() for a in pm.on_features(b, metrics, at=1)]
+    raised = [a for a in alerts if a["state"] == "raised"]
+    assert raised, "no drift alert after a 1.5-sigma shift"
+    assert all(a["first_offset"] >= SHIFT for a in raised), [a["message"] for a in raised]
+    assert all(a["feature"] == "amount" for a in raised)
+    keys = [(a["detector"], a["severity"]) for a in raised]
+    assert len(keys) == len(set(keys))  # one raise per episode (and per escalation)
+    assert {"adwin", "page_hinkley", "psi_ks"} <= {a["detector"] for a in raised}
+    windowed = next(a for a in raised if a["detector"] == "psi_ks")
+    assert windowed["model_name"] == "m" and windowed["model_version"] == 1
+    assert "PSI" in windowed["message"] and "reference profile of model m v1" in windowed["message"]
+    adwin = next(a for a in raised if a["detector"] == "adwin")
+    assert adwin["first_offset"] - SHIFT < 500 and "recent mean" in adwin["message"]
+
+
+def test_restored_state_continues_exactly_like_the_original() -> None:
+    metrics = MonitorMetrics(CollectorRegistry())
+    batches = feature_batches(seed=3)
+    pm = monitor()
+    for b in batches[:14]:
+        pm.on_features(b, metrics, at=1)
+    copy = pickle.loads(pickle.dumps(pm))
+    rest = [a["alert_id"] for b in batches[14:] for a in pm.on_features(b, metrics, at=1)]
+    assert rest and rest == [a["alert_id"] for b in batches[14:] for a in copy.on_features(b, metrics, at=1)]
+
+
+def test_feedback_performance_and_metrics_side_by_side() -> None:
+    pm, registry = monitor(), CollectorRegistry()
+    metrics = MonitorMetrics(registry)
+    preds = [{"prediction_id": f"p{i}{v}", "event_id": f"e{i}", "model_name": "m", "model_version": ver,
+              "variant": v, "served": v == "champion", "label": lab, "value": 0.5, "scores": {},
+              "scored_at": 1000 + i}
+             for i in range(200) for v, ver, lab in (("champion", 1, "yes"), ("challenger", 2, "no"))]
+    pm.on_predictions(Batch(preds, list(range(400)), [0] * 400, "t"), metrics, at=1)
+    feedback = [{"feedback_id": f"f{i}", "prediction_id": None, "event_id": f"e{i}", "label": "yes",
+                 "value": None, "verdict": None, "ts": 5000 + i} for i in range(200)]
+    pm.on_feedback(Batch(feedback, list(range(200)), [0] * 200, "t"), metrics, at=1)
+    text = generate_latest(registry).decode()
+    assert 'loopline_monitor_model_metric{metric="accuracy",model="m",pipeline="shift",variant="champion",' \
+           'version="1"} 1.0' in text
+    assert 'variant="challenger",version="2"} 0.0' in text
+
+
+def test_zombie_is_reported_once_and_resolved_by_traffic() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    limit = SPEC.monitor.zombie_after_s
+    assert pm.check_zombies(limit / 2, 0.0, metrics) == []
+    raised = pm.check_zombies(limit + 10, 0.0, metrics)
+    assert [a["state"] for a in raised] == ["raised"] and "served no predictions" in raised[0]["message"]
+    assert pm.check_zombies(limit + 20, 0.0, metrics) == []
+    pm.zombies.traffic("m", 1, limit + 25)
+    assert [a["state"] for a in pm.check_zombies(limit + 30, 0.0, metrics)] == ["resolved"]
