@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,163 @@ def demo(pipeline_file: Path, keep: bool) -> None:
     from loopline.demo import run_demo
 
     run_demo(_settings(), pipeline_file, keep, console)
+
+
+def _registry_state(kafka: Any) -> Any:
+    from loopline.registry import RegistryReader
+
+    reader = RegistryReader(kafka, client_id="loopline-cli")
+    try:
+        return reader.catch_up()
+    finally:
+        reader.close()
+
+
+def _pipeline(state: Any, name: str) -> Any:
+    if name not in state.specs:
+        raise LooplineError(f"pipeline {name!r} is not in the registry (known: {', '.join(sorted(state.specs)) or 'none'})")
+    return state.specs[name]
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--rate", type=float, default=None, help="Events per second (default: as fast as possible).")
+def produce(pipeline: str, file: Path, rate: float | None) -> None:
+    """Send the events of a CSV or JSON-lines FILE to the pipeline's raw topic (ingest validates them)."""
+    import orjson
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from loopline.kafka import AckedProducer, KafkaConfig
+    from loopline.tools import Pacer, count_lines, read_events
+
+    kafka = KafkaConfig.from_settings(_settings())
+    spec = _pipeline(_registry_state(kafka), pipeline)
+    producer = AckedProducer(kafka.producer("loopline-produce"))
+    pacer, sent = Pacer(rate), 0
+    columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} ev/s"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("produce", total=count_lines(file), rate="-")
+        for event in read_events(file, spec):
+            key = event.get("key") or (str(event["features"].get(spec.key)) if spec.key and isinstance(
+                event.get("features"), dict) and spec.key in event["features"] else None)
+            producer.send(spec.topics.raw, orjson.dumps(event), key=key)
+            sent += 1
+            pacer.wait(sent)
+            if sent % 500 == 0:
+                elapsed = max(time.monotonic() - pacer.start, 1e-9)
+                progress.update(task, completed=sent, rate=f"{sent / elapsed:,.0f}")
+        producer.confirm()
+        progress.update(task, completed=sent, rate=f"{sent / max(time.monotonic() - pacer.start, 1e-9):,.0f}")
+    console.print(f"{sent} events sent to {spec.topics.raw} and acknowledged")
+
+
+@main.command()
+@click.argument("pipeline", required=False)
+@click.option("--topic", "kind", type=click.Choice(["predictions", "features", "raw", "feedback", "deadletter",
+                                                    "alerts"]), default="predictions", show_default=True)
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest message instead of new ones.")
+@click.option("-n", "--max", "limit", type=int, default=None, help="Stop after this many messages.")
+def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | None) -> None:
+    """Print a pipeline's topic as JSON lines (decoded); Ctrl-C stops."""
+    import orjson
+
+    from loopline.kafka import KafkaConfig, StopFlag
+    from loopline.tools import decoder, tail as tail_topic, topic_of
+
+    kafka = KafkaConfig.from_settings(_settings())
+    state = _registry_state(kafka)
+    spec = _pipeline(state, pipeline) if pipeline else None
+    stop = StopFlag()
+    signal.signal(signal.SIGINT, stop.set)
+    signal.signal(signal.SIGTERM, stop.set)
+
+    def emit(record: dict[str, Any]) -> None:
+        sys.stdout.write(orjson.dumps(record, default=str).decode() + "\n")
+        sys.stdout.flush()
+
+    tail_topic(kafka, topic_of(spec, kind), decoder(kind, spec, state), from_beginning, limit, stop.is_set, emit)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option("--prediction-id", help="The prediction this feedback is about.")
+@click.option("--event-id", help="Or the event it is about.")
+@click.option("--label", help="The true class (classification).")
+@click.option("--value", type=float, help="The true value (regression).")
+@click.option("--verdict", type=click.Choice(["accept", "reject", "correct"]), help="A verdict on the prediction.")
+@click.option("--file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="CSV or JSON-lines with those columns, one feedback per row.")
+def feedback(pipeline: str, prediction_id: str | None, event_id: str | None, label: str | None,
+             value: float | None, verdict: str | None, file: Path | None) -> None:
+    """Send labels or verdicts for predictions to the pipeline's feedback topic."""
+    import csv
+
+    import orjson
+
+    from loopline.sdk import FeedbackSender
+
+    rows: list[dict[str, Any]]
+    if file is None:
+        rows = [{"prediction_id": prediction_id, "event_id": event_id, "label": label, "value": value,
+                 "verdict": verdict}]
+    elif file.suffix.lower() == ".csv":
+        with file.open(newline="") as f:
+            rows = [{k: (float(v) if k == "value" and v else v or None) for k, v in r.items()}
+                    for r in csv.DictReader(f)]
+    else:
+        rows = [orjson.loads(line) for line in file.read_bytes().splitlines() if line.strip()]
+    with FeedbackSender(pipeline, _settings()) as sender:
+        for number, row in enumerate(rows, 1):
+            try:
+                sender.send(**{k: row.get(k) for k in ("prediction_id", "event_id", "label", "value", "verdict",
+                                                       "feedback_id")})
+            except LooplineError as e:
+                raise LooplineError(f"feedback {number}: {e}") from None
+    console.print(f"{len(rows)} feedback message(s) sent to {sender.spec.topics.feedback}")
+
+
+@main.command()
+@click.argument("pipeline", required=False)
+def status(pipeline: str | None) -> None:
+    """Versions and stages, traffic split, events/s, consumer lag per service, open alerts, last retrain."""
+    from datetime import UTC, datetime
+
+    from loopline.kafka import KafkaConfig
+    from loopline.status import collect
+
+    kafka = KafkaConfig.from_settings(_settings())
+    state = _registry_state(kafka)
+    names = [_pipeline(state, pipeline).name] if pipeline else sorted(state.specs)
+    if not names:
+        console.print("no pipelines in the registry yet; `loopline apply FILE.yaml` adds one")
+        return
+    with console.status("measuring rates and lag..."):
+        report = collect(kafka, state, names)
+    for p in report:
+        table = Table("model", "stage", "traffic", "sha256", title=f"pipeline {p.name}")
+        for v in p.versions:
+            table.add_row(f"{v['name']}@{v['version']}", v["stage"], f"{v['traffic']:.0%}", v["sha256"][:12])
+        if not p.versions:
+            table.add_row("(no model deployed)", "", "", "")
+        console.print(table)
+        console.print("events/s: " + ", ".join(f"{k} {r:,.0f}" for k, r in p.rates.items()))
+        console.print("consumer lag: " + ", ".join(f"{s} {'-' if lag is None else f'{lag:,}'}"
+                                                   for s, lag in p.lag.items()))
+        if p.open_alerts:
+            for a in p.open_alerts:
+                when = datetime.fromtimestamp(a["at"] / 1000, UTC).isoformat(timespec="seconds")
+                console.print(Text(f"open alert ({a['severity']}, {when}): {a['message']}", style="yellow"))
+        else:
+            console.print("open alerts: none")
+        if p.last_retrain:
+            r = p.last_retrain
+            when = datetime.fromtimestamp(r["created_at"] / 1000, UTC).isoformat(timespec="seconds")
+            console.print(f"last retrain: {r['name']}@{r['version']} at {when} (trigger: {r['trigger']}, "
+                          f"stage now {r['stage']})")
+        else:
+            console.print("last retrain: none yet")
 
 
 def _add_service_commands() -> None:

@@ -1,0 +1,162 @@
+"""Ingest throughput as a ratio to a raw consume->produce loop on the same broker, same run.
+
+Run: ``.venv/bin/python -m bench.ingest_bench [--messages N] [--batch-size B] [--rounds R]``.
+Starts its own embedded broker. Each of R rounds applies a fresh pipeline, writes N raw events
+(95 % valid JSON, 5 % assorted bad input) to its raw topic, then runs (a) a raw loop that consumes
+them and produces each value unchanged to a fresh topic and (b) the ingest service loop; both go
+through ``run_batches`` with the same batch size, each in a fresh consumer group. The clock runs
+from the first handled batch to the last message (group joins are excluded). Reports the wall-clock
+throughput ratio and the same ratio in CPU time per message (steadier on a shared machine).
+Goal: ingest >= 60 % of the raw loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Message
+from prometheus_client import CollectorRegistry
+
+from loopline.apply import apply_spec
+from loopline.broker import EmbeddedBroker
+from loopline.kafka import AckedProducer, KafkaConfig, StopFlag, TopicSpec, ensure_topics, run_batches
+from loopline.observability import Health
+from loopline.services.ingest import IngestService, IngestSettings
+from loopline.settings import LooplineSettings
+from loopline.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = {"customer_id": "c1", "amount": 12.5, "merchant_risk": 0.2, "hour": 3, "country": "DE",
+        "card_present": True, "device_age_days": 40}
+BAD = [b'{"features": {"amount": 1', b'{"features": {"amount": "12"}}', b"[1,2]",
+       b'{"features": {"customer_id": "c", "amount": NaN}}']
+
+
+def events(n: int, seed: int = 1) -> list[bytes]:
+    """N raw messages: 95 % valid JSON events with varying values, 5 % bad input."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < 0.05:
+            out.append(rng.choice(BAD))
+        else:
+            f = dict(GOOD, customer_id=f"cust-{rng.randrange(1000)}", amount=round(rng.uniform(0, 5000), 2),
+                     merchant_risk=rng.random(), hour=rng.randrange(24))
+            out.append(orjson.dumps({"features": f, "ts": 1_700_000_000_000 + i}))
+    return out
+
+
+class Clock:
+    """Counts handled messages; time from the first batch to the target count."""
+
+    def __init__(self, target: int, stop: StopFlag) -> None:
+        self.target, self.stop = target, stop
+        self.count, self.first, self.last, self.cpu_first, self.cpu_last = 0, 0.0, 0.0, 0.0, 0.0
+
+    def wrap(self, handle: Callable[[list[Message]], None]) -> Callable[[list[Message]], None]:
+        def timed(batch: list[Message]) -> None:
+            if not self.first:
+                self.first, self.cpu_first = time.perf_counter(), time.process_time()
+            handle(batch)
+            self.count += len(batch)
+            self.last, self.cpu_last = time.perf_counter(), time.process_time()
+            if self.count >= self.target:
+                self.stop.set()
+        return timed
+
+    @property
+    def rate(self) -> float:
+        """Messages per wall-clock second, first batch to last (the first batch's own time excluded)."""
+        return self.count / (self.last - self.first) if self.last > self.first else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """CPU microseconds of this process (all its threads) per message: robust to a busy machine."""
+        return (self.cpu_last - self.cpu_first) / self.count * 1e6 if self.count else 0.0
+
+
+def raw_loop(kafka: KafkaConfig, source: str, sink: str, n: int, batch_size: int, group: str) -> Clock:
+    """Consume and produce every value unchanged; return the clock."""
+    stop = StopFlag()
+    consumer = kafka.consumer("bench-raw", group)
+    consumer.subscribe([source])
+    producer = AckedProducer(kafka.producer("bench-raw"))
+    clock = Clock(n, stop)
+
+    def handle(batch: list[Message]) -> None:
+        send = producer.send
+        for m in batch:
+            send(sink, m.value(), key=m.key())
+
+    run_batches(consumer, producer, clock.wrap(handle), stop, batch_size=batch_size, batch_timeout_s=0.05)
+    return clock
+
+
+def ingest_loop(kafka: KafkaConfig, pipeline: str, n: int, batch_size: int, group: str) -> Clock:
+    """Run the ingest service until it handled n messages; return the clock."""
+    settings = IngestSettings(bootstrap_servers=kafka.settings.bootstrap_servers, kafka_profile="embedded",
+                              session_timeout_ms=6000, pipelines=[pipeline], batch_size=batch_size,
+                              batch_timeout_s=0.05, home=kafka.settings.home)
+    stop = StopFlag()
+    service = IngestService(kafka, settings, CollectorRegistry(), Health(), stop, group)
+    clock = Clock(n, stop)
+    service.handle = clock.wrap(service.handle)  # type: ignore[method-assign]
+    service.run()
+    return clock
+
+
+def main() -> None:
+    """Run the benchmark and print the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as home, EmbeddedBroker(home=Path(home)) as broker:
+        kafka = KafkaConfig.from_settings(LooplineSettings(
+            bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded", session_timeout_ms=6000,
+            home=Path(home)))
+        base = load_spec(REPO / "examples" / "fraud.yaml")
+        values = events(args.messages)
+        raw_rates, ingest_rates, raw_cpu, ingest_cpu = [], [], [], []
+        for r in range(args.rounds):
+            # Fresh topics every round for both loops: Tansu slows down as a partition's batches pile up.
+            spec = base.model_copy(update={"name": f"bench{r}", "partitions": 3})
+            apply_spec(kafka, spec)
+            sink = f"bench.copy.{r}"
+            ensure_topics(kafka.admin(), [TopicSpec(sink, spec.partitions)])
+            print(f"round {r + 1}: producing {args.messages} raw events to {spec.topics.raw}...", flush=True)
+            producer = AckedProducer(kafka.producer("bench-load"))
+            for i, value in enumerate(values):
+                producer.send(spec.topics.raw, value, key=str(i % 1000).encode())
+            producer.confirm()
+            raw = raw_loop(kafka, spec.topics.raw, sink, args.messages, args.batch_size, f"raw-{r}")
+            raw_rates.append(raw.rate)
+            raw_cpu.append(raw.cpu_us)
+            print(f"round {r + 1}: raw consume->produce {raw.rate:9,.0f} msg/s  {raw.cpu_us:5.1f} CPU us/msg",
+                  flush=True)
+            ing = ingest_loop(kafka, spec.name, args.messages, args.batch_size, f"ingest-{r}")
+            ingest_rates.append(ing.rate)
+            ingest_cpu.append(ing.cpu_us)
+            print(f"round {r + 1}: ingest              {ing.rate:9,.0f} msg/s  {ing.cpu_us:5.1f} CPU us/msg "
+                  f"({ing.rate / raw.rate:.0%} of raw)", flush=True)
+        raw_rate, ing_rate = statistics.median(raw_rates), statistics.median(ingest_rates)
+        raw_us, ing_us = statistics.median(raw_cpu), statistics.median(ingest_cpu)
+        print(f"result: ingest {ing_rate:,.0f} msg/s vs raw loop {raw_rate:,.0f} msg/s = {ing_rate / raw_rate:.0%} "
+              f"(goal >= 60%; {args.messages} messages, batch size {args.batch_size}, median of "
+              f"{args.rounds} rounds)", flush=True)
+        print(f"result (CPU): ingest {ing_us:.1f} vs raw {raw_us:.1f} CPU us/msg = {raw_us / ing_us:.0%} "
+              "(the same ratio measured in CPU time, which a busy machine disturbs less)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""``loopline models``: register, list, promote and roll back model versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from loopline.errors import LooplineError
+
+console = Console(highlight=False, soft_wrap=True)
+
+_STAGES = click.Choice(["champion", "challenger", "shadow", "canary", "candidate"])
+
+
+def _registry(artifact_uri: str | None = None):  # type: ignore[no-untyped-def]
+    from loopline.artifacts import ArtifactSettings, ArtifactStore
+    from loopline.kafka import KafkaConfig
+    from loopline.models import ModelRegistry
+    from loopline.observability import configure_logging
+
+    settings = ArtifactSettings()
+    configure_logging("WARNING", "console")  # the CLI speaks through its own output
+    return ModelRegistry(KafkaConfig.from_settings(settings), ArtifactStore.from_settings(settings, artifact_uri))
+
+
+def _metrics(pairs: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError(pair)
+            out[name] = float(value)
+        except ValueError:
+            raise LooplineError(f"--metrics {pair!r}: expected NAME=NUMBER (rule: metric_format)") from None
+    return out
+
+
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group()
+def models() -> None:
+    """Model versions: register, list, promote, roll back (all recorded in loopline.models)."""
+
+
+@models.command()
+@click.argument("pipeline")
+@click.option("--onnx", "onnx_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The ONNX model file.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Reference data (CSV or Parquet with one column per feature): test batch and profile.")
+@click.option("--stage", type=_STAGES, default="champion", show_default=True)
+@click.option("--traffic", type=float, help="Share of keys a challenger or canary serves (0..1].")
+@click.option("--name", help="Model name (default: the pipeline's name).")
+@click.option("--metrics", "metric_pairs", multiple=True, metavar="NAME=VALUE", help="Offline metrics; repeatable.")
+@click.option("--sha256", "expected_sha256", help="Refuse the file unless it has this sha256.")
+@click.option("--artifact-uri", help="Artifact store (default: LOOPLINE_ARTIFACT_URI, else $LOOPLINE_HOME/artifacts).")
+def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str, traffic: float | None,
+             name: str | None, metric_pairs: tuple[str, ...], expected_sha256: str | None,
+             artifact_uri: str | None) -> None:
+    """Validate an ONNX model for PIPELINE, store it and publish a new version."""
+    from loopline.models import load_reference
+
+    registry = _registry(artifact_uri)
+    state = registry.state()
+    spec = state.specs.get(pipeline)
+    ref = load_reference(reference, spec) if reference is not None and spec is not None else None
+    with console.status(f"validating {onnx_file.name} for {pipeline}..."):
+        record = registry.register(pipeline, onnx_file.read_bytes(), name=name, stage=stage, traffic=traffic,
+                                   reference=ref, metrics=_metrics(metric_pairs), expected_sha256=expected_sha256)
+    console.print(f"registered [bold]{record['name']} v{record['version']}[/] for {pipeline} as {record['stage']}"
+                  + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
+                  + f"; sha256 {record['sha256'][:12]}, {record['uri']}"
+                  + ("; reference profile stored" if record["reference_profile_json"] else ""))
+
+
+@models.command("list")
+@click.argument("pipeline", required=False)
+@click.option("--history", is_flag=True, help="Show every stage change instead of the versions.")
+def list_(pipeline: str | None, history: bool) -> None:
+    """List model versions (of PIPELINE, or of every pipeline)."""
+    from loopline.models import stage_history, versions_of
+
+    state = _registry().state()
+    pipelines = [pipeline] if pipeline else sorted({p for p, _, _ in state.versions})
+    if history:
+        table = Table("at", "pipeline", "model", "version", "from", "to", "traffic", "reason", "actor")
+        for p in pipelines:
+            for c in stage_history(state, p):
+                table.add_row(_when(c["at"]), p, c["name"], str(c["version"]), c["from_stage"] or "-",
+                              c["to_stage"], f"{c['traffic']:g}", c["reason"], c["actor"])
+        console.print(table)
+        return
+    table = Table("pipeline", "model", "version", "stage", "traffic", "sha256", "parent", "created", "metrics")
+    for p in pipelines:
+        for v in versions_of(state, p):
+            table.add_row(p, v["name"], str(v["version"]), v["stage"], f"{v['traffic']:g}", v["sha256"][:12],
+                          v["parent"] or "-", _when(v["created_at"]),
+                          " ".join(f"{k}={x:g}" for k, x in sorted(v["metrics"].items())))
+    console.print(table)
+
+
+@models.command()
+@click.argument("pipeline")
+@click.argument("version", type=int)
+@click.option("--name", help="Model name (default: the pipeline's name).")
+@click.option("--to", "to_stage", type=click.Choice(["champion", "challenger", "shadow", "canary", "retired"]),
+              default="champion", show_default=True)
+@click.option("--traffic", type=float, help="Share of keys for a challenger or canary.")
+@click.option("--reason", default="promoted", show_default=True)
+def promote(pipeline: str, version: int, name: str | None, to_stage: str, traffic: float | None,
+            reason: str) -> None:
+    """Move VERSION of PIPELINE's model to a stage (a new champion retires the old one)."""
+    change = _registry().promote(pipeline, version, name=name, to_stage=to_stage, traffic=traffic, reason=reason)
+    console.print(f"{pipeline}: {change['name']} v{change['version']} {change['from_stage']} -> "
+                  f"[bold]{change['to_stage']}[/]")
+
+
+@models.command()
+@click.argument("pipeline")
+@click.option("--reason", default="rolled back", show_default=True)
+def rollback(pipeline: str, reason: str) -> None:
+    """Make PIPELINE's previous champion champion again; the current one is rejected."""
+    current, previous = _registry().rollback(pipeline, reason=reason)
+    console.print(f"{pipeline}: rolled back {current['name']} v{current['version']} -> champion is now "
+                  f"[bold]{previous['name']} v{previous['version']}[/]")

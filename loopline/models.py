@@ -1,0 +1,377 @@
+"""Model versions in the registry: validate and register, list, promote, roll back, stage history.
+
+A version is accepted only after its artifact loads in ONNX Runtime, fits the pipeline's input
+contract (see ``loopline.services.inference.scorer``) and scores a test batch from the reference
+data without error or NaN. Every stage change is its own registry event with a unique key, so
+"which version served at time T" is answered by replaying the history (:func:`serving_at`).
+
+Missing optional numeric features are imputed with the reference data's mean (stored with the
+version in ``fill_values``), so NaN never reaches a model; without reference data, the middle of
+the feature's [min, max] range, else 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from loopline import avro, topics
+from loopline import profile as profiles
+from loopline.artifacts import ArtifactStore, sha256_hex
+from loopline.errors import LooplineError
+from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.registry import (RegistryReader, RegistryState, model_version_key, now_ms, publish,
+                               stage_change_key)
+from loopline.spec import PipelineSpec
+
+#: Stages in which a version takes (or mirrors) traffic.
+SERVING = ("champion", "challenger", "canary", "shadow")
+STAGES = (*SERVING, "candidate", "rejected", "retired")
+TRAFFIC_STAGES = ("challenger", "canary")
+
+
+class RegistrationError(LooplineError):
+    """A model version cannot be registered or changed; the message names the rule."""
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What validation learned about a model: outputs on the test batch, profile, fill values."""
+
+    rows: int
+    profile: dict[str, Any] | None
+    fill_values: dict[str, float]
+    library_versions: dict[str, str]
+    input_features: list[str]
+
+
+# ---- reference data ---------------------------------------------------------------------------
+def _convert(value: Any, ftype: str, name: str, row: int) -> Any:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    try:
+        if ftype == "float":
+            return float(value)
+        if ftype == "int":
+            return int(float(value))
+        if ftype == "bool":
+            if isinstance(value, str):
+                text = value.strip().lower()
+                if text in ("true", "1", "yes", "t", "y"):
+                    return True
+                if text in ("false", "0", "no", "f", "n"):
+                    return False
+                raise ValueError(text)
+            return bool(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise RegistrationError(f"reference data row {row}, feature {name!r}: {value!r} is not a "
+                                f"{ftype} (rule: type)") from e
+
+
+def load_reference(path: str | Path, spec: PipelineSpec, limit: int = 100_000) -> list[dict[str, Any]]:
+    """Read reference feature records from CSV or Parquet, typed by the spec."""
+    path = Path(path)
+    if not path.exists():
+        raise RegistrationError(f"reference data {path}: file not found")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq  # noqa: PLC0415 - optional dependency
+        except ImportError as e:
+            raise RegistrationError("Parquet reference data needs pyarrow: pip install pyarrow") from e
+        raw = pq.read_table(path).slice(0, limit).to_pylist()
+    else:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            raw = [r for _, r in zip(range(limit), reader)]
+    if not raw:
+        raise RegistrationError(f"reference data {path}: no rows")
+    records = []
+    for i, r in enumerate(raw, start=1):
+        rec = {}
+        for f in spec.features:
+            if f.name not in r:
+                raise RegistrationError(f"reference data {path}: no column {f.name!r} (rule: has_feature)")
+            v = _convert(r[f.name], f.type, f.name, i)
+            if v is None and f.required:
+                raise RegistrationError(f"reference data {path} row {i}: required feature {f.name!r} "
+                                        "is empty (rule: required)")
+            rec[f.name] = v
+        records.append(rec)
+    return records
+
+
+def fill_values(spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
+    """Imputation values for optional numeric/bool features: reference mean, else mid-range, else 0."""
+    out: dict[str, float] = {}
+    for f in spec.features:
+        if f.required or f.type == "string":
+            continue
+        col = np.array([r.get(f.name) for r in reference or []], dtype=float)
+        col = col[np.isfinite(col)]
+        if col.size:
+            out[f.name] = float(col.mean())
+        elif f.min is not None and f.max is not None:
+            out[f.name] = (f.min + f.max) / 2
+        else:
+            out[f.name] = float(f.min or f.max or 0.0)
+    return out
+
+
+def library_versions(model: bytes | None = None) -> dict[str, str]:
+    """Versions of the libraries that validated (and will score) a model, and its producer."""
+    out = {}
+    for dist in ("onnxruntime", "onnx", "numpy", "loopline"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if model is not None:
+        try:
+            import onnx  # noqa: PLC0415
+
+            proto = onnx.load_model_from_string(model)
+            if proto.producer_name:
+                out["producer"] = f"{proto.producer_name} {proto.producer_version}".strip()
+            out["opset"] = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in proto.opset_import)
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return out
+
+
+def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None,
+                   label: str = "model") -> Validated:
+    """Load ``model`` in ONNX Runtime, check its contract, score a test batch; raise if anything fails."""
+    from loopline.services.inference.scorer import Scorer, synthetic_batch  # noqa: PLC0415
+
+    fills = fill_values(spec, reference)
+    scorer = Scorer(model, spec, fills, label=label)
+    batch = list(reference) if reference else synthetic_batch(spec, 64)
+    try:
+        result = scorer.score(batch)
+    except LooplineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT run errors
+        raise RegistrationError(f"{label}: scoring a test batch of {len(batch)} row(s) failed: {e} "
+                                "(rule: scores)") from e
+    values = result.raw_scores
+    if values is not None and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise RegistrationError(f"{label}: {bad} of {len(batch)} test row(s) scored NaN or inf "
+                                "(rule: finite_output)")
+    if result.scores is not None:
+        for row in result.scores:
+            if not all(np.isfinite(v) for v in row.values()):
+                raise RegistrationError(f"{label}: a class score is NaN or inf (rule: finite_output)")
+    classes = spec.label.classes
+    if classes and result.labels is not None:
+        unknown = sorted(set(result.labels) - set(classes))
+        if unknown:
+            raise RegistrationError(f"{label}: predicted label(s) {unknown[:5]} are not among the "
+                                    f"pipeline's classes {classes} (rule: label_in_classes)")
+    prof = None
+    if reference:
+        columns = {f.name: [r[f.name] for r in reference] for f in spec.features}
+        outputs: dict[str, Any] = {}
+        if result.labels is not None:
+            outputs["label"] = result.labels
+        if values is not None:
+            outputs["score"] = values
+        prof = profiles.build_profile(columns, {f.name: f.type for f in spec.features}, outputs)
+    columns = scorer.columns if scorer.single else []
+    return Validated(len(batch), prof, fills, library_versions(model), columns)
+
+
+# ---- registry state helpers -------------------------------------------------------------------
+def versions_of(state: RegistryState, pipeline: str) -> list[dict[str, Any]]:
+    """Every version of a pipeline, oldest first."""
+    return sorted((v for (p, _, _), v in state.versions.items() if p == pipeline),
+                  key=lambda v: (v["created_at"], v["name"], v["version"]))
+
+
+def stage_order(state: RegistryState, pipeline: str) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per version, when its stage was last set (event time, then registry order): later wins a tie."""
+    order: dict[tuple[str, int], tuple[int, int]] = {}
+    for v in versions_of(state, pipeline):
+        order[(v["name"], v["version"])] = (v["at"], -1)
+    for i, c in enumerate(state.stage_changes):
+        if c["pipeline"] == pipeline:
+            order[(c["name"], c["version"])] = max(order.get((c["name"], c["version"]), (0, -1)), (c["at"], i))
+    return order
+
+
+def champion(state: RegistryState, pipeline: str) -> dict[str, Any] | None:
+    """The pipeline's current champion (the most recently promoted, if several claim it)."""
+    order = stage_order(state, pipeline)
+    best = [v for v in versions_of(state, pipeline) if v["stage"] == "champion"]
+    return max(best, key=lambda v: order[(v["name"], v["version"])]) if best else None
+
+
+def stage_history(state: RegistryState, pipeline: str) -> list[dict[str, Any]]:
+    """The pipeline's stage changes, in registry order."""
+    return [c for c in state.stage_changes if c["pipeline"] == pipeline]
+
+
+def serving_at(state: RegistryState, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
+    """Which versions held a serving stage at ``at_ms``: (name, version) -> (stage, traffic)."""
+    stages: dict[tuple[str, int], tuple[str, float]] = {}
+    changed = {(c["name"], c["version"]) for c in stage_history(state, pipeline)}
+    for v in versions_of(state, pipeline):
+        if (v["name"], v["version"]) not in changed and v["at"] <= at_ms:
+            stages[(v["name"], v["version"])] = (v["stage"], v["traffic"])
+    for c in stage_history(state, pipeline):
+        if c["at"] <= at_ms:
+            stages[(c["name"], c["version"])] = (c["to_stage"], c["traffic"])
+    return {k: s for k, s in stages.items() if s[0] in SERVING}
+
+
+def _check_traffic(state: RegistryState, pipeline: str, name: str, version: int, stage: str,
+                   traffic: float) -> None:
+    if stage in TRAFFIC_STAGES and not 0.0 < traffic <= 1.0:
+        raise RegistrationError(f"{stage} {name} v{version}: traffic {traffic} must be in (0, 1] "
+                                "(rule: traffic_range)")
+    if stage not in STAGES:
+        raise RegistrationError(f"unknown stage {stage!r}; one of {', '.join(STAGES)} (rule: stage)")
+    others = sum(v["traffic"] for v in versions_of(state, pipeline)
+                 if v["stage"] in TRAFFIC_STAGES and (v["name"], v["version"]) != (name, version))
+    mine = traffic if stage in TRAFFIC_STAGES else 0.0
+    if others + mine > 1.0 + 1e-9:
+        raise RegistrationError(f"{stage} {name} v{version}: challengers and canaries would take "
+                                f"{others + mine:.3f} of the traffic, more than 1 (rule: traffic_sum)")
+
+
+def _stage_event(pipeline: str, name: str, version: int, from_stage: str | None, to_stage: str,
+                 traffic: float, reason: str, actor: str) -> tuple[bytes, dict[str, Any]]:
+    event = {"kind": "stage_change", "pipeline": pipeline, "at": now_ms(), "spec": None, "model": None,
+             "stage_change": {"name": name, "version": version, "from_stage": from_stage,
+                              "to_stage": to_stage, "traffic": traffic, "reason": reason, "actor": actor}}
+    return stage_change_key(pipeline, name, version), event
+
+
+class ModelRegistry:
+    """Registry client for model versions of every pipeline (reads state, publishes events)."""
+
+    def __init__(self, kafka: KafkaConfig, store: ArtifactStore, actor: str = "cli") -> None:
+        self.kafka = kafka
+        self.store = store
+        self.actor = actor
+
+    def state(self) -> RegistryState:
+        """The registry as it is now."""
+        reader = RegistryReader(self.kafka, client_id="loopline-models")
+        try:
+            return reader.catch_up()
+        finally:
+            reader.close()
+
+    def _spec(self, state: RegistryState, pipeline: str) -> PipelineSpec:
+        spec = state.specs.get(pipeline)
+        if spec is None:
+            raise RegistrationError(f"pipeline {pipeline!r} is not in the registry; run `loopline apply` "
+                                    "with its spec first")
+        return spec
+
+    def _publish(self, events: list[tuple[bytes, dict[str, Any]]]) -> None:
+        """Send a command's events in order and wait until all are acknowledged."""
+        producer = AckedProducer(self.kafka.producer("loopline-models"))
+        codec = avro.codec("registry")
+        for key, event in events[:-1]:
+            producer.send(topics.MODELS, codec.encode(event), key=key)
+        publish(producer, *events[-1])  # confirms everything queued so far
+
+    def register(self, pipeline: str, model: bytes, *, name: str | None = None, stage: str = "champion",
+                 traffic: float | None = None, reference: Sequence[Mapping[str, Any]] | None = None,
+                 metrics: Mapping[str, float] | None = None, expected_sha256: str | None = None,
+                 parent: str | None = None, trigger: str | None = None) -> dict[str, Any]:
+        """Validate ``model``, store it, publish its version record and stage change; return the record."""
+        state = self.state()
+        spec = self._spec(state, pipeline)
+        name = name or pipeline
+        digest = sha256_hex(model)
+        if expected_sha256 is not None and expected_sha256.lower() != digest:
+            raise RegistrationError(f"model file has sha256 {digest}, expected {expected_sha256} "
+                                    "(rule: sha256_match)")
+        existing = [v["version"] for v in versions_of(state, pipeline) if v["name"] == name]
+        version = max(existing, default=0) + 1
+        if traffic is None:
+            traffic = spec.deployment.canary_fraction if stage == "canary" else (1.0 if stage == "champion" else 0.0)
+        _check_traffic(state, pipeline, name, version, stage, traffic)
+        if stage == "canary" and traffic <= 0:
+            raise RegistrationError("a canary needs --traffic or deployment.canary_fraction > 0")
+        checked = validate_model(model, spec, reference, label=f"{pipeline}/{name} v{version}")
+        digest, uri = self.store.put(model)
+        current = champion(state, pipeline)
+        if parent is None and current is not None:
+            parent = f"{current['name']}:{current['version']}"
+        record = {"name": name, "version": version, "sha256": digest, "uri": uri, "stage": stage,
+                  "traffic": traffic, "parent": parent, "created_at": now_ms(),
+                  "library_versions": checked.library_versions, "metrics": dict(metrics or {}),
+                  "reference_profile_json": orjson.dumps(checked.profile).decode() if checked.profile else None,
+                  "training_ranges": [], "trigger": trigger, "scorecard_json": None,
+                  "fill_values": checked.fill_values, "input_features": checked.input_features}
+        events = [(model_version_key(pipeline, name, version),
+                   {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"], "spec": None,
+                    "model": record, "stage_change": None})]
+        events.append(_stage_event(pipeline, name, version, None, stage, traffic, "registered", self.actor))
+        if stage == "champion" and current is not None:
+            events.append(_stage_event(pipeline, current["name"], current["version"], "champion", "retired",
+                                       0.0, f"replaced by {name} v{version}", self.actor))
+        self._publish(events)
+        return record
+
+    def promote(self, pipeline: str, version: int, *, name: str | None = None, to_stage: str = "champion",
+                traffic: float | None = None, reason: str = "promoted") -> dict[str, Any]:
+        """Move a version to ``to_stage`` (a new champion retires the old one); return the stage change."""
+        state = self.state()
+        self._spec(state, pipeline)
+        name = name or pipeline
+        v = state.versions.get((pipeline, name, version))
+        if v is None:
+            raise RegistrationError(f"pipeline {pipeline}: no model {name!r} version {version}")
+        if traffic is None:
+            traffic = 1.0 if to_stage == "champion" else (v["traffic"] if to_stage in TRAFFIC_STAGES else 0.0)
+        _check_traffic(state, pipeline, name, version, to_stage, traffic)
+        current = champion(state, pipeline)
+        # The target's event goes first: a reader that sees only it still finds one champion,
+        # because the most recent stage event wins a tie (see champion()).
+        events = [_stage_event(pipeline, name, version, v["stage"], to_stage, traffic, reason, self.actor)]
+        if to_stage == "champion" and current is not None and (current["name"], current["version"]) != (name, version):
+            events.append(_stage_event(pipeline, current["name"], current["version"], "champion", "retired",
+                                       0.0, f"replaced by {name} v{version}", self.actor))
+        self._publish(events)
+        return events[0][1]["stage_change"]  # type: ignore[no-any-return]
+
+    def rollback(self, pipeline: str, reason: str = "rolled back") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Make the previous champion champion again and reject the current one; return (old, new)."""
+        state = self.state()
+        self._spec(state, pipeline)
+        current = champion(state, pipeline)
+        if current is None:
+            raise RegistrationError(f"pipeline {pipeline}: no champion to roll back")
+        key = (current["name"], current["version"])
+        previous = None
+        for c in reversed(stage_history(state, pipeline)):
+            k = (c["name"], c["version"])
+            if c["to_stage"] == "champion" and k != key:
+                cand = state.versions.get((pipeline, *k))
+                if cand is not None and cand["stage"] != "rejected":
+                    previous = cand
+                    break
+        if previous is None:
+            raise RegistrationError(f"pipeline {pipeline}: {current['name']} v{current['version']} has no "
+                                    "earlier champion to roll back to")
+        events = [
+            _stage_event(pipeline, previous["name"], previous["version"], previous["stage"], "champion", 1.0,
+                         reason, self.actor),
+            _stage_event(pipeline, current["name"], current["version"], "champion", "rejected", 0.0,
+                         reason, self.actor),
+        ]
+        self._publish(events)
+        return current, previous

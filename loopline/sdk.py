@@ -1,0 +1,152 @@
+"""Python SDK for the people around a pipeline: producers, prediction consumers, feedback senders.
+
+    from loopline.sdk import EventProducer, PredictionReader, FeedbackSender
+
+    with EventProducer("fraud") as producer:            # validation errors are raised here, locally
+        producer.publish({"amount": 12.5, ...}, key="customer-42")
+    for prediction in PredictionReader("fraud", group_id="billing"):   # served predictions only
+        ...
+    with FeedbackSender("fraud") as fb:
+        fb.send(prediction_id=p["prediction_id"], label="1")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError
+
+from loopline import avro, feedback
+from loopline.errors import LooplineError
+from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.registry import RegistryReader
+from loopline.services.ingest.validate import Rejection, Validator
+from loopline.settings import LooplineSettings
+from loopline.spec import PipelineSpec
+
+
+class ValidationError(LooplineError):
+    """An event does not fit the pipeline spec; ``field`` and ``rule`` say where and why."""
+
+    def __init__(self, field: str | None, rule: str, message: str) -> None:
+        self.field, self.rule = field, rule
+        super().__init__(f"{field or '(event)'}: {message} [rule: {rule}]")
+
+
+def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
+    """The pipeline's current spec from the registry."""
+    reader = RegistryReader(kafka, client_id="loopline-sdk")
+    try:
+        state = reader.catch_up()
+    finally:
+        reader.close()
+    if pipeline not in state.specs:
+        known = ", ".join(sorted(state.specs)) or "none"
+        raise LooplineError(f"pipeline {pipeline!r} is not in the registry (known: {known}); `loopline apply` it first")
+    return state.specs[pipeline]
+
+
+class _Client:
+    def __init__(self, pipeline: str, settings: LooplineSettings | None) -> None:
+        self.kafka = KafkaConfig.from_settings(settings or LooplineSettings())
+        self.spec = load_spec(self.kafka, pipeline)
+        self._producer = AckedProducer(self.kafka.producer(f"loopline-sdk-{pipeline}"))
+
+    def flush(self) -> None:
+        """Wait until everything sent is acknowledged by Kafka (raises if anything failed)."""
+        self._producer.confirm()
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.flush()
+
+
+class EventProducer(_Client):
+    """Publishes events to ``loopline.<pipeline>.raw`` after validating them against the spec."""
+
+    def __init__(self, pipeline: str, settings: LooplineSettings | None = None) -> None:
+        super().__init__(pipeline, settings)
+        self._validator = Validator(self.spec)
+
+    def publish(self, features: dict[str, Any], *, key: str | None = None, event_id: str | None = None,
+                ts: int | str | None = None) -> None:
+        """Validate one event and queue it; raise :class:`ValidationError` if it does not fit."""
+        doc: dict[str, Any] = {"features": features}
+        for name, value in (("key", key), ("event_id", event_id), ("ts", ts)):
+            if value is not None:
+                doc[name] = value
+        verdict = self._validator.check(doc)
+        if isinstance(verdict, Rejection):
+            raise ValidationError(verdict.field, verdict.rule, verdict.message)
+        partition_key = key or (str(features[self.spec.key]) if self.spec.key and self.spec.key in features else None)
+        self._producer.send(self.spec.topics.raw, orjson.dumps(doc), key=partition_key)
+
+
+class FeedbackSender(_Client):
+    """Sends labels and verdicts to ``loopline.<pipeline>.feedback``."""
+
+    def send(self, *, prediction_id: str | None = None, event_id: str | None = None, label: str | None = None,
+             value: float | None = None, verdict: str | None = None, feedback_id: str | None = None) -> str:
+        """Validate and queue one feedback; return its feedback_id."""
+        try:
+            record = feedback.make(prediction_id=prediction_id, event_id=event_id, label=label, value=value,
+                                   verdict=verdict, feedback_id=feedback_id, classes=self.spec.label.classes)
+        except feedback.FeedbackError as e:
+            raise ValidationError(e.field, e.rule, str(e)) from None
+        self._producer.send(self.spec.topics.feedback, feedback.encode(record),
+                            key=record["prediction_id"] or record["event_id"])
+        return str(record["feedback_id"])
+
+
+class PredictionReader:
+    """Iterates a pipeline's predictions as dicts, in a consumer group (offsets stored after each is yielded)."""
+
+    def __init__(self, pipeline: str, group_id: str, *, served_only: bool = True,
+                 settings: LooplineSettings | None = None, poll_timeout_s: float = 1.0) -> None:
+        self.kafka = KafkaConfig.from_settings(settings or LooplineSettings())
+        self.spec = load_spec(self.kafka, pipeline)
+        self.served_only = served_only
+        self.poll_timeout_s = poll_timeout_s
+        self._codec = avro.codec("prediction")
+        self._consumer = self.kafka.consumer(f"loopline-sdk-{pipeline}", group_id)
+        self._consumer.subscribe([self.spec.topics.predictions])
+        self._handed_out: list[Any] = []
+
+    def poll(self, max_messages: int = 500) -> list[dict[str, Any]]:
+        """The predictions that arrived within the poll timeout (possibly none).
+
+        Calling poll again marks the previous batch as handled (its offsets are stored then), so
+        a reader that crashes mid-batch gets that batch again: at-least-once.
+        """
+        for m in self._handed_out:
+            self._consumer.store_offsets(m)
+        self._handed_out = []
+        out = []
+        for m in self._consumer.consume(max_messages, self.poll_timeout_s):
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise LooplineError(f"reading {self.spec.topics.predictions}: {err.str()}")
+                continue
+            record = self._codec.decode(m.value())
+            if record["served"] or not self.served_only:
+                out.append(record)
+            self._handed_out.append(m)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.poll()
+
+    def close(self) -> None:
+        """Store the last batch as handled, commit and leave the group."""
+        for m in self._handed_out:
+            self._consumer.store_offsets(m)
+        self._consumer.close()

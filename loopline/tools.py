@@ -1,0 +1,145 @@
+"""What `loopline produce`, `tail` and `feedback` do: files into topics, topics onto the screen."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+
+from loopline import avro, feedback, topics
+from loopline.errors import LooplineError, SchemaError
+from loopline.kafka import KafkaConfig
+from loopline.registry import RegistryState
+from loopline.spec import PipelineSpec
+
+TOP_LEVEL = ("event_id", "key", "ts")
+
+
+def _typed(value: str, ftype: str) -> Any:
+    """A CSV cell as the feature's type; left as text when it does not parse (ingest explains why)."""
+    try:
+        if ftype == "float":
+            return float(value)
+        if ftype == "int":
+            return int(value)
+    except ValueError:
+        return value
+    if ftype == "bool" and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    return value
+
+
+def read_events(path: Path, spec: PipelineSpec) -> Iterator[dict[str, Any]]:
+    """Events from a CSV (a column per feature, optional event_id/key/ts) or JSON-lines file."""
+    types = {f.name: f.type for f in spec.features}
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                event: dict[str, Any] = {k: row[k] for k in TOP_LEVEL if row.get(k)}
+                if "ts" in event and event["ts"].isdigit():
+                    event["ts"] = int(event["ts"])
+                event["features"] = {k: _typed(v, types.get(k, "string")) for k, v in row.items()
+                                     if k not in TOP_LEVEL and v != ""}
+                yield event
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    raise LooplineError(f"{path}:{number}: not valid JSON: {e}") from None
+                # A flat object is taken as the features themselves.
+                yield doc if isinstance(doc, dict) and "features" in doc else {"features": doc}
+    else:
+        raise LooplineError(f"{path}: use a .csv or .jsonl file")
+
+
+def count_lines(path: Path) -> int:
+    """Events in a file, for the progress bar."""
+    with path.open("rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return n - 1 if path.suffix.lower() == ".csv" else n
+
+
+class Pacer:
+    """Holds a steady rate (events per second); ``None`` means as fast as possible."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def wait(self, sent: int) -> None:
+        """Sleep until ``sent`` events are due."""
+        if self.rate:
+            delay = self.start + sent / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+
+def decoder(kind: str, spec: PipelineSpec | None, state: RegistryState) -> Callable[[Any], Any]:
+    """A function from a message to something printable, for a topic kind."""
+    if kind == "raw":
+        return lambda m: _raw(m.value())
+    if kind == "features":
+        codec = state.features_codec(spec.name) if spec else None
+        return lambda m: codec.decode(m.value()) if codec else None
+    if kind == "feedback":
+        return lambda m: feedback.decode(m.value(), m.topic(), m.partition(), m.offset(), m.timestamp()[1])
+    fixed = {"predictions": "prediction", "deadletter": "deadletter", "alerts": "alert"}[kind]
+    codec = avro.codec(fixed)
+    return lambda m: codec.decode(m.value())
+
+
+def _raw(value: bytes | None) -> Any:
+    try:
+        return orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return {"bytes": len(value or b""), "text": (value or b"")[:200].decode("utf-8", "replace")}
+
+
+def tail(kafka: KafkaConfig, topic: str, decode: Callable[[Any], Any], from_beginning: bool,
+         limit: int | None, stop: Callable[[], bool], emit: Callable[[dict[str, Any]], None]) -> int:
+    """Print a topic's messages (all partitions) until ``limit`` or ``stop()``; return how many."""
+    consumer = kafka.reader("loopline-tail")
+    metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        consumer.close()
+        raise LooplineError(f"topic {topic} does not exist; `loopline apply` the pipeline first")
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in metadata.partitions])
+    shown = 0
+    try:
+        while not stop() and (limit is None or shown < limit):
+            for m in consumer.consume(100, 0.5):
+                if m.error() is not None:
+                    if m.error().code() != KafkaError._PARTITION_EOF:
+                        raise LooplineError(f"reading {topic}: {m.error().str()}")
+                    continue
+                try:
+                    value = decode(m)
+                except (SchemaError, feedback.FeedbackError) as e:
+                    value = {"undecodable": str(e)}
+                emit({"partition": m.partition(), "offset": m.offset(),
+                      "key": m.key().decode("utf-8", "replace") if m.key() else None, "value": value})
+                shown += 1
+                if limit is not None and shown >= limit:
+                    break
+    finally:
+        consumer.close()
+    return shown
+
+
+def topic_of(spec: PipelineSpec | None, kind: str) -> str:
+    """The topic name of a kind (a pipeline's, or the global alerts topic)."""
+    if kind == "alerts":
+        return topics.ALERTS
+    if spec is None:
+        raise LooplineError("a pipeline is needed for that topic")
+    return str(getattr(spec.topics, kind))

@@ -1,0 +1,15 @@
+"""``loopline run ingest``: the ingest service as its own process."""
+
+from __future__ import annotations
+
+from loopline.service import ServiceRuntime
+
+from .service import IngestService
+from .settings import IngestSettings
+
+
+def main() -> None:
+    """Run ingest until SIGINT/SIGTERM, with /metrics, /healthz and /readyz."""
+    settings = IngestSettings()
+    with ServiceRuntime("ingest", settings) as rt:
+        IngestService(rt.kafka, settings, rt.registry, rt.health, rt.stop, rt.group_id).run()
