@@ -354,12 +354,12 @@ def status(pipeline: str | None) -> None:
 
 
 def _add_service_commands() -> None:
-    from loopline.services.lineage.cli import lineage
-
-    main.add_command(lineage)
     from loopline.cli_models import models
+    from loopline.services.lineage.cli import lineage, replay_cmd
 
     main.add_command(models)
+    main.add_command(lineage)
+    main.add_command(replay_cmd)
 
 
 _add_service_commands()

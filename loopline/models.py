@@ -289,8 +289,13 @@ class ModelRegistry:
     def register(self, pipeline: str, model: bytes, *, name: str | None = None, stage: str = "champion",
                  traffic: float | None = None, reference: Sequence[Mapping[str, Any]] | None = None,
                  metrics: Mapping[str, float] | None = None, expected_sha256: str | None = None,
-                 parent: str | None = None, trigger: str | None = None) -> dict[str, Any]:
-        """Validate ``model``, store it, publish its version record and stage change; return the record."""
+                 parent: str | None = None, trigger: str | None = None,
+                 training_ranges: Sequence[Mapping[str, Any]] = (), scorecard: Mapping[str, Any] | None = None,
+                 library_versions: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Validate ``model``, store it, publish its version record and stage change; return the record.
+
+        ``training_ranges``, ``scorecard`` and ``library_versions`` record a trained version's lineage.
+        """
         state = self.state()
         spec = self._spec(state, pipeline)
         name = name or pipeline
@@ -312,9 +317,11 @@ class ModelRegistry:
             parent = f"{current['name']}:{current['version']}"
         record = {"name": name, "version": version, "sha256": digest, "uri": uri, "stage": stage,
                   "traffic": traffic, "parent": parent, "created_at": now_ms(),
-                  "library_versions": checked.library_versions, "metrics": dict(metrics or {}),
+                  "library_versions": {**checked.library_versions, **(library_versions or {})},
+                  "metrics": dict(metrics or {}),
                   "reference_profile_json": orjson.dumps(checked.profile).decode() if checked.profile else None,
-                  "training_ranges": [], "trigger": trigger, "scorecard_json": None,
+                  "training_ranges": [dict(r) for r in training_ranges], "trigger": trigger,
+                  "scorecard_json": orjson.dumps(scorecard, option=orjson.OPT_SORT_KEYS).decode() if scorecard else None,
                   "fill_values": checked.fill_values, "input_features": checked.input_features}
         events = [(model_version_key(pipeline, name, version),
                    {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"], "spec": None,

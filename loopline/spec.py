@@ -114,6 +114,9 @@ class Retrain(_Strict):
     min_rejects: int | None = Field(None, ge=0, description="... and this many rejects since the last version.")
     schedule_s: float | None = Field(None, gt=0)
     warm_start: bool = False
+    drift_settle_labels: int | None = Field(
+        None, ge=0, description="Labels to wait for after a drift alert before the candidate is built, so "
+        "it learned and is validated on post-drift data (default: twice trainer.holdout).")
 
 
 class Trainer(_Strict):
@@ -126,6 +129,7 @@ class Trainer(_Strict):
     min_live_samples: int = Field(200, ge=1, description="Feedback needed before a live promotion decision.")
     label_ttl_s: float = Field(86_400.0, gt=0, description="How long predictions wait for feedback.")
     seed: int = 42
+    learning_rate: float = Field(0.01, gt=0, description="SGD step of the linear learners (weights and intercept).")
 
 
 class PipelineSpec(_Strict):

@@ -134,3 +134,61 @@ def forget_cmd(pipeline: str, key: str) -> None:
     console.print(f"forgot key {key!r} in {pipeline}: {result['events']} event(s); removed rows: {removed}")
     trained = result["trained_on"]
     console.print("model versions trained on this key's data: " + (", ".join(trained) if trained else "none"))
+
+
+@click.command("replay")
+@click.argument("pipeline")
+@click.option("--model", required=True, help="NAME@VERSION to re-score the window with.")
+@click.option("--against", help="NAME@VERSION to compare with.")
+@click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
+@click.option("--until", help="End (exclusive), same forms as --since.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None, until: str | None,
+               fmt: str) -> None:
+    """Re-score a logged window with model versions: agreement, metric deltas, reproducibility audit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from loopline.errors import LooplineError
+    from loopline.services.lineage.replay import replay
+
+    settings = LineageSettings()
+
+    def version(text: str) -> tuple[str, int]:
+        name, number = q.parse_model(text)
+        if number is None:
+            raise LooplineError(f"give the version too: {name}@VERSION")
+        return name, number
+
+    with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), console=console,
+                  disable=fmt == "json") as progress:
+        task = progress.add_task("replay", total=None)
+        report = replay(_store(settings), _registry(settings), pipeline, version(model),
+                        version(against) if against else None, q.parse_time(since) if since else None,
+                        q.parse_time(until) if until else None,
+                        progress=lambda done, total: progress.update(task, completed=done, total=total))
+    rows = []
+    for side in report.sides:
+        metric = report.metric(side)
+        rows.append({"model": side.model, "labels": dict(sorted(side.distribution.items())) or "-",
+                     "logged live": side.logged,
+                     "reproduced exactly": f"{side.reproduced}/{side.logged}" if side.logged else "-",
+                     "max |diff|": side.max_abs_diff if side.logged else None,
+                     ("accuracy" if report.task == "classification" else "MAE"): metric})
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({"pipeline": pipeline, "rows": report.rows, "labeled": report.labeled,
+                                       "agreement": report.agreement, "events_per_s": report.events_per_s,
+                                       "sides": rows}, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    console.print(_table(f"replay of {report.rows} events of {pipeline} ({report.labeled} with feedback)", rows))
+    if report.agreement is not None:
+        console.print(f"agreement between {report.sides[0].model} and {report.sides[1].model}: "
+                      f"{report.agreement:.2%}")
+    if len(report.sides) == 2 and report.labeled:
+        a, b = (report.metric(s) for s in report.sides)
+        console.print(f"metric delta ({report.sides[1].model} - {report.sides[0].model}): {b - a:+.4f}")  # type: ignore[operator]
+    audit = report.sides[0]
+    if audit.logged:
+        verdict = "reproduced exactly" if audit.reproduced == audit.logged else "NOT reproduced"
+        console.print(f"reproducibility audit of {audit.model}: {audit.reproduced}/{audit.logged} live scores "
+                      f"{verdict} (max |diff| {audit.max_abs_diff:.3g})")
+    console.print(f"{report.events_per_s:,.0f} events/s", style="dim")

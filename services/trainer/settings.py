@@ -1,0 +1,33 @@
+"""Settings of the trainer service (``LOOPLINE_*`` variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from loopline.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    """How the trainer joins feedback, checkpoints and reaches the registry."""
+
+    artifact_uri: str | None = Field(
+        None, description="Where exported models are stored: folder, file:// or s3:// URI "
+        "(unset: $LOOPLINE_HOME/artifacts).")
+    state_dir: Path | None = Field(
+        None, description="Checkpoint folder (unset: $LOOPLINE_HOME/state/trainer).")
+    checkpoint_interval_s: float = Field(
+        5.0, gt=0, description="Longest time between two checkpoints of the learners, joins and offsets.")
+    registry_poll_s: float = Field(
+        0.5, gt=0, le=60, description="Longest time between two reads of new registry events.")
+    max_join_entries: int = Field(
+        1_000_000, ge=100, description="Most events, predictions or waiting feedback one pipeline's join "
+        "holds; beyond it the oldest are dropped (as if their TTL had passed).")
+    reference_rows: int = Field(
+        2000, ge=10, description="Recent labeled examples registered as a version's reference data "
+        "(its drift profile and fill values).")
+
+    def checkpoint_dir(self) -> Path:
+        """The folder of the trainer's checkpoints."""
+        return self.state_dir or (self.home / "state" / "trainer")
