@@ -49,6 +49,10 @@ class Scored:
 VariantKey = tuple[str, int, str]
 
 
+#: Labels in the "recent" error rate compared with the baseline.
+RECENT = 100
+
+
 @dataclass
 class PerformanceTracker:
     """Joins feedback with predictions of one pipeline and keeps rolling metrics per variant."""
@@ -68,6 +72,10 @@ class PerformanceTracker:
     rolling: dict[VariantKey, deque[float]] = field(default_factory=dict)
     detectors: dict[VariantKey, list[Detector]] = field(default_factory=dict)
     labeled: dict[VariantKey, int] = field(default_factory=dict)
+    #: Error of each variant over its first full window: what "not degraded" means for it.
+    baseline: dict[VariantKey, float] = field(default_factory=dict)
+    #: Labeled count at each detector's latest alarm, per variant.
+    alarms: dict[tuple[VariantKey, str], int] = field(default_factory=dict)
     expired: int = 0
     clock: int = 0  # stream time: the latest event time seen, epoch ms
 
@@ -171,10 +179,33 @@ class PerformanceTracker:
                 detectors = self.detectors[key] = [Detector(n, self.seed, binary_stream=not self.regression)
                                                    for n in names]
             hits = [(d.name, int(off_arr[i])) for d in detectors for i in d.update_many(arr)]
+            for name, _ in hits:
+                self.alarms[(key, name)] = self.labeled[key]
+            if key not in self.baseline and len(window) == self.window:
+                self.baseline[key] = float(np.mean(window))
             mean = float(np.mean(window))
             metric = mean if self.regression else 1.0 - mean
             out.append(Scored(key[0], key[1], key[2], arr, off_arr, hits, metric, self.labeled[key]))
         return out
+
+    def degradation(self, key: VariantKey, recent: int = RECENT) -> float | None:
+        """How much worse the last ``recent`` errors are than the variant's baseline (None: no baseline yet).
+
+        Classification: the accuracy drop in points; regression: the relative increase of the MAE.
+        """
+        base, window = self.baseline.get(key), self.rolling.get(key)
+        if base is None or not window:
+            return None
+        tail = list(window)[-recent:]
+        now = float(np.mean(tail))
+        if self.regression:
+            return now / base - 1.0 if base > 0 else float("inf") if now > 0 else 0.0
+        return now - base
+
+    def recent_alarm(self, key: VariantKey, detector: str) -> bool:
+        """Whether ``detector`` raised an alarm within the last window of labels of ``key``."""
+        at = self.alarms.get((key, detector))
+        return at is not None and self.labeled.get(key, 0) - at <= self.window
 
     def _prune(self) -> None:
         """Forget what is older than the TTL (stream time) or beyond the size bound."""

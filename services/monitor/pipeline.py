@@ -11,7 +11,7 @@ import orjson
 from loopline.registry import RegistryState
 from loopline.services.monitor.episodes import EpisodeKey, Episodes
 from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.performance import PerformanceTracker
+from loopline.services.monitor.performance import RECENT, PerformanceTracker
 from loopline.services.monitor.quality import QualityTracker
 from loopline.services.monitor.streams import ColumnWatch, Finding
 from loopline.services.monitor.windowed import Thresholds
@@ -269,16 +269,29 @@ class PipelineMonitor:
             labels = (self.spec.name, s.model_name, str(s.model_version), s.variant)
             metrics.model_metric.labels(*labels, metric_name).set(s.metric)
             metrics.labeled.labels(*labels).set(s.labeled)
-            for det in self.performance.detectors[(s.model_name, s.model_version, s.variant)]:
+            variant = (s.model_name, s.model_version, s.variant)
+            drop = self.performance.degradation(variant)
+            for det in self.performance.detectors[variant]:
                 key = EpisodeKey("performance", None, det.name, s.model_name, s.model_version)
                 hits = [off for name, off in s.detections if name == det.name]
-                if hits:
+                # A detector's alarm becomes an alert only when the error really rose by the configured
+                # margin: with a near-perfect model DDM alarms on a couple of errors in a row.
+                if (hits or self.performance.recent_alarm(variant, det.name)) and drop is not None \
+                        and drop >= self.spec.monitor.min_performance_drop and not self.episodes.is_open(key):
+                    offset = hits[0] if hits else int(s.offsets[-1])
+                    change = (f"accuracy {-drop:+.3f} vs its first {self.performance.window} labels"
+                              if not self.performance.regression else f"MAE {drop:+.0%} vs its first "
+                              f"{self.performance.window} labels")
                     msg = (f"Performance of model {s.model_name} v{s.model_version} ({s.variant}) degraded: "
-                           f"{det.name} detected a change in its error stream at feedback offset {hits[0]}; "
-                           f"rolling {metric_name} {s.metric:.3f} over the last "
-                           f"{min(s.labeled, self.performance.window)} labeled predictions.")
-                    alerts += _some(self.episodes.observe(key, "alert", msg, at=at, offset=hits[0],
-                                                          statistic=s.metric, window=s.labeled))
+                           f"{det.name} detected a change in its error stream (feedback offset {offset}); "
+                           f"{change} over the last {min(s.labeled, RECENT)} labeled predictions; rolling "
+                           f"{metric_name} {s.metric:.3f} over the last "
+                           f"{min(s.labeled, self.performance.window)}.")
+                    alerts += _some(self.episodes.observe(key, "alert", msg, at=at, offset=offset,
+                                                          statistic=s.metric, window=s.labeled,
+                                                          threshold=self.spec.monitor.min_performance_drop))
+                    self.perf_quiet[key] = 0
+                elif hits and self.episodes.is_open(key):
                     self.perf_quiet[key] = 0
                 elif self.episodes.is_open(key):
                     self.perf_quiet[key] = self.perf_quiet.get(key, 0) + len(s.errors)

@@ -104,3 +104,27 @@ def test_zombie_is_reported_once_and_resolved_by_traffic() -> None:
     assert pm.check_zombies(limit + 20, 0.0, metrics) == []
     pm.zombies.traffic("m", 1, limit + 25)
     assert [a["state"] for a in pm.check_zombies(limit + 30, 0.0, metrics)] == ["resolved"]
+
+
+def test_near_perfect_model_raises_no_performance_alert_until_it_really_degrades() -> None:
+    # With 0.5 % errors DDM alarms on a couple of errors in a row; the alert waits for a real drop.
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    rng = np.random.default_rng(3)
+    n, drop_at = 6000, 4000
+    wrong = np.r_[rng.random(drop_at) < 0.005, rng.random(n - drop_at) < 0.12]
+    preds = [{"prediction_id": f"p{i}", "event_id": f"e{i}", "model_name": "m", "model_version": 1,
+              "variant": "champion", "served": True, "label": "yes", "value": 0.9, "scores": {}, "event_ts": i,
+              "scored_at": i, "key": None}
+             for i in range(n)]
+    alerts = []
+    for start in range(0, n, 100):
+        idx = range(start, start + 100)
+        pm.on_predictions(Batch([preds[i] for i in idx], list(idx), [0] * 100, "loopline.shift.predictions"),
+                          metrics, 1, 0.0)
+        fb = [{"feedback_id": f"f{i}", "prediction_id": f"p{i}", "event_id": None,
+               "label": "no" if wrong[i] else "yes", "value": None, "verdict": None, "ts": i} for i in idx]
+        alerts += pm.on_feedback(Batch(fb, list(idx), [0] * 100, "loopline.shift.feedback"), metrics, 1)
+    perf = [a for a in alerts if a["signal"] == "performance" and a["state"] == "raised"]
+    assert perf, "no alert after accuracy fell from 0.995 to 0.88"
+    assert all(a["first_offset"] >= drop_at for a in perf), [a["message"] for a in perf]
+    assert "accuracy -0.1" in perf[0]["message"]
