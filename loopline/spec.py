@@ -96,7 +96,7 @@ class Monitor(_Strict):
     ks_alert_pvalue: float = Field(0.001, gt=0, lt=1)
     performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling metrics.")
     min_performance_drop: float = Field(
-        0.02, gt=0, description="A performance alert needs the last 100 labels' accuracy this far below the "
+        0.02, gt=0, description="A performance alert needs the last 200 labels' accuracy this far below the "
         "version's first window (regression: MAE this much higher, relatively); detectors alone over-react "
         "to a near-perfect model.")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")

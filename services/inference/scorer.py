@@ -157,13 +157,7 @@ class Scorer:
             rows = list(map(self._getter, features))
             # numpy turns None into NaN and bools into 0/1 for float dtypes in one C loop.
             x = np.array(rows, dtype=self._dtype).reshape(len(features), len(self.columns))
-            if self._optional_idx:
-                sub = x[:, self._optional_idx]
-                nan = np.isnan(sub)
-                if nan.any():
-                    sub[nan] = np.broadcast_to(self._fill_row[self._optional_idx], sub.shape)[nan]
-                    x[:, self._optional_idx] = sub
-            return {self._input_name: x}
+            return {self._input_name: self._fill_missing(x)}
         out: dict[str, np.ndarray] = {}
         for name, dtype, rank in self._inputs:
             values = [f[name] for f in features]
@@ -176,6 +170,34 @@ class Scorer:
             arr = np.array(values, dtype=dtype)
             out[name] = arr.reshape(-1, 1) if rank == 2 else arr
         return out
+
+    def feeds_columns(self, columns: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The single input tensor from float64 feature columns (NaN = missing), equal to ``feeds``'s.
+
+        Columnar callers (the lineage replay reads Arrow) skip building a dict per event. Python
+        ints and bools reach float32 through a double in ``feeds`` too, so going through float64
+        here gives bit-identical tensors.
+        """
+        if not self.single:
+            raise ModelError(f"{self.label}: feeds_columns needs a single-input model (rule: input_count)")
+        x = np.empty((n, len(self.columns)), dtype=np.float64)
+        for j, name in enumerate(self.columns):
+            column = columns.get(name)
+            if column is None:
+                raise ModelError(f"{self.label}: input feature {name!r} is missing from the columns "
+                                 f"{sorted(columns)} (rule: input_name)")
+            x[:, j] = column
+        return {self._input_name: self._fill_missing(x.astype(self._dtype, copy=False))}
+
+    def _fill_missing(self, x: np.ndarray) -> np.ndarray:
+        """Replace NaN in optional columns by their fill values, in place."""
+        if self._optional_idx:
+            sub = x[:, self._optional_idx]
+            nan = np.isnan(sub)
+            if nan.any():
+                sub[nan] = np.broadcast_to(self._fill_row[self._optional_idx], sub.shape)[nan]
+                x[:, self._optional_idx] = sub
+        return x
 
     # ---- outputs ------------------------------------------------------------------------------
     def _check_outputs(self, model: bytes) -> None:
@@ -215,8 +237,8 @@ class Scorer:
         """Score a batch of feature records with one ORT run."""
         return self.parse(self.run(self.feeds(features)), len(features))
 
-    def parse(self, out: list[Any], n: int) -> ScoreResult:
-        """Turn ORT outputs into labels, values and per-class scores."""
+    def parse(self, out: list[Any], n: int, with_scores: bool = True) -> ScoreResult:
+        """Turn ORT outputs into labels, values and per-class scores (``with_scores=False``: no scores)."""
         if self._value_idx is not None:
             v = np.asarray(out[self._value_idx], dtype=np.float64).reshape(n, -1)[:, 0]
             return ScoreResult(None, v.tolist(), None, v)
@@ -244,6 +266,8 @@ class Scorer:
         positive = self.spec.label.positive
         col = classes.index(positive) if positive in classes else probs.shape[1] - 1
         value = probs[:, col]
+        if not with_scores:  # one dict per event is the costliest part; a replay only compares values
+            return ScoreResult(labels, value.tolist(), None, value)
         scores = [dict(zip(classes, row)) for row in probs.tolist()]
         return ScoreResult(labels, value.tolist(), scores, value)
 

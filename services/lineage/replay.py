@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from loopline.artifacts import read_artifact
 from loopline.errors import LooplineError
 from loopline.registry import RegistryState
-from loopline.services.inference.scorer import Scorer
+from loopline.services.inference.scorer import Scorer, ScoreResult
 from loopline.services.lineage.query import connect
 from loopline.services.lineage.store import LineageStore
 
@@ -70,6 +74,9 @@ class ReplayReport:
         return side.correct / self.labeled if self.task == "classification" else side.abs_error / self.labeled
 
 
+# $1/$2: the window; $3/$4: the replayed version; $5/$6: the other one (NULL without --against).
+# Only the two versions' predictions are aggregated, and features are deduplicated by event before
+# the joins (a re-sent event keeps its event_id), which keeps DuckDB's work proportional to the window.
 _ROWS_SQL = """
 WITH truth AS (
     SELECT coalesce(fb.event_id, p.event_id) AS event_id,
@@ -80,15 +87,21 @@ WITH truth AS (
 ),
 logged AS (
     SELECT event_id, model_name, model_version, any_value(label) AS label, any_value(value) AS value
-    FROM predictions GROUP BY ALL
+    FROM predictions
+    WHERE (model_name = $3 AND model_version = $4) OR (model_name = $5::VARCHAR AND model_version = $6::INTEGER)
+    GROUP BY ALL
+),
+f AS (
+    SELECT event_id, ts, features FROM features
+    WHERE ($1::TIMESTAMPTZ IS NULL OR ts >= $1) AND ($2::TIMESTAMPTZ IS NULL OR ts < $2)
+    QUALIFY row_number() OVER (PARTITION BY event_id) = 1
 )
 SELECT f.event_id, f.features, t.truth_label, t.truth_value,
        a.label AS a_label, a.value AS a_value, b.label AS b_label, b.value AS b_value
-FROM (SELECT * FROM features WHERE (?::TIMESTAMPTZ IS NULL OR ts >= ?) AND (?::TIMESTAMPTZ IS NULL OR ts < ?)) f
+FROM f
 LEFT JOIN truth t USING (event_id)
-LEFT JOIN logged a ON a.event_id = f.event_id AND a.model_name = ? AND a.model_version = ?
-LEFT JOIN logged b ON b.event_id = f.event_id AND b.model_name = ?::VARCHAR AND b.model_version = ?::INTEGER
-QUALIFY row_number() OVER (PARTITION BY f.event_id) = 1
+LEFT JOIN logged a ON a.event_id = f.event_id AND a.model_name = $3 AND a.model_version = $4
+LEFT JOIN logged b ON b.event_id = f.event_id AND b.model_name = $5::VARCHAR AND b.model_version = $6::INTEGER
 ORDER BY f.ts, f.event_id
 """
 
@@ -107,23 +120,26 @@ def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tupl
     other = against or (None, None)
     con = connect(store, pipeline)
     window = [since, since, until, until]
-    total = con.execute("SELECT count(*) FROM features WHERE (?::TIMESTAMPTZ IS NULL OR ts >= ?) "
+    total = con.execute("SELECT count(DISTINCT event_id) FROM features WHERE (?::TIMESTAMPTZ IS NULL OR ts >= ?) "
                         "AND (?::TIMESTAMPTZ IS NULL OR ts < ?)", window).fetchall()[0][0]
     started = time.perf_counter()
-    reader = con.sql(_ROWS_SQL, params=[*window, model[0], model[1], other[0], other[1]]).to_arrow_reader(BATCH)
+    params = [since, until, model[0], model[1], other[0], other[1]]
+    reader = con.sql(_ROWS_SQL, params=params).to_arrow_reader(BATCH)
     sides = [Side(f"{n}@{v}") for n, v in versions]
     rows = labeled = agree = 0
     classification = spec.label.task == "classification"
     for chunk in reader:
         n = chunk.num_rows
-        features = chunk.column("features").to_pylist()
-        truth = chunk.column("truth_label" if classification else "truth_value").to_pylist()
-        results = [s.score(features) for s in scorers]
+        truth_column = chunk.column("truth_label" if classification else "truth_value")
+        known = pc.is_valid(truth_column).to_numpy(zero_copy_only=False)
+        truth = truth_column.to_numpy(zero_copy_only=False)
+        columns = _feature_columns(chunk.column("features"), scorers)
+        results = [_score(s, chunk.column("features"), columns, n) for s in scorers]
         for side, result, prefix in zip(sides, results, ("a", "b"), strict=False):
-            _compare(side, result, chunk, prefix, truth, classification)
+            _compare(side, result, chunk, prefix, truth, known, classification)
         if len(results) == 2:
             agree += _agreement(results[0], results[1], classification)
-        labeled += sum(t is not None for t in truth)
+        labeled += int(known.sum())
         rows += n
         if progress:
             progress(rows, total)
@@ -133,37 +149,77 @@ def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tupl
                         spec.label.task)
 
 
-def _compare(side: Side, result: Any, chunk: Any, prefix: str, truth: list[Any], classification: bool) -> None:
-    values = np.asarray(result.values, dtype=np.float64) if result.values is not None else None
-    logged_values = chunk.column(f"{prefix}_value").to_numpy(zero_copy_only=False)
-    logged_labels = chunk.column(f"{prefix}_label").to_pylist()
-    present = ~np.isnan(logged_values.astype(np.float64)) if values is not None else \
-        np.array([lab is not None for lab in logged_labels])
-    side.logged += int(present.sum())
+def _feature_columns(features: pa.StructArray, scorers: list[Scorer]) -> dict[str, np.ndarray] | None:
+    """The batch's numeric/bool features as float64 numpy columns (null -> NaN), straight from Arrow.
+
+    Going through float64 is what ``Scorer.feeds`` does with Python values too, so the tensors are
+    bit-identical to the ones the inference service built live; ints use an unchecked cast, like numpy.
+    """
+    wanted = {c for s in scorers if s.single for c in s.columns}
+    if not wanted:
+        return None
+    index = {features.type.field(i).name: i for i in range(features.type.num_fields)}
+    children = features.flatten()  # accounts for the batch's offset and the struct's own validity
+    out = {}
+    for name in wanted & index.keys():
+        child = children[index[name]]
+        if not pa.types.is_floating(child.type):
+            child = child.cast(pa.float64(), safe=False)
+        out[name] = child.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    return out
+
+
+def _score(scorer: Scorer, features: pa.StructArray, columns: dict[str, np.ndarray] | None, n: int) -> ScoreResult:
+    if scorer.single and columns is not None:
+        return scorer.parse(scorer.run(scorer.feeds_columns(columns, n)), n, with_scores=False)
+    # Several inputs (string tensors, per-feature shapes): the record path the service uses.
+    return scorer.parse(scorer.run(scorer.feeds(features.to_pylist())), n, with_scores=False)
+
+
+def _labels(result: ScoreResult) -> np.ndarray:
+    return np.asarray(result.labels, dtype=object)
+
+
+def _compare(side: Side, result: ScoreResult, chunk: pa.RecordBatch, prefix: str, truth: np.ndarray,
+             known: np.ndarray, classification: bool) -> None:
+    values = result.raw_scores if result.values is not None else None
+    value_column = chunk.column(f"{prefix}_value")
+    label_column = chunk.column(f"{prefix}_label")
+    logged_labels = label_column.to_numpy(zero_copy_only=False)
     if values is not None:
-        diff = np.abs(values[present] - logged_values[present].astype(np.float64))
+        logged_values = value_column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        present = ~np.isnan(logged_values)
+    else:
+        present = pc.is_valid(label_column).to_numpy(zero_copy_only=False)
+    side.logged += int(present.sum())
+    labels = _labels(result) if result.labels is not None else None
+    if values is not None:
+        diff = np.abs(values[present] - logged_values[present])
         same = diff == 0.0
-        if result.labels is not None:
-            same &= np.array([a == b for a, b, p in zip(result.labels, logged_labels, present, strict=True) if p],
-                             dtype=bool)
+        if labels is not None:
+            same &= labels[present] == logged_labels[present]
         side.reproduced += int(same.sum())
         if diff.size:
             side.max_abs_diff = max(side.max_abs_diff, float(diff.max()))
     else:
-        side.reproduced += sum(a == b for a, b, p in zip(result.labels, logged_labels, present, strict=True) if p)
+        assert labels is not None
+        side.reproduced += int((labels[present] == logged_labels[present]).sum())
     if result.labels is not None:
-        for label in result.labels:
-            side.distribution[label] = side.distribution.get(label, 0) + 1
-    for i, t in enumerate(truth):
-        if t is None:
-            continue
-        if classification:
-            side.correct += int(result.labels[i] == t)
-        else:
-            side.abs_error += abs(float(values[i]) - float(t))  # type: ignore[index]
+        for label, count in Counter(result.labels).items():  # first-seen order, like the per-event loop
+            side.distribution[label] = side.distribution.get(label, 0) + count
+    if not known.any():
+        return
+    if classification:
+        assert labels is not None
+        side.correct += int((labels[known] == truth[known]).sum())
+    else:
+        assert values is not None
+        errors = np.abs(values[known] - truth[known].astype(np.float64)).tolist()
+        # Left to right, one event at a time, so the MAE is the same float whatever the batch size.
+        side.abs_error = functools.reduce(operator.add, errors, side.abs_error)
 
 
-def _agreement(a: Any, b: Any, classification: bool) -> int:
+def _agreement(a: ScoreResult, b: ScoreResult, classification: bool) -> int:
     if classification and a.labels is not None and b.labels is not None:
-        return sum(x == y for x, y in zip(a.labels, b.labels, strict=True))
+        return int((_labels(a) == _labels(b)).sum())
     return int(np.sum(np.abs(np.asarray(a.values) - np.asarray(b.values)) <= 1e-9))

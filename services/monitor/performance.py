@@ -50,7 +50,9 @@ VariantKey = tuple[str, int, str]
 
 
 #: Labels in the "recent" error rate compared with the baseline.
-RECENT = 100
+RECENT = 200
+#: How many standard errors above the baseline the recent error rate must be (classification).
+Z_MIN = 3.0
 
 
 @dataclass
@@ -200,6 +202,11 @@ class PerformanceTracker:
         now = float(np.mean(tail))
         if self.regression:
             return now / base - 1.0 if base > 0 else float("inf") if now > 0 else 0.0
+        # A few errors in a row are chance for a good model: the rise must also be significant
+        # (binomial standard error of the recent rate, with the baseline floored at one error per window).
+        p = max(base, 1.0 / self.window)
+        if (now - base) < Z_MIN * (p * (1 - p) / len(tail)) ** 0.5:
+            return 0.0
         return now - base
 
     def recent_alarm(self, key: VariantKey, detector: str) -> bool:

@@ -91,9 +91,15 @@ def test_dockerfile_copies_what_exists() -> None:
 
 def test_dashboard_metrics_exist_in_the_code() -> None:
     source = "\n".join(p.read_text() for d in ("loopline", "services") for p in (REPO / d).rglob("*.py"))
-    for path in (INFRA / "grafana" / "dashboards").glob("*.json"):
-        exprs = [t["expr"] for panel in json.loads(path.read_text())["panels"] for t in panel.get("targets", [])]
+    dashboards = sorted((INFRA / "grafana" / "dashboards").glob("*.json"))
+    assert dashboards, "infra/grafana/dashboards holds no dashboard"
+    for path in dashboards:
+        dashboard = json.loads(path.read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
         assert exprs, f"{path.name} has no queries"
+        # Variables and annotations query Prometheus too: a renamed metric must not silently empty them.
+        exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
+        exprs += [v.get("definition", "") for v in dashboard.get("templating", {}).get("list", [])]
         for expr in exprs:
             for metric in re.findall(r"\bloopline_[a-z0-9_]+", expr):
                 base = re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
