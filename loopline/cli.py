@@ -186,14 +186,18 @@ def down() -> None:
 
 
 @main.command()
-@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
-              default=Path("examples/fraud.yaml"), show_default=True, help="Pipeline spec to apply.")
-@click.option("--keep", is_flag=True, help="Keep the broker running until Ctrl-C at the end.")
-def demo(pipeline_file: Path, keep: bool) -> None:
-    """Start the embedded broker, apply an example pipeline and show that it is ready."""
-    from loopline.demo import run_demo
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=Path("examples/sea.yaml"), show_default=True, help="The SEA pipeline spec to stream.")
+@click.option("--rate", type=float, default=100.0, show_default=True, help="Events per second.")
+@click.option("--before", type=click.IntRange(500), default=1500, show_default=True,
+              help="Events before the concept drifts.")
+@click.option("--after", type=click.IntRange(500), default=3500, show_default=True, help="Events after it.")
+@click.option("--keep", is_flag=True, help="Keep the services and broker running at the end until Ctrl-C.")
+def demo(pipeline_file: Path, rate: float, before: int, after: int, keep: bool) -> None:
+    """The whole loop on the embedded broker: drift, alert, retraining, promotion, lineage."""
+    from loopline.demo import Plan, run_demo
 
-    run_demo(_settings(), pipeline_file, keep, console)
+    run_demo(_settings(), pipeline_file, keep, console, Plan(before=before, after=after, rate=rate))
 
 
 def _registry_state(kafka: Any) -> Any:

@@ -65,6 +65,7 @@ class Health:
         self._last_beat = time.monotonic()
         self._ready = False
         self._reason = "starting"
+        self._assigned: bool | None = None  # None: readiness does not wait for a group assignment
 
     def beat(self) -> None:
         """Record that the main loop is making progress."""
@@ -74,6 +75,14 @@ class Health:
         """Mark the service ready (or not, and why)."""
         with self._lock:
             self._ready, self._reason = ready, reason or ("ready" if ready else "not ready")
+
+    def expect_assignment(self) -> None:
+        """From now on, readiness also waits until the consumer group assigned this member."""
+        self._assigned = False
+
+    def assigned(self, *_: object) -> None:
+        """Record the group's assignment; usable directly as a consumer ``on_assign`` callback."""
+        self._assigned = True
 
     def live(self) -> tuple[bool, str]:
         """Whether the loop beat recently enough, and a reason."""
@@ -87,6 +96,8 @@ class Health:
         alive, why = self.live()
         if not alive:
             return False, why
+        if self._assigned is False:
+            return False, "joining the consumer group"
         with self._lock:
             return self._ready, self._reason
 

@@ -62,17 +62,22 @@ class ServiceProcess:
         """Whether the process runs."""
         return self.process is not None and self.process.poll() is None
 
-    def health(self, path: str = "/readyz") -> str:
-        """``ok``, the reason it is not ready, or ``down``."""
+    def readiness(self) -> tuple[bool, str]:
+        """Whether ``/readyz`` answers 200, and its reason (``down`` or ``starting`` when it cannot say)."""
         if not self.alive():
-            return "down"
+            return False, "down"
         try:
-            with urllib.request.urlopen(self.metrics + path, timeout=1) as r:
-                return str(json.loads(r.read()).get("status", "ok"))
+            with urllib.request.urlopen(self.metrics + "/readyz", timeout=1) as r:
+                return True, str(json.loads(r.read()).get("reason", "ready"))
         except urllib.error.HTTPError as e:
-            return str(json.loads(e.read() or b"{}").get("reason", f"HTTP {e.code}"))
+            return False, str(json.loads(e.read() or b"{}").get("reason", f"HTTP {e.code}"))
         except (OSError, ValueError):
-            return "starting"
+            return False, "starting"
+
+    def health(self) -> str:
+        """``ok``, or why the service is not ready."""
+        ready, reason = self.readiness()
+        return "ok" if ready else reason
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``."""

@@ -136,7 +136,8 @@ class InferenceService:
                                for p, plan in self.plans.items() for v in [*plan.served, *plan.shadows]})
         wanted = {self.reader.state.specs[p].topics.features for p in self.plans}
         if wanted != self._subscribed:
-            self.consumer.subscribe(sorted(wanted))
+            self.health.expect_assignment()
+            self.consumer.subscribe(sorted(wanted), on_assign=self.health.assigned)
             self._subscribed = wanted
             log.info("subscribed", extra={"topics": sorted(wanted)})
             self.health.set_ready(True, f"serving {sorted(self.plans)}")

@@ -145,7 +145,8 @@ class IngestService:
                                                    "change": "new" if current is None else "updated"})
         topics = sorted(self.pipelines)
         if topics and topics != self._subscribed and self._consumer is not None:
-            self._consumer.subscribe(topics)
+            self.health.expect_assignment()
+            self._consumer.subscribe(topics, on_assign=self.health.assigned)
             self._subscribed = topics
             self.metrics.pipelines.set(len(topics))
             log.info("subscribed", extra={"topics": topics, "group_id": self.group_id})

@@ -71,7 +71,8 @@ class LineageService:
             self._topics = wanted
             self._codecs.clear()
             if wanted:
-                self.consumer.subscribe(wanted, on_revoke=self._on_revoke)
+                self.rt.health.expect_assignment()
+                self.consumer.subscribe(wanted, on_assign=self.rt.health.assigned, on_revoke=self._on_revoke)
                 log.info("lineage_subscribed", extra={"topics": wanted})
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:

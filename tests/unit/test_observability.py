@@ -41,6 +41,16 @@ def test_metrics_health_and_readiness() -> None:
         server.stop()
 
 
+def test_readiness_waits_for_the_group_assignment() -> None:
+    health = Health()
+    health.set_ready(True, "serving")
+    assert health.ready() == (True, "serving")
+    health.expect_assignment()
+    assert health.ready() == (False, "joining the consumer group")
+    health.assigned(object(), [])  # the on_assign callback, even with no partitions for this member
+    assert health.ready() == (True, "serving")
+
+
 def test_json_log_line_carries_extras() -> None:
     record = logging.LogRecord("svc", logging.INFO, __file__, 1, "batch_done", None, None)
     record.pipeline = "fraud"

@@ -1,0 +1,36 @@
+"""The README's main job, end to end: `loopline demo` on its own embedded broker and five processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sea.yaml"
+
+
+def test_demo_detects_the_drift_retrains_and_promotes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
+    env.update(LOOPLINE_HOME=str(tmp_path / "home"), COLUMNS="200")
+    result = subprocess.run(
+        [sys.executable, "-m", "loopline.cli", "demo", "--pipeline", str(EXAMPLE), "--rate", "150",
+         "--before", "1500", "--after", "3000"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert re.search(r"served predictions in the lineage store\s*│ 4500 ", out), out[-3000:]
+    alert = re.search(r"first alert \(seen while producing\)\s*│ event (\d+)", out)
+    assert alert and 1500 < int(alert.group(1)) < 2500, out[-3000:]  # after the drift, not before it
+    promoted = re.search(r"promoted\s*│ sea@(\d+)", out)
+    assert promoted, out[-3000:]
+    served = float(re.search(r"accuracy after the promotion \(served\)\s*│ ([0-9.]+)", out).group(1))
+    frozen = float(re.search(r"the frozen first model on those same events\s*│ ([0-9.]+)", out).group(1))
+    assert served > frozen + 0.05, (served, frozen)
+    # The lineage store outlives the demo and answers queries.
+    query = subprocess.run([sys.executable, "-m", "loopline.cli", "lineage", "query", "sea", "--format", "json"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert query.returncode == 0 and '"served": 4500' in query.stdout, query.stderr
