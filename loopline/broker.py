@@ -51,14 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (use as ``preexec_fn``)."""
     # Runs in the child before exec: the kernel sends SIGTERM to the broker if we die,
     # even by SIGKILL, so a crashed `loopline` never leaves an orphan broker behind.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +147,7 @@ class EmbeddedBroker:
             out = self._log_file
         else:
             out = subprocess.DEVNULL
-        common = {"stdin": subprocess.DEVNULL, "stdout": out, "stderr": out, "preexec_fn": _die_with_parent}
+        common = {"stdin": subprocess.DEVNULL, "stdout": out, "stderr": out, "preexec_fn": die_with_parent}
         self._process = subprocess.Popen(
             [binary, "broker", "--listener-url", f"tcp://{self.host}:{internal}",
              "--advertised-listener-url", public_url, "--storage-engine", "memory://tansu/",
@@ -234,7 +236,7 @@ def read_state(home: Path, check_alive: bool = True) -> dict[str, object] | None
         state = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if check_alive and not _pid_alive(int(state.get("pid", 0))):
+    if check_alive and not pid_alive(int(state.get("pid", 0))):
         return None
     return state  # type: ignore[no-any-return]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from loopline.broker import EmbeddedBroker, _die_with_parent, _pid_alive, free_port, read_state, resolve_broker
+from loopline.broker import EmbeddedBroker, die_with_parent, free_port, pid_alive, read_state, resolve_broker
 from loopline.errors import LooplineError
 from loopline.kafka import StopFlag
 from loopline.service import SERVICES
@@ -55,7 +55,7 @@ class ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loopline.cli", "run", self.name], env=self.env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=self._log, preexec_fn=_die_with_parent)
+            stdout=self._log, stderr=self._log, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -183,7 +183,7 @@ def read_up(home: Path) -> dict[str, object] | None:
         state = json.loads((home / UP_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return state if _pid_alive(int(state.get("pid", 0))) else None  # type: ignore[no-any-return]
+    return state if pid_alive(int(state.get("pid", 0))) else None  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -205,7 +205,7 @@ def down(settings: LooplineSettings, timeout_s: float = 60.0) -> int:
     pid = int(state["pid"])  # type: ignore[arg-type]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise LooplineError(f"`loopline up` (pid {pid}) did not stop within {timeout_s:.0f}s")
         time.sleep(0.2)

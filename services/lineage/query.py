@@ -45,22 +45,36 @@ def parse_model(text: str) -> tuple[str, int | None]:
     return name, int(version) if version else None
 
 
+# What makes a row unique in each view. The store never holds one offset twice, but a service that
+# crashed after producing and before committing re-produces its batch at new offsets: ingest the same
+# event (same event_id), inference the same prediction (same deterministic prediction_id). Readers
+# see each once; the copy at the lowest offset stays. Feedback is produced by clients, not by a
+# retrying service, so its offset identifies it.
+_IDENTITY = {"features": "event_id", "predictions": "prediction_id", "feedback": "_topic, _partition, _offset"}
+
+
 def connect(store: LineageStore, pipeline: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with views ``features``, ``predictions``, ``feedback`` (deduplicated)."""
+    """A DuckDB connection with views ``features``, ``predictions``, ``feedback`` (deduplicated).
+
+    ``<table>_stored`` views hold every stored row, retried copies included (their offsets matter
+    when asking which models trained on an event).
+    """
     con = duckdb.connect()
     for table in TABLES:
         files = [str(p) for p in store.files(pipeline, table)]
         if files:
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listing}], union_by_name=true) "
-                        "QUALIFY row_number() OVER (PARTITION BY _topic, _partition, _offset) = 1")
+            con.execute(f"CREATE VIEW {table}_stored AS "
+                        f"SELECT * FROM read_parquet([{listing}], union_by_name=true)")
         else:
             schema = rows.PREDICTIONS if table == "predictions" else rows.FEEDBACK if table == "feedback" else None
             if schema is None:  # no features stored: an empty table with the fixed columns
                 schema = pa.schema([f for f in rows.FEEDBACK if f.name.startswith("_")]
                                    + [("event_id", pa.string()), ("key", pa.string())])
             con.register(f"_{table}_empty", schema.empty_table())
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
+            con.execute(f"CREATE VIEW {table}_stored AS SELECT * FROM _{table}_empty")
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_stored QUALIFY row_number() OVER "
+                    f"(PARTITION BY {_IDENTITY[table]} ORDER BY _topic, _partition, _offset) = 1")
     return con
 
 
@@ -136,7 +150,9 @@ def trace(store: LineageStore, state: RegistryState, event_id: str) -> dict[str,
         ids = [p["prediction_id"] for p in predictions]
         feedback = _records(con, "SELECT * FROM feedback WHERE event_id = ? OR list_contains(?, prediction_id) "
                                  "ORDER BY ts", [event_id, ids])
-        hits = [(f["_topic"], f["_partition"], f["_offset"]) for f in features + feedback]
+        copies = con.execute("SELECT _topic, _partition, _offset FROM features_stored WHERE event_id = ?",
+                             [event_id]).fetchall()
+        hits = [tuple(c) for c in copies] + [(f["_topic"], f["_partition"], f["_offset"]) for f in feedback]
         return {"pipeline": pipeline, "event_id": event_id, "features": features, "predictions": predictions,
                 "feedback": feedback, "trained_on": _trained_on(state, pipeline, hits)}
     raise LooplineError(f"event {event_id!r} is not in the lineage store at {store.root}")
@@ -161,7 +177,7 @@ def forget(store: LineageStore, state: RegistryState, pipeline: str, key: str) -
     predictions = [r[0] for r in con.execute(
         "SELECT DISTINCT prediction_id FROM predictions WHERE key = ?", [key]).fetchall()]
     hits = [tuple(r) for r in con.execute(
-        "SELECT _topic, _partition, _offset FROM features WHERE key = ? UNION ALL "
+        "SELECT _topic, _partition, _offset FROM features_stored WHERE key = ? UNION ALL "
         "SELECT _topic, _partition, _offset FROM feedback WHERE list_contains(?, event_id) "
         "OR list_contains(?, prediction_id)", [key, events, predictions]).fetchall()]
     con.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loopline.broker import _pid_alive
+from loopline.broker import pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_up_restarts_a_killed_service_and_down_stops_everything(tmp_path: Path) 
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: json.loads(state_file.read_text())["services"]["lineage"]["pid"] != first)
         second = json.loads(state_file.read_text())["services"]["lineage"]["pid"]
-        assert _pid_alive(second)
+        assert pid_alive(second)
 
         down = subprocess.run([sys.executable, "-m", "loopline.cli", "down"], env=env, capture_output=True,
                               text=True, timeout=90)
@@ -60,5 +60,5 @@ def test_up_restarts_a_killed_service_and_down_stops_everything(tmp_path: Path) 
     finally:
         up.kill()
         up.wait()
-    assert not _pid_alive(second) and not _pid_alive(broker)
+    assert not pid_alive(second) and not pid_alive(broker)
     assert not state_file.exists() and not (tmp_path / "broker.json").exists()
