@@ -85,7 +85,7 @@ def events(spec: PipelineSpec, n: int, start: int) -> list[tuple[bytes, bytes]]:
 # ---- the raw loop (runs in its own process) ---------------------------------------------------
 def raw_loop(bootstrap: str, home: str, pipeline: str, model_path: str) -> None:
     """Minimal batched consume -> decode -> ORT -> encode -> produce -> flush -> store offsets."""
-    from loopline.services.inference.scorer import session_options
+    from loopline.scoring import session_options
     import onnxruntime as ort
 
     stop = StopFlag()
@@ -184,7 +184,7 @@ def paced(kafka: KafkaConfig, topic: str, make, rate: int, seconds: float) -> in
     per_tick = max(1, rate // 100)
     sent = 0
     t0 = time.monotonic()
-    while (elapsed := time.monotonic() - t0) < seconds:
+    while time.monotonic() - t0 < seconds:
         for k, v in make(sent, per_tick):
             p.produce(topic, v, key=k)
         sent += per_tick

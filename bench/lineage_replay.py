@@ -30,7 +30,7 @@ import numpy as np
 from loopline.artifacts import ArtifactStore
 from loopline.models import validate_model
 from loopline.registry import RegistryState, spec_event
-from loopline.services.inference.scorer import Scorer
+from loopline.scoring import Scorer
 from loopline.services.inference.service import prediction_id
 from loopline.services.lineage import replay as replay_mod
 from loopline.services.lineage import rows as lineage_rows

@@ -274,7 +274,7 @@ def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int,
 def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
              events: list[tuple[dict[str, float], str]], first: dict[str, Any], watcher: Watcher,
              onnx_model: bytes, produced: int, console: Console) -> None:
-    from loopline.services.inference.scorer import Scorer
+    from loopline.scoring import Scorer
     from loopline.services.lineage.query import connect
     from loopline.services.lineage.store import LineageStore
 

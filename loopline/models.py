@@ -1,7 +1,7 @@
 """Model versions in the registry: validate and register, list, promote, roll back, stage history.
 
 A version is accepted only after its artifact loads in ONNX Runtime, fits the pipeline's input
-contract (see ``loopline.services.inference.scorer``) and scores a test batch from the reference
+contract (see ``loopline.scoring``) and scores a test batch from the reference
 data without error or NaN. Every stage change is its own registry event with a unique key, so
 "which version served at time T" is answered by replaying the history (:func:`serving_at`).
 
@@ -149,7 +149,7 @@ def library_versions(model: bytes | None = None) -> dict[str, str]:
 def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None,
                    label: str = "model") -> Validated:
     """Load ``model`` in ONNX Runtime, check its contract, score a test batch; raise if anything fails."""
-    from loopline.services.inference.scorer import Scorer, synthetic_batch  # noqa: PLC0415
+    from loopline.scoring import Scorer, synthetic_batch  # noqa: PLC0415
 
     fills = fill_values(spec, reference)
     scorer = Scorer(model, spec, fills, label=label)

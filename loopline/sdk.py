@@ -23,7 +23,7 @@ from loopline import avro, feedback
 from loopline.errors import LooplineError
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.registry import RegistryReader
-from loopline.services.ingest.validate import Rejection, Validator
+from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec
 

@@ -21,7 +21,7 @@ from loopline.artifacts import read_artifact
 from loopline.errors import LooplineError
 from loopline.models import TRAFFIC_STAGES, champion, versions_of
 from loopline.registry import RegistryState
-from loopline.services.inference.scorer import Scorer, synthetic_batch
+from loopline.scoring import Scorer, synthetic_batch
 from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)

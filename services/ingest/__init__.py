@@ -2,6 +2,6 @@
 
 from .service import IngestService, derived_event_id
 from .settings import IngestSettings
-from .validate import Accepted, Rejection, Validator
+from loopline.validation import Accepted, Rejection, Validator
 
 __all__ = ["Accepted", "IngestService", "IngestSettings", "Rejection", "Validator", "derived_event_id"]

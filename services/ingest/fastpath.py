@@ -1,10 +1,9 @@
-"""The hot path of ingest, specialised per pipeline spec: a fast accept check and an Avro encoder.
+"""The hot path of ingest, specialised per pipeline spec: an Avro encoder for feature events.
 
-Both are generated once per spec as straight-line Python (no per-feature loop, no generic
-schema walk), which is what keeps ingest close to the raw consume->produce rate. They are
-only fast paths: a message the fast check does not accept goes through the full
-:class:`~loopline.services.ingest.validate.Validator`, which decides and explains; the encoder
-writes exactly the bytes ``avro.Codec(spec.features_schema()).encode`` writes (tests compare them).
+Generated once per spec as straight-line Python (no per-feature loop, no generic schema walk),
+which is what keeps ingest close to the raw consume->produce rate. It writes exactly the bytes
+``avro.Codec(spec.features_schema()).encode`` writes (tests compare them). Its twin, the fast
+accept check, lives with the validator in :mod:`loopline.validation_fastpath`.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from typing import Any
 from loopline import avro
 from loopline.spec import PipelineSpec
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_TS_MAX = 253_402_300_799_999
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
 _LOW = [bytes([(n & 0x7F) | 0x80, (n >> 7) | 0x80]) for n in range(1 << 14)]
@@ -55,63 +52,6 @@ def fast_uuid5(namespace: bytes, name: str) -> str:
     """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects."""
     x = _sha1(namespace + name.encode()).hexdigest()
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
-
-
-def _check_source(spec: PipelineSpec) -> tuple[str, dict[str, Any]]:
-    """Source of ``fast_accept(doc) -> bool``: True only if the full validator would accept unchanged."""
-    env: dict[str, Any] = {"_names": frozenset(f.name for f in spec.features),
-                           "_top": frozenset(("event_id", "key", "ts", "features")), "_INT64_MIN": _INT64_MIN,
-                           "_INT64_MAX": _INT64_MAX, "_TS_MAX": _TS_MAX}
-    lines = [
-        "def fast_accept(d):",
-        "    g = d.get",
-        "    v = g('event_id')",
-        "    if v is not None and (type(v) is not str or not v): return False",
-        "    v = g('key')",
-        "    if v is not None and type(v) is not str: return False",
-        "    v = g('ts')",
-        # ISO strings take the full path (they need parsing); ints are checked here.
-        "    if v is not None and (type(v) is not int or not 0 <= v <= _TS_MAX): return False",
-        "    f = g('features')",
-        "    if type(f) is not dict: return False",
-        "    g = f.get",
-    ]
-    for i, feat in enumerate(spec.features):
-        cond: list[str] = []
-        if feat.type == "float":
-            cond.append("(type(v) is not float and type(v) is not int)")
-            if feat.min is None or feat.max is None:
-                cond.append("v - v != 0")  # NaN and +-inf
-        elif feat.type == "int":
-            cond.append("type(v) is not int")
-            if feat.min is None or feat.max is None or feat.min < _INT64_MIN or feat.max > _INT64_MAX:
-                cond.append("not _INT64_MIN <= v <= _INT64_MAX")
-        elif feat.type == "string":
-            cond.append("type(v) is not str")
-            if feat.values is not None:
-                env[f"_allowed{i}"] = frozenset(feat.values)
-                cond.append(f"v not in _allowed{i}")
-        else:
-            cond.append("type(v) is not bool")
-        if feat.min is not None:
-            cond.append(f"not v >= {float(feat.min)!r}")
-        if feat.max is not None:
-            cond.append(f"not v <= {float(feat.max)!r}")
-        lines.append(f"    v = g({feat.name!r})")
-        test = " or ".join(cond)
-        if feat.required:
-            lines.append(f"    if v is None or {test}: return False")
-        else:
-            lines.append(f"    if v is not None and ({test}): return False")
-    lines.append("    return _names.issuperset(f) and _top.issuperset(d)")
-    return "\n".join(lines), env
-
-
-def compile_fast_accept(spec: PipelineSpec) -> Callable[[dict[str, Any]], bool]:
-    """The generated fast accept check of ``spec``."""
-    source, env = _check_source(spec)
-    exec(compile(source, f"<fast_accept {spec.name}>", "exec"), env)  # noqa: S102 - source built above
-    return env["fast_accept"]  # type: ignore[no-any-return]
 
 
 def _encoder_source(spec: PipelineSpec) -> tuple[str, dict[str, Any]]:

@@ -31,7 +31,7 @@ from loopline.topics import PipelineTopics, pipeline_of
 
 from .fastpath import FeaturesEncoder, fast_uuid5, long_bytes
 from .settings import IngestSettings
-from .validate import Accepted, Rejection, Validator
+from loopline.validation import Accepted, Rejection, Validator
 
 log = logging.getLogger("loopline.ingest")
 

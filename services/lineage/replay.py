@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from loopline.artifacts import read_artifact
 from loopline.errors import LooplineError
 from loopline.registry import RegistryState
-from loopline.services.inference.scorer import Scorer, ScoreResult
+from loopline.scoring import Scorer, ScoreResult
 from loopline.services.lineage.query import connect
 from loopline.services.lineage.store import LineageStore
 

@@ -1,7 +1,7 @@
 """Export a trainer learner to ONNX under the inference service's model contract.
 
 One input ``input`` of shape ``[N, k]`` (double) holding the learner's features in spec order
-(see ``loopline.services.inference.scorer``). Classifiers output ``label`` (string ``[N]``) and
+(see ``loopline.scoring``). Classifiers output ``label`` (string ``[N]``) and
 ``probabilities`` (double ``[N, C]``, columns in the spec's class order); regressors output
 ``variable`` (double ``[N, 1]``). Linear models are exact: standard scaling, one MatMul, then
 sigmoid (binary), normalised one-vs-rest sigmoids (multiclass) or identity (regression). Double

@@ -26,7 +26,7 @@ from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
 from loopline.models import ModelRegistry, champion, fill_values
 from loopline.observability import Health
 from loopline.registry import RegistryReader, now_ms
-from loopline.services.inference.scorer import Scorer
+from loopline.scoring import Scorer
 from loopline.services.trainer import checkpoint
 from loopline.services.trainer.data import Holdout, Ranges
 from loopline.services.trainer.export import library_versions, to_onnx

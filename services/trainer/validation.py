@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from loopline.services.inference.scorer import Scorer
+from loopline.scoring import Scorer
 from loopline.services.trainer.data import Ranges
 from loopline.services.trainer.join import Example
 from loopline.spec import PipelineSpec

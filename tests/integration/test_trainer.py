@@ -360,7 +360,7 @@ def test_concept_drift_is_learned_promoted_and_served_better(kafka: KafkaConfig,
                                                              record_property: Callable[[str, Any], None]) -> None:
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition  # noqa: PLC0415
 
-    from loopline.services.inference.scorer import Scorer  # noqa: PLC0415
+    from loopline.scoring import Scorer  # noqa: PLC0415
     from loopline.services.trainer.export import to_onnx  # noqa: PLC0415
     from loopline.services.trainer.learner import Learner  # noqa: PLC0415
 

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 from skl2onnx import to_onnx
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from loopline.services.inference.scorer import ModelError, Scorer, synthetic_batch
+from loopline.scoring import ModelError, Scorer, synthetic_batch
 from loopline.spec import parse_spec
 
 SPEC = parse_spec({"name": "unit", "features": [

@@ -12,14 +12,10 @@ import orjson
 import pytest
 
 from loopline import avro
-from loopline.services.ingest.fastpath import (
-    FeaturesEncoder,
-    compile_fast_accept,
-    fast_uuid5,
-    long_bytes,
-)
-from loopline.services.ingest.validate import Accepted, Rejection, Validator, parse_ts
+from loopline.services.ingest.fastpath import FeaturesEncoder, fast_uuid5, long_bytes
 from loopline.spec import PipelineSpec, load_spec
+from loopline.validation import Accepted, Rejection, Validator, parse_ts
+from loopline.validation_fastpath import compile_fast_accept
 
 REPO = Path(__file__).resolve().parents[2]
 

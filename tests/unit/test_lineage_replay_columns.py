@@ -8,7 +8,7 @@ import pytest
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
-from loopline.services.inference.scorer import Scorer
+from loopline.scoring import Scorer
 from loopline.services.lineage import rows
 from loopline.services.lineage.replay import _feature_columns
 from loopline.spec import parse_spec

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from loopline.models import validate_model
-from loopline.services.inference.scorer import Scorer
+from loopline.scoring import Scorer
 from loopline.services.trainer.export import to_onnx
 from loopline.services.trainer.learner import Learner
 from loopline.spec import PipelineSpec, parse_spec

@@ -21,7 +21,7 @@ from loopline import avro
 from loopline.errors import SchemaError
 from loopline.spec import PipelineSpec
 
-from .fastpath import compile_fast_accept
+from loopline.validation_fastpath import compile_fast_accept
 
 #: Top-level fields of a raw JSON event; anything else is an unknown field.
 TOP_LEVEL = ("event_id", "key", "ts", "features")
