@@ -44,7 +44,7 @@ def sea_spec(name: str, **trainer: Any) -> PipelineSpec:
         "trainer": {"holdout": 20, "label_ttl_s": 3600, "retrain": {"on_drift": False}, **trainer}})
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float = 180.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"{what} not met within {timeout_s:.0f}s"
