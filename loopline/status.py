@@ -60,7 +60,8 @@ def group_lag(kafka: KafkaConfig, group: str, ends: dict[str, dict[int, int]]) -
         probe.close()
     if all(tp.offset < 0 for tp in committed):
         return None
-    return sum(ends[tp.topic][tp.partition] - max(tp.offset, 0) for tp in committed)
+    # max(0, ...): a watermark read a moment before the commit must not show as negative lag.
+    return sum(max(0, ends[tp.topic][tp.partition] - max(tp.offset, 0)) for tp in committed)
 
 
 def open_alerts(kafka: KafkaConfig) -> list[dict[str, Any]]:
