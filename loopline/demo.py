@@ -99,9 +99,16 @@ class Watcher:
         self.registry = RegistryReader(kafka, client_id="loopline-demo-registry")
         self.registry.catch_up()
         self._seen_changes = len(self.registry.state.stage_changes)
+        self.supervisor: Supervisor | None = None
 
     def poll(self, position: int) -> None:
-        """Report what happened since the last poll; ``position`` is the events produced so far."""
+        """Report what happened since the last poll; ``position`` is the events produced so far.
+
+        Also restarts any service that died: the demo survives a service killed at any moment.
+        """
+        if self.supervisor is not None:
+            for name in self.supervisor.supervise_once():
+                self.console.print(f"  [red]restarted[/] {name} at event {position} (it had exited; see its log)")
         for m in self.alerts.consume(100, 0):
             if m.error() is not None:
                 if m.error().code() != KafkaError._PARTITION_EOF:
@@ -205,13 +212,14 @@ def run_demo(settings: LooplineSettings, pipeline_file: Path, keep: bool, consol
         events = list(sea_stream(plan))
         console.print(f"[4/6] streaming {plan.total} SEA events at {plan.rate:.0f}/s; the concept drifts at event "
                       f"{plan.before}; labels come back {LABEL_DELAY} events late")
+        watcher.supervisor = supervisor
         produced = _stream(kafka, spec, plan, events, watcher, stop, console)
         with console.status("[5/6] waiting for the promotion and for lineage to catch up..."):
             deadline = time.monotonic() + 120
             while not stop.is_set() and time.monotonic() < deadline and watcher.promoted(first["version"]) is None:
                 watcher.poll(produced)
                 time.sleep(0.5)
-            lineage_done = _wait_lineage(settings, spec, produced, stop)
+            lineage_done = _wait_lineage(settings, spec, produced, stop, watcher)
         console.print(f"[5/6] lineage store holds {lineage_done} served predictions")
         _summary(settings, spec, plan, events, first, watcher, onnx_model, produced, console)
         if keep:
@@ -254,7 +262,8 @@ def _stream(kafka: KafkaConfig, spec: PipelineSpec, plan: Plan, events: list[tup
     return len(events)
 
 
-def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int, stop: StopFlag) -> int:
+def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int, stop: StopFlag,
+                  watcher: Watcher) -> int:
     from loopline.services.lineage.query import connect
     from loopline.services.lineage.store import LineageStore
 
@@ -267,6 +276,7 @@ def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int,
             con.close()
             if served >= expected:
                 break
+        watcher.poll(expected)
         time.sleep(1.0)
     return int(served)
 
