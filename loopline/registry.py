@@ -123,6 +123,7 @@ class RegistryReader:
         self._consumer.assign([TopicPartition(topics.MODELS, 0, OFFSET_BEGINNING)])
         self._codec = avro.codec("registry")
         self.state = RegistryState()
+        self._position = -1  # last offset read, applied or skipped
 
     def poll(self, timeout_s: float = 0.0, max_messages: int = 1000) -> int:
         """Apply newly arrived events; return how many."""
@@ -133,6 +134,7 @@ class RegistryReader:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("registry_read_error", extra={"error": err.str()})
                 continue
+            self._position = m.offset()
             try:
                 event = self._codec.decode(m.value())
                 self.state.apply(event, m.offset())
@@ -147,12 +149,16 @@ class RegistryReader:
         """Read until the end of the topic as it was when called; return the state."""
         _, high = self._consumer.get_watermark_offsets(TopicPartition(topics.MODELS, 0), timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
-        while self.state.offset + 1 < high:
-            if time.monotonic() > deadline:
-                raise LooplineError(f"registry: read up to offset {self.state.offset} of {high} "
-                                    f"within {timeout_s:.0f}s")
+        # Tansu reports the high watermark as the last batch's base offset + 1, so reaching it is not
+        # the end: read on until a poll brings nothing more (on Kafka that costs one short poll).
+        while True:
+            before = self._position
             self.poll(0.2)
-        return self.state
+            if self._position == before and self._position + 1 >= high:
+                return self.state
+            if time.monotonic() > deadline:
+                raise LooplineError(f"registry: read up to offset {self._position} of {high} "
+                                    f"within {timeout_s:.0f}s")
 
     def close(self) -> None:
         """Close the consumer."""

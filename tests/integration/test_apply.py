@@ -99,3 +99,23 @@ def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "no Kafka broker" in result.stderr and "loopline broker" in result.stderr
+
+
+def test_catch_up_reads_a_whole_last_batch(kafka: KafkaConfig, unique: str) -> None:
+    # Tansu's high watermark is the last batch's base offset + 1: reading up to it alone would miss
+    # the rest of a batch, such as a registration published with its stage changes.
+    from loopline.kafka import AckedProducer
+    from loopline.registry import spec_event
+
+    producer = AckedProducer(kafka.producer("test-batch"))
+    names = [f"{unique}{i}" for i in range(3)]
+    for name in names:
+        key, event = spec_event(parse_spec({"name": name, "features": [{"name": "x", "type": "float"}]}))
+        producer.send("loopline.models", avro.codec("registry").encode(event), key=key)
+    producer.confirm()
+    reader = RegistryReader(kafka)
+    try:
+        state = reader.catch_up()
+    finally:
+        reader.close()
+    assert set(names) <= set(state.specs)
