@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -106,10 +107,11 @@ class FeedbackSender(_Client):
 
 
 class PredictionReader:
-    """Iterates a pipeline's predictions as dicts, in a consumer group (offsets stored after each is yielded)."""
+    """Iterates a pipeline's predictions as dicts, in a consumer group, each prediction_id once."""
 
     def __init__(self, pipeline: str, group_id: str, *, served_only: bool = True,
-                 settings: LooplineSettings | None = None, poll_timeout_s: float = 1.0) -> None:
+                 settings: LooplineSettings | None = None, poll_timeout_s: float = 1.0,
+                 seen_max: int = 100_000) -> None:
         self.kafka = KafkaConfig.from_settings(settings or LooplineSettings())
         self.spec = load_spec(self.kafka, pipeline)
         self.served_only = served_only
@@ -118,6 +120,10 @@ class PredictionReader:
         self._consumer = self.kafka.consumer(f"loopline-sdk-{pipeline}", group_id)
         self._consumer.subscribe([self.spec.topics.predictions])
         self._handed_out: list[Any] = []
+        # A service retrying a batch after a crash re-produces its predictions with the same
+        # prediction_id; a reader should see each once. Bounded: the retry window is short.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_max = seen_max
 
     def poll(self, max_messages: int = 500) -> list[dict[str, Any]]:
         """The predictions that arrived within the poll timeout (possibly none).
@@ -136,9 +142,14 @@ class PredictionReader:
                     raise LooplineError(f"reading {self.spec.topics.predictions}: {err.str()}")
                 continue
             record = self._codec.decode(m.value())
+            self._handed_out.append(m)
+            if record["prediction_id"] in self._seen:
+                continue
+            self._seen[record["prediction_id"]] = None
+            if len(self._seen) > self._seen_max:
+                self._seen.popitem(last=False)
             if record["served"] or not self.served_only:
                 out.append(record)
-            self._handed_out.append(m)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
