@@ -311,7 +311,7 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
     after_promotion = [i for i in after if i in served and promoted and served[i][0] == promoted["version"]]
     first_alert = next(((pos, a) for pos, a in watcher.story.alerts
                         if a["signal"] in ("performance", "drift")), None)
-    table = Table("", "value", title="loopline demo: summary")
+    table = Table("", "value", title="[6/6] loopline demo: summary")
     table.add_row("events produced", f"{produced} (+{produced // plan.bad_every} malformed, dead-lettered)")
     table.add_row("served predictions in the lineage store", str(len(served)))
     table.add_row("latency event -> prediction, p50 / p99", f"{pct(0.5)} / {pct(0.99)}")
