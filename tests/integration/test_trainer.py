@@ -457,7 +457,7 @@ def test_live_trial_promotes_then_probation_rolls_back(kafka: KafkaConfig, uniqu
     from loopline.services.trainer.export import to_onnx  # noqa: PLC0415
     from loopline.services.trainer.learner import Learner  # noqa: PLC0415
 
-    spec = sea_spec(unique, holdout=50, margin=0.05, learning_rate=0.05, min_live_samples=30,
+    spec = sea_spec(unique, holdout=50, margin=0.01, learning_rate=0.05, min_live_samples=30,
                     retrain={"on_drift": False, "every_n_labels": 200})
     apply_spec(kafka, spec)
     # A poor first champion (trained on another concept), registered the way a user would.
@@ -518,7 +518,7 @@ def test_manual_policy_waits_for_a_person(kafka: KafkaConfig, unique: str, tmp_p
     from loopline.services.trainer.export import to_onnx  # noqa: PLC0415
     from loopline.services.trainer.learner import Learner  # noqa: PLC0415
 
-    spec = sea_spec(unique, holdout=50, margin=0.05, learning_rate=0.05, min_live_samples=10,
+    spec = sea_spec(unique, holdout=50, margin=0.01, learning_rate=0.05, min_live_samples=10,
                     retrain={"on_drift": False, "every_n_labels": 200})
     spec = spec.model_copy(update={"deployment": spec.deployment.model_copy(update={"promotion": "manual"})})
     apply_spec(kafka, spec)
