@@ -221,15 +221,7 @@ def stage_history(state: RegistryState, pipeline: str) -> list[dict[str, Any]]:
 
 def serving_at(state: RegistryState, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
     """Which versions held a serving stage at ``at_ms``: (name, version) -> (stage, traffic)."""
-    stages: dict[tuple[str, int], tuple[str, float]] = {}
-    changed = {(c["name"], c["version"]) for c in stage_history(state, pipeline)}
-    for v in versions_of(state, pipeline):
-        if (v["name"], v["version"]) not in changed and v["at"] <= at_ms:
-            stages[(v["name"], v["version"])] = (v["stage"], v["traffic"])
-    for c in stage_history(state, pipeline):
-        if c["at"] <= at_ms:
-            stages[(c["name"], c["version"])] = (c["to_stage"], c["traffic"])
-    return {k: s for k, s in stages.items() if s[0] in SERVING}
+    return {k: s for k, s in state.deployment_at(pipeline, at_ms).items() if s[0] in SERVING}
 
 
 def _check_traffic(state: RegistryState, pipeline: str, name: str, version: int, stage: str,
