@@ -244,7 +244,7 @@ def test_crash_mid_training_learns_every_example_exactly_once(kafka: KafkaConfig
 def test_versions_registered_with_lineage_scorecard_and_rejection(kafka: KafkaConfig, unique: str,
                                                                    tmp_path: Path,
                                                                    running: list[Running]) -> None:
-    spec = sea_spec(unique, holdout=100, margin=0.05, retrain={"on_drift": False, "every_n_labels": 400})
+    spec = sea_spec(unique, holdout=100, margin=0.5, retrain={"on_drift": False, "every_n_labels": 400})
     apply_spec(kafka, spec)
     feed = Feeder(kafka, spec)
     data = sea(800, seed=11)
@@ -266,7 +266,7 @@ def test_versions_registered_with_lineage_scorecard_and_rejection(kafka: KafkaCo
     assert card["candidate"]["n"] == 100 and card["training"]["count"] == 300
     assert first["library_versions"]["trainer.river"] and first["reference_profile_json"]
     assert first["input_features"] == ["x0", "x1", "x2"]
-    # The same concept again: the candidate cannot beat the champion by 0.05 and is recorded as rejected.
+    # The same concept again: the candidate cannot beat the champion by 0.5 and is recorded as rejected.
     feed.feedback([{"feedback_id": f"f{i}", "event_id": f"e{i}", "label": y} for i, (_, y) in
                    enumerate(data[400:], 400)])
     wait_for(lambda: len(versions_of(models.state(), spec.name)) == 2, what="second version recorded")
