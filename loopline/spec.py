@@ -100,6 +100,9 @@ class Monitor(_Strict):
         "version's first window (regression: MAE this much higher, relatively); detectors alone over-react "
         "to a near-perfect model.")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
+    readers: list[str] = Field(default_factory=list, description="Consumer groups whose committed offsets on the "
+                               "predictions topic count as reading them (default: any group except Loopline's "
+                               "own, loopline-*).")
     seed: int = 42
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ from loopline.kafka import AckedProducer, ensure_topics
 from loopline.registry import ALERTS_TOPIC, MODELS_TOPIC, RegistryReader
 from loopline.service import ServiceRuntime
 from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.readers import ReaderOffsets
 from loopline.services.monitor.service import MonitorService, checkpoint_path
 from loopline.services.monitor.settings import MonitorSettings
 from loopline.services.monitor.state import Checkpoint
@@ -16,7 +17,8 @@ def create(rt: ServiceRuntime, settings: MonitorSettings) -> MonitorService:
     ensure_topics(rt.kafka.admin(), [MODELS_TOPIC, ALERTS_TOPIC], settings.replication_factor)
     producer = AckedProducer(rt.kafka.producer("loopline-monitor"))
     return MonitorService(settings, MonitorMetrics(rt.registry), producer,
-                          Checkpoint(checkpoint_path(settings, rt.group_id)))
+                          Checkpoint(checkpoint_path(settings, rt.group_id)),
+                          readers=ReaderOffsets(rt.kafka.admin("loopline-monitor"), rt.group_id))
 
 
 def serve(rt: ServiceRuntime, service: MonitorService) -> None:

@@ -32,7 +32,11 @@ class MonitorMetrics:
                              ["pipeline", "model", "version", "variant"], registry=registry)
         self.idle = Gauge("loopline_monitor_model_idle_seconds", "Seconds since a deployed version's last prediction",
                           ["pipeline", "model", "version", "stage"], registry=registry)
-        self.zombie = Gauge("loopline_monitor_zombie", "1 if a deployed version has had no traffic too long",
+        self.unread = Gauge("loopline_monitor_model_unread_seconds",
+                            "Age of a deployed version's oldest prediction no reader group has consumed",
+                            ["pipeline", "model", "version", "stage"], registry=registry)
+        self.zombie = Gauge("loopline_monitor_zombie", "1 if a deployed version has had no traffic or no readers "
+                            "too long",
                             ["pipeline", "model", "version", "stage"], registry=registry)
         self.checkpoint_bytes = Gauge("loopline_monitor_checkpoint_bytes", "Size of the last checkpoint",
                                       registry=registry)

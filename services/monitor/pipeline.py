@@ -147,7 +147,7 @@ class PipelineMonitor:
             records = [batch.records[i] for i in idx]
             sub = Batch(records, [batch.offsets[i] for i in idx], [batch.partitions[i] for i in idx], batch.topic)
             # Traffic is when the monitor saw it: immune to clock skew between hosts and to backlogs.
-            self.zombies.traffic(key[0], key[1], now_s or at / 1000)
+            self.zombies.traffic(key[0], key[1], now_s or at / 1000, _spans(sub))
             for name, watch in self._outputs_of(key).items():
                 finding = watch.update([_output(r, name) for r in records])
                 alerts += self._drift("output", name, watch, finding, sub, key, metrics, at)
@@ -168,25 +168,38 @@ class PipelineMonitor:
         self.quality_at_last_tick = self.quality.events
         return alerts
 
+    def readers(self, committed: dict[int, int]) -> None:
+        """How far the groups that read this pipeline's predictions have committed, per partition."""
+        self.zombies.read(committed)
+
     def check_zombies(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
-        """Report deployed versions without traffic for spec.monitor.zombie_after_s."""
+        """Report deployed versions without traffic, or without readers, for spec.monitor.zombie_after_s."""
         alerts = []
-        statuses = self.zombies.check(now_s, watching_since_s)
-        live = {(s.model_name, s.model_version) for s in statuses}
-        for s in statuses:
+        at, limit = int(now_s * 1000), self.spec.monitor.zombie_after_s
+        seen = set()
+        for s in self.zombies.check(now_s, watching_since_s):
             labels = (self.spec.name, s.model_name, str(s.model_version), s.stage)
             metrics.idle.labels(*labels).set(s.idle_s)
-            metrics.zombie.labels(*labels).set(1.0 if s.zombie else 0.0)
-            key = EpisodeKey("zombie", model_name=s.model_name, model_version=s.model_version)
-            msg = (f"Model {s.model_name} v{s.model_version} ({s.stage}) has served no predictions for "
-                   f"{s.idle_s:.0f}s (zombie after {self.spec.monitor.zombie_after_s:.0f}s)."
-                   if s.zombie else f"Model {s.model_name} v{s.model_version} ({s.stage}) has traffic again.")
-            alerts += _some(self.episodes.observe(key, "warning" if s.zombie else None, msg, at=int(now_s * 1000),
-                                                  statistic=s.idle_s, threshold=self.spec.monitor.zombie_after_s))
-        for key in [k for k in self.episodes.open if k.signal == "zombie"]:
-            if (key.model_name, key.model_version) not in live:  # undeployed: the episode ends
-                msg = f"Model {key.model_name} v{key.model_version} is no longer deployed."
-                alerts += _some(self.episodes.observe(key, None, msg, at=int(now_s * 1000)))
+            metrics.unread.labels(*labels).set(s.unread_s)
+            metrics.zombie.labels(*labels).set(1.0 if s.idle or s.unread else 0.0)
+            model = f"Model {s.model_name} v{s.model_version} ({s.stage})"
+            version = {"model_name": s.model_name, "model_version": s.model_version}
+            idle = EpisodeKey("zombie", detector="no_traffic", **version)
+            msg = (f"{model} has served no predictions for {s.idle_s:.0f}s (zombie after {limit:.0f}s)."
+                   if s.idle else f"{model} has traffic again.")
+            alerts += _some(self.episodes.observe(idle, "warning" if s.idle else None, msg, at=at,
+                                                  statistic=s.idle_s, threshold=limit))
+            unread = EpisodeKey("zombie", detector="unread", **version)
+            readers = ", ".join(self.spec.monitor.readers) or "no consumer group outside Loopline's own"
+            msg = (f"{model}: nobody has read its predictions on {self.spec.topics.predictions} for "
+                   f"{s.unread_s:.0f}s (readers: {readers}; zombie after {limit:.0f}s)." if s.unread else
+                   f"{model}: its predictions are being read again.")
+            alerts += _some(self.episodes.observe(unread, "warning" if s.unread else None, msg, at=at,
+                                                  statistic=s.unread_s, threshold=limit))
+            seen |= {idle, unread}
+        for key in [k for k in self.episodes.open if k.signal == "zombie" and k not in seen]:
+            msg = f"Model {key.model_name} v{key.model_version} is no longer deployed."
+            alerts += _some(self.episodes.observe(key, None, msg, at=at))
         return alerts
 
     # --- alert derivation -----------------------------------------------------------------------
@@ -315,6 +328,15 @@ def _output(prediction: dict[str, Any], name: str) -> Any:
     if name in scores:
         return scores[name]
     return prediction.get("value")
+
+
+def _spans(batch: Batch) -> dict[int, tuple[int, int]]:
+    """Per partition, the first and last offset in ``batch``."""
+    spans: dict[int, tuple[int, int]] = {}
+    for partition, offset in zip(batch.partitions, batch.offsets):
+        first, last = spans.get(partition, (offset, offset))
+        spans[partition] = (min(first, offset), max(last, offset))
+    return spans
 
 
 def _some(event: Alert | None) -> list[Alert]:

@@ -24,6 +24,7 @@ from loopline.observability import Health
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.pipeline import Alert, Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.readers import ReaderOffsets, furthest
 from loopline.services.monitor.settings import MonitorSettings
 from loopline.services.monitor.state import Checkpoint
 from loopline.topics import PipelineTopics, pipeline_of
@@ -43,8 +44,10 @@ class MonitorService:
     """Holds one :class:`PipelineMonitor` per pipeline and routes consumed messages to them."""
 
     def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics, producer: AckedProducer,
-                 checkpoint: Checkpoint, clock: Callable[[], float] = time.time) -> None:
+                 checkpoint: Checkpoint, clock: Callable[[], float] = time.time,
+                 readers: ReaderOffsets | None = None) -> None:
         self.settings = settings
+        self.readers = readers
         self.metrics = metrics
         self.producer = producer
         self.checkpoint = checkpoint
@@ -154,6 +157,21 @@ class MonitorService:
             alerts += pm.tick(now, self.watching_since, self.metrics)
         return alerts
 
+    def check_readers(self) -> None:
+        """Ask the broker how far reader groups have read each pipeline's predictions."""
+        if self.readers is None or not self.pipelines:
+            return
+        topics = {name: PipelineTopics(name).predictions for name in self.pipelines}
+        try:
+            committed = self.readers.committed(set(topics.values()))
+        except KafkaException as e:
+            # Without the admin API (or the right to use it) only traffic is checked; retried next time.
+            log.warning("monitor_readers_unknown", extra={"error": str(e)})
+            return
+        for name, topic in topics.items():
+            pm = self.pipelines[name]
+            pm.readers(furthest(committed, topic, pm.spec.monitor.readers))
+
     def emit(self, alerts: list[Alert]) -> None:
         """Send alert events and reflect them in the metrics (delivery confirmed by the caller)."""
         for event in alerts:
@@ -189,6 +207,7 @@ class MonitorService:
             consumer.subscribe(subscribed, on_assign=self._on_assign)
         health.set_ready(True, f"monitoring {len(self.pipelines)} pipeline(s)")
         last_registry = last_zombie = last_save = time.monotonic()
+        last_readers = last_zombie - s.readers_check_s
         failed = False
         try:
             while not stop.is_set():
@@ -208,6 +227,9 @@ class MonitorService:
                         alerts += self.handle(data)
                 else:
                     stop.wait(s.batch_timeout_s)
+                if now - last_readers >= s.readers_check_s:
+                    last_readers = now
+                    self.check_readers()
                 if now - last_zombie >= s.zombie_check_s:
                     last_zombie = now
                     alerts += self.tick()

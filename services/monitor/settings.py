@@ -24,4 +24,7 @@ class MonitorSettings(ServiceSettings):
     quality_alert_rate: float = Field(
         0.05, gt=0, le=1, description="Missing / type-error / out-of-range share of a window that raises an alert.")
     zombie_check_s: float = Field(5.0, gt=0, description="How often deployed versions are checked for traffic.")
+    readers_check_s: float = Field(
+        30.0, gt=0, description="How often consumer groups' committed offsets on the predictions are read "
+        "(who reads them).")
     registry_poll_s: float = Field(1.0, gt=0, description="How often the registry topic is polled for changes.")

@@ -21,6 +21,7 @@ from loopline.apply import apply_spec
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.profile import build_profile
 from loopline.registry import model_version_key, now_ms, publish
+from loopline.sdk import PredictionReader
 from loopline.service import ServiceRuntime
 from loopline.services.monitor.main import create, serve
 from loopline.services.monitor.service import MonitorService
@@ -270,6 +271,59 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
     finally:
         if monitor.thread.is_alive():
             monitor.stop()
+        alerts.close()
+
+
+def test_predictions_nobody_reads_are_reported_until_a_reader_consumes_them(
+        kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_path: Path) -> None:
+    spec = make_spec(unique)
+    apply_spec(kafka, spec)
+    producer = AckedProducer(kafka.producer("test-monitor"))
+    register(producer, spec, 1, "champion", None)
+    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+                                session_timeout_ms=6000, home=tmp_path, pipelines=[spec.name],
+                                group_id=f"{unique}-monitor", zombie_check_s=0.3, readers_check_s=0.3,
+                                log_level="WARNING")
+    alerts = Alerts(kafka, spec.name)
+
+    def unread(state: str) -> list[dict[str, Any]]:
+        return [e for e in alerts.events if e["signal"] == "zombie" and e["detector"] == "unread"
+                and e["state"] == state]
+
+    def read_all(group: str, n: int) -> None:
+        reader = PredictionReader(spec.name, group, settings=settings, poll_timeout_s=0.2)
+        try:
+            got: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while len(got) < n:
+                assert time.monotonic() < deadline, f"{group} read {len(got)} of {n}"
+                got += reader.poll()
+        finally:
+            reader.close()  # commits
+
+    _, p, _ = events(spec, 0, 200, seed=4)
+    send(producer, spec.topics.predictions, p)
+    # Loopline's own services (lineage, trainer: loopline-*) read predictions too; they are not readers.
+    # This one has committed past every prediction before the monitor even starts.
+    read_all(f"loopline-lineage-{unique}", 200)
+    monitor = Running(msettings)
+    try:
+        alerts.wait(lambda _: bool(unread("raised")))
+        event = unread("raised")[0]
+        assert event["model_version"] == 1 and event["severity"] == "warning"
+        assert f"nobody has read its predictions on {spec.topics.predictions}" in event["message"]
+        assert event["statistic"] >= 2.0 and event["threshold"] == 2.0
+        assert gauge(monitor.metrics(), "loopline_monitor_zombie", version="1") == 1.0
+        unread_s = gauge(monitor.metrics(), "loopline_monitor_model_unread_seconds", version="1")
+        assert unread_s is not None and unread_s >= 2.0
+
+        read_all(f"billing-{unique}", 200)  # a downstream consumer, through the SDK
+        alerts.wait(lambda _: bool(unread("resolved")))
+        assert "being read again" in unread("resolved")[0]["message"]
+        assert gauge(monitor.metrics(), "loopline_monitor_model_unread_seconds", version="1") == 0.0
+        assert len(unread("raised")) == 1, "once per episode"
+    finally:
+        monitor.stop()
         alerts.close()
 
 

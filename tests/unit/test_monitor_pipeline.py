@@ -13,6 +13,7 @@ from loopline.profile import build_profile
 from loopline.registry import RegistryState, spec_event
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.readers import furthest
 from loopline.spec import parse_spec
 
 SPEC = parse_spec({"name": "shift", "features": [
@@ -104,6 +105,45 @@ def test_zombie_is_reported_once_and_resolved_by_traffic() -> None:
     assert pm.check_zombies(limit + 20, 0.0, metrics) == []
     pm.zombies.traffic("m", 1, limit + 25)
     assert [a["state"] for a in pm.check_zombies(limit + 30, 0.0, metrics)] == ["resolved"]
+
+
+def predictions(offsets: range, partition: int) -> Batch:
+    records = [{"prediction_id": f"p{partition}-{o}", "event_id": f"e{o}", "model_name": "m", "model_version": 1,
+                "variant": "champion", "served": True, "label": "yes", "value": 0.9, "scores": {}, "event_ts": o,
+                "scored_at": o, "key": None} for o in offsets]
+    return Batch(records, list(offsets), [partition] * len(offsets), "loopline.shift.predictions")
+
+
+def test_predictions_nobody_reads_make_a_zombie_until_a_reader_commits_past_them() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    limit = SPEC.monitor.zombie_after_s
+
+    def unread(now: float) -> list[dict[str, Any]]:
+        return [a for a in pm.check_zombies(now, 0.0, metrics) if a["detector"] == "unread"]
+
+    pm.on_predictions(predictions(range(0, 5), 0), metrics, 1, now_s=100.0)
+    pm.on_predictions(predictions(range(0, 5), 1), metrics, 1, now_s=100.0)
+    assert unread(100 + limit + 1) == [], "readers never checked (no admin API): no verdict"
+    pm.readers({})  # checked: no group reads them
+    pm.on_predictions(predictions(range(5, 10), 0), metrics, 1, now_s=100 + limit - 1)  # traffic goes on
+    raised = unread(100 + limit + 1)
+    assert [a["state"] for a in raised] == ["raised"], raised
+    assert "nobody has read its predictions" in raised[0]["message"] and raised[0]["model_version"] == 1
+    assert unread(100 + limit + 2) == [], "once per episode"
+    pm.readers({0: 5, 1: 5})  # partition 1 read to the end; partition 0 only partway
+    assert pm.zombies.check(100 + limit + 3, 0.0)[0].unread_s == 4.0, "partition 0's unread part is younger"
+    assert [a["state"] for a in unread(100 + limit + 3)] == ["resolved"]
+    pm.readers({0: 10})
+    assert pm.zombies.check(100 + 10 * limit, 0.0)[0].unread_s == 0.0
+    assert [a["state"] for a in unread(100 + 10 * limit)] == [], "nothing left unread, only idle"
+
+
+def test_readers_are_groups_outside_loopline_or_the_named_ones() -> None:
+    committed = {"billing": {"t": {0: 7, 1: 3}}, "loopline-lineage": {"t": {0: 9, 1: 9}},
+                 "audit": {"t": {1: 5}, "other": {0: 99}}}
+    assert furthest(committed, "t", []) == {0: 7, 1: 5}
+    assert furthest(committed, "t", ["audit"]) == {1: 5}
+    assert furthest(committed, "t", ["nobody"]) == {}
 
 
 def test_near_perfect_model_raises_no_performance_alert_until_it_really_degrades() -> None:
