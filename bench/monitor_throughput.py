@@ -1,44 +1,65 @@
-"""Monitor throughput as a ratio to a raw consume loop over the same messages, same broker, same run.
+"""Monitor throughput as a ratio to the inference service's, on the same pipeline, broker and run.
 
-Run: ``.venv/bin/python -m bench.monitor_throughput [--events N] [--rounds R]``.
+Run: ``.venv/bin/python -m bench.monitor_throughput [--events N] [--rounds R] [--shadow]``
+(defaults N = 60000, R = 3: about 70 s on 2 cores, 90 s with ``--shadow``).
 
-Starts its own embedded broker, applies examples/fraud.yaml (7 features; adwin + page_hinkley per
-numeric feature, ddm on errors, window 1000), registers a champion and a challenger with a
-reference profile, and writes N feature events, 2N predictions (champion and challenger) and N/2
-feedback records once. Then, per round, in fresh consumer groups:
+Starts its own embedded broker and applies examples/fraud.yaml (7 features; adwin + page_hinkley
+per numeric feature, ddm on errors, window 1000). Then:
 
-- raw: consume every message of the three topics and count it (the broker-side limit);
-- monitor: the monitor's hot path on the same messages (consume, decode, quality, online
-  detectors, windowed PSI/KS, join, alerts): ``MonitorService.handle`` as ``run`` calls it;
-- handle only: the same ``handle`` on messages already in memory, timed in CPU seconds of the
-  thread (the monitor's own cost, insensitive to other load on the machine).
+1. registers through the real model registry (validation, artifact store, reference profiles of
+   5000 reference records, so the monitor runs PSI/KS on features and outputs) a champion and a
+   challenger taking 50 % of the keys (``--shadow``: a shadow that scores every event instead):
+   two scikit-learn logistic regressions, exported with skl2onnx, learned from a ground truth;
+2. writes N feature events (amount drifted by +20 against the reference) and runs the real
+   inference service (``loopline run inference`` as a subprocess, as bench/inference_bench.py does)
+   until it has scored them all. Its rate is N over the spread of the predictions' ``scored_at``,
+   so the group join and model loading are not counted;
+3. writes feedback (a label drawn from the same ground truth) for every second event;
+4. per round, in fresh consumer groups, over the features, the predictions inference actually
+   wrote and the feedback:
 
-The inference service is not part of this run (it may not be installed), so the comparison is
-against the raw consume rate of its output topics; the monitor keeps up with inference as long as
-its rate exceeds the rate inference can write predictions. Times run from the first batch to the
-last message; group joins are excluded.
+   - raw: consume every message of the three topics and count it (the broker-side limit);
+   - monitor: the monitor's hot path on the same messages (consume, decode, quality, online
+     detectors, windowed PSI/KS, feedback join, alerts): ``MonitorService.handle`` as ``run``
+     calls it;
+   - handle only: the same ``handle`` on messages already in memory, timed in CPU seconds of the
+     thread (the monitor's own cost, insensitive to other load on the machine).
+
+Monitor rates are events/s: feature events per second, each with its predictions (1, or 2 with
+``--shadow``) and its feedback (every second event). The monitor keeps up with inference on one
+core when the ratio monitor / inference is at least 1. Monitor times run from the first batch to
+the last message; group joins are excluded. Inference is measured once (one subprocess), the
+monitor and the raw loop once per round (medians reported).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import orjson
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
+from bench.inference_bench import Collector, produce_all, say
 from loopline import avro
 from loopline.apply import apply_spec
+from loopline.artifacts import ArtifactStore
 from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.profile import build_profile
-from loopline.registry import RegistryReader, RegistryState, model_version_key, now_ms, publish
+from loopline.models import ModelRegistry
+from loopline.registry import RegistryReader, RegistryState, now_ms
+from loopline.scoring import tabular_features
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.service import MonitorService
 from loopline.services.monitor.settings import MonitorSettings
@@ -46,6 +67,7 @@ from loopline.services.monitor.state import Checkpoint
 from loopline.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
+REFERENCE = 5000  # reference records behind both versions' profiles
 
 
 def features_of(rng: np.random.Generator, n: int, shift: float = 0.0) -> dict[str, list]:  # type: ignore[type-arg]
@@ -58,46 +80,92 @@ def features_of(rng: np.random.Generator, n: int, shift: float = 0.0) -> dict[st
             "device_age_days": [None if r < 0.1 else int(d) for r, d in zip(rng.random(n), rng.integers(0, 900, n))]}
 
 
-def load(kafka: KafkaConfig, spec: PipelineSpec, n: int) -> int:
-    """Register versions and write the messages; return how many messages the monitor will read."""
+def truth(rng: np.random.Generator, cols: dict[str, list]) -> np.ndarray:  # type: ignore[type-arg]
+    """Ground-truth labels ("0"/"1") of events: fraud likelier for big amounts, risky merchants, card absent."""
+    logit = ((np.asarray(cols["amount"]) - 100) / 40 + 4 * (np.asarray(cols["merchant_risk"]) - 0.7)
+             - 1.5 * np.asarray(cols["card_present"], dtype=float))
+    return np.where(rng.random(logit.size) < 1 / (1 + np.exp(-logit)), "1", "0")
+
+
+def records_of(cols: dict[str, list]) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+    """Feature records from columns."""
+    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def train(reference: list[dict[str, Any]], labels: np.ndarray, columns: list[str], c: float) -> bytes:
+    """A logistic regression on the reference records, exported as ONNX (single float input)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.array([[r[k] for k in columns] for r in reference], dtype=np.float32)  # None -> NaN
+    x = np.where(np.isnan(x), np.nanmean(x, axis=0), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lr = LogisticRegression(C=c, max_iter=2000).fit(x, labels.astype(int))
+    return to_onnx(lr, x[:1], options={"zipmap": False}).SerializeToString()  # type: ignore[no-any-return]
+
+
+def register(kafka: KafkaConfig, spec: PipelineSpec, home: Path, shadow: bool) -> None:
+    """Champion and challenger (or shadow) through the real registry, with reference profiles."""
+    rng = np.random.default_rng(1)
+    cols = features_of(rng, REFERENCE)
+    reference, labels = records_of(cols), truth(rng, cols)
+    columns = tabular_features(spec)
+    registry = ModelRegistry(kafka, ArtifactStore(str(home / "artifacts")), actor="bench")
+    registry.register(spec.name, train(reference, labels, columns, 1.0), name="lr", stage="champion",
+                      reference=reference)
+    half = REFERENCE // 2  # the second version learned from fewer records, more regularised
+    registry.register(spec.name, train(reference[:half], labels[:half], columns, 0.05), name="lr",
+                      stage="shadow" if shadow else "challenger", traffic=0.0 if shadow else 0.5,
+                      reference=reference)
+
+
+def write_events(kafka: KafkaConfig, spec: PipelineSpec, n: int) -> np.ndarray:
+    """Write n feature events keyed by customer; return their ground-truth labels."""
     rng = np.random.default_rng(0)
-    producer = AckedProducer(kafka.producer("bench-load"))
-    ref = features_of(rng, 5000)
-    types = {f.name: f.type for f in spec.features}
-    profile = build_profile(ref, types, {"value": rng.random(5000), "label": rng.choice(["0", "1"], 5000)})
-    for version, stage in ((1, "champion"), (2, "challenger")):
-        publish(producer, model_version_key(spec.name, "lr", version), {
-            "kind": "model_version", "pipeline": spec.name, "at": now_ms(), "spec": None, "stage_change": None,
-            "model": {"name": "lr", "version": version, "sha256": "0" * 64, "uri": "file:///x", "stage": stage,
-                      "traffic": 0.5, "created_at": now_ms(),
-                      "reference_profile_json": orjson.dumps(profile).decode()}})
-    fcodec, pcodec, bcodec = avro.Codec(spec.features_schema()), avro.codec("prediction"), avro.codec("feedback")
     cols = features_of(rng, n, shift=20.0)
-    t = spec.topics
-    scores = rng.random((n, 2))
-    for i in range(n):
-        key = cols["customer_id"][i].encode()
-        producer.send(t.features, fcodec.encode({
-            "event_id": f"e{i}", "key": None, "ts": i, "ingested_at": i,
-            "source": {"topic": t.raw, "partition": 0, "offset": i},
-            "features": {k: v[i] for k, v in cols.items()}}), key=key)
-        for version, variant in ((1, "champion"), (2, "challenger")):
-            s = float(scores[i, version - 1])
-            producer.send(t.predictions, pcodec.encode({
-                "prediction_id": f"p{i}-{version}", "event_id": f"e{i}", "key": None, "pipeline": spec.name,
-                "model_name": "lr", "model_version": version, "model_sha256": "0" * 64, "variant": variant,
-                "served": version == 1, "label": "1" if s > 0.5 else "0", "value": s, "scores": {},
-                "source": {"topic": t.features, "partition": 0, "offset": i}, "event_ts": i,
-                "scored_at": now_ms()}), key=key)
-        if i % 2 == 0:
-            producer.send(t.feedback, bcodec.encode({
-                "feedback_id": f"f{i}", "prediction_id": None, "event_id": f"e{i}",
-                "label": "1" if rng.random() < 0.5 else "0", "value": None, "verdict": None, "ts": now_ms()}),
-                key=key)
-        if i % 5000 == 0:
-            producer.producer.poll(0)
-    producer.confirm()
-    return n + 2 * n + (n + 1) // 2
+    encode = avro.Codec(spec.features_schema()).encode
+    ts = now_ms()
+    msgs = []
+    for i, rec in enumerate(records_of(cols)):
+        key = rec["customer_id"]
+        msgs.append((key.encode(), encode({
+            "event_id": f"e{i}", "key": key, "ts": ts, "ingested_at": ts,
+            "source": {"topic": spec.topics.raw, "partition": 0, "offset": i}, "features": rec})))
+    produce_all(kafka, spec.topics.features, msgs)
+    return truth(rng, cols)
+
+
+def write_feedback(kafka: KafkaConfig, spec: PipelineSpec, labels: np.ndarray) -> int:
+    """Feedback (label by event id) for every second event; return how many were written."""
+    encode = avro.codec("feedback").encode
+    msgs = [(f"e{i}".encode(), encode({"feedback_id": f"f{i}", "prediction_id": None, "event_id": f"e{i}",
+                                        "label": str(labels[i]), "value": None, "verdict": None, "ts": now_ms()}))
+            for i in range(0, labels.size, 2)]
+    produce_all(kafka, spec.topics.feedback, msgs)
+    return len(msgs)
+
+
+def run_inference(kafka: KafkaConfig, spec: PipelineSpec, bootstrap: str, home: Path, n: int,
+                  expected: int) -> float:
+    """Score the n pre-loaded events with the real inference service; return its events/s."""
+    col = Collector(kafka, spec.topics.predictions, spec.partitions, decode=True)
+    env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=bootstrap, LOOPLINE_KAFKA_PROFILE="embedded",
+               LOOPLINE_HOME=str(home), LOOPLINE_SESSION_TIMEOUT_MS="6000", LOOPLINE_LOG_LEVEL="WARNING",
+               LOOPLINE_PIPELINES=spec.name)
+    proc = subprocess.Popen([sys.executable, "-m", "loopline.cli", "run", "inference"], env=env)
+    try:
+        col.wait(expected, timeout_s=300)
+        span_s = (max(col.scored) - min(col.scored)) / 1000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        col.close()
+    if len(col.arrivals) != expected:
+        raise RuntimeError(f"inference wrote {len(col.arrivals)} predictions, expected {expected}")
+    rate = n / span_s
+    say(f"inference service: {rate:,.0f} events/s ({n} events, {expected} predictions, scored in {span_s:.2f}s)")
+    return rate
 
 
 def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int,
@@ -124,55 +192,82 @@ def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int,
 
 def service(settings: MonitorSettings, state: RegistryState, kafka: KafkaConfig, home: Path) -> MonitorService:
     """A fresh monitor that knows the registry (as after catch-up)."""
-    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), AckedProducer(kafka.producer("bench-mon")),
+    producer = AckedProducer(kafka.producer("bench-mon", log_level=4))  # no "disconnected" line at broker stop
+    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
                          Checkpoint(home / f"bench-{time.monotonic_ns()}.ckpt"))
     svc.sync(state)
     return svc
 
 
+def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: RegistryState, home: Path,
+                    topics: list[str], total: int, events_per_message: float, rounds: int) -> list[list[float]]:
+    """Per round: raw consume and monitor msg/s, handle-only msg per CPU-second."""
+    raw, mon, mem = [], [], []
+    for r in range(rounds):
+        rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total)
+        raw.append(rate)
+        svc = service(settings, state, kafka, home)
+        alerts: list[dict] = []  # type: ignore[type-arg]
+        rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, lambda b: alerts.extend(svc.handle(b)))
+        mon.append(rate)
+        svc = service(settings, state, kafka, home)
+        t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
+        for i in range(0, len(messages), 1000):
+            svc.handle(messages[i:i + 1000])
+        mem.append(len(messages) / (time.thread_time() - t0))
+        say(f"round {r + 1}: raw consume {raw[-1]:,.0f} msg/s, monitor {mon[-1]:,.0f} msg/s "
+            f"= {mon[-1] * events_per_message:,.0f} ev/s ({mon[-1] / raw[-1]:.0%} of raw), handle only "
+            f"{mem[-1] * events_per_message:,.0f} ev per CPU-second; {len(alerts)} alert events")
+    return [raw, mon, mem]
+
+
 def main() -> None:
-    """Run the benchmark and print events/s and the ratio."""
+    """Run the benchmark and print events/s and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=10_000, help="feature events (messages: 3.5x this)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--events", type=int, default=60_000, help="feature events")
+    parser.add_argument("--rounds", type=int, default=3, help="monitor and raw-consume rounds")
+    parser.add_argument("--shadow", action="store_true",
+                        help="second version as a shadow scoring every event (2 predictions per event)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(home=Path(tmp)) as broker:
+    n = args.events
+    preds = 2 * n if args.shadow else n
+    with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        settings = MonitorSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
-                                   session_timeout_ms=6000, home=home)
-        kafka = KafkaConfig.from_settings(settings)
-        spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"name": "benchmon"})
-        apply_spec(kafka, spec)
-        print(f"writing {args.events} events, {2 * args.events} predictions, {args.events // 2} feedback...",
-              flush=True)
-        total = load(kafka, spec, args.events)
-        reader = RegistryReader(kafka, "bench-registry")
-        state = reader.catch_up()
-        reader.close()
-        topics = [spec.topics.features, spec.topics.predictions, spec.topics.feedback]
-        raw, mon, mem = [], [], []
-        for r in range(args.rounds):
-            rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total)
-            raw.append(rate)
-            svc = service(settings, state, kafka, home)
-            alerts: list[dict] = []  # type: ignore[type-arg]
-            rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, lambda b: alerts.extend(svc.handle(b)))
-            mon.append(rate)
-            svc = service(settings, state, kafka, home)
-            t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
-            for i in range(0, len(messages), 1000):
-                svc.handle(messages[i:i + 1000])
-            mem.append(len(messages) / (time.thread_time() - t0))
-            print(f"round {r + 1}: raw consume {raw[-1]:,.0f} msg/s, monitor {mon[-1]:,.0f} msg/s "
-                  f"({mon[-1] / raw[-1]:.0%}), handle only {mem[-1]:,.0f} msg per CPU-second; "
-                  f"{len(alerts)} alert events", flush=True)
-        r_raw, r_mon, r_mem = statistics.median(raw), statistics.median(mon), statistics.median(mem)
-        per_event = r_mon * args.events / total
-        print(f"\nmonitor: {r_mon:,.0f} messages/s = {per_event:,.0f} scored events/s (each event = 1 feature "
-              f"message + 2 predictions + 0.5 feedback); {r_mon / r_raw:.0%} of the raw consume loop "
-              f"({r_raw:,.0f} msg/s); handle-only CPU limit {r_mem:,.0f} msg per CPU-second "
-              f"= {1e6 / r_mem:.1f} us per message")
+        say("starting the embedded broker")
+        with EmbeddedBroker(home=home) as broker:
+            settings = MonitorSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
+                                       session_timeout_ms=6000, home=home)
+            kafka = KafkaConfig.from_settings(settings)
+            spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"name": "benchmon"})
+            apply_spec(kafka, spec)
+            say(f"registering champion + {'shadow' if args.shadow else 'challenger (50 % traffic)'} "
+                "(ONNX logistic regressions, reference profiles)")
+            register(kafka, spec, home, args.shadow)
+            say(f"writing {n} feature events")
+            labels = write_events(kafka, spec, n)
+            say("running the inference service on them")
+            inference = run_inference(kafka, spec, broker.bootstrap_servers, home, n, preds)
+            feedback = write_feedback(kafka, spec, labels)
+            say(f"wrote {feedback} feedback records")
+            reader = RegistryReader(kafka, "bench-registry")
+            state = reader.catch_up()
+            reader.close()
+            total = n + preds + feedback
+            topics = [spec.topics.features, spec.topics.predictions, spec.topics.feedback]
+            raw, mon, mem = (statistics.median(x) for x in measure_monitor(
+                kafka, settings, state, home, topics, total, n / total, args.rounds))
+    e_mon, e_mem = mon * n / total, mem * n / total
+    say(f"results ({n} events = {n} feature messages + {preds} predictions + {feedback} feedback; "
+        f"monitor: median of {args.rounds} rounds):")
+    for line in (f"inference service      {inference:>9,.0f} ev/s",
+                 f"monitor end-to-end     {e_mon:>9,.0f} ev/s               monitor / inference: "
+                 f"{e_mon / inference:.2f}",
+                 f"monitor handle only    {e_mem:>9,.0f} ev per CPU-second  monitor / inference: "
+                 f"{e_mem / inference:.2f}  ({1e6 / e_mem:.0f} us per event, {1e6 / mem:.1f} us per message)",
+                 f"monitor vs raw consume {mon:>9,.0f} msg/s              vs {raw:,.0f} msg/s: {mon / raw:.0%}",
+                 f"keeps up with inference on one core: {'yes' if e_mon >= inference else 'no'}"):
+        print(f"  {line}", flush=True)
 
 
 if __name__ == "__main__":
