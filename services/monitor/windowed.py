@@ -2,15 +2,19 @@
 
 The reference is one column of a profile (loopline/profile.py): numeric columns carry quantile
 edges with outlier bins on both ends and a KS sample; categorical columns carry value shares.
+Categorical windows hold integer codes of the reference's categories (one code for any other
+value), so a comparison is one ``np.bincount``.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import functools
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 from loopline.profile import bin_fractions
@@ -28,21 +32,51 @@ def psi(reference: np.ndarray, current: np.ndarray) -> float:
 
 def ks_two_sample(reference_sample: np.ndarray, current: np.ndarray) -> tuple[float, float]:
     """Two-sample KS statistic and asymptotic p-value."""
-    res = stats.ks_2samp(current, reference_sample, method="asymp")
-    return float(res.statistic), float(res.pvalue)
+    return ks_sorted(np.sort(np.asarray(reference_sample, dtype=float)), current)
+
+
+def ks_sorted(sorted_reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """``ks_2samp(current, reference, method="asymp")`` (two-sided) on an already sorted reference.
+
+    The same arithmetic as scipy's, so the statistic and p-value are identical, without scipy's
+    argument handling and without sorting the reference on every call.
+    """
+    cur = np.sort(np.asarray(current, dtype=float))
+    n1, n2 = cur.size, sorted_reference.size
+    if n1 == 0 or n2 == 0 or np.isnan(cur[-1]) or np.isnan(sorted_reference[-1]):
+        # Empty samples raise and NaN propagates in scipy: leave those cases to it.
+        res = stats.ks_2samp(current, sorted_reference, method="asymp")
+        return float(res.statistic), float(res.pvalue)
+    both = np.concatenate([cur, sorted_reference])
+    diffs = (np.searchsorted(cur, both, side="right") / n1
+             - np.searchsorted(sorted_reference, both, side="right") / n2)
+    # scipy picks max(diffs) or -min(diffs), whichever is larger: that is max |diffs|.
+    d = float(np.max(np.abs(diffs)))
+    return d, _ks_asymp_pvalue(d, n1, n2)
+
+
+# D is a difference of two step functions, so it takes few distinct values for given sample
+# sizes (multiples of 1/1000 for two samples of 1000): most evaluations repeat an earlier p-value,
+# and computing one costs 50-300 us.
+@functools.lru_cache(maxsize=4096)
+def _ks_asymp_pvalue(d: float, n1: int, n2: int) -> float:
+    """The two-sided p-value of ``ks_2samp(method="asymp")``: the same call on the same values."""
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    en = m * n / (m + n)
+    return float(np.clip(stats.kstwo.sf(d, np.round(en)), 0, 1))
 
 
 class RingBuffer:
-    """The last ``capacity`` floats seen, in arrival order, without per-event allocation."""
+    """The last ``capacity`` values (floats unless ``dtype`` says otherwise), oldest first."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, dtype: npt.DTypeLike = float) -> None:
         self.capacity = capacity
-        self._data = np.empty(capacity, dtype=float)
+        self._data = np.empty(capacity, dtype=dtype)
         self.total = 0
 
-    def extend(self, values: np.ndarray) -> None:
+    def extend(self, values: np.ndarray | list[Any]) -> None:
         """Append values (a batch)."""
-        values = np.asarray(values, dtype=float)[-self.capacity:]
+        values = np.asarray(values, dtype=self._data.dtype)[-self.capacity:]
         start = self.total % self.capacity
         end = start + values.size
         if end <= self.capacity:
@@ -92,15 +126,19 @@ class WindowedDrift:
         self.thresholds = thresholds
         self._since = 0
         if self.numeric:
-            self._buffer: RingBuffer | deque[str] = RingBuffer(window)
+            self._buffer = RingBuffer(window)
             self._edges = list(reference.get("edges") or [])
             self._ref_fractions = np.asarray(reference.get("fractions") or [1.0], dtype=float)
-            self._sample = np.asarray(reference.get("sample") or [], dtype=float)
+            # Sorted once: every KS evaluation compares against it.
+            self._sample = np.sort(np.asarray(reference.get("sample") or [], dtype=float))
         else:
-            self._buffer = deque(maxlen=window)
+            self._buffer = RingBuffer(window, dtype=np.intp)
             shares = dict(reference.get("fractions") or {})
             self._categories = sorted(shares)
-            self._ref_fractions = np.asarray([shares[c] for c in self._categories] + [0.0], dtype=float)
+            # A value's code is its category's position; any other value gets the last code.
+            self._codes = {c: i for i, c in enumerate(self._categories)}
+            self._ref_fractions = np.asarray([shares[c] for c in self._categories] + [0.0],
+                                             dtype=float)
 
     @property
     def usable(self) -> bool:
@@ -114,11 +152,16 @@ class WindowedDrift:
         if self.numeric:
             arr = np.asarray(values, dtype=float)
             arr = arr[np.isfinite(arr)]
-            self._buffer.extend(arr)  # type: ignore[union-attr]
-            added, filled = arr.size, self._buffer.total >= self.window  # type: ignore[union-attr]
+            self._buffer.extend(arr)
+            added = arr.size
         else:
-            self._buffer.extend(str(v) for v in values)  # type: ignore[union-attr]
-            added, filled = len(values), len(self._buffer) >= self.window
+            # Categories are str(value), as in the profile; `str(v) for` is the interpreter's fast
+            # path for str(), map(str, ...) is not.
+            strings = [str(v) for v in values]
+            codes = map(self._codes.get, strings, repeat(len(self._categories)))
+            self._buffer.extend(np.fromiter(codes, dtype=np.intp, count=len(strings)))
+            added = len(strings)
+        filled = self._buffer.total >= self.window
         self._since += added
         if not filled or self._since < self.every:
             return None
@@ -129,16 +172,13 @@ class WindowedDrift:
         """Compare the current window with the reference now."""
         t = self.thresholds
         if self.numeric:
-            current = self._buffer.values()  # type: ignore[union-attr]
+            current = self._buffer.values()
             value = psi(self._ref_fractions, np.asarray(bin_fractions(current, self._edges)))
-            ks_stat, ks_p = ks_two_sample(self._sample, current) if self._sample.size else (None, None)
+            ks_stat, ks_p = ks_sorted(self._sample, current) if self._sample.size else (None, None)
         else:
-            counts = Counter(self._buffer)
-            n = max(1, len(self._buffer))
-            known = set(self._categories)
-            cur = [counts.get(c, 0) / n for c in self._categories]
-            cur.append(sum(v for k, v in counts.items() if k not in known) / n)
-            value = psi(self._ref_fractions, np.asarray(cur))
+            codes = self._buffer.values()
+            counts = np.bincount(codes, minlength=len(self._categories) + 1)
+            value = psi(self._ref_fractions, counts / max(1, codes.size))
             ks_stat = ks_p = None
         level = None
         if value >= t.psi_alert or (ks_p is not None and ks_p < t.ks_alert_pvalue):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
+from river import drift
 
+from loopline.services.monitor import detectors
 from loopline.services.monitor.detectors import KINDS, Detector, DetectorError, error_detector_names
 
 ALL = sorted(KINDS)
@@ -89,3 +92,85 @@ def test_unknown_detector_is_named() -> None:
 def test_regression_keeps_only_real_valued_error_detectors() -> None:
     assert error_detector_names(["ddm", "adwin", "hddm_w"], "regression") == ["adwin"]
     assert error_detector_names(["ddm", "adwin"], "classification") == ["ddm", "adwin"]
+
+
+def shifting_stream(seed: int) -> np.ndarray:
+    """Segments whose mean jumps up and down (z-score scale), with some values missing (NaN)."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.normal(rng.uniform(-3, 3), rng.uniform(0.3, 2.0), int(rng.integers(50, 2500)))
+             for _ in range(int(rng.integers(2, 7)))]
+    data = np.concatenate(parts)
+    data[rng.random(data.size) < 0.05] = np.nan
+    return data
+
+
+def river_reference(river_detector: Any, data: np.ndarray) -> list[int]:
+    """Detection indices of a river detector fed value by value through its public API."""
+    hits = []
+    for i, v in enumerate(data.tolist()):
+        if v != v:
+            continue
+        river_detector.update(v)
+        if river_detector.drift_detected:
+            hits.append(i)
+    return hits
+
+
+def fed_in_batches(det: Detector, data: np.ndarray, seed: int) -> list[int]:
+    """Detection indices of ``det`` fed in batches of mixed sizes (1 included)."""
+    rng = np.random.default_rng(seed)
+    hits, pos = [], 0
+    while pos < data.size:
+        size = int(rng.choice([1, 2, 17, 31, 32, 100, 1000, 3000]))
+        hits += (det.update_many(data[pos:pos + size]) + pos).tolist()
+        pos += size
+    return hits
+
+
+@pytest.mark.parametrize("vector_min", [1, detectors.PH_VECTOR_MIN])
+@pytest.mark.parametrize("seed", range(8))
+def test_page_hinkley_detects_exactly_where_river_does(seed: int, vector_min: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # vector_min=1 sends even 1-value batches through the vectorised path.
+    monkeypatch.setattr(detectors, "PH_VECTOR_MIN", vector_min)
+    data = shifting_stream(seed)
+    river = KINDS["page_hinkley"].build(0)
+    expected = river_reference(river, data)
+    det = Detector("page_hinkley")
+    assert fed_in_batches(det, data, seed) == expected
+    assert len(expected) >= 1 and det.detections == len(expected) and det.seen == data.size
+    ours = det._river
+    assert ours._drift_detected == river._drift_detected and ours._x_mean.n == river._x_mean.n
+    for field in ("_sum_increase", "_sum_decrease", "_min_increase", "_max_decrease"):
+        assert getattr(ours, field) == pytest.approx(getattr(river, field), rel=1e-9, abs=1e-9)
+    assert ours._x_mean.get() == pytest.approx(river._x_mean.get(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["up", "down", "both"])
+def test_vectorised_page_hinkley_follows_every_river_parameter(mode: str) -> None:
+    data = shifting_stream(100)
+    params = {"min_instances": 50, "delta": 0.05, "threshold": 20.0, "alpha": 0.999, "mode": mode}
+    expected = river_reference(drift.PageHinkley(**params), data)
+    det = Detector("page_hinkley")
+    det._river = drift.PageHinkley(**params)
+    assert fed_in_batches(det, data, 1) == expected and expected
+
+
+def test_page_hinkley_after_an_infinite_value_behaves_as_river() -> None:
+    data = shifting_stream(3)
+    data[700] = np.inf
+    expected = river_reference(KINDS["page_hinkley"].build(0), data)
+    assert expected and max(expected) < 700  # river never detects again: its mean is inf, then NaN
+    assert fed_in_batches(Detector("page_hinkley"), data, 3) == expected
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_adwin_detects_exactly_where_river_does(seed: int) -> None:
+    data = shifting_stream(seed + 50)
+    river = KINDS["adwin"].build(0)
+    expected = river_reference(river, data)
+    det = Detector("adwin")
+    assert fed_in_batches(det, data, seed) == expected and expected
+    ours = det._river
+    assert ours._drift_detected == river._drift_detected
+    assert (ours.width, ours.total, ours.variance) == (river.width, river.total, river.variance)

@@ -6,9 +6,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import river
 
 from loopline.services.monitor.detectors import Detector
-from loopline.services.monitor.state import Checkpoint
+from loopline.services.monitor.state import FORMAT, Checkpoint
 
 
 def test_round_trip_keeps_detector_state(tmp_path: Path) -> None:
@@ -32,4 +33,11 @@ def test_unreadable_checkpoint_is_moved_aside(tmp_path: Path) -> None:
 def test_checkpoint_of_another_river_version_is_ignored(tmp_path: Path) -> None:
     ck = Checkpoint(tmp_path / "m.ckpt")
     ck.path.write_bytes(pickle.dumps({"format": 1, "river": "0.0.1", "state": {"x": 1}}))
+    assert ck.load() is None
+
+
+def test_checkpoint_of_an_older_format_is_ignored(tmp_path: Path) -> None:
+    ck = Checkpoint(tmp_path / "m.ckpt")
+    envelope = {"format": FORMAT - 1, "river": river.__version__, "state": {"x": 1}}
+    ck.path.write_bytes(pickle.dumps(envelope))
     assert ck.load() is None

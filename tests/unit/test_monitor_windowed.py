@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import numpy as np
 import pytest
+from scipy import stats
 
 from loopline.profile import categorical_profile, numeric_profile
-from loopline.services.monitor.windowed import RingBuffer, Thresholds, WindowedDrift, psi
+from loopline.services.monitor.windowed import (RingBuffer, Thresholds, WindowedDrift, ks_sorted,
+                                                ks_two_sample, psi)
 
 T = Thresholds(psi_warning=0.1, psi_alert=0.25, ks_alert_pvalue=0.001)
 
@@ -64,3 +69,77 @@ def test_categorical_columns_compare_shares_including_unseen_values() -> None:
 def test_an_empty_reference_is_not_usable() -> None:
     w = WindowedDrift(numeric_profile([]), window=100, every=10, thresholds=T)
     assert not w.usable and w.add(np.ones(200)) is None
+
+
+def ks_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (current, reference) pair: continuous, shifted, discrete (ties) or rounded values."""
+    rng = np.random.default_rng(seed)
+    n1 = int(rng.choice([2, 3, 40, 141, 250, 999, 1000, 2000]))
+    n2 = int(rng.choice([1, 5, 100, 1000, 1500]))
+    kind = seed % 4
+    if kind == 0:
+        return rng.normal(rng.uniform(-0.3, 0.3), 1, n1), rng.normal(0, 1, n2)
+    if kind == 1:
+        return rng.integers(0, 5, n1).astype(float), rng.integers(0, 6, n2).astype(float)
+    if kind == 2:
+        return rng.normal(0.05, 1.1, n1).round(1), rng.normal(0, 1, n2).round(1)
+    return rng.normal(rng.uniform(0.5, 3), 1, n1), rng.normal(0, 1, n2)
+
+
+def test_ks_is_identical_to_scipy_ks_2samp_asymp() -> None:
+    for seed in range(600):
+        current, reference = ks_samples(seed)
+        expected = stats.ks_2samp(current, reference, method="asymp")
+        got = (ks_sorted(np.sort(reference), current), ks_two_sample(reference, current))
+        for stat, pvalue in got:
+            assert stat == float(expected.statistic), seed
+            assert pvalue == float(expected.pvalue), seed
+
+
+def test_windowed_ks_is_identical_to_scipy_on_its_window() -> None:
+    rng = np.random.default_rng(2)
+    ref = numeric_profile(rng.normal(0, 1, 20_000))
+    w = WindowedDrift(ref, window=1000, every=250, thresholds=T)
+    for chunk in np.split(np.r_[rng.normal(0, 1, 3000), rng.normal(0.3, 1, 3000)], 24):
+        r = w.add(chunk)
+        if r is not None:
+            expected = stats.ks_2samp(w._buffer.values(), ref["sample"], method="asymp")
+            assert (r.ks_statistic, r.ks_pvalue) == (expected.statistic, expected.pvalue)
+
+
+def counter_psi(ref: dict[str, Any], window: list[str]) -> float:
+    """PSI of a categorical window the straightforward way: shares from a Counter of strings."""
+    shares = ref["fractions"]
+    categories = sorted(shares)
+    counts = Counter(window)
+    n = max(1, len(window))
+    cur = [counts.get(c, 0) / n for c in categories]
+    cur.append(sum(v for k, v in counts.items() if k not in shares) / n)
+    return psi(np.asarray([shares[c] for c in categories] + [0.0]), np.asarray(cur))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_categorical_psi_is_identical_to_counting_strings(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    known = [f"c{i}" for i in range(int(rng.integers(2, 300)))]
+    ref = categorical_profile(rng.choice(known, 5000).tolist() + [True, 7])
+    window, every = int(rng.integers(50, 1000)), int(rng.integers(1, 300))
+    w = WindowedDrift(ref, window=window, every=every, thresholds=T)
+    seen: list[str] = []
+    pool = known + ["unseen", "other", True, 7, 7.5]
+    evaluations = 0
+    for _ in range(60):
+        batch = [pool[i] for i in rng.integers(0, len(pool), int(rng.integers(1, 400)))]
+        seen.extend(str(v) for v in batch)
+        r = w.add(batch)
+        if r is not None:
+            evaluations += 1
+            assert r.psi == counter_psi(ref, seen[-window:])
+    assert evaluations > 0 and w.evaluate().psi == counter_psi(ref, seen[-window:])
+
+
+def test_ring_buffer_of_integer_codes() -> None:
+    buf = RingBuffer(4, dtype=np.intp)
+    buf.extend([1, 2, 3])
+    buf.extend([4, 5])
+    assert buf.values().tolist() == [2, 3, 4, 5] and buf.values().dtype == np.intp
