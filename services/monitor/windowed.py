@@ -21,6 +21,7 @@ from loopline.profile import bin_fractions
 
 _EPS = 1e-4  # floor of a bin share in PSI, so an empty bin costs a lot but not infinity
 OTHER = "__other__"
+MIN_EXPECTED = 5  # expected count in a window below which a category is pooled (the chi-square rule)
 
 
 def psi(reference: np.ndarray, current: np.ndarray) -> float:
@@ -134,10 +135,16 @@ class WindowedDrift:
         else:
             self._buffer = RingBuffer(window, dtype=np.intp)
             shares = dict(reference.get("fractions") or {})
-            self._categories = sorted(shares)
+            # A category expected fewer than MIN_EXPECTED times in a window is pooled with unseen
+            # values: its window share is mostly noise (an ID-like column of 1000 customers has a
+            # PSI above 1 between two samples of the same distribution). A column whose every
+            # category is that rare has no windowed comparison.
+            self._categories = sorted(c for c, share in shares.items()
+                                      if share * window >= MIN_EXPECTED)
             # A value's code is its category's position; any other value gets the last code.
             self._codes = {c: i for i, c in enumerate(self._categories)}
-            self._ref_fractions = np.asarray([shares[c] for c in self._categories] + [0.0],
+            pooled = sum(share for c, share in shares.items() if c not in self._codes)
+            self._ref_fractions = np.asarray([shares[c] for c in self._categories] + [pooled],
                                              dtype=float)
 
     @property

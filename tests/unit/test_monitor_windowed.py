@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from loopline.profile import categorical_profile, numeric_profile
-from loopline.services.monitor.windowed import (RingBuffer, Thresholds, WindowedDrift, ks_sorted,
-                                                ks_two_sample, psi)
+from loopline.services.monitor.windowed import (MIN_EXPECTED, RingBuffer, Thresholds, WindowedDrift,
+                                                ks_sorted, ks_two_sample, psi)
 
 T = Thresholds(psi_warning=0.1, psi_alert=0.25, ks_alert_pvalue=0.001)
 
@@ -107,23 +107,46 @@ def test_windowed_ks_is_identical_to_scipy_on_its_window() -> None:
             assert (r.ks_statistic, r.ks_pvalue) == (expected.statistic, expected.pvalue)
 
 
-def counter_psi(ref: dict[str, Any], window: list[str]) -> float:
-    """PSI of a categorical window the straightforward way: shares from a Counter of strings."""
+def counter_psi(ref: dict[str, Any], window: list[str], size: int) -> float:
+    """PSI of a categorical window the straightforward way: shares from a Counter of strings, the
+    categories expected fewer than MIN_EXPECTED times in ``size`` values pooled with unseen ones."""
     shares = ref["fractions"]
-    categories = sorted(shares)
+    categories = sorted(c for c, share in shares.items() if share * size >= MIN_EXPECTED)
     counts = Counter(window)
     n = max(1, len(window))
     cur = [counts.get(c, 0) / n for c in categories]
-    cur.append(sum(v for k, v in counts.items() if k not in shares) / n)
-    return psi(np.asarray([shares[c] for c in categories] + [0.0]), np.asarray(cur))
+    cur.append(sum(v for k, v in counts.items() if k not in categories) / n)
+    pooled = sum(share for c, share in shares.items() if c not in categories)
+    return psi(np.asarray([shares[c] for c in categories] + [pooled]), np.asarray(cur))
+
+
+def test_an_id_like_column_has_no_windowed_comparison_but_common_categories_do() -> None:
+    rng = np.random.default_rng(0)
+    customers = [f"c{i}" for i in range(1000)]
+    ids = WindowedDrift(categorical_profile(rng.choice(customers, 5000).tolist()), window=1000,
+                        every=250, thresholds=T)
+    assert not ids.usable, "1000 customers in a 1000-event window: each expected once"
+    assert all(ids.add(rng.choice(customers, 250).tolist()) is None for _ in range(20))
+    # Two common categories and a long tail: the same distribution stays quiet, a shift between
+    # the common ones is still seen.
+    def draw(n: int, p_a: float) -> list[str]:
+        tail = rng.choice(customers, n).tolist()
+        u = rng.random(n)
+        return ["A" if x < p_a else "B" if x < 0.8 else t for x, t in zip(u, tail)]
+
+    w = WindowedDrift(categorical_profile(draw(5000, 0.4)), window=1000, every=1000, thresholds=T)
+    same = w.add(draw(1000, 0.4))
+    assert same is not None and same.level is None, same
+    shifted = w.add(draw(1000, 0.1))
+    assert shifted is not None and shifted.level == "alert", shifted
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_categorical_psi_is_identical_to_counting_strings(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    known = [f"c{i}" for i in range(int(rng.integers(2, 300)))]
+    known = [f"c{i}" for i in range(int(rng.integers(2, 60)))]  # some kept, some pooled
     ref = categorical_profile(rng.choice(known, 5000).tolist() + [True, 7])
-    window, every = int(rng.integers(50, 1000)), int(rng.integers(1, 300))
+    window, every = int(rng.integers(250, 1000)), int(rng.integers(1, 300))
     w = WindowedDrift(ref, window=window, every=every, thresholds=T)
     seen: list[str] = []
     pool = known + ["unseen", "other", True, 7, 7.5]
@@ -134,8 +157,8 @@ def test_categorical_psi_is_identical_to_counting_strings(seed: int) -> None:
         r = w.add(batch)
         if r is not None:
             evaluations += 1
-            assert r.psi == counter_psi(ref, seen[-window:])
-    assert evaluations > 0 and w.evaluate().psi == counter_psi(ref, seen[-window:])
+            assert r.psi == counter_psi(ref, seen[-window:], window)
+    assert evaluations > 0 and w.evaluate().psi == counter_psi(ref, seen[-window:], window)
 
 
 def test_ring_buffer_of_integer_codes() -> None:
