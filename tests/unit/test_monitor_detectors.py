@@ -174,3 +174,13 @@ def test_adwin_detects_exactly_where_river_does(seed: int) -> None:
     ours = det._river
     assert ours._drift_detected == river._drift_detected
     assert (ours.width, ours.total, ours.variance) == (river.width, river.total, river.variance)
+
+
+@pytest.mark.parametrize("name", ["adwin", "page_hinkley"])
+def test_feature_detectors_stay_quiet_on_a_long_stationary_stream(name: str) -> None:
+    # River's Page-Hinkley default (alpha 0.9999) alarmed about every 12k events on such a stream.
+    rng = np.random.default_rng(7)
+    det = Detector(name, seed=7)
+    hits = [det.update_many(rng.normal(0, 1, 1000)) for _ in range(60)]
+    assert sum(h.size for h in hits) == 0
+    assert det.update_many(rng.normal(1, 1, 1000)).size > 0, "a 1-sd shift is still seen"
