@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from loopline import avro, feedback
 from loopline.alerts import send_alert
-from loopline.errors import SchemaError
+from loopline.errors import LooplineError
 from loopline.kafka import AckedProducer, StopFlag
 from loopline.observability import Health
 from loopline.registry import RegistryReader, RegistryState, now_ms
@@ -58,6 +58,7 @@ class MonitorService:
         self.offsets: dict[tuple[str, int], int] = restored["offsets"] if restored else {}
         self.restored = restored is not None
         self._codecs: dict[str, tuple[int, avro.Codec]] = {}
+        self._routes: dict[str, tuple[str, str] | None] = {}  # topic -> (pipeline, kind) | None
         self._fixed = {k: avro.codec(k) for k in ("prediction", "deadletter")}
         self.watching_since: float | None = None  # when partitions were first assigned
         log.info("monitor_state", extra={"restored": self.restored, "pipelines": sorted(self.pipelines),
@@ -79,6 +80,7 @@ class MonitorService:
                 # Reads events written under every earlier version of the spec, too.
                 self._codecs[name] = (history, state.features_codec(name))
             pm.refresh(state)
+        self._routes.clear()  # a topic of a pipeline adopted just now was routed nowhere so far
         return set(self.pipelines) != before
 
     def topics(self) -> list[str]:
@@ -93,13 +95,22 @@ class MonitorService:
     def handle(self, messages: list[Message]) -> list[Alert]:
         """Fold a batch of data messages into the state; return the alert events it caused."""
         grouped: dict[tuple[str, str], list[Message]] = {}
+        last: dict[tuple[str, int], int] = {}  # highest offset seen per partition in this batch
+        offsets, routes = self.offsets, self._routes
         for m in messages:
-            pipeline = pipeline_of(m.topic())
-            if pipeline is None or pipeline not in self.pipelines:
+            topic = m.topic()
+            try:
+                route = routes[topic]
+            except KeyError:
+                route = routes[topic] = self._route(topic)
+            if route is None:
                 continue
-            if m.offset() <= self.offsets.get((m.topic(), m.partition()), -1):
+            key, offset = (topic, m.partition()), m.offset()
+            if offset <= offsets.get(key, -1):
                 continue  # already in the checkpointed state (redelivered after a restart)
-            grouped.setdefault((pipeline, m.topic().rsplit(".", 1)[1]), []).append(m)
+            grouped.setdefault(route, []).append(m)
+            if offset > last.get(key, -1):
+                last[key] = offset
         alerts: list[Alert] = []
         at = now_ms()
         for pipeline in sorted({p for p, _ in grouped}):
@@ -117,32 +128,37 @@ class MonitorService:
                         handler = {"features": pm.on_features, "feedback": pm.on_feedback,
                                    "deadletter": pm.on_dead_letters}[kind]
                         alerts += handler(batch, self.metrics, at)
-        for m in messages:
-            key = (m.topic(), m.partition())
-            if m.offset() > self.offsets.get(key, -1) and pipeline_of(m.topic()) in self.pipelines:
-                self.offsets[key] = m.offset()
+        self.offsets.update(last)  # only messages not already covered got into `last`
         return alerts
 
+    def _route(self, topic: str) -> tuple[str, str] | None:
+        """The (pipeline, kind) a topic's messages go to; None if no monitored pipeline owns it."""
+        pipeline = pipeline_of(topic)
+        if pipeline is None or pipeline not in self.pipelines:
+            return None
+        return pipeline, topic.rsplit(".", 1)[1]
+
     def _decode(self, pipeline: str, kind: str, msgs: list[Message]) -> Batch:
-        classes = self.pipelines[pipeline].spec.label.classes
-        codec = (self._codecs[pipeline][1] if kind == "features"
-                 else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
-
-        def decode(m: Message) -> dict[str, Any]:
-            if kind == "feedback":  # any client may send feedback, as Avro or as JSON
-                return feedback.decode(m.value(), m.topic(), m.partition(), m.offset(), m.timestamp()[1], classes)
-            return codec.decode(m.value())
-
+        results: Sequence[dict[str, Any] | LooplineError]
+        if kind == "feedback":  # any client may send feedback, as Avro or as JSON
+            results = feedback.decode_each(msgs, self.pipelines[pipeline].spec.label.classes)
+        else:
+            codec = (self._codecs[pipeline][1] if kind == "features"
+                     else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
+            results = codec.decode_each([m.value() for m in msgs])
+        if not any(isinstance(r, LooplineError) for r in results):  # the usual case
+            return Batch(cast("list[dict[str, Any]]", results), [m.offset() for m in msgs],
+                         [m.partition() for m in msgs], msgs[0].topic())
         records, offsets, partitions = [], [], []
-        for m in msgs:
-            try:
-                records.append(decode(m))
-            except (SchemaError, feedback.FeedbackError) as e:
+        for m, r in zip(msgs, results):
+            if isinstance(r, LooplineError):
                 # An unreadable message must not stop monitoring; it is counted and named.
                 self.metrics.events.labels(pipeline, f"{kind}_unreadable").inc()
-                log.error("monitor_unreadable_message", extra={
-                    "topic": m.topic(), "partition": m.partition(), "offset": m.offset(), "error": str(e)})
+                log.error("monitor_unreadable_message", extra={"topic": m.topic(), "error": str(r),
+                                                               "partition": m.partition(),
+                                                               "offset": m.offset()})
                 continue
+            records.append(r)
             offsets.append(m.offset())
             partitions.append(m.partition())
         return Batch(records, offsets, partitions, msgs[0].topic())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import fastavro
 import fastavro.utils
@@ -76,3 +77,126 @@ def test_compatibility_check_finds_a_missing_default() -> None:
     new["fields"].append({"name": "required_now", "type": "string"})
     assert avro.is_backward_compatible(new, old) is not None
     assert avro.is_backward_compatible(old, old) is None
+
+
+# --- decode_many / decode_each: one container block per batch, identical to decode ---------------
+
+PAIR = avro.Codec({"type": "record", "name": "Pair", "namespace": "test",
+                   "fields": [{"name": "a", "type": "long"}, {"name": "b", "type": "long"}]})
+
+
+def pair(a: int, b: int) -> bytes:
+    return PAIR.encode({"a": a, "b": b})
+
+
+def per_message(codec: avro.Codec, values: list[bytes]) -> list[object]:
+    """What decode says of each message: the record, or the text of its error."""
+    out: list[object] = []
+    for v in values:
+        try:
+            out.append(codec.decode(v))
+        except SchemaError as e:
+            out.append(str(e))
+    return out
+
+
+def each(codec: avro.Codec, values: list[bytes]) -> list[object]:
+    return [str(r) if isinstance(r, SchemaError) else r for r in codec.decode_each(values)]
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Messages that went through per-message decode (none when a batch takes the block path)."""
+    calls: list[bytes] = []
+    original = avro.Codec.decode
+
+    def spy(self: avro.Codec, data: bytes) -> dict[str, object]:
+        calls.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(avro.Codec, "decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("codec", codecs(), ids=lambda c: c.name)
+def test_decode_many_is_decode_of_each(codec: avro.Codec) -> None:
+    values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 300)]
+    expected = [codec.decode(v) for v in values]
+    assert codec.decode_many(values) == expected
+    for n in (0, 1, 5, 31, 32, 33):  # around the smallest batch worth a block
+        assert codec.decode_many(values[:n]) == expected[:n]
+
+
+def test_a_clean_batch_takes_the_block_path(decode_calls: list[bytes]) -> None:
+    codec = avro.codec("prediction")
+    values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 100)]
+    decode_calls.clear()
+    assert len(codec.decode_many(values)) == 100
+    assert decode_calls == []
+
+
+def test_several_writer_versions_in_one_batch(decode_calls: list[bytes]) -> None:
+    v1 = copy.deepcopy(avro.load_schema("feedback"))
+    v2 = copy.deepcopy(v1)
+    v2["fields"].append({"name": "comment", "type": ["null", "string"], "default": None})
+    v3 = copy.deepcopy(v2)
+    v3["fields"].append({"name": "score", "type": "double", "default": 0.5})
+    old1, old2, new = avro.Codec(v1), avro.Codec(v2), avro.Codec(v3, writers=[v1, v2])
+    values = []
+    for i, r in enumerate(fastavro.utils.generate_many(old1.parsed, 120)):
+        values.append([old1.encode(r), old2.encode({**r, "comment": f"c{i}"}),
+                       new.encode({**r, "comment": None, "score": i / 7})][i % 3])
+    decode_calls.clear()
+    records = new.decode_many(values)
+    assert decode_calls == []  # one block per writer (40 messages each)
+    assert records == per_message(new, values)
+    assert {r["comment"] for r in records[:3]} == {None, "c1"} and records[0]["score"] == 0.5
+
+
+def test_a_shifted_boundary_is_refused_though_count_and_length_match(
+        decode_calls: list[bytes]) -> None:
+    # A carries a trailing byte (decode ignores it), B lost its last byte (decode refuses it).
+    a, b = pair(1, 2) + b"\x06", pair(4, 5)[:-1]
+    # Read naively as one block, B becomes (3, 4): the right number of records, using up exactly
+    # the block's bytes, and no error. Only a per-record boundary check can tell.
+    header = io.BytesIO()
+    fastavro.writer(header, PAIR.schema, [], sync_marker=bytes(16))
+    body = a[avro.HEADER_LEN:] + b[avro.HEADER_LEN:]
+    naive = fastavro.reader(io.BytesIO(header.getvalue() + b"\x04\x08" + body + bytes(16)))
+    assert list(naive) == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+
+    values = [pair(i, i) for i in range(40)] + [a, b] + [pair(i, -i) for i in range(40)]
+    decode_calls.clear()
+    result = each(PAIR, values)
+    assert len(decode_calls) == len(values)  # the block was refused, every message decoded alone
+    assert result == per_message(PAIR, values)
+    assert result[40] == {"a": 1, "b": 2}
+    assert [i for i, r in enumerate(result) if isinstance(r, str)] == [41]
+    with pytest.raises(SchemaError, match="message 41 of 82: corrupt test.Pair message"):
+        PAIR.decode_many(values)
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda good: good[:-3], id="truncated"),
+    pytest.param(lambda good: good[:avro.HEADER_LEN], id="header-only"),
+    pytest.param(lambda good: b'{"json": true}', id="foreign"),
+    pytest.param(lambda good: b"\xc3\x02" + good[2:], id="bad-magic"),
+    pytest.param(lambda good: avro.codec("feedback").encode({
+        "feedback_id": "f", "prediction_id": "p", "event_id": None, "label": "1", "value": None,
+        "verdict": None, "ts": 1}), id="other-schema"),
+    pytest.param(lambda good: None, id="tombstone"),
+])
+def test_one_bad_message_is_named_and_the_rest_decoded(bad: object) -> None:
+    codec = avro.codec("alert")
+    values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 60)]
+    values[17] = bad(values[17])  # type: ignore[operator]
+    result = each(codec, values)
+    assert result == per_message(codec, values)
+    assert [i for i, r in enumerate(result) if isinstance(r, str)] == [17]
+    with pytest.raises(SchemaError, match="^message 17 of 60: "):
+        codec.decode_many(values)
+
+
+def test_an_empty_batch() -> None:
+    assert avro.codec("prediction").decode_many([]) == []
+    assert avro.codec("prediction").decode_each([]) == []

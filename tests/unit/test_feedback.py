@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from loopline import feedback
+import pytest
+from confluent_kafka import Message
+
+from loopline import avro, feedback
 from loopline.feedback import FeedbackError
 
 
@@ -40,3 +43,61 @@ def test_bad_feedback_names_field_and_rule(data: bytes, field: str | None, rule:
     with pytest.raises(FeedbackError) as info:
         feedback.decode(data, "t", 0, 0, classes=["0", "1"])
     assert (info.value.field, info.value.rule) == (field, rule)
+
+
+def message(value: bytes | None, offset: int, partition: int = 0, ts: int = 7) -> Message:
+    return Message(topic="t", partition=partition, offset=offset, key=None, value=value,
+                   timestamp=(1, ts))
+
+
+def outcome(r: object) -> object:
+    return (r.field, r.rule, str(r)) if isinstance(r, FeedbackError) else r
+
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["block", "fallback"])
+def test_decode_each_is_decode_of_each_message(truncated: bool) -> None:
+    classes = ["0", "1"]
+    good = [feedback.make(prediction_id=f"p{i}", label=str(i % 2), ts=i, feedback_id=f"f{i}")
+            for i in range(60)]
+    values: list[bytes | None] = [feedback.encode(r) for r in good]
+    base = {"feedback_id": "x", "prediction_id": "p", "event_id": None, "label": "1", "value": None,
+            "verdict": None, "ts": 5}
+    # Avro records that break a rule: the schema fixes their types, the rules are still checked.
+    breaks: list[dict[str, Any]] = [
+        {"prediction_id": None}, {"label": None}, {"label": "2"}, {"ts": -1},
+        {"label": None, "value": float("nan")}, {"label": None, "value": float("inf")},
+        {"label": None, "verdict": "reject"}, {"prediction_id": "", "event_id": "e"},
+        {"label": None, "value": 2.5}]
+    for i, change in enumerate(breaks):
+        values[3 + 5 * i] = avro.codec("feedback").encode({**base, **change})
+    # JSON, and messages that are neither
+    values[4] = b'{"event_id": "e1", "verdict": "accept"}'
+    values[9] = b'{"event_id": "e1", "label": 1, "ts": 3}'
+    values[14] = b'{"event_id": "e1", "label": "1", "colour": 1}'
+    values[19], values[24], values[29] = b"", None, b"\xc3\x01garbage"
+    if truncated:  # the Avro ones can no longer be read as one block
+        values[34] = feedback.encode(good[34])[:-2]
+    msgs = [message(v, offset=100 + i, partition=i % 2) for i, v in enumerate(values)]
+
+    expected: list[dict[str, Any] | FeedbackError] = []
+    for m in msgs:
+        try:
+            expected.append(feedback.decode(m.value(), "t", m.partition(), m.offset(), 7, classes))
+        except FeedbackError as e:
+            expected.append(e)
+    got = feedback.decode_each(msgs, classes)
+    assert [outcome(r) for r in got] == [outcome(r) for r in expected]
+    assert got[0] == good[0]
+    assert got[4] == {"feedback_id": feedback.derived_id("t", 0, 104), "prediction_id": None,
+                      "event_id": "e1", "label": None, "value": None, "verdict": "accept", "ts": 7}
+    errors = [i for i, r in enumerate(got) if isinstance(r, FeedbackError)]
+    assert errors == [3, 8, 13, 14, 18, 19, 23, 24, 28, 29] + ([34] if truncated else [])
+    assert feedback.decode_each([]) == []
+
+
+def test_the_schema_fixes_what_decode_each_does_not_recheck() -> None:
+    fields = {f["name"]: f["type"] for f in avro.load_schema("feedback")["fields"]}
+    assert fields["verdict"][1]["symbols"] == list(feedback.VERDICTS)
+    assert fields["value"] == ["null", "double"] and fields["ts"] == "long"
+    assert all(fields[n] in ("string", ["null", "string"])
+               for n in ("feedback_id", "prediction_id", "event_id", "label"))

@@ -1,0 +1,141 @@
+"""MonitorService.handle: routes pipeline topics, skips checkpointed offsets, names bad messages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Message
+from prometheus_client import CollectorRegistry
+
+from loopline import avro, feedback, topics
+from loopline.registry import RegistryState
+from loopline.services.monitor import service as monitor_service
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch
+from loopline.services.monitor.service import MonitorService
+from loopline.services.monitor.settings import MonitorSettings
+from loopline.services.monitor.state import Checkpoint
+from loopline.spec import PipelineSpec, parse_spec
+
+
+class FakePipelineMonitor:
+    """Records the batches it is given (the real one is tested on its own)."""
+
+    def __init__(self, spec: PipelineSpec, tuning: Any) -> None:
+        self.spec = spec
+        self.seen: list[tuple[str, list[int], list[int], list[str]]] = []
+
+    def refresh(self, state: RegistryState) -> None:
+        pass
+
+    def _see(self, kind: str, batch: Batch) -> list[Any]:
+        ids = [r.get("feedback_id") or r.get("event_id") or r["rule"] for r in batch.records]
+        self.seen.append((kind, batch.partitions, batch.offsets, ids))
+        return []
+
+    def on_features(self, batch: Batch, metrics: Any, at: int) -> list[Any]:
+        return self._see("features", batch)
+
+    def on_predictions(self, batch: Batch, metrics: Any, at: int, now_s: float = 0.0) -> list[Any]:
+        return self._see("predictions", batch)
+
+    def on_feedback(self, batch: Batch, metrics: Any, at: int) -> list[Any]:
+        return self._see("feedback", batch)
+
+    def on_dead_letters(self, batch: Batch, metrics: Any, at: int) -> list[Any]:
+        return self._see("deadletter", batch)
+
+
+def spec(name: str) -> PipelineSpec:
+    return parse_spec({"name": name, "features": [{"name": "x", "type": "float"}],
+                       "label": {"classes": ["no", "yes"]}})
+
+
+def state(*names: str) -> RegistryState:
+    specs = {n: spec(n) for n in names}
+    schemas = {n: [s.features_schema()] for n, s in specs.items()}
+    return RegistryState(specs=specs, features_schemas=schemas)
+
+
+def feature(pipeline: str, i: int) -> bytes:
+    return avro.Codec(spec(pipeline).features_schema()).encode({
+        "event_id": f"{pipeline}-e{i}", "key": None, "ts": i, "ingested_at": i,
+        "source": {"topic": "raw", "partition": 0, "offset": i}, "features": {"x": float(i)}})
+
+
+def msg(topic: str, partition: int, offset: int, value: bytes | None) -> Message:
+    return Message(topic=topic, partition=partition, offset=offset, key=None, value=value,
+                   timestamp=(1, 5))
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MonitorService:
+    monkeypatch.setattr(monitor_service, "PipelineMonitor", FakePipelineMonitor)
+    settings = MonitorSettings(bootstrap_servers="127.0.0.1:1", home=tmp_path)
+    producer: Any = None  # handle() sends nothing
+    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
+                         Checkpoint(tmp_path / "monitor.ckpt"))
+    svc.sync(state("demo"))
+    return svc
+
+
+def seen(svc: MonitorService, pipeline: str) -> list[tuple[str, list[int], list[int], list[str]]]:
+    return svc.pipelines[pipeline].seen  # type: ignore[attr-defined, no-any-return]
+
+
+def test_routes_per_pipeline_topics_and_skips_checkpointed_offsets(
+        service: MonitorService, caplog: pytest.LogCaptureFixture) -> None:
+    demo, other = topics.PipelineTopics("demo"), topics.PipelineTopics("other")
+    service.offsets[(demo.features, 0)] = 4  # offsets 0..4 of partition 0 are in the checkpoint
+    messages = [msg(demo.features, 0, i, b"not avro" if i == 7 else feature("demo", i))
+                for i in range(10)]
+    messages += [msg(demo.features, 1, i, feature("demo", 100 + i)) for i in range(3)]
+    messages += [msg(other.features, 0, i, feature("other", i)) for i in range(4)]  # not monitored
+    messages += [msg(topics.MODELS, 0, 3, b"registry event")]  # not a pipeline topic
+    messages += [msg(demo.feedback, 0, 20, b'{"event_id": "demo-e5", "label": "yes"}')]
+    messages.sort(key=lambda m: (m.offset(), m.topic()))  # interleaved; each partition in order
+
+    with caplog.at_level(logging.ERROR):
+        assert service.handle(messages) == []
+    assert seen(service, "demo") == [
+        ("features", [1, 1, 1, 0, 0, 0, 0], [0, 1, 2, 5, 6, 8, 9],
+         ["demo-e100", "demo-e101", "demo-e102", "demo-e5", "demo-e6", "demo-e8", "demo-e9"]),
+        ("feedback", [0], [20], [feedback.derived_id(demo.feedback, 0, 20)]),
+    ]
+    assert service.offsets == {(demo.features, 0): 9, (demo.features, 1): 2, (demo.feedback, 0): 20}
+    bad = [r for r in caplog.records if r.getMessage() == "monitor_unreadable_message"]
+    where = [(r.__dict__["topic"], r.__dict__["partition"], r.__dict__["offset"]) for r in bad]
+    assert where == [(demo.features, 0, 7)]
+    unreadable = service.metrics.events.labels("demo", "features_unreadable")._value.get()
+    assert unreadable == 1
+
+    # Redelivered after a restart: everything is already covered.
+    service.handle(messages)
+    assert len(seen(service, "demo")) == 2
+
+    # A pipeline adopted later: its topics are routed from then on.
+    service.sync(state("demo", "other"))
+    service.handle(messages)
+    assert seen(service, "other") == [("features", [0, 0, 0, 0], [0, 1, 2, 3],
+                                       ["other-e0", "other-e1", "other-e2", "other-e3"])]
+    assert service.offsets[(other.features, 0)] == 3 and (topics.MODELS, 0) not in service.offsets
+    assert len(seen(service, "demo")) == 2
+
+
+def test_a_large_batch_is_decoded_as_one(service: MonitorService,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    demo = topics.PipelineTopics("demo")
+    calls: list[int] = []
+    original = avro.Codec.decode_each
+
+    def spy(self: avro.Codec, values: list[bytes]) -> list[Any]:
+        calls.append(len(values))
+        return original(self, values)
+
+    monkeypatch.setattr(avro.Codec, "decode_each", spy)
+    service.handle([msg(demo.features, 0, i, feature("demo", i)) for i in range(500)])
+    assert calls == [500]
+    assert seen(service, "demo")[0][2] == list(range(500))
