@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,29 @@ import numpy as np
 from loopline.services.monitor.detectors import Detector, error_detector_names
 
 
+VariantKey = tuple[str, int, str]
+
+#: A prediction waiting for its feedback, as a plain tuple rather than an object: one row per
+#: prediction is the join's main cost, in allocation and in garbage-collector traversals.
+#: ``(variant key, served, label, value, event_id, scored_at)``, read with the indices below.
+Row = tuple[VariantKey, bool, str | None, float | None, str, int]
+KEY, SERVED, LABEL, VALUE, EVENT, SCORED_AT = range(6)
+
+#: Errors and feedback offsets per variant, collected over one batch.
+Errors = dict[VariantKey, tuple[list[float], list[int]]]
+
+_PREDICTION = itemgetter("prediction_id", "event_id", "served", "scored_at")
+_VARIANT = itemgetter("model_name", "model_version", "variant")
+_SCORED_AT = itemgetter("scored_at")
+_TS = itemgetter("ts")
+_FEEDBACK_FIELDS = ("prediction_id", "event_id", "label", "value", "verdict")
+_FEEDBACK = itemgetter(*_FEEDBACK_FIELDS)
+_NONE: Any = object()  # absent from a dict (an id may be any hashable, None included)
+
+
 @dataclass
 class Pending:
-    """A prediction waiting for its feedback."""
+    """Row shape of format 1 and 2 checkpoints, kept only so they unpickle and are set aside as old."""
 
     model_name: str
     model_version: int
@@ -46,9 +67,6 @@ class Scored:
     labeled: int
 
 
-VariantKey = tuple[str, int, str]
-
-
 #: Labels in the "recent" error rate compared with the baseline.
 RECENT = 200
 #: How many standard errors above the baseline the recent error rate must be (classification).
@@ -66,8 +84,10 @@ class PerformanceTracker:
     detector_names: list[str]
     seed: int
     max_pending: int = 1_000_000
-    predictions: dict[str, Pending] = field(default_factory=dict)
-    by_event: dict[str, list[str]] = field(default_factory=dict)
+    predictions: dict[str, Row] = field(default_factory=dict)
+    #: Prediction ids per event: the id itself while an event has one prediction (the usual case),
+    #: a list from the second on; a list per event would double the objects the join keeps alive.
+    by_event: dict[str, str | list[str]] = field(default_factory=dict)
     truths: dict[str, tuple[Any, int]] = field(default_factory=dict)
     waiting: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     seen_feedback: dict[str, int] = field(default_factory=dict)
@@ -88,23 +108,38 @@ class PerformanceTracker:
 
     def add_predictions(self, records: list[dict[str, Any]], offsets: list[int]) -> list[Scored]:
         """Remember predictions; score those whose truth is already known."""
-        errors: dict[VariantKey, tuple[list[float], list[int]]] = {}
+        errors: Errors = {}
         retry: list[tuple[dict[str, Any], int]] = []
+        # Nothing in the loop reads the clock: one max per batch gives the same stream time.
+        self.clock = max(self.clock, max(map(_SCORED_AT, records), default=self.clock))
+        predictions, by_event, truths = self.predictions, self.by_event, self.truths
+        waiting = self.waiting
+        keys: dict[tuple[Any, Any, Any], VariantKey] = {}  # one shared key tuple per variant
         for p, off in zip(records, offsets):
-            self.clock = max(self.clock, p["scored_at"])
-            pid, eid = p["prediction_id"], p["event_id"]
-            pending = Pending(p["model_name"], p["model_version"], str(p["variant"]), p["served"],
-                              p.get("label"), p.get("value"), eid, p["scored_at"])
-            truth = self.truths.get(eid)
+            pid, eid, served, scored_at = _PREDICTION(p)
+            raw = _VARIANT(p)
+            key = keys.get(raw)
+            if key is None:
+                key = keys[raw] = (raw[0], raw[1], str(raw[2]))
+            row = (key, served, p.get("label"), p.get("value"), eid, scored_at)
+            truth = truths.get(eid)
             if truth is not None:
-                self._score(pending, truth[0], off, errors)
+                self._score(row, truth[0], off, errors)
                 continue
-            if pid not in self.predictions:
-                self.by_event.setdefault(eid, []).append(pid)
-            self.predictions[pid] = pending
-            for key in (pid, eid):
-                if key in self.waiting:
-                    retry.append(self.waiting.pop(key))
+            if pid not in predictions:  # a resent prediction replaces its row, once per event
+                ids = by_event.get(eid, _NONE)
+                if ids is _NONE:
+                    by_event[eid] = pid
+                elif ids.__class__ is list:
+                    ids.append(pid)
+                else:
+                    by_event[eid] = [ids, pid]
+            predictions[pid] = row
+            if waiting:  # almost always empty: feedback rarely comes before its prediction
+                if pid in waiting:
+                    retry.append(waiting.pop(pid))
+                if eid in waiting:
+                    retry.append(waiting.pop(eid))
         for fb, off in retry:
             self._apply_feedback(fb, off, errors)
         self._prune()
@@ -112,63 +147,79 @@ class PerformanceTracker:
 
     def add_feedback(self, records: list[dict[str, Any]], offsets: list[int]) -> list[Scored]:
         """Join feedback with known predictions (or keep it until they arrive); score them."""
-        errors: dict[VariantKey, tuple[list[float], list[int]]] = {}
+        errors: Errors = {}
+        # Resends move the clock too, as they did when it was kept per record.
+        self.clock = max(self.clock, max(map(_TS, records), default=self.clock))
+        seen = self.seen_feedback
         for fb, off in zip(records, offsets):
-            self.clock = max(self.clock, fb["ts"])
-            if fb["feedback_id"] in self.seen_feedback:
+            fid = fb["feedback_id"]
+            if fid in seen:
                 continue  # a resend: counted once
-            self.seen_feedback[fb["feedback_id"]] = fb["ts"]
+            seen[fid] = fb["ts"]
             self._apply_feedback(fb, off, errors)
         self._prune()
         return self._finish(errors)
 
-    def _apply_feedback(self, fb: dict[str, Any], offset: int,
-                        errors: dict[VariantKey, tuple[list[float], list[int]]]) -> None:
-        pid, eid = fb.get("prediction_id"), fb.get("event_id")
-        ref = self.predictions.get(pid) if pid else None
+    def _apply_feedback(self, fb: dict[str, Any], offset: int, errors: Errors) -> None:
+        try:
+            pid, eid, label, value, verdict = _FEEDBACK(fb)
+        except KeyError:  # a record built by hand may leave out what it does not use
+            pid, eid, label, value, verdict = (fb.get(k) for k in _FEEDBACK_FIELDS)
+        predictions = self.predictions
+        ref = predictions.get(pid) if pid else None
         if ref is None and eid:
-            served = [self.predictions[x] for x in self.by_event.get(eid, []) if x in self.predictions]
-            ref = next((p for p in served if p.served), served[0] if served else None)
-        eid = eid or (ref.event_id if ref else None)
-        truth = self._truth(fb, ref)
+            ids = self.by_event.get(eid, _NONE)
+            if ids.__class__ is list:
+                served = [predictions[x] for x in ids if x in predictions]
+                ref = next((p for p in served if p[SERVED]), served[0] if served else None)
+            elif ids is not _NONE:
+                ref = predictions.get(ids)
+        eid = eid or (ref[EVENT] if ref is not None else None)
+        truth = self._truth(label, value, verdict, ref)
         if truth is None or eid is None:
             if ref is None and (pid or eid):
                 self.waiting[pid or eid] = (fb, offset)  # type: ignore[index]
             return
         self.truths[eid] = (truth, fb["ts"])
-        for x in self.by_event.pop(eid, []):
-            p = self.predictions.pop(x, None)
-            if p is not None:
-                self._score(p, truth, offset, errors)
+        ids = self.by_event.pop(eid, _NONE)
+        if ids is _NONE:
+            return
+        for x in ids if ids.__class__ is list else (ids,):
+            row = predictions.pop(x, None)
+            if row is not None:
+                self._score(row, truth, offset, errors)
 
-    def _truth(self, fb: dict[str, Any], ref: Pending | None) -> Any:
-        if self.regression:
-            if fb.get("value") is not None:
-                return float(fb["value"])
-            return ref.value if ref is not None and fb.get("verdict") == "accept" else None
-        if fb.get("label") is not None:
-            return str(fb["label"])
-        if ref is None or ref.label is None:
+    def _truth(self, label: Any, value: Any, verdict: str | None, ref: Row | None) -> Any:
+        """The truth a feedback's label, value or verdict implies (None: none yet)."""
+        if self.task == "regression":
+            if value is not None:
+                return float(value)
+            return ref[VALUE] if ref is not None and verdict == "accept" else None
+        if label is not None:
+            return str(label)
+        if ref is None or ref[LABEL] is None:
             return None
-        if fb.get("verdict") == "accept":
-            return ref.label
-        if fb.get("verdict") == "reject" and self.classes and len(self.classes) == 2:
-            return next(c for c in self.classes if c != ref.label)
+        if verdict == "accept":
+            return ref[LABEL]
+        if verdict == "reject" and self.classes and len(self.classes) == 2:
+            return next(c for c in self.classes if c != ref[LABEL])
         return None
 
-    def _score(self, p: Pending, truth: Any, offset: int,
-               errors: dict[VariantKey, tuple[list[float], list[int]]]) -> None:
-        if self.regression:
-            if p.value is None:
+    def _score(self, row: Row, truth: Any, offset: int, errors: Errors) -> None:
+        if self.task == "regression":
+            value = row[VALUE]
+            if value is None:
                 return
-            err = abs(float(p.value) - float(truth))
+            err = abs(float(value) - float(truth))
         else:
-            err = float(p.label != truth)
-        errs, offs = errors.setdefault((p.model_name, p.model_version, p.variant), ([], []))
-        errs.append(err)
-        offs.append(offset)
+            err = float(row[LABEL] != truth)
+        entry = errors.get(row[KEY])
+        if entry is None:
+            entry = errors[row[KEY]] = ([], [])
+        entry[0].append(err)
+        entry[1].append(offset)
 
-    def _finish(self, errors: dict[VariantKey, tuple[list[float], list[int]]]) -> list[Scored]:
+    def _finish(self, errors: Errors) -> list[Scored]:
         out = []
         for key, (errs, offs) in errors.items():
             arr, off_arr = np.asarray(errs, dtype=float), np.asarray(offs, dtype=np.int64)
@@ -217,17 +268,21 @@ class PerformanceTracker:
     def _prune(self) -> None:
         """Forget what is older than the TTL (stream time) or beyond the size bound."""
         horizon = self.clock - self.ttl_ms
+        predictions, by_event = self.predictions, self.by_event
         # Dicts keep insertion order, which is close to time order: stop at the first young entry.
-        while self.predictions:
-            pid, p = next(iter(self.predictions.items()))
-            if p.scored_at >= horizon and len(self.predictions) <= self.max_pending:
+        while predictions:
+            pid, row = next(iter(predictions.items()))
+            if row[SCORED_AT] >= horizon and len(predictions) <= self.max_pending:
                 break
-            del self.predictions[pid]
-            ids = self.by_event.get(p.event_id)
-            if ids is not None:
+            del predictions[pid]
+            eid = row[EVENT]
+            ids = by_event.get(eid, _NONE)
+            if ids.__class__ is list:
                 ids[:] = [x for x in ids if x != pid]
                 if not ids:
-                    del self.by_event[p.event_id]
+                    del by_event[eid]
+            elif ids is not _NONE and ids == pid:
+                del by_event[eid]
             self.expired += 1
         for table in (self.truths, self.seen_feedback):
             while table:

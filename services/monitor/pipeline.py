@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -12,7 +14,7 @@ from loopline.registry import RegistryState
 from loopline.services.monitor.episodes import EpisodeKey, Episodes
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.performance import RECENT, PerformanceTracker
-from loopline.services.monitor.quality import QualityTracker
+from loopline.services.monitor.quality import Columns, QualityTracker
 from loopline.services.monitor.streams import ColumnWatch, Finding
 from loopline.services.monitor.windowed import Thresholds
 from loopline.services.monitor.zombie import DEPLOYED, ZombieWatch
@@ -125,11 +127,13 @@ class PipelineMonitor:
     # --- batches ------------------------------------------------------------------------------
     def on_features(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
         """Quality and drift of one batch of feature events."""
-        columns = {f.name: [r["features"].get(f.name) for r in batch.records] for f in self.spec.features}
+        columns = Columns.of_events(batch.records, self.spec.features)
         alerts = self._quality(self.quality.add_features(columns, batch.offsets), metrics, at)
         model = self.champion
         for name, watch in self.features.items():
-            finding = watch.update(columns[name])
+            # A watch keeps its kind when the spec retypes a feature in place: give it what it knew.
+            values = columns.values[name] if watch.numeric else columns.raw[name]
+            finding = watch.update(values, columns.missing[name])
             alerts += self._drift("feature", name, watch, finding, batch, model, metrics, at)
         return alerts
 
@@ -140,16 +144,12 @@ class PipelineMonitor:
     def on_predictions(self, batch: Batch, metrics: MonitorMetrics, at: int, now_s: float = 0.0) -> list[Alert]:
         """Output drift per model version, traffic for zombie checks, and joins with earlier feedback."""
         alerts: list[Alert] = []
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, p in enumerate(batch.records):
-            groups.setdefault((p["model_name"], p["model_version"]), []).append(i)
-        for key, idx in groups.items():
-            records = [batch.records[i] for i in idx]
-            sub = Batch(records, [batch.offsets[i] for i in idx], [batch.partitions[i] for i in idx], batch.topic)
+        for key, sub in _by_version(batch).items():
             # Traffic is when the monitor saw it: immune to clock skew between hosts and to backlogs.
             self.zombies.traffic(key[0], key[1], now_s or at / 1000, _spans(sub))
+            outputs = _Outputs(sub.records)
             for name, watch in self._outputs_of(key).items():
-                finding = watch.update([_output(r, name) for r in records])
+                finding = watch.update(outputs.column(name))
                 alerts += self._drift("output", name, watch, finding, sub, key, metrics, at)
         alerts += self._performance(self.performance.add_predictions(batch.records, batch.offsets), metrics, at)
         return alerts
@@ -330,12 +330,68 @@ def _output(prediction: dict[str, Any], name: str) -> Any:
     return prediction.get("value")
 
 
+_MODEL = itemgetter("model_name", "model_version")
+_LABEL = itemgetter("label")
+_VALUE = itemgetter("value")
+_SCORES = itemgetter("scores")
+
+
+class _Outputs:
+    """Output columns of one version's predictions, each read from the records once."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+        self._values: list[Any] | None = None
+        self._scores: list[Any] | None = None
+
+    def column(self, name: str) -> list[Any]:
+        """Output ``name`` of every prediction, as :func:`_output` reads it."""
+        records = self.records
+        try:
+            if name == "label":
+                return list(map(_LABEL, records))
+            if self._values is None:
+                self._values, self._scores = list(map(_VALUE, records)), list(map(_SCORES, records))
+            # Decoded predictions always carry a scores map; None or a missing key falls back below.
+            return [s[name] if name in s else v for s, v in zip(self._scores, self._values)]
+        except (KeyError, TypeError):
+            return [_output(r, name) for r in records]
+
+
+def _by_version(batch: Batch) -> dict[tuple[str, int], Batch]:
+    """The predictions of each (model name, version) in ``batch``, in order of first appearance."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, key in enumerate(map(_MODEL, batch.records)):
+        idx = groups.get(key)
+        if idx is None:
+            groups[key] = [i]
+        else:
+            idx.append(i)
+    if len(groups) == 1:
+        return {key: batch for key in groups}
+    out = {}
+    for key, idx in groups.items():
+        if len(idx) == 1:  # itemgetter of one index returns the item, not a tuple
+            i = idx[0]
+            out[key] = Batch([batch.records[i]], [batch.offsets[i]], [batch.partitions[i]],
+                             batch.topic)
+        else:
+            pick = itemgetter(*idx)
+            out[key] = Batch(list(pick(batch.records)), list(pick(batch.offsets)),
+                             list(pick(batch.partitions)), batch.topic)
+    return out
+
+
 def _spans(batch: Batch) -> dict[int, tuple[int, int]]:
-    """Per partition, the first and last offset in ``batch``."""
+    """Per partition (in order of first appearance), the first and last offset in ``batch``."""
+    partitions, offsets = batch.partitions, batch.offsets
+    order = dict.fromkeys(partitions)
+    if len(order) == 1:
+        return {partitions[0]: (min(offsets), max(offsets))}
     spans: dict[int, tuple[int, int]] = {}
-    for partition, offset in zip(batch.partitions, batch.offsets):
-        first, last = spans.get(partition, (offset, offset))
-        spans[partition] = (min(first, offset), max(last, offset))
+    for partition in order:  # a few partitions: one C-level pass over the batch for each
+        mine = list(compress(offsets, map(partition.__eq__, partitions)))
+        spans[partition] = (min(mine), max(mine))
     return spans
 
 

@@ -8,15 +8,20 @@ window: good ones plus dead letters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from loopline.spec import PipelineSpec
+from loopline.spec import Feature, PipelineSpec
 
 KINDS = ("missing", "type_error", "out_of_range", "other")
 EVENT = "_event"  # dead letters that blame no single field (unparseable, too large, ...)
+NUMERIC = ("float", "int")
+
+_FEATURES = itemgetter("features")
 
 
 def classify_rule(rule: str) -> str:
@@ -29,6 +34,49 @@ def classify_rule(rule: str) -> str:
     if "required" in r or "missing" in r or "null" in r:
         return "missing"
     return "other"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """One batch of feature events by feature, extracted once for quality and drift."""
+
+    raw: dict[str, list[Any]]  # as decoded, None: missing
+    values: dict[str, np.ndarray | list[Any]]  # numeric features (spec type) as floats, None: NaN
+    missing: dict[str, int]  # None values per feature; a NaN that was sent is present, as ever
+
+    @classmethod
+    def of_events(cls, records: list[dict[str, Any]], features: Sequence[Feature]) -> Columns:
+        """The columns of feature events (each with a ``features`` mapping)."""
+        feats = list(map(_FEATURES, records))
+        raw: dict[str, list[Any]] = {}
+        values: dict[str, np.ndarray | list[Any]] = {}
+        missing: dict[str, int] = {}
+        for f in features:
+            name = f.name
+            try:
+                col = list(map(itemgetter(name), feats))
+            except KeyError:  # an event that does not carry the feature: missing, as with a null
+                col = [x.get(name) for x in feats]
+            raw[name] = col
+            if f.type in NUMERIC:
+                arr = values[name] = np.array(col, dtype=float)
+                # None became NaN: count the None values only when there is a NaN at all.
+                missing[name] = _nulls(col) if np.isnan(arr).any() else 0
+            else:
+                values[name] = col
+                missing[name] = _nulls(col)
+        return cls(raw, values, missing)
+
+    @classmethod
+    def of_lists(cls, columns: dict[str, list[Any]]) -> Columns:
+        """Columns given as lists of values, kept as lists."""
+        missing = {name: _nulls(col) for name, col in columns.items()}
+        return cls(dict(columns), dict(columns), missing)
+
+
+def _nulls(values: list[Any]) -> int:
+    # Faster than list.count(None), which compares every value with None by ==.
+    return sum(1 for v in values if v is None)
 
 
 @dataclass(frozen=True)
@@ -52,28 +100,36 @@ class QualityTracker:
     first_offset: int | None = None
     last_offset: int | None = None
 
-    def add_features(self, columns: dict[str, list[Any]], offsets: list[int]) -> list[QualityReport]:
+    def add_features(self, columns: Columns | dict[str, list[Any]],
+                     offsets: list[int]) -> list[QualityReport]:
         """Count one batch of good events (columns of feature values); return finished windows."""
         n = len(offsets)
         if n == 0:
             return []
+        if not isinstance(columns, Columns):
+            columns = Columns.of_lists(columns)
         for f in self.spec.features:
-            values = columns.get(f.name, [])
-            missing = sum(1 for v in values if v is None)
+            values = columns.values.get(f.name, [])
+            missing = columns.missing.get(f.name, 0)
             if missing:
                 self._count((f.name, "missing"), missing)
-            if f.type in ("float", "int") and (f.min is not None or f.max is not None):
-                arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            if f.type in NUMERIC and (f.min is not None or f.max is not None):
+                if isinstance(values, np.ndarray):
+                    arr = values
+                else:
+                    arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
                 bad = np.zeros(arr.size, dtype=bool)
                 if f.min is not None:
                     bad |= arr < f.min
                 if f.max is not None:
                     bad |= arr > f.max
-                if bad.any():
-                    self._count((f.name, "out_of_range"), int(bad.sum()))
+                out = int(np.count_nonzero(bad))
+                if out:
+                    self._count((f.name, "out_of_range"), out)
             elif f.values is not None:
-                allowed = set(f.values)
-                out = sum(1 for v in values if v is not None and v not in allowed)
+                # None is missing, not out of range; allowing it lets one C-level pass count.
+                allowed = {*f.values, None}
+                out = len(values) - sum(map(allowed.__contains__, values))
                 if out:
                     self._count((f.name, "out_of_range"), out)
         return self._advance(n, offsets[0], offsets[-1])

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Bumped whenever the pickled objects change shape; a checkpoint of another format is ignored.
 # 2: categorical windows hold integer codes, numeric windows a sorted KS sample.
-FORMAT = 2
+# 3: the feedback join holds predictions as tuples, not Pending objects.
+FORMAT = 3
 
 
 class Checkpoint:

@@ -56,11 +56,14 @@ class ColumnWatch:
             return None
         return float(np.mean(self.recent.values()))
 
-    def update(self, values: list[Any]) -> Finding:
-        """Feed one batch (None = missing); return what it showed."""
+    def update(self, values: list[Any] | np.ndarray, missing: int | None = None) -> Finding:
+        """Feed one batch (None, or NaN in a float array: missing, ``missing`` of them if known)."""
         finding = Finding()
         if self.numeric:
-            arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            if isinstance(values, np.ndarray):
+                arr = np.asarray(values, dtype=float)
+            else:
+                arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
             present = arr[np.isfinite(arr)]
             self.recent.extend(present)  # type: ignore[union-attr]
             z = self._standardise(arr)
@@ -73,7 +76,8 @@ class ColumnWatch:
             if self.windowed is not None:
                 finding.windowed = self.windowed.add(present)
         elif self.windowed is not None:
-            finding.windowed = self.windowed.add([v for v in values if v is not None])
+            present = values if missing == 0 else [v for v in values if v is not None]
+            finding.windowed = self.windowed.add(present)
         return finding
 
     def _standardise(self, arr: np.ndarray) -> np.ndarray | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -95,3 +96,76 @@ def test_error_detectors_fire_when_the_error_rate_jumps() -> None:
     scored = t.add_feedback([fb(i, event_id=f"e{i}", label=labels[i]) for i in range(3000)], list(range(3000)))
     hits = scored[0].detections
     assert hits and all(off >= 1500 for _, off in hits)
+
+
+def test_a_resent_prediction_is_kept_once_with_its_latest_fields() -> None:
+    t = tracker()
+    t.add_predictions([pred(1, label="no"), pred(1, label="yes")], [0, 1])
+    t.add_predictions([pred(1, label="yes")], [2])
+    assert list(t.predictions) == ["p1-champion"] and t.by_event == {"e1": "p1-champion"}
+    scored = t.add_feedback([fb(1, event_id="e1", label="yes")], [3])
+    assert by_variant(scored) == {"champion": [0.0]}
+    assert t.predictions == {} and t.by_event == {}
+
+
+def test_a_verdict_before_the_predictions_waits_and_then_scores_every_variant() -> None:
+    t = tracker()
+    assert t.add_feedback([fb(1, event_id="e1", verdict="reject")], [4]) == []
+    assert list(t.waiting) == ["e1"]
+    scored = t.add_predictions([pred(1, "challenger", label="no"), pred(1, label="yes")], [0, 1])
+    # the served champion said "yes" and was rejected: the truth is "no" for both variants
+    assert by_variant(scored) == {"champion": [1.0], "challenger": [0.0]}
+    assert scored[0].offsets.tolist() == [4] and t.waiting == {}
+
+
+def test_a_label_for_an_unknown_prediction_id_waits_for_it() -> None:
+    t = tracker()
+    t.add_feedback([fb(1, prediction_id="p1-shadow", label="no")], [3])
+    assert list(t.waiting) == ["p1-shadow"]
+    scored = t.add_predictions([pred(1), pred(1, "shadow", label="no")], [0, 1])
+    assert by_variant(scored) == {"champion": [1.0], "shadow": [0.0]}
+    assert t.truths["e1"][0] == "no"
+
+
+def test_one_expired_prediction_leaves_the_rest_of_its_event_waiting() -> None:
+    t = tracker(ttl_ms=1000)
+    t.add_predictions([pred(1, ts=1000), pred(1, "shadow", label="no", ts=2000)], [0, 1])
+    assert t.by_event == {"e1": ["p1-champion", "p1-shadow"]}
+    t.add_predictions([pred(2, ts=2500)], [2])
+    assert t.expired == 1 and t.by_event["e1"] == ["p1-shadow"]
+    scored = t.add_feedback([fb(1, event_id="e1", label="yes", ts=2700)], [5])
+    assert by_variant(scored) == {"shadow": [1.0]}
+
+
+def test_regression_accept_takes_the_served_value_as_truth() -> None:
+    t = tracker("regression")
+    t.add_predictions([pred(1, value=3.0), pred(1, "challenger", value=5.5, version=2)], [0, 1])
+    scored = t.add_feedback([fb(1, event_id="e1", verdict="accept")], [2])
+    assert by_variant(scored) == {"champion": [0.0], "challenger": [2.5]}
+    assert {s.variant: s.metric for s in scored} == {"champion": 0.0, "challenger": 2.5}
+
+
+def test_feedback_may_leave_out_the_fields_it_does_not_use() -> None:
+    t = tracker()
+    t.add_predictions([pred(1)], [0])
+    bare = {"feedback_id": "f1", "event_id": "e1", "label": "no", "ts": 2000}
+    scored = t.add_feedback([bare], [1])
+    assert by_variant(scored) == {"champion": [1.0]}
+
+
+def test_a_restored_tracker_joins_exactly_like_the_original() -> None:
+    t = tracker(ttl_ms=5000)
+    t.add_predictions([pred(i, ts=1000 + i) for i in range(20)] + [pred(3, "shadow", label="no")],
+                      list(range(21)))
+    t.add_feedback([fb(100, event_id="e50", verdict="accept"), fb(1, event_id="e2", label="no")],
+                   [0, 1])
+    copy = pickle.loads(pickle.dumps(t))
+    steps = [(True, [pred(50, ts=1100), pred(4, "shadow", label="no", ts=1100)]),
+             (False, [fb(i, event_id=f"e{i}", label="yes", ts=1200) for i in range(3, 12)]),
+             (False, [fb(3, event_id="e3", label="no", ts=1300)])]
+    for predictions, records in steps:
+        offsets = list(range(len(records)))
+        results = [by_variant(x.add_predictions(records, offsets) if predictions
+                              else x.add_feedback(records, offsets)) for x in (t, copy)]
+        assert results[0] == results[1]
+    assert t.side_by_side() == copy.side_by_side() and t.predictions == copy.predictions

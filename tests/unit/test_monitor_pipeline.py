@@ -169,3 +169,31 @@ def test_near_perfect_model_raises_no_performance_alert_until_it_really_degrades
     assert all(a["first_offset"] >= drop_at for a in perf), [a["message"] for a in perf]
     assert perf[0]["first_offset"] < drop_at + 300, "the alert came long after the drop"
     assert "degraded" in perf[0]["message"] and "vs its first 500 labels" in perf[0]["message"]
+
+
+def test_interleaved_versions_feed_their_own_outputs_and_traffic_spans() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    records, offsets, partitions = [], [], []
+    for i in range(12):
+        version = 1 if i % 3 else 2
+        # Neither version has output profiles, so each watches "value": a score of a class named
+        # "value" when there is one, else the value; scores may also be empty or null.
+        scores = {"value": 10.0 + i} if version == 2 and i % 2 else ({} if i != 4 else None)
+        variant = "champion" if version == 1 else "shadow"
+        records.append({"prediction_id": f"p{i}", "event_id": f"e{i}", "model_name": "m",
+                        "model_version": version, "variant": variant, "served": version == 1,
+                        "label": "yes" if i % 2 else "no", "value": float(i), "scores": scores,
+                        "scored_at": i})
+        offsets.append(100 + i)
+        partitions.append(i % 2)
+    batch = Batch(records, offsets, partitions, "loopline.shift.predictions")
+    pm.on_predictions(batch, metrics, 1, now_s=50.0)
+    assert list(pm.outputs) == [("m", 2), ("m", 1)]
+    recent = {key: watches["value"].recent.values().tolist()  # type: ignore[union-attr]
+              for key, watches in pm.outputs.items()}
+    assert recent == {("m", 2): [0.0, 13.0, 6.0, 19.0],
+                      ("m", 1): [1.0, 2.0, 4.0, 5.0, 7.0, 8.0, 10.0, 11.0]}
+    assert pm.zombies.oldest_unread[("m", 1)] == {1: (101, 50.0), 0: (102, 50.0)}
+    assert pm.zombies.newest[("m", 1)] == {1: (111, 50.0), 0: (110, 50.0)}
+    assert pm.zombies.oldest_unread[("m", 2)] == {0: (100, 50.0), 1: (103, 50.0)}
+    assert pm.zombies.newest[("m", 2)] == {0: (106, 50.0), 1: (109, 50.0)}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from loopline.services.monitor.quality import EVENT, QualityTracker, classify_rule
+from loopline.services.monitor.quality import EVENT, Columns, QualityTracker, classify_rule
 from loopline.spec import parse_spec
 
 SPEC = parse_spec({"name": "q", "features": [
@@ -44,3 +45,25 @@ def test_a_paused_stream_closes_its_partial_window() -> None:
     q.add_features({"amount": [1.0] * 30, "country": ["fr"] * 30}, list(range(30)))
     [report] = q.flush(min_events=50)
     assert report.events == 60 and report.rates[("amount", "type_error")] == 0.5
+
+
+def test_columns_of_events_count_nulls_as_missing_and_sent_nans_as_present() -> None:
+    nan, inf = float("nan"), float("inf")
+    records = [{"features": {"amount": 1.0, "country": "fr"}},
+               {"features": {"amount": None, "country": None}},
+               {"features": {"amount": nan, "country": "xx"}},
+               {"features": {"amount": inf, "country": "de"}},
+               {"features": {"amount": -inf}},  # written before 'country' existed
+               {"features": {"amount": 7, "country": "fr"}}]
+    columns = Columns.of_events(records, SPEC.features)
+    assert columns.missing == {"amount": 1, "country": 2}
+    assert isinstance(columns.values["amount"], np.ndarray) and columns.values["amount"].dtype == float
+    assert columns.raw["amount"][1] is None and columns.values["country"] == columns.raw["country"]
+    from_events = QualityTracker(SPEC, window=6).add_features(columns, list(range(6)))
+    by_lists = QualityTracker(SPEC, window=6).add_features(columns.raw, list(range(6)))
+    assert from_events == by_lists
+    rates = from_events[0].rates
+    assert rates[("amount", "missing")] == pytest.approx(1 / 6)
+    assert rates[("amount", "out_of_range")] == pytest.approx(2 / 6)  # inf and -inf; NaN is not compared
+    assert rates[("country", "missing")] == pytest.approx(2 / 6)
+    assert rates[("country", "out_of_range")] == pytest.approx(1 / 6)
