@@ -61,7 +61,7 @@ from loopline.models import ModelRegistry
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.scoring import tabular_features
 from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.service import MonitorService
+from loopline.services.monitor.service import MonitorService, tune_gc
 from loopline.services.monitor.settings import MonitorSettings
 from loopline.services.monitor.state import Checkpoint
 from loopline.spec import PipelineSpec, load_spec
@@ -168,7 +168,7 @@ def run_inference(kafka: KafkaConfig, spec: PipelineSpec, bootstrap: str, home: 
     return rate
 
 
-def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int,
+def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int, batch_size: int,
                 handle=None) -> tuple[float, list[Message]]:  # type: ignore[no-untyped-def]
     """Consume ``target`` messages (handing each batch to ``handle``); messages/s from the first batch."""
     consumer = kafka.consumer("bench", group)
@@ -177,7 +177,7 @@ def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int,
     first = 0.0
     try:
         while len(got) < target:
-            batch = [m for m in consumer.consume(1000, 0.05) if m.error() is None]
+            batch = [m for m in consumer.consume(batch_size, 0.05) if m.error() is None]
             if not batch:
                 continue
             if not first:
@@ -196,6 +196,7 @@ def service(settings: MonitorSettings, state: RegistryState, kafka: KafkaConfig,
     svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
                          Checkpoint(home / f"bench-{time.monotonic_ns()}.ckpt"))
     svc.sync(state)
+    tune_gc()  # as MonitorService.run does once the registry is read
     return svc
 
 
@@ -204,16 +205,17 @@ def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: Regist
     """Per round: raw consume and monitor msg/s, handle-only msg per CPU-second."""
     raw, mon, mem = [], [], []
     for r in range(rounds):
-        rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total)
+        rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total, settings.batch_size)
         raw.append(rate)
         svc = service(settings, state, kafka, home)
         alerts: list[dict] = []  # type: ignore[type-arg]
-        rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, lambda b: alerts.extend(svc.handle(b)))
+        rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, settings.batch_size,
+                              lambda b: alerts.extend(svc.handle(b)))
         mon.append(rate)
         svc = service(settings, state, kafka, home)
         t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
-        for i in range(0, len(messages), 1000):
-            svc.handle(messages[i:i + 1000])
+        for i in range(0, len(messages), settings.batch_size):
+            svc.handle(messages[i:i + settings.batch_size])
         mem.append(len(messages) / (time.thread_time() - t0))
         say(f"round {r + 1}: raw consume {raw[-1]:,.0f} msg/s, monitor {mon[-1]:,.0f} msg/s "
             f"= {mon[-1] * events_per_message:,.0f} ev/s ({mon[-1] / raw[-1]:.0%} of raw), handle only "

@@ -12,6 +12,9 @@ from loopline.settings import ServiceSettings
 class MonitorSettings(ServiceSettings):
     """What the monitor needs beyond every service's settings; thresholds live in the pipeline spec."""
 
+    batch_size: int = Field(
+        5000, ge=1, le=100_000, description="Most messages handled per batch: alerts need no "
+        "millisecond latency, and larger batches amortise decoding and per-batch work.")
     state_dir: Path | None = Field(
         None, description="Folder of the monitor's checkpoints (default: LOOPLINE_HOME/state/monitor).")
     checkpoint_interval_s: float = Field(
