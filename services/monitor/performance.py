@@ -224,6 +224,11 @@ class PerformanceTracker:
         for key, (errs, offs) in errors.items():
             arr, off_arr = np.asarray(errs, dtype=float), np.asarray(offs, dtype=np.int64)
             window = self.rolling.setdefault(key, deque(maxlen=self.window))
+            if key not in self.baseline and len(window) + len(errs) >= self.window:
+                # The first `window` labels, however they were batched: a backlog read in one
+                # large batch must not make its latest labels the baseline.
+                first = list(window) + errs[:self.window - len(window)]
+                self.baseline[key] = float(np.mean(first))
             window.extend(errs)
             self.labeled[key] = self.labeled.get(key, 0) + len(errs)
             detectors = self.detectors.get(key)
@@ -234,8 +239,6 @@ class PerformanceTracker:
             hits = [(d.name, int(off_arr[i])) for d in detectors for i in d.update_many(arr)]
             for name, _ in hits:
                 self.alarms[(key, name)] = self.labeled[key]
-            if key not in self.baseline and len(window) == self.window:
-                self.baseline[key] = float(np.mean(window))
             mean = float(np.mean(window))
             metric = mean if self.regression else 1.0 - mean
             out.append(Scored(key[0], key[1], key[2], arr, off_arr, hits, metric, self.labeled[key]))

@@ -169,3 +169,19 @@ def test_a_restored_tracker_joins_exactly_like_the_original() -> None:
                               else x.add_feedback(records, offsets)) for x in (t, copy)]
         assert results[0] == results[1]
     assert t.side_by_side() == copy.side_by_side() and t.predictions == copy.predictions
+
+
+@pytest.mark.parametrize("batch", [1000, 400, 7])
+def test_the_baseline_is_the_first_window_of_labels_however_they_are_batched(batch: int) -> None:
+    # 100 right answers, then 900 wrong ones: a backlog read in one batch must not make the wrong
+    # ones the baseline (then nothing would ever look degraded).
+    t = tracker(ttl_ms=10**9)
+    n = 1000
+    t.add_predictions([pred(i) for i in range(n)], list(range(n)))
+    labels = ["yes"] * 100 + ["no"] * (n - 100)
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        t.add_feedback([fb(i, prediction_id=f"p{i}-champion", label=labels[i]) for i in idx], list(idx))
+    key = ("m", 1, "champion")
+    assert t.baseline[key] == 0.0
+    assert t.degradation(key) == 1.0
