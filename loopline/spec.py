@@ -93,7 +93,8 @@ class Monitor(_Strict):
     window: int = Field(1000, ge=50, description="Events in the windowed PSI/KS comparison.")
     psi_warning: float = Field(0.1, gt=0)
     psi_alert: float = Field(0.25, gt=0)
-    ks_alert_pvalue: float = Field(0.001, gt=0, lt=1)
+    ks_alert_pvalue: float = Field(0.001, gt=0, lt=1, description="A window whose PSI reached psi_warning "
+                                   "is an alert when its two-sample KS p-value is below this.")
     performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling metrics.")
     min_performance_drop: float = Field(
         0.02, gt=0, description="A performance alert needs the last 200 labels' accuracy this far below the "

@@ -166,3 +166,15 @@ def test_ring_buffer_of_integer_codes() -> None:
     buf.extend([1, 2, 3])
     buf.extend([4, 5])
     assert buf.values().tolist() == [2, 3, 4, 5] and buf.values().dtype == np.intp
+
+
+def test_a_significant_but_immaterial_ks_difference_is_no_alert() -> None:
+    rng = np.random.default_rng(11)
+    ref = numeric_profile(rng.normal(0, 1, 5000), seed=0)
+    w = WindowedDrift(ref, window=5000, every=5000, thresholds=T)
+    tiny = w.add(rng.normal(0.2, 1, 5000))  # large windows make a 0.2-sd shift "significant"
+    assert tiny is not None and tiny.ks_pvalue is not None and tiny.ks_pvalue < T.ks_alert_pvalue
+    assert tiny.psi < T.psi_warning and tiny.level is None
+    moderate = w.add(rng.normal(0.5, 1, 5000))  # material too: PSI past the warning level
+    assert moderate is not None and T.psi_warning <= moderate.psi < T.psi_alert
+    assert moderate.level == "alert", "significant and material"
