@@ -62,27 +62,6 @@ def check(record: dict[str, Any], classes: list[str] | None = None) -> dict[str,
     return record
 
 
-def _check_decoded(record: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
-    """:func:`check` for a record decoded with the feedback schema, which fixed its types."""
-    # The schema guarantees the strings, a float or None for value, a known verdict and an int ts,
-    # so only the rules remain; they run in check()'s order and raise exactly what it raises.
-    if not record["prediction_id"] and not record["event_id"]:
-        raise FeedbackError("prediction_id", "required",
-                            "feedback needs a prediction_id or an event_id")
-    label, value = record["label"], record["value"]
-    if label is None and value is None and record["verdict"] is None:
-        raise FeedbackError("label", "required", "feedback needs a label, a value or a verdict")
-    if value is not None and not math.isfinite(value):
-        raise FeedbackError("value", "type", f"value must be a finite number, got {value!r}")
-    if classes and label is not None and label not in classes:
-        raise FeedbackError("label", "values",
-                            f"label {label!r} is not one of the classes {classes}")
-    if record["ts"] < 0:
-        raise FeedbackError("ts", "timestamp",
-                            f"ts must be epoch milliseconds, got {record['ts']!r}")
-    return record
-
-
 def make(*, prediction_id: str | None = None, event_id: str | None = None, label: str | None = None,
          value: float | None = None, verdict: str | None = None, feedback_id: str | None = None,
          ts: int | None = None, classes: list[str] | None = None) -> dict[str, Any]:
@@ -137,7 +116,7 @@ def decode_each(messages: Sequence[Message], classes: list[str] | None = None
                 out.append(decode(data, m.topic(), m.partition(), m.offset(), m.timestamp()[1],
                                   classes))
             else:
-                out.append(_check_decoded(read, classes))
+                out.append(check(read, classes))
         except FeedbackError as e:
             out.append(e)
     return out

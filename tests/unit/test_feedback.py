@@ -95,7 +95,7 @@ def test_decode_each_is_decode_of_each_message(truncated: bool) -> None:
     assert feedback.decode_each([]) == []
 
 
-def test_the_schema_fixes_what_decode_each_does_not_recheck() -> None:
+def test_the_feedback_schema_fixes_the_types_that_check_also_validates() -> None:
     fields = {f["name"]: f["type"] for f in avro.load_schema("feedback")["fields"]}
     assert fields["verdict"][1]["symbols"] == list(feedback.VERDICTS)
     assert fields["value"] == ["null", "double"] and fields["ts"] == "long"
