@@ -12,23 +12,17 @@ import io
 import json
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import accumulate
 from typing import Any, cast
 
 import fastavro
 import fastavro.schema
 import fastavro.utils
 
+from loopline import avro_compiled
 from loopline.errors import SchemaError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
-
-# decode_many reads a batch as one object-container block that we write ourselves, so any fixed
-# sync marker will do. Opening a container costs about as much as 3 to 4 decodes (fastavro parses
-# the header's writer schema again for every reader); it pays off from about 30 messages.
-_SYNC = bytes(16)
-_MIN_BLOCK = 32
 
 #: Topic kinds with a schema file; features/raw embed a record generated from the pipeline spec.
 KINDS = ("raw", "features", "prediction", "feedback", "deadletter", "alert", "registry")
@@ -83,8 +77,7 @@ class Codec:
         self.fingerprint = fingerprint(self.parsed)
         self._header = MAGIC + self.fingerprint
         self._writers: dict[bytes, Any] = {self.fingerprint: None}
-        self._writer_schemas: dict[bytes, dict[str, Any]] = {self.fingerprint: schema}
-        self._containers: dict[bytes, bytes] = {}  # container file header per writer, built on use
+        self._readers: dict[tuple[str, ...] | None, avro_compiled.Reader | None] = {}
         for writer in writers or []:
             self.add_writer(writer)
 
@@ -94,7 +87,6 @@ class Codec:
         fp = fingerprint(parsed)
         if fp != self.fingerprint:
             self._writers[fp] = parsed
-            self._writer_schemas[fp] = schema
 
     def encode(self, record: dict[str, Any]) -> bytes:
         """Serialize ``record``; raise :class:`SchemaError` naming the field if it does not fit."""
@@ -129,30 +121,23 @@ class Codec:
                 raise SchemaError(f"message {i} of {len(values)}: {r}") from r
         return cast("list[dict[str, Any]]", records)
 
-    def decode_each(self, values: Sequence[bytes | None]) -> list[dict[str, Any] | SchemaError]:
-        """Decode a batch; an unreadable message gets the error :meth:`decode` raises instead."""
-        if len(values) < _MIN_BLOCK:
-            return [self._decode_or_error(v) for v in values]
-        header = self._header
-        if all(v and v.startswith(header) for v in values):  # usually: one writer, no foreigners
-            records = self._read_block(self.fingerprint, cast("Sequence[bytes]", values))
-            if records is None:
-                return [self._decode_or_error(v) for v in values]
-            return cast("list[dict[str, Any] | SchemaError]", records)
-        groups: dict[bytes, list[int]] = {}
-        for i, v in enumerate(values):
-            fp = v[2:HEADER_LEN] if v and len(v) >= HEADER_LEN and v[:2] == MAGIC else None
-            if fp in self._writers:
-                groups.setdefault(fp, []).append(i)
-        out: list[dict[str, Any] | SchemaError | None] = [None] * len(values)
-        for fp, where in groups.items():
-            if len(where) < _MIN_BLOCK:
-                continue
-            records = self._read_block(fp, [cast(bytes, values[i]) for i in where])
-            if records is not None:
-                for i, r in zip(where, records):
-                    out[i] = r
-        return [self._decode_or_error(v) if r is None else r for v, r in zip(values, out)]
+    def decode_each(self, values: Sequence[bytes | None], fields: Sequence[str] | None = None
+                    ) -> list[dict[str, Any] | SchemaError]:
+        """Decode a batch (only the top-level ``fields``, if given); a bad message gets its error."""
+        read = self._reader(fields)
+        header, out = self._header, []
+        for v in values:
+            if read is not None and v is not None and v.startswith(header):
+                try:
+                    record, end = read(v, HEADER_LEN)
+                    if end <= len(v):  # bytes after the record are ignored, as decode() does
+                        out.append(record)
+                        continue
+                except Exception:  # noqa: BLE001,S110 - not ours to judge: decode() below is
+                    pass
+            r = self._decode_or_error(v)
+            out.append(r if fields is None or isinstance(r, SchemaError) else {k: r[k] for k in fields})
+        return out
 
     def _decode_or_error(self, data: bytes | None) -> dict[str, Any] | SchemaError:
         try:
@@ -160,59 +145,19 @@ class Codec:
         except SchemaError as e:
             return e
 
-    def _read_block(self, fp: bytes, values: Sequence[bytes]) -> list[dict[str, Any]] | None:
-        """Decode one writer's messages as one object-container block; None if that is unsafe."""
-        # Each body must decode to the same record as decode() would give it. In a block a body
-        # that decode() reads short (trailing bytes, which schemaless_reader ignores) or long
-        # (truncated) shifts the start of every later record, and garbage can decode into valid
-        # records with the right count that use up exactly the block, so neither the count nor the
-        # total length proves anything. What does: after each record the reader must stand exactly
-        # at the end of that message's body. Then record i was decoded from body i's bytes alone,
-        # as decode() reads them, by the same deterministic reader. fastavro's Block reads its
-        # records lazily from one buffer (``bytes_``), so its position after each record costs
-        # one tell(): about 4 % of a decode, half what one block per message would cost (its
-        # count, size and sync marker per record) and deterministic, unlike a random marker
-        # after each record. Anything unexpected, an exception or a missing attribute in another
-        # fastavro version included, returns None: the caller decodes message by message then.
-        bodies = [v[HEADER_LEN:] for v in values]
-        data = b"".join(bodies)
-        blob = b"".join((self._container(fp), _long(len(bodies)), _long(len(data)), data, _SYNC))
-        reader_schema = None if self._writers[fp] is None else self.parsed
-        try:
-            block = next(fastavro.block_reader(io.BytesIO(blob), reader_schema))
-            tell = block.bytes_.tell  # type: ignore[attr-defined]  # not in fastavro's stubs
-            records, ends = [], []
-            for record in block:
-                records.append(record)
-                ends.append(tell())
-        except Exception:  # noqa: BLE001 - fastavro raises many kinds on corrupt input
-            return None
-        if ends != list(accumulate(map(len, bodies))):
-            return None
-        return cast("list[dict[str, Any]]", records)
-
-    def _container(self, fp: bytes) -> bytes:
-        """The header of an Avro object container file written with writer ``fp`` (cached)."""
-        header = self._containers.get(fp)
-        if header is None:
-            # expand=True inlines the shared named types: the file's schema must stand alone.
-            schema = fastavro.parse_schema(self._writer_schemas[fp], named_schemas=named_types(),
-                                           expand=True)
-            buf = io.BytesIO()
-            fastavro.writer(buf, schema, [], sync_marker=_SYNC)
-            header = self._containers[fp] = buf.getvalue()
-        return header
-
-
-def _long(n: int) -> bytes:
-    """Avro's zig-zag varint encoding of a non-negative long."""
-    n <<= 1
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    def _reader(self, fields: Sequence[str] | None) -> avro_compiled.Reader | None:
+        """The compiled reader of this schema's own messages (cached); None if it cannot compile."""
+        key = None if fields is None else tuple(fields)
+        if key not in self._readers:
+            unknown = set(key or ()) - {f["name"] for f in self.schema["fields"]}
+            if unknown:
+                raise SchemaError(f"{self.name} has no field {min(unknown)!r}")
+            expanded = fastavro.parse_schema(self.schema, named_schemas=named_types(), expand=True)
+            try:
+                self._readers[key] = avro_compiled.compile_reader(expanded, key)
+            except avro_compiled.Unsupported:
+                self._readers[key] = None  # fastavro reads it, message by message
+        return self._readers[key]
 
 
 @lru_cache(maxsize=None)

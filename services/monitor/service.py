@@ -33,6 +33,14 @@ from loopline.topics import PipelineTopics, pipeline_of
 log = logging.getLogger(__name__)
 
 KIND_ORDER = ("deadletter", "features", "predictions", "feedback")  # feedback after the predictions it joins
+# The fields the monitor reads of each kind, as an Avro reader would project them: the others are
+# skipped while decoding, never built (about a third of the decoding cost of a prediction).
+READS: dict[str, tuple[str, ...] | None] = {
+    "features": ("features",),
+    "predictions": ("prediction_id", "event_id", "model_name", "model_version", "variant", "served",
+                    "label", "value", "scores", "scored_at"),
+    "deadletter": None,
+}
 
 
 def checkpoint_path(settings: MonitorSettings, group_id: str) -> Path:
@@ -146,7 +154,7 @@ class MonitorService:
         else:
             codec = (self._codecs[pipeline][1] if kind == "features"
                      else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
-            results = codec.decode_each([m.value() for m in msgs])
+            results = codec.decode_each([m.value() for m in msgs], READS[kind])
         if not any(isinstance(r, LooplineError) for r in results):  # the usual case
             return Batch(cast("list[dict[str, Any]]", results), [m.offset() for m in msgs],
                          [m.partition() for m in msgs], msgs[0].topic())

@@ -79,7 +79,7 @@ def test_compatibility_check_finds_a_missing_default() -> None:
     assert avro.is_backward_compatible(old, old) is None
 
 
-# --- decode_many / decode_each: one container block per batch, identical to decode ---------------
+# --- decode_many / decode_each: compiled readers, identical to decode -------------------------
 
 PAIR = avro.Codec({"type": "record", "name": "Pair", "namespace": "test",
                    "fields": [{"name": "a", "type": "long"}, {"name": "b", "type": "long"}]})
@@ -106,7 +106,7 @@ def each(codec: avro.Codec, values: list[bytes]) -> list[object]:
 
 @pytest.fixture
 def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Messages that went through per-message decode (none when a batch takes the block path)."""
+    """Messages that went through fastavro's per-message decode (not the compiled reader)."""
     calls: list[bytes] = []
     original = avro.Codec.decode
 
@@ -123,11 +123,21 @@ def test_decode_many_is_decode_of_each(codec: avro.Codec) -> None:
     values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 300)]
     expected = [codec.decode(v) for v in values]
     assert codec.decode_many(values) == expected
-    for n in (0, 1, 5, 31, 32, 33):  # around the smallest batch worth a block
+    for n in (0, 1, 5):
         assert codec.decode_many(values[:n]) == expected[:n]
 
 
-def test_a_clean_batch_takes_the_block_path(decode_calls: list[bytes]) -> None:
+@pytest.mark.parametrize("codec", codecs(), ids=lambda c: c.name)
+def test_decode_each_keeps_only_the_fields_asked_for(codec: avro.Codec) -> None:
+    values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 100)]
+    names = [f["name"] for f in codec.schema["fields"]]
+    for fields in (names[:1], names[1::2], names[-1:]):
+        assert codec.decode_each(values, fields) == [{k: r[k] for k in fields} for r in per_message(codec, values)]  # type: ignore[index]
+    with pytest.raises(SchemaError, match="has no field 'nope'"):
+        codec.decode_each(values, ["nope"])
+
+
+def test_a_clean_batch_takes_the_compiled_path(decode_calls: list[bytes]) -> None:
     codec = avro.codec("prediction")
     values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 100)]
     decode_calls.clear()
@@ -148,32 +158,36 @@ def test_several_writer_versions_in_one_batch(decode_calls: list[bytes]) -> None
                        new.encode({**r, "comment": None, "score": i / 7})][i % 3])
     decode_calls.clear()
     records = new.decode_many(values)
-    assert decode_calls == []  # one block per writer (40 messages each)
+    assert decode_calls == [v for i, v in enumerate(values) if i % 3 != 2]  # older writers: fastavro resolves
     assert records == per_message(new, values)
     assert {r["comment"] for r in records[:3]} == {None, "c1"} and records[0]["score"] == 0.5
+    assert new.decode_each(values[:3], ["score"]) == [{"score": 0.5}, {"score": 0.5}, {"score": 2 / 7}]
 
 
-def test_a_shifted_boundary_is_refused_though_count_and_length_match(
-        decode_calls: list[bytes]) -> None:
-    # A carries a trailing byte (decode ignores it), B lost its last byte (decode refuses it).
+def test_fastavro_judges_what_the_compiled_reader_refuses(decode_calls: list[bytes]) -> None:
+    # A carries a trailing byte (decode ignores it, so does the compiled reader); B lost its last
+    # byte: the compiled reader refuses it and fastavro's decode gives the error.
     a, b = pair(1, 2) + b"\x06", pair(4, 5)[:-1]
-    # Read naively as one block, B becomes (3, 4): the right number of records, using up exactly
-    # the block's bytes, and no error. Only a per-record boundary check can tell.
-    header = io.BytesIO()
-    fastavro.writer(header, PAIR.schema, [], sync_marker=bytes(16))
-    body = a[avro.HEADER_LEN:] + b[avro.HEADER_LEN:]
-    naive = fastavro.reader(io.BytesIO(header.getvalue() + b"\x04\x08" + body + bytes(16)))
-    assert list(naive) == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
-
     values = [pair(i, i) for i in range(40)] + [a, b] + [pair(i, -i) for i in range(40)]
+    expected = per_message(PAIR, values)
     decode_calls.clear()
     result = each(PAIR, values)
-    assert len(decode_calls) == len(values)  # the block was refused, every message decoded alone
-    assert result == per_message(PAIR, values)
+    assert decode_calls == [b]
+    assert result == expected
     assert result[40] == {"a": 1, "b": 2}
     assert [i for i, r in enumerate(result) if isinstance(r, str)] == [41]
     with pytest.raises(SchemaError, match="message 41 of 82: corrupt test.Pair message"):
         PAIR.decode_many(values)
+
+
+def test_a_schema_the_compiler_does_not_handle_is_read_by_fastavro(decode_calls: list[bytes]) -> None:
+    codec = avro.Codec({"type": "record", "name": "When", "namespace": "test",
+                        "fields": [{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]})
+    values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 5)]
+    expected = per_message(codec, values)
+    decode_calls.clear()
+    assert codec.decode_each(values) == expected
+    assert decode_calls == values
 
 
 @pytest.mark.parametrize("bad", [
