@@ -2,6 +2,8 @@
 
 Each message is ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO fingerprint + the Avro body,
 so every message names the schema it was written with and a reader can resolve older writers.
+fastavro encodes and resolves older writers; messages of a codec's own schema are read by a
+reader compiled for it (:mod:`loopline.avro_compiled`), and fastavro judges whatever that refuses.
 """
 
 from __future__ import annotations
@@ -100,6 +102,18 @@ class Codec:
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """Deserialize a single-object encoded message; raise :class:`SchemaError` if unreadable."""
+        read = self._reader(None)
+        if read is not None and data is not None and data.startswith(self._header):
+            try:
+                record, end = read(data, HEADER_LEN)
+                if end <= len(data):  # bytes after the record are ignored, as fastavro does
+                    return record
+            except Exception:  # noqa: BLE001,S110 - not ours to judge: fastavro is, below
+                pass
+        return self._decode_fastavro(data)
+
+    def _decode_fastavro(self, data: bytes | None) -> dict[str, Any]:
+        """:meth:`decode` by fastavro: the judge of whatever the compiled reader does not accept."""
         if not data or len(data) < HEADER_LEN or data[:2] != MAGIC:  # None: a Kafka tombstone
             raise SchemaError(f"not an Avro single-object message for {self.name} (bad magic bytes)")
         fp = data[2:HEADER_LEN]
@@ -133,7 +147,7 @@ class Codec:
                     if end <= len(v):  # bytes after the record are ignored, as decode() does
                         out.append(record)
                         continue
-                except Exception:  # noqa: BLE001,S110 - not ours to judge: decode() below is
+                except Exception:  # noqa: BLE001,S110 - not ours to judge: fastavro is, below
                     pass
             r = self._decode_or_error(v)
             out.append(r if fields is None or isinstance(r, SchemaError) else {k: r[k] for k in fields})
@@ -141,7 +155,7 @@ class Codec:
 
     def _decode_or_error(self, data: bytes | None) -> dict[str, Any] | SchemaError:
         try:
-            return self.decode(data)
+            return self._decode_fastavro(data)
         except SchemaError as e:
             return e
 

@@ -129,8 +129,10 @@ def test_refuses_what_fastavro_would_read_differently() -> None:
     assert read(bytes([0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), 0)[0] == {"v": 2**63 - 1}
     with pytest.raises(ValueError, match="beyond 64 bits"):
         read(bytes([0xFF] * 9 + [0x7F]), 0)
-    with pytest.raises(ValueError, match="longer than 10 bytes"):
-        read(bytes([0xFF] * 11 + [0x01]), 0)
+    padded = bytes([0x80] * 12 + [0x00])  # zero written long-hand: both read 0
+    assert read(padded, 0) == ({"v": 0}, 13)
+    assert fastavro_reads(fastavro.parse_schema({"type": "record", "name": "L", "fields": [
+        {"name": "v", "type": "long"}]}), padded) == {"v": 0}
     read_s = compile_reader({"type": "record", "name": "S", "fields": [{"name": "s", "type": "string"}]})
     with pytest.raises(ValueError, match="negative length"):
         read_s(bytes([0x01]) + b"abc", 0)
