@@ -21,6 +21,7 @@ from typing import Any
 
 Reader = Callable[[bytes, int], tuple[dict[str, Any], int]]
 
+_ONE_BYTE = 64  # indexes below 64 are written as one varint byte (zig-zag: 0, 2, 4, ..., 126)
 _PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")
 
 
@@ -123,11 +124,15 @@ class _Gen:
             self.emit(d, "pos += n")
         elif kind in ("record", "error"):
             self.record(d, schema, target)
+        elif kind == "enum" and len(schema["symbols"]) <= _ONE_BYTE:
+            # Looked up by the index's one varint byte: any other byte raises KeyError.
+            symbols = self.const({2 * i: symbol for i, symbol in enumerate(schema["symbols"])})
+            self.emit(d, f"{target or '_'} = {symbols}[data[pos]]; pos += 1")
         elif kind == "enum":
             self.varint(d, "i")
             symbols = self.const(tuple(schema["symbols"]))
             self.emit(d, "if i < 0: _bad('enum index')")
-            self.emit(d, f"{target} = {symbols}[i]" if target else f"{symbols}[i]")
+            self.emit(d, f"{target or '_'} = {symbols}[i]")
         elif kind == "fixed":
             size = int(schema["size"])
             if target:
@@ -139,9 +144,14 @@ class _Gen:
             raise Unsupported(f"type {kind}")
 
     def union(self, d: int, branches: list[Any], target: str | None) -> None:
-        self.varint(d, "i")
+        if len(branches) <= _ONE_BYTE:  # compare the index's one varint byte: 0, 2, 4, ...
+            self.emit(d, "i = data[pos]; pos += 1")
+            step = 2
+        else:
+            self.varint(d, "i")
+            step = 1
         for k, branch in enumerate(branches):
-            self.emit(d, f"{'if' if k == 0 else 'elif'} i == {k}:")
+            self.emit(d, f"{'if' if k == 0 else 'elif'} i == {k * step}:")
             before = len(self.lines)
             self.value(d + 1, branch, target)
             if len(self.lines) == before:

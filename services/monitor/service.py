@@ -12,6 +12,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +42,11 @@ READS: dict[str, tuple[str, ...] | None] = {
                     "label", "value", "scores", "scored_at"),
     "deadletter": None,
 }
+_OFFSET = Message.offset
+
+
+def _partition_of(m: Message) -> tuple[str, int]:
+    return m.topic(), m.partition()
 
 
 def checkpoint_path(settings: MonitorSettings, group_id: str) -> Path:
@@ -106,20 +112,25 @@ class MonitorService:
         grouped: dict[tuple[str, str], list[Message]] = {}
         last: dict[tuple[str, int], int] = {}  # highest offset seen per partition in this batch
         offsets, routes = self.offsets, self._routes
-        for m in messages:
-            topic = m.topic()
+        # A consumed batch comes in runs of one partition's messages: route and check each run once.
+        for key, group in groupby(messages, _partition_of):
+            topic = key[0]
             try:
                 route = routes[topic]
             except KeyError:
                 route = routes[topic] = self._route(topic)
             if route is None:
                 continue
-            key, offset = (topic, m.partition()), m.offset()
-            if offset <= offsets.get(key, -1):
-                continue  # already in the checkpointed state (redelivered after a restart)
-            grouped.setdefault(route, []).append(m)
-            if offset > last.get(key, -1):
-                last[key] = offset
+            run = list(group)
+            done = offsets.get(key, -1)
+            if min(map(_OFFSET, run)) <= done:  # redelivered after a restart: already in the state
+                run = [m for m in run if m.offset() > done]
+                if not run:
+                    continue
+            grouped.setdefault(route, []).extend(run)
+            high = max(map(_OFFSET, run))
+            if high > last.get(key, -1):
+                last[key] = high
         alerts: list[Alert] = []
         at = now_ms()
         for pipeline in sorted({p for p, _ in grouped}):
@@ -154,10 +165,10 @@ class MonitorService:
         else:
             codec = (self._codecs[pipeline][1] if kind == "features"
                      else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
-            results = codec.decode_each([m.value() for m in msgs], READS[kind])
+            results = codec.decode_each(list(map(Message.value, msgs)), READS[kind])
         if not any(isinstance(r, LooplineError) for r in results):  # the usual case
-            return Batch(cast("list[dict[str, Any]]", results), [m.offset() for m in msgs],
-                         [m.partition() for m in msgs], msgs[0].topic())
+            return Batch(cast("list[dict[str, Any]]", results), list(map(_OFFSET, msgs)),
+                         list(map(Message.partition, msgs)), msgs[0].topic())
         records, offsets, partitions = [], [], []
         for m, r in zip(msgs, results):
             if isinstance(r, LooplineError):

@@ -27,6 +27,7 @@ EVERY_TYPE = {
         {"name": "s", "type": "string"},
         {"name": "color", "type": {"type": "enum", "name": "Color", "symbols": ["red", "green", "blue"]}},
         {"name": "hash", "type": {"type": "fixed", "name": "Hash", "size": 4}},
+        {"name": "code", "type": {"type": "enum", "name": "Code", "symbols": [f"c{i}" for i in range(100)]}},
         {"name": "tags", "type": {"type": "array", "items": "string"}},
         {"name": "weights", "type": {"type": "map", "values": "double"}},
         {"name": "pos", "type": {"type": "record", "name": "Pos",
