@@ -140,3 +140,14 @@ def test_a_large_batch_is_decoded_as_one(service: MonitorService,
     service.handle([msg(demo.features, 0, i, feature("demo", i)) for i in range(500)])
     assert calls == [(500, ("features",))]
     assert seen(service, "demo")[0][2] == list(range(500))
+
+
+def test_a_run_of_one_partition_is_cut_where_the_checkpoint_ends(service: MonitorService) -> None:
+    demo = topics.PipelineTopics("demo")
+    service.offsets[(demo.features, 0)] = 4
+    service.offsets[(demo.features, 1)] = 9
+    run0 = [msg(demo.features, 0, i, feature("demo", i)) for i in range(10)]
+    run1 = [msg(demo.features, 1, i, feature("demo", 100 + i)) for i in range(10)]  # all covered
+    service.handle(run0[:3] + run1 + run0[3:])  # partition 0 in two runs, around partition 1's
+    assert seen(service, "demo") == [("features", [0] * 5, [5, 6, 7, 8, 9], ["x5", "x6", "x7", "x8", "x9"])]
+    assert service.offsets == {(demo.features, 0): 9, (demo.features, 1): 9}
