@@ -102,15 +102,10 @@ class Codec:
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """Deserialize a single-object encoded message; raise :class:`SchemaError` if unreadable."""
-        read = self._reader(None)
-        if read is not None and data is not None and data.startswith(self._header):
-            try:
-                record, end = read(data, HEADER_LEN)
-                if end <= len(data):  # bytes after the record are ignored, as fastavro does
-                    return record
-            except Exception:  # noqa: BLE001,S110 - not ours to judge: fastavro is, below
-                pass
-        return self._decode_fastavro(data)
+        record = self.decode_each([data])[0]
+        if isinstance(record, SchemaError):
+            raise record
+        return record
 
     def _decode_fastavro(self, data: bytes | None) -> dict[str, Any]:
         """:meth:`decode` by fastavro: the judge of whatever the compiled reader does not accept."""
@@ -128,7 +123,7 @@ class Codec:
             raise SchemaError(f"corrupt {self.name} message: {type(e).__name__}: {e}") from e
 
     def decode_many(self, values: Sequence[bytes | None]) -> list[dict[str, Any]]:
-        """``[decode(v) for v in values]``, faster; the first bad message's error names it."""
+        """``[decode(v) for v in values]``; the first bad message's error names it."""
         records = self.decode_each(values)
         for i, r in enumerate(records):
             if isinstance(r, SchemaError):
@@ -144,7 +139,7 @@ class Codec:
             if read is not None and v is not None and v.startswith(header):
                 try:
                     record, end = read(v, HEADER_LEN)
-                    if end <= len(v):  # bytes after the record are ignored, as decode() does
+                    if end <= len(v):  # bytes after the record are ignored, as fastavro does
                         out.append(record)
                         continue
                 except Exception:  # noqa: BLE001,S110 - not ours to judge: fastavro is, below
