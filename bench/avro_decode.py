@@ -1,16 +1,19 @@
 """Avro decoding: the compiled readers against fastavro, on the messages the services exchange.
 
-Run: ``.venv/bin/python -m bench.avro_decode [--records N]`` (default 20000; about 15 s, no broker).
+Run: ``.venv/bin/python -m bench.avro_decode [--records N] [--passes P]`` (defaults 20000 and
+9 passes; about 25 s, no broker).
 
 Per kind (a feature event of examples/fraud.yaml as ingest writes it, a prediction as inference
 writes it, a feedback label), microseconds per message for ``Codec.decode_each`` with the
 compiled reader (all fields, and only the fields the monitor reads) and for fastavro's
-``schemaless_reader``, the limit this replaces, in the same run; best of 5 passes.
+``schemaless_reader``, the limit this replaces, in the same run; best of 9 passes with garbage
+collection off, the decoders taking turns in each pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import time
 from collections.abc import Callable
@@ -56,39 +59,54 @@ def messages(n: int) -> dict[str, tuple[avro.Codec, list[bytes], tuple[str, ...]
             "feedback": (feedback, [feedback.encode(r) for r in labels], None)}
 
 
-def per_message(run: Callable[[], Any], n: int, passes: int = 5) -> float:
-    """Microseconds per message, best of ``passes``."""
-    best = float("inf")
+def per_message(runs: dict[str, Callable[[], Any]], n: int, passes: int) -> dict[str, float]:
+    """Microseconds per message of each run, best of ``passes`` taken in turn, garbage collection off.
+
+    This VM's speed drifts by up to 2x over seconds; running the decoders in turn within each pass
+    lets every one meet the same fast and slow spells.
+    """
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(passes):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e6
+        for name, run in runs.items():
+            gc.collect()
+            gc.disable()  # it would time the heap the records build up, not the decoding
+            try:
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    return {name: t / n * 1e6 for name, t in best.items()}
 
 
 def main() -> None:
     """Time each decoder on each kind and print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
-    n = parser.parse_args().records
+    parser.add_argument("--passes", type=int, default=9)
+    args = parser.parse_args()
+    n = args.records
     say(f"encoding {n} messages of each kind")
     rows = []
     for kind, (codec, values, fields) in messages(n).items():
         bodies = [v[avro.HEADER_LEN:] for v in values]
         expected = [fastavro.schemaless_reader(io.BytesIO(b), codec.parsed, None) for b in bodies]
         assert codec.decode_each(values) == expected, f"{kind}: compiled and fastavro records differ"
-        limit = per_message(lambda: [fastavro.schemaless_reader(io.BytesIO(b), codec.parsed, None)
-                                     for b in bodies], n)
-        full = per_message(lambda: codec.decode_each(values), n)
-        projected = per_message(lambda: codec.decode_each(values, fields), n) if fields else None
-        rows.append((kind, len(values[0]), limit, full, projected))
-        say(f"{kind}: fastavro {limit:.1f} us, compiled {full:.1f} us"
-            + (f", as the monitor reads it {projected:.1f} us" if projected else ""))
+        runs = {"fastavro": lambda: [fastavro.schemaless_reader(io.BytesIO(b), codec.parsed, None)
+                                     for b in bodies],
+                "compiled": lambda: codec.decode_each(values)}
+        if fields:
+            runs["projected"] = lambda: codec.decode_each(values, fields)
+        us = per_message(runs, n, args.passes)
+        rows.append((kind, len(values[0]), us))
+        say(f"{kind}: " + ", ".join(f"{name} {t:.1f} us" for name, t in us.items()))
     say("results (us per message; fastavro / compiled in brackets):")
-    for kind, size, limit, full, projected in rows:
-        line = f"  {kind:<12} {size:>4} bytes   fastavro {limit:5.1f}   compiled {full:5.1f} ({limit / full:.1f}x)"
-        if projected:
-            line += f"   monitor's fields {projected:5.1f} ({limit / projected:.1f}x)"
+    for kind, size, us in rows:
+        limit = us["fastavro"]
+        line = (f"  {kind:<12} {size:>4} bytes   fastavro {limit:5.1f}   compiled {us['compiled']:5.1f} "
+                f"({limit / us['compiled']:.1f}x)")
+        if "projected" in us:
+            line += f"   monitor's fields {us['projected']:5.1f} ({limit / us['projected']:.1f}x)"
         print(line, flush=True)
 
 

@@ -1,10 +1,10 @@
 """Avro binary readers compiled to Python source, one per (writer schema, fields kept).
 
-fastavro reads every value through a file object, one ``read()`` call per byte of a varint,
-which makes it cost 14-20 us per record of our prediction or features schemas on the dev VM. A
+fastavro reads every value through a file object, one ``read()`` call per byte of a varint. A
 reader generated for one schema reads straight from the message's bytes with every varint
-inlined, and skips, without building them, the fields its caller does not use: a prediction as
-the monitor reads it costs about 6 us, a feature event 5.
+inlined, and skips, without building them, the fields its caller does not use. On the dev VM
+(``bench/avro_decode.py``) a feature event costs 6 us instead of 10, a prediction 9 instead of
+13, and as the monitor reads them (only the fields it uses) 3 and 6.
 
 It handles the types our schemas use (primitives, records, enums, unions, arrays, maps, fixed)
 and refuses anything else (logical types, recursive records) at compile time, so the caller
