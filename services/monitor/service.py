@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 KIND_ORDER = ("deadletter", "features", "predictions", "feedback")  # feedback after the predictions it joins
 # The fields the monitor reads of each kind, as an Avro reader would project them: the others are
-# skipped while decoding, never built (about a third of the decoding cost of a prediction).
+# skipped while decoding, never built (a third of the decoding cost of a prediction, half of a
+# feature event's: bench/avro_decode.py).
 READS: dict[str, tuple[str, ...] | None] = {
     "features": ("features",),
     "predictions": ("prediction_id", "event_id", "model_name", "model_version", "variant", "served",
