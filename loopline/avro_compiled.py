@@ -36,10 +36,10 @@ def _bad(what: str) -> None:
 class _Gen:
     """Emits the body of ``read(data, pos)`` for one schema."""
 
-    def __init__(self, named: dict[str, Any]) -> None:
+    def __init__(self) -> None:
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
-        self.named = named
+        self.named: dict[str, Any] = {}  # named types by full and short name, as registered
         self.count = 0
         self.open: set[str] = set()  # records being generated: recursion is refused
 
@@ -198,14 +198,13 @@ class _Gen:
         self.open.discard(name)
 
 
-def compile_reader(schema: dict[str, Any], keep: Iterable[str] | None = None,
-                   named: dict[str, Any] | None = None) -> Reader:
+def compile_reader(schema: dict[str, Any], keep: Iterable[str] | None = None) -> Reader:
     """A reader of records written with ``schema``: ``read(data, pos) -> (record, end)``.
 
     ``keep`` names the top-level fields to return (None: all); the others are skipped. Raise
     :class:`Unsupported` if the schema needs something this compiler does not generate.
     """
-    gen = _Gen(dict(named or {}))
+    gen = _Gen()
     gen.register(schema)
     gen.record(1, schema, "out", keep)
     source = "def read(data, pos):\n" + "\n".join(gen.lines) + "\n    return out, pos\n"
