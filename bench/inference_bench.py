@@ -271,7 +271,7 @@ def main() -> None:
             [sys.executable, "-m", "bench.inference_bench", "--raw-loop", bootstrap, str(home), "benchraw",
              str(model_path)], env=env), "raw loop")
         svc = measure_loop(kafka, specs["benchsvc"], lambda: subprocess.Popen(
-            [sys.executable, "-m", "loopline.cli", "run", "inference"], env=env), "inference service")
+            [sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env), "inference service")
         say("results (service / limit):")
         print(f"  throughput  {svc['throughput']:>10,.0f} ev/s   vs raw loop {raw['throughput']:,.0f}: "
               f"{svc['throughput'] / raw['throughput']:.2f}   vs broker {broker_numbers['throughput']:,.0f}: "

@@ -153,7 +153,7 @@ def run_inference(kafka: KafkaConfig, spec: PipelineSpec, bootstrap: str, home: 
     env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=bootstrap, LOOPLINE_KAFKA_PROFILE="embedded",
                LOOPLINE_HOME=str(home), LOOPLINE_SESSION_TIMEOUT_MS="6000", LOOPLINE_LOG_LEVEL="WARNING",
                LOOPLINE_PIPELINES=spec.name)
-    proc = subprocess.Popen([sys.executable, "-m", "loopline.cli", "run", "inference"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env)
     try:
         col.wait(expected, timeout_s=300)
         span_s = (max(col.scored) - min(col.scored)) / 1000

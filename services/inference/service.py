@@ -8,13 +8,11 @@ or doubled by a swap. Processing is at-least-once through :func:`loopline.kafka.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from collections import defaultdict
 from typing import Any
 
-import fastavro
 import numpy as np
 from confluent_kafka import Consumer, Message
 
@@ -45,33 +43,6 @@ def features_codec(state: RegistryState, pipeline: str) -> avro.Codec:
     return avro.Codec(state.specs[pipeline].features_schema())
 
 
-class BatchEncoder:
-    """Avro single-object encoding of many records into one buffer (cheaper than one buffer each)."""
-
-    def __init__(self, codec: avro.Codec) -> None:
-        self._parsed = codec.parsed
-        self._header = avro.MAGIC + codec.fingerprint
-
-    def encode_all(self, records: list[dict[str, Any]]) -> list[bytes]:
-        """Encode every record; raise :class:`SchemaError` if one does not fit."""
-        buf = io.BytesIO()
-        ends = []
-        write = fastavro.schemaless_writer
-        try:
-            for r in records:
-                buf.write(self._header)
-                write(buf, self._parsed, r)
-                ends.append(buf.tell())
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise SchemaError(f"prediction does not match schema: {e}") from e
-        data = buf.getbuffer()
-        out, start = [], 0
-        for end in ends:
-            out.append(bytes(data[start:end]))
-            start = end
-        return out
-
-
 class InferenceService:
     """Holds the deployment plans and scores batches; see the module docstring."""
 
@@ -89,7 +60,7 @@ class InferenceService:
         self._spec_seen: dict[str, PipelineSpec] = {}
         self._topic_pipeline: dict[str, str] = {}
         self._subscribed: set[str] = set()
-        self._encoder = BatchEncoder(avro.codec("prediction"))
+        self._encoder = avro.codec("prediction")
         self._last_poll = 0.0
 
     # ---- registry -----------------------------------------------------------------------------
@@ -272,6 +243,6 @@ class InferenceService:
                 "event_ts": e["ts"], "scored_at": scored_at,
             })
         send = self.producer.send
-        for i, value in zip(rows, self._encoder.encode_all(records)):
+        for i, value in zip(rows, self._encoder.encode_many(records)):
             m = messages[i]
             send(out_topic, value, key=m.key() or events[i]["event_id"].encode())

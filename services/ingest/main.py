@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from loopline.service import ServiceRuntime
 
-from .service import IngestService
-from .settings import IngestSettings
+from loopline.services.ingest.service import IngestService
+from loopline.services.ingest.settings import IngestSettings
 
 
 def main() -> None:

@@ -29,8 +29,9 @@ from loopline.registry import RegistryReader, now_ms
 from loopline.spec import PipelineSpec
 from loopline.topics import PipelineTopics, pipeline_of
 
-from .fastpath import FeaturesEncoder, fast_uuid5, long_bytes
-from .settings import IngestSettings
+from loopline.avro.writers import FeaturesEncoder, long_bytes
+from loopline.services.ingest.ids import fast_uuid5
+from loopline.services.ingest.settings import IngestSettings
 from loopline.validation import Accepted, Rejection, Validator
 
 log = logging.getLogger("loopline.ingest")
@@ -82,7 +83,7 @@ class _Pipeline:
 
     @classmethod
     def build(cls, spec: PipelineSpec) -> _Pipeline:
-        return cls(spec, spec.topics, Validator(spec), FeaturesEncoder(spec))
+        return cls(spec, spec.topics, Validator(spec), FeaturesEncoder(spec.features_schema()))
 
 
 @dataclass

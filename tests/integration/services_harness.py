@@ -64,7 +64,7 @@ def service_env(settings: LooplineSettings, home: Path, pipeline: str, **extra: 
 
 
 class ServiceProcess:
-    """One `python -m loopline.cli run <service>` child with a fixed metrics port (kept across restarts)."""
+    """One `python -m loopline.app.cli run <service>` child with a fixed metrics port (kept across restarts)."""
 
     def __init__(self, service: str, env: dict[str, str], log_path: Path, label: str | None = None) -> None:
         self.service = service
@@ -79,7 +79,7 @@ class ServiceProcess:
         """Spawn the process (call from the test's main thread: the child dies with that thread)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "loopline.cli", "run", self.service], env=self.env,
+                [sys.executable, "-m", "loopline.app.cli", "run", self.service], env=self.env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=die_with_parent)
 
     def alive(self) -> bool:

@@ -25,7 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud.yaml"
 def cli(settings: LooplineSettings, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers or "",
                LOOPLINE_KAFKA_PROFILE=settings.kafka_profile)
-    return subprocess.run([sys.executable, "-m", "loopline.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -95,7 +95,7 @@ def test_incompatible_evolution_is_refused(kafka: KafkaConfig, unique: str) -> N
 def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
     env["LOOPLINE_HOME"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "loopline.cli", "apply", str(EXAMPLE)], env=env,
+    result = subprocess.run([sys.executable, "-m", "loopline.app.cli", "apply", str(EXAMPLE)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "no Kafka broker" in result.stderr and "loopline broker" in result.stderr

@@ -56,7 +56,7 @@ def test_context_manager_writes_state_and_cleans_up(tmp_path: Path) -> None:
 def start_cli(home: Path) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, LOOPLINE_HOME=str(home))
     env.pop("LOOPLINE_BOOTSTRAP_SERVERS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loopline.cli", "broker"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "broker"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -18,7 +18,7 @@ def test_demo_detects_the_drift_retrains_and_promotes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
     env.update(LOOPLINE_HOME=str(tmp_path / "home"), COLUMNS="200")
     result = subprocess.run(
-        [sys.executable, "-m", "loopline.cli", "demo", "--pipeline", str(EXAMPLE), "--rate", "150",
+        [sys.executable, "-m", "loopline.app.cli", "demo", "--pipeline", str(EXAMPLE), "--rate", "150",
          "--before", "1500", "--after", "3000"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -31,6 +31,6 @@ def test_demo_detects_the_drift_retrains_and_promotes(tmp_path: Path) -> None:
     frozen = float(re.search(r"the frozen first model on those same events\s*│ ([0-9.]+)", out).group(1))
     assert served > frozen + 0.05, (served, frozen)
     # The lineage store outlives the demo and answers queries.
-    query = subprocess.run([sys.executable, "-m", "loopline.cli", "lineage", "query", "sea", "--format", "json"],
+    query = subprocess.run([sys.executable, "-m", "loopline.app.cli", "lineage", "query", "sea", "--format", "json"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert query.returncode == 0 and '"served": 4500' in query.stdout, query.stderr

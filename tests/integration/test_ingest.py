@@ -306,7 +306,7 @@ def test_loopline_run_ingest_process(kafka: KafkaConfig, unique: str, tmp_path: 
            "LOOPLINE_KAFKA_PROFILE": kafka.settings.kafka_profile, "LOOPLINE_PIPELINES": spec.name,
            "LOOPLINE_METRICS_PORT": str(port), "LOOPLINE_SESSION_TIMEOUT_MS": "6000",
            "LOOPLINE_GROUP_ID": f"{unique}-ingest", "LOOPLINE_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "loopline.cli", "run", "ingest"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "ingest"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
 

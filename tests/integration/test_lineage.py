@@ -64,7 +64,7 @@ def run_lineage(settings: LooplineSettings, home: Path, pipeline: str) -> subpro
                LOOPLINE_FLUSH_ROWS="40", LOOPLINE_FLUSH_INTERVAL_S="0.3", LOOPLINE_BATCH_SIZE="50")
     log = open(home / "lineage.log", "ab")  # noqa: SIM115 - the child owns it
     try:
-        return subprocess.Popen([sys.executable, "-m", "loopline.cli", "run", "lineage"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "lineage"], env=env,
                                 stdout=log, stderr=log)
     finally:
         log.close()

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore, read_artifact
-from loopline.cli import main as cli
+from loopline.app.cli import main as cli
 from loopline.errors import LooplineError
 from loopline.kafka import KafkaConfig
 from loopline.models import ModelRegistry, champion, serving_at, stage_history, versions_of

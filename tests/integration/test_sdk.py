@@ -16,7 +16,7 @@ from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.sdk import EventProducer, FeedbackSender, PredictionReader, ValidationError
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, parse_spec
-from loopline.tools import decoder, tail
+from loopline.app.tools import decoder, tail
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaC
                LOOPLINE_KAFKA_PROFILE=settings.kafka_profile)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "loopline.cli", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env, capture_output=True,
                               text=True, timeout=120)
 
     produced = cli("produce", unique, str(csv_file), "--rate", "100")

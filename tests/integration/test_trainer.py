@@ -208,7 +208,7 @@ def test_crash_mid_training_learns_every_example_exactly_once(kafka: KafkaConfig
            "LOOPLINE_KAFKA_PROFILE": kafka.settings.kafka_profile, "LOOPLINE_PIPELINES": spec.name,
            "LOOPLINE_METRICS_PORT": str(port), "LOOPLINE_GROUP_ID": group, "LOOPLINE_HOME": str(tmp_path),
            "LOOPLINE_CHECKPOINT_INTERVAL_S": "3", "LOOPLINE_BATCH_SIZE": "50"}
-    proc = subprocess.Popen([sys.executable, "-m", "loopline.cli", "run", "trainer"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "trainer"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         feed.feedback([{"feedback_id": f"f{i}", "event_id": f"e{i}", "label": y} for i, (_, y) in

@@ -39,7 +39,7 @@ def test_up_restarts_a_killed_service_and_down_stops_everything(tmp_path: Path) 
     env.update(LOOPLINE_HOME=str(tmp_path), LOOPLINE_SESSION_TIMEOUT_MS="6000")
     log = tmp_path / "up.out"
     with log.open("w") as out:
-        up = subprocess.Popen([sys.executable, "-m", "loopline.cli", "up", "--services", "lineage"], env=env,
+        up = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "up", "--services", "lineage"], env=env,
                               stdout=out, stderr=subprocess.STDOUT)
     state_file = tmp_path / "up.json"
     try:
@@ -52,7 +52,7 @@ def test_up_restarts_a_killed_service_and_down_stops_everything(tmp_path: Path) 
         second = json.loads(state_file.read_text())["services"]["lineage"]["pid"]
         assert pid_alive(second)
 
-        down = subprocess.run([sys.executable, "-m", "loopline.cli", "down"], env=env, capture_output=True,
+        down = subprocess.run([sys.executable, "-m", "loopline.app.cli", "down"], env=env, capture_output=True,
                               text=True, timeout=90)
         assert down.returncode == 0, down.stderr
         assert up.wait(timeout=30) == 0

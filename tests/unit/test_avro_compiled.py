@@ -11,7 +11,7 @@ import fastavro.utils
 import pytest
 
 from loopline import avro
-from loopline.avro_compiled import Unsupported, compile_reader
+from loopline.avro.readers import Unsupported, compile_reader
 from loopline.spec import parse_spec
 
 EVERY_TYPE = {

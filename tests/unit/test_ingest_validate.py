@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from loopline import avro
-from loopline.services.ingest.fastpath import FeaturesEncoder, fast_uuid5, long_bytes
+from loopline.avro.writers import FeaturesEncoder, long_bytes
+from loopline.services.ingest.ids import fast_uuid5
 from loopline.spec import PipelineSpec, load_spec
 from loopline.validation import Accepted, Rejection, Validator, parse_ts
 from loopline.validation_fastpath import compile_fast_accept
@@ -208,7 +209,7 @@ def test_fast_accept_never_accepts_what_the_full_check_rejects(spec: PipelineSpe
 
 def test_fast_encoder_writes_exactly_what_fastavro_writes(spec: PipelineSpec) -> None:
     codec = avro.Codec(spec.features_schema())
-    encoder = FeaturesEncoder(spec)
+    encoder = FeaturesEncoder(spec.features_schema())
     v = Validator(spec)
     accepted = [r for r in (v.check(d) for d in corpus(n=600)) if isinstance(r, Accepted)]
     assert len(accepted) > 10

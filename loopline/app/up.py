@@ -54,7 +54,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loopline.cli", "run", self.name], env=self.env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=self.env, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=self._log, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 

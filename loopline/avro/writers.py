@@ -1,20 +1,18 @@
-"""The hot path of ingest, specialised per pipeline spec: an Avro encoder for feature events.
+"""Avro writers compiled to Python source: the feature-event encoder on ingest's hot path.
 
-Generated once per spec as straight-line Python (no per-feature loop, no generic schema walk),
-which is what keeps ingest close to the raw consume->produce rate. It writes exactly the bytes
-``avro.Codec(spec.features_schema()).encode`` writes (tests compare them). Its twin, the fast
-accept check, lives with the validator in :mod:`loopline.validation_fastpath`.
+Generated once per features schema as straight-line Python (no per-feature loop, no generic
+schema walk), which is what keeps ingest close to the raw consume->produce rate. It writes exactly
+the bytes ``Codec(features_schema).encode`` writes (tests compare them);
+:func:`features_encoder_source` prints the generated code for debugging.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from loopline import avro
-from loopline.spec import PipelineSpec
+from loopline.avro.codecs import MAGIC, Codec
 
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
@@ -44,46 +42,55 @@ def string_bytes(value: str) -> bytes:
     return varint(len(data) << 1) + data
 
 
-_VARIANT = {c: "89ab"[int(c, 16) & 0x3] for c in "0123456789abcdef"}
-_sha1 = hashlib.sha1
+_KINDS = {"double": "float", "long": "int", "string": "string", "boolean": "bool"}
 
 
-def fast_uuid5(namespace: bytes, name: str) -> str:
-    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects."""
-    x = _sha1(namespace + name.encode()).hexdigest()
-    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
+def _feature_fields(schema: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(name, kind, required) of every field of the schema's ``features`` record."""
+    for f in schema["fields"]:
+        if f["name"] == "features":
+            out = []
+            for field in f["type"]["fields"]:
+                t = field["type"]
+                required = not isinstance(t, list)
+                avro_type = t if required else next(x for x in t if x != "null")
+                if avro_type not in _KINDS:
+                    raise ValueError(f"feature {field['name']!r} has Avro type {avro_type!r}, which the "
+                                     "features encoder does not write")
+                out.append((field["name"], _KINDS[avro_type], required))
+            return out
+    raise ValueError(f"schema {schema.get('name')} has no 'features' record")
 
 
-def _encoder_source(spec: PipelineSpec) -> tuple[str, dict[str, Any]]:
-    env: dict[str, Any] = {"_varint": varint, "_long": long_bytes, "_double": _pack_double,
-                           "_join": b"".join}
+def features_encoder_source(schema: dict[str, Any]) -> str:
+    """Python source of the generated ``encode_features(f)`` of a features (or raw) schema."""
     lines = ["def encode_features(f):", "    g = f.get", "    out = []", "    a = out.append"]
-    for feat in spec.features:
-        lines.append(f"    v = g({feat.name!r})")
+    for name, kind, required in _feature_fields(schema):
+        lines.append(f"    v = g({name!r})")
         indent = "    "
-        if not feat.required:
+        if not required:
             lines += ["    if v is None:", "        a(b'\\x00')", "    else:", "        a(b'\\x02')"]
             indent = "        "
-        if feat.type == "float":
+        if kind == "float":
             lines.append(f"{indent}a(_double(v))")
-        elif feat.type == "int":
+        elif kind == "int":
             lines.append(f"{indent}a(_varint((v << 1) ^ (v >> 63)))")
-        elif feat.type == "string":
+        elif kind == "string":
             lines += [f"{indent}v = v.encode()", f"{indent}a(_varint(len(v) << 1))", f"{indent}a(v)"]
         else:
             lines.append(f"{indent}a(b'\\x01' if v else b'\\x00')")
     lines.append("    return _join(out)")
-    return "\n".join(lines), env
+    return "\n".join(lines)
 
 
 class FeaturesEncoder:
-    """Writes ``FeatureEvent`` records of one spec in single-object encoding, fast."""
+    """Writes ``FeatureEvent`` records of one features schema in single-object encoding, fast."""
 
-    def __init__(self, spec: PipelineSpec) -> None:
-        codec = avro.Codec(spec.features_schema())
-        self.header = avro.MAGIC + codec.fingerprint
-        source, env = _encoder_source(spec)
-        exec(compile(source, f"<encode_features {spec.name}>", "exec"), env)  # noqa: S102
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.header = MAGIC + Codec(schema).fingerprint
+        env: dict[str, Any] = {"_varint": varint, "_double": _pack_double, "_join": b"".join}
+        source = features_encoder_source(schema)
+        exec(compile(source, "<encode_features>", "exec"), env)  # noqa: S102 - generated above
         self.encode_features: Callable[[dict[str, Any]], bytes] = env["encode_features"]
         self._topics: dict[str, bytes] = {}
 

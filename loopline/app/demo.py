@@ -34,7 +34,7 @@ from loopline.models import ModelRegistry
 from loopline.registry import RegistryReader
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
-from loopline.up import ServiceProcess, Supervisor
+from loopline.app.up import ServiceProcess, Supervisor
 
 LABEL_DELAY = 200  # labels come back this many events after their event
 

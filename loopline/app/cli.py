@@ -135,7 +135,7 @@ def up(pipelines_dir: Path | None, services: str | None) -> None:
     from loopline.broker import BrokerAddress
     from loopline.kafka import KafkaConfig, StopFlag
     from loopline.spec import load_spec
-    from loopline.up import UP_FILE, Supervisor, available_services, broker_for, install_stop, read_up
+    from loopline.app.up import UP_FILE, Supervisor, available_services, broker_for, install_stop, read_up
 
     settings = _settings()
     if read_up(settings.home) is not None:
@@ -179,7 +179,7 @@ def up(pipelines_dir: Path | None, services: str | None) -> None:
 @main.command()
 def down() -> None:
     """Stop a running `loopline up` (its services and, if it started one, the embedded broker)."""
-    from loopline.up import down as stop_up
+    from loopline.app.up import down as stop_up
 
     pid = stop_up(_settings())
     console.print(f"stopped loopline up (pid {pid})")
@@ -195,7 +195,7 @@ def down() -> None:
 @click.option("--keep", is_flag=True, help="Keep the services and broker running at the end until Ctrl-C.")
 def demo(pipeline_file: Path, rate: float, before: int, after: int, keep: bool) -> None:
     """The whole loop on the embedded broker: drift, alert, retraining, promotion, lineage."""
-    from loopline.demo import Plan, run_demo
+    from loopline.app.demo import Plan, run_demo
 
     run_demo(_settings(), pipeline_file, keep, console, Plan(before=before, after=after, rate=rate))
 
@@ -226,7 +226,7 @@ def produce(pipeline: str, file: Path, rate: float | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loopline.kafka import AckedProducer, KafkaConfig
-    from loopline.tools import Pacer, count_lines, read_events
+    from loopline.app.tools import Pacer, count_lines, read_events
 
     kafka = KafkaConfig.from_settings(_settings())
     spec = _pipeline(_registry_state(kafka), pipeline)
@@ -261,7 +261,7 @@ def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | Non
     import orjson
 
     from loopline.kafka import KafkaConfig, StopFlag
-    from loopline.tools import decoder, tail as tail_topic, topic_of
+    from loopline.app.tools import decoder, tail as tail_topic, topic_of
 
     kafka = KafkaConfig.from_settings(_settings())
     state = _registry_state(kafka)
@@ -322,7 +322,7 @@ def status(pipeline: str | None) -> None:
     from datetime import UTC, datetime
 
     from loopline.kafka import KafkaConfig
-    from loopline.status import collect
+    from loopline.app.status import collect
 
     kafka = KafkaConfig.from_settings(_settings())
     state = _registry_state(kafka)
@@ -358,7 +358,7 @@ def status(pipeline: str | None) -> None:
 
 
 def _add_service_commands() -> None:
-    from loopline.cli_models import models
+    from loopline.app.cli_models import models
     from loopline.services.lineage.cli import lineage, replay_cmd
 
     main.add_command(models)

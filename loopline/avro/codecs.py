@@ -3,7 +3,7 @@
 Each message is ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO fingerprint + the Avro body,
 so every message names the schema it was written with and a reader can resolve older writers.
 fastavro encodes and resolves older writers; messages of a codec's own schema are read by a
-reader compiled for it (:mod:`loopline.avro_compiled`), and fastavro judges whatever that refuses.
+reader compiled for it (:mod:`loopline.avro.readers`), and fastavro judges whatever that refuses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import fastavro
 import fastavro.schema
 import fastavro.utils
 
-from loopline import avro_compiled
+from loopline.avro import readers
 from loopline.errors import SchemaError
 
 MAGIC = b"\xc3\x01"
@@ -79,7 +79,7 @@ class Codec:
         self.fingerprint = fingerprint(self.parsed)
         self._header = MAGIC + self.fingerprint
         self._writers: dict[bytes, Any] = {self.fingerprint: None}
-        self._readers: dict[tuple[str, ...] | None, avro_compiled.Reader | None] = {}
+        self._readers: dict[tuple[str, ...] | None, readers.Reader | None] = {}
         for writer in writers or []:
             self.add_writer(writer)
 
@@ -99,6 +99,30 @@ class Codec:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SchemaError(f"record does not match schema {self.name}: {e}") from e
         return out.getvalue()
+
+    def encode_many(self, records: Sequence[dict[str, Any]]) -> list[bytes]:
+        """Serialize many records through one buffer (cheaper than :meth:`encode` one by one)."""
+        buf = io.BytesIO()
+        ends = []
+        write, parsed, header = fastavro.schemaless_writer, self.parsed, self._header
+        try:
+            for r in records:
+                buf.write(header)
+                write(buf, parsed, r)
+                ends.append(buf.tell())
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SchemaError(f"record {len(ends)} does not match schema {self.name}: {e}") from e
+        data = buf.getbuffer()
+        out, start = [], 0
+        for end in ends:
+            out.append(bytes(data[start:end]))
+            start = end
+        return out
+
+    def reader_source(self, fields: Sequence[str] | None = None) -> str:
+        """The generated Python source of this codec's compiled reader (for debugging)."""
+        expanded = fastavro.parse_schema(self.schema, named_schemas=named_types(), expand=True)
+        return readers.reader_source(expanded, fields)
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """Deserialize a single-object encoded message; raise :class:`SchemaError` if unreadable."""
@@ -154,7 +178,7 @@ class Codec:
         except SchemaError as e:
             return e
 
-    def _reader(self, fields: Sequence[str] | None) -> avro_compiled.Reader | None:
+    def _reader(self, fields: Sequence[str] | None) -> readers.Reader | None:
         """The compiled reader of this schema's own messages (cached); None if it cannot compile."""
         key = None if fields is None else tuple(fields)
         if key not in self._readers:
@@ -163,8 +187,8 @@ class Codec:
                 raise SchemaError(f"{self.name} has no field {min(unknown)!r}")
             expanded = fastavro.parse_schema(self.schema, named_schemas=named_types(), expand=True)
             try:
-                self._readers[key] = avro_compiled.compile_reader(expanded, key)
-            except avro_compiled.Unsupported:
+                self._readers[key] = readers.compile_reader(expanded, key)
+            except readers.Unsupported:
                 self._readers[key] = None  # fastavro reads it, message by message
         return self._readers[key]
 

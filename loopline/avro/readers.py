@@ -204,12 +204,23 @@ def compile_reader(schema: dict[str, Any], keep: Iterable[str] | None = None) ->
     ``keep`` names the top-level fields to return (None: all); the others are skipped. Raise
     :class:`Unsupported` if the schema needs something this compiler does not generate.
     """
-    gen = _Gen()
-    gen.register(schema)
-    gen.record(1, schema, "out", keep)
-    source = "def read(data, pos):\n" + "\n".join(gen.lines) + "\n    return out, pos\n"
+    source, consts = _generate(schema, keep)
     scope: dict[str, Any] = {"_bad": _bad, "_D": struct.Struct("<d").unpack_from,
-                             "_F": struct.Struct("<f").unpack_from, **gen.consts}
+                             "_F": struct.Struct("<f").unpack_from, **consts}
     exec(compile(source, f"<avro reader {schema.get('name')}>", "exec"), scope)  # noqa: S102
     read: Reader = scope["read"]
     return read
+
+
+def _generate(schema: dict[str, Any], keep: Iterable[str] | None) -> tuple[str, dict[str, Any]]:
+    gen = _Gen()
+    gen.register(schema)
+    gen.record(1, schema, "out", keep)
+    return "def read(data, pos):\n" + "\n".join(gen.lines) + "\n    return out, pos\n", gen.consts
+
+
+def reader_source(schema: dict[str, Any], keep: Iterable[str] | None = None) -> str:
+    """The Python source :func:`compile_reader` generates for ``schema`` (constants listed after it)."""
+    source, consts = _generate(schema, keep)
+    listed = "".join(f"# {name} = {value!r}\n" for name, value in consts.items())
+    return source + (f"\n# constants:\n{listed}" if listed else "")

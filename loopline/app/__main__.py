@@ -1,0 +1,5 @@
+"""``python -m loopline.app``: the ``loopline`` command line."""
+
+from loopline.app.cli import main
+
+main()
