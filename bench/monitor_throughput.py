@@ -57,7 +57,7 @@ from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.models import ModelRegistry
+from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.scoring import tabular_features
 from loopline.services.monitor.metrics import MonitorMetrics
@@ -112,12 +112,12 @@ def register(kafka: KafkaConfig, spec: PipelineSpec, home: Path, shadow: bool) -
     reference, labels = records_of(cols), truth(rng, cols)
     columns = tabular_features(spec)
     registry = ModelRegistry(kafka, ArtifactStore(str(home / "artifacts")), actor="bench")
-    registry.register(spec.name, train(reference, labels, columns, 1.0), name="lr", stage="champion",
-                      reference=reference)
+    registry.register(spec.name, train(reference, labels, columns, 1.0),
+                      NewVersion(name="lr", stage="champion", reference=reference))
     half = REFERENCE // 2  # the second version learned from fewer records, more regularised
-    registry.register(spec.name, train(reference[:half], labels[:half], columns, 0.05), name="lr",
-                      stage="shadow" if shadow else "challenger", traffic=0.0 if shadow else 0.5,
-                      reference=reference)
+    registry.register(spec.name, train(reference[:half], labels[:half], columns, 0.05), NewVersion(
+        name="lr", stage="shadow" if shadow else "challenger", traffic=0.0 if shadow else 0.5,
+        reference=reference))
 
 
 def write_events(kafka: KafkaConfig, spec: PipelineSpec, n: int) -> np.ndarray:

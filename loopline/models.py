@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,30 @@ TRAFFIC_STAGES = ("challenger", "canary")
 
 class RegistrationError(LooplineError):
     """A model version cannot be registered or changed; the message names the rule."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a trained version came from: what triggered it, the data it learned, how it was judged."""
+
+    trigger: str | None = None
+    training_ranges: Sequence[Mapping[str, Any]] = ()
+    scorecard: Mapping[str, Any] | None = None
+    parent: str | None = None  # "name:version" (default: the champion at registration)
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A version to register: its name and stage, reference data, metrics and lineage."""
+
+    name: str | None = None  # default: the pipeline's name
+    stage: str = "champion"
+    traffic: float | None = None  # default: the canary fraction for a canary, 1 for a champion, else 0
+    reference: Sequence[Mapping[str, Any]] | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    expected_sha256: str | None = None
+    lineage: Lineage = field(default_factory=Lineage)
+    library_versions: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -278,22 +302,17 @@ class ModelRegistry:
             producer.send(topics.MODELS, codec.encode(event), key=key)
         publish(producer, *events[-1])  # confirms everything queued so far
 
-    def register(self, pipeline: str, model: bytes, *, name: str | None = None, stage: str = "champion",
-                 traffic: float | None = None, reference: Sequence[Mapping[str, Any]] | None = None,
-                 metrics: Mapping[str, float] | None = None, expected_sha256: str | None = None,
-                 parent: str | None = None, trigger: str | None = None,
-                 training_ranges: Sequence[Mapping[str, Any]] = (), scorecard: Mapping[str, Any] | None = None,
-                 library_versions: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Validate ``model``, store it, publish its version record and stage change; return the record.
-
-        ``training_ranges``, ``scorecard`` and ``library_versions`` record a trained version's lineage.
-        """
+    def register(self, pipeline: str, model: bytes, new: NewVersion | None = None) -> dict[str, Any]:
+        """Validate ``model``, store it, publish its version record and stage change; return the record."""
+        new = new or NewVersion()
+        name, stage, traffic, reference = new.name, new.stage, new.traffic, new.reference
+        lineage = new.lineage
         state = self.state()
         spec = self._spec(state, pipeline)
         name = name or pipeline
         digest = sha256_hex(model)
-        if expected_sha256 is not None and expected_sha256.lower() != digest:
-            raise RegistrationError(f"model file has sha256 {digest}, expected {expected_sha256} "
+        if new.expected_sha256 is not None and new.expected_sha256.lower() != digest:
+            raise RegistrationError(f"model file has sha256 {digest}, expected {new.expected_sha256} "
                                     "(rule: sha256_match)")
         existing = [v["version"] for v in versions_of(state, pipeline) if v["name"] == name]
         version = max(existing, default=0) + 1
@@ -305,15 +324,17 @@ class ModelRegistry:
         checked = validate_model(model, spec, reference, label=f"{pipeline}/{name} v{version}")
         digest, uri = self.store.put(model)
         current = champion(state, pipeline)
+        parent = lineage.parent
         if parent is None and current is not None:
             parent = f"{current['name']}:{current['version']}"
         record = {"name": name, "version": version, "sha256": digest, "uri": uri, "stage": stage,
                   "traffic": traffic, "parent": parent, "created_at": now_ms(),
-                  "library_versions": {**checked.library_versions, **(library_versions or {})},
-                  "metrics": dict(metrics or {}),
+                  "library_versions": {**checked.library_versions, **new.library_versions},
+                  "metrics": dict(new.metrics),
                   "reference_profile_json": orjson.dumps(checked.profile).decode() if checked.profile else None,
-                  "training_ranges": [dict(r) for r in training_ranges], "trigger": trigger,
-                  "scorecard_json": orjson.dumps(scorecard, option=orjson.OPT_SORT_KEYS).decode() if scorecard else None,
+                  "training_ranges": [dict(r) for r in lineage.training_ranges], "trigger": lineage.trigger,
+                  "scorecard_json": orjson.dumps(lineage.scorecard, option=orjson.OPT_SORT_KEYS).decode()
+                  if lineage.scorecard else None,
                   "fill_values": checked.fill_values, "input_features": checked.input_features}
         events = [(model_version_key(pipeline, name, version),
                    {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"], "spec": None,

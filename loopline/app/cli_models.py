@@ -65,15 +65,16 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
              name: str | None, metric_pairs: tuple[str, ...], expected_sha256: str | None,
              artifact_uri: str | None) -> None:
     """Validate an ONNX model for PIPELINE, store it and publish a new version."""
-    from loopline.models import load_reference
+    from loopline.models import NewVersion, load_reference
 
     registry = _registry(artifact_uri)
     state = registry.state()
     spec = state.specs.get(pipeline)
     ref = load_reference(reference, spec) if reference is not None and spec is not None else None
     with console.status(f"validating {onnx_file.name} for {pipeline}..."):
-        record = registry.register(pipeline, onnx_file.read_bytes(), name=name, stage=stage, traffic=traffic,
-                                   reference=ref, metrics=_metrics(metric_pairs), expected_sha256=expected_sha256)
+        record = registry.register(pipeline, onnx_file.read_bytes(), NewVersion(
+            name=name, stage=stage, traffic=traffic, reference=ref, metrics=_metrics(metric_pairs),
+            expected_sha256=expected_sha256))
     console.print(f"registered [bold]{record['name']} v{record['version']}[/] for {pipeline} as {record['stage']}"
                   + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
                   + f"; sha256 {record['sha256'][:12]}, {record['uri']}"

@@ -30,7 +30,7 @@ from loopline.artifacts import ArtifactStore
 from loopline.broker import BrokerAddress, EmbeddedBroker, read_state
 from loopline.errors import LooplineError
 from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
-from loopline.models import ModelRegistry
+from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
@@ -196,7 +196,7 @@ def run_demo(settings: LooplineSettings, pipeline_file: Path, keep: bool, consol
         with console.status("[3/6] training the first model on pre-drift data..."):
             onnx_model, reference = first_model(spec, plan.seed)
             registry = ModelRegistry(kafka, ArtifactStore.from_settings(settings), actor="demo")
-            first = registry.register(spec.name, onnx_model, stage="champion", reference=reference)
+            first = registry.register(spec.name, onnx_model, NewVersion(reference=reference))
             # Inference subscribes once the pipeline has a champion; wait until it joined its group.
             inference = next(s for s in supervisor.services if s.name == "inference")
             deadline = time.monotonic() + 60

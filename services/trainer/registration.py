@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loopline.models import ModelRegistry
+from loopline.models import Lineage, ModelRegistry, NewVersion
 
 
 def register_version(registry: ModelRegistry, pipeline: str, model: bytes, *, stage: str,
@@ -18,6 +18,6 @@ def register_version(registry: ModelRegistry, pipeline: str, model: bytes, *, st
                      training_ranges: list[dict[str, Any]], scorecard: dict[str, Any],
                      library_versions: Mapping[str, str]) -> dict[str, Any]:
     """Validate, store and publish a version with its lineage; return the version record."""
-    return registry.register(pipeline, model, stage=stage, reference=reference, metrics=metrics, trigger=trigger,
-                             training_ranges=training_ranges, scorecard=scorecard,
-                             library_versions=library_versions)
+    return registry.register(pipeline, model, NewVersion(
+        stage=stage, reference=reference, metrics=metrics, library_versions=library_versions,
+        lineage=Lineage(trigger=trigger, training_ranges=training_ranges, scorecard=scorecard)))

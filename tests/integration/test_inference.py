@@ -18,7 +18,7 @@ from loopline import avro, topics
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.models import ModelRegistry
+from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import model_version_key, now_ms, publish
 from loopline.service import ServiceRuntime
 from loopline.services.inference.main import serve
@@ -147,8 +147,8 @@ def metric(rt: ServiceRuntime, name: str, **labels: str) -> float:
 
 def test_champion_challenger_shadow_split(kafka: KafkaConfig, deployed, service, unique: str) -> None:  # type: ignore[no-untyped-def]
     spec, registry = deployed
-    registry.register(unique, make_model(2), stage="challenger", traffic=0.2)
-    registry.register(unique, make_model(3, zipmap=True), stage="shadow")
+    registry.register(unique, make_model(2), NewVersion(stage="challenger", traffic=0.2))
+    registry.register(unique, make_model(3, zipmap=True), NewVersion(stage="shadow"))
     n = 3000
     produce(kafka, spec.topics.features, feature_events(spec, n, keys=1000))
     reader = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)

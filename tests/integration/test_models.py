@@ -17,7 +17,8 @@ from loopline.artifacts import ArtifactStore, read_artifact
 from loopline.app.cli import main as cli
 from loopline.errors import LooplineError
 from loopline.kafka import KafkaConfig
-from loopline.models import ModelRegistry, champion, serving_at, stage_history, versions_of
+from loopline.models import (ModelRegistry, NewVersion, champion, serving_at, stage_history,
+                             versions_of)
 from loopline.registry import now_ms
 from loopline.settings import LooplineSettings
 from loopline.spec import parse_spec
@@ -57,7 +58,7 @@ def test_register_with_reference_profile_and_fill(registry: ModelRegistry, uniqu
 
     state = registry.state()
     ref = load_reference(reference_csv(tmp_path / "ref.csv"), state.specs[unique])
-    rec = registry.register(unique, lr_model(4), reference=ref, metrics={"auc": 0.9})
+    rec = registry.register(unique, lr_model(4), NewVersion(reference=ref, metrics={"auc": 0.9}))
     stored = registry.state().versions[(unique, unique, 1)]
     assert stored["stage"] == "champion" and stored["metrics"] == {"auc": 0.9}
     assert stored["input_features"] == ["a", "b", "flag", "opt"]
@@ -88,16 +89,16 @@ def test_nan_output_and_sha_mismatch_refused(registry: ModelRegistry, unique: st
     with pytest.raises(LooplineError, match="finite_output"):
         registry.register(unique, model)
     with pytest.raises(LooplineError, match="sha256_match"):
-        registry.register(unique, lr_model(4), expected_sha256="0" * 64)
+        registry.register(unique, lr_model(4), NewVersion(expected_sha256="0" * 64))
     assert not versions_of(registry.state(), unique)
 
 
 def test_promote_rollback_and_history(registry: ModelRegistry, unique: str) -> None:
     registry.register(unique, lr_model(4, 1))
     t_v1 = now_ms()
-    registry.register(unique, lr_model(4, 2), stage="challenger", traffic=0.2)
+    registry.register(unique, lr_model(4, 2), NewVersion(stage="challenger", traffic=0.2))
     with pytest.raises(LooplineError, match="traffic_sum"):
-        registry.register(unique, lr_model(4, 3), stage="canary", traffic=0.9)
+        registry.register(unique, lr_model(4, 3), NewVersion(stage="canary", traffic=0.9))
     registry.promote(unique, 2)
     state = registry.state()
     assert champion(state, unique)["version"] == 2

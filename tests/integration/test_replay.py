@@ -14,7 +14,7 @@ from loopline import feedback
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.models import ModelRegistry
+from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
 from loopline.service import ServiceRuntime
 from loopline.services.inference.main import serve
@@ -76,7 +76,7 @@ def served_rows(store: LineageStore, pipeline: str) -> int:
 
 def test_replay_reproduces_the_served_version_and_compares_another(kafka: KafkaConfig, running, unique: str) -> None:  # type: ignore[no-untyped-def]
     spec, registry, store = running
-    registry.register(unique, make_model(5), stage="shadow")  # v2 scores every event, serves none
+    registry.register(unique, make_model(5), NewVersion(stage="shadow"))  # v2 scores every event, serves none
     time.sleep(1.0)  # the service picks the shadow up between batches
     produce(kafka, spec.topics.features, feature_events(spec, 600))
     wait_until(lambda: served_rows(store, unique) >= 600)

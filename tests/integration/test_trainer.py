@@ -24,7 +24,7 @@ from loopline import avro
 from loopline.apply import apply_spec
 from loopline.broker import free_port
 from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
-from loopline.models import ModelRegistry, versions_of
+from loopline.models import ModelRegistry, NewVersion, versions_of
 from loopline.artifacts import ArtifactStore
 from loopline.observability import Health
 from loopline.services.trainer.metrics import TrainerMetrics
@@ -380,7 +380,7 @@ def test_concept_drift_is_learned_promoted_and_served_better(kafka: KafkaConfig,
         first.learn(x, y)
     first_onnx = to_onnx(first)
     models = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts")))
-    v1 = models.register(spec.name, first_onnx, stage="champion", reference=[x for x, _ in train[:500]])
+    v1 = models.register(spec.name, first_onnx, NewVersion(reference=[x for x, _ in train[:500]]))
     threads = [start_inference(kafka, spec, tmp_path, f"{unique}-inference"),
                start_monitor(kafka, spec, tmp_path, f"{unique}-monitor")]
     try:
@@ -465,7 +465,7 @@ def test_live_trial_promotes_then_probation_rolls_back(kafka: KafkaConfig, uniqu
     for x, y in sea(1000, seed=7, variant=3):
         old.learn(x, y)
     models = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts")))
-    v1 = models.register(spec.name, to_onnx(old), stage="champion")
+    v1 = models.register(spec.name, to_onnx(old), NewVersion())
     feed = Feeder(kafka, spec)
     data = sea(600, seed=8, variant=0)
     feed.events([x for x, _ in data[:200]])
@@ -526,7 +526,7 @@ def test_manual_policy_waits_for_a_person(kafka: KafkaConfig, unique: str, tmp_p
     for x, y in sea(1000, seed=7, variant=3):
         old.learn(x, y)
     models = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts")))
-    v1 = models.register(spec.name, to_onnx(old), stage="champion")
+    v1 = models.register(spec.name, to_onnx(old), NewVersion())
     feed = Feeder(kafka, spec)
     data = sea(300, seed=8, variant=0)
     feed.events([x for x, _ in data])  # every prediction says "true" (Feeder), from model "m" v1
