@@ -1,9 +1,7 @@
-"""Kafka runtime on confluent-kafka: client settings, topic creation, at-least-once batch loop.
+"""Kafka clients on confluent-kafka: settings per broker profile, topic creation, acked producer.
 
-The contract every service follows: consume a batch, produce its results, wait until Kafka
-acknowledged every one of them, and only then store the batch's offsets. A crash at any
-point re-delivers the unacknowledged input (at-least-once); idempotent sinks and
-deterministic ids make the retry invisible to readers.
+Services do not consume and produce by hand: they run on :mod:`loopline.runtime`, which builds
+its clients here (:meth:`KafkaConfig.delivery` and :meth:`KafkaConfig.consumer`).
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from loopline.errors import DeliveryError, LooplineError
 from loopline.settings import LooplineSettings
 
 log = logging.getLogger(__name__)
+#: The logger librdkafka's own lines go to (see loopline.observability for its rate limit).
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 # Tansu does not answer a waiting fetch early and lists every stored batch of a partition on
 # each fetch: a short fetch wait keeps latency low, large producer batches keep fetches cheap.
@@ -39,6 +39,7 @@ class KafkaConfig:
 
     settings: LooplineSettings
     broker: BrokerAddress
+    on_error: Callable[[KafkaError], None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: LooplineSettings) -> KafkaConfig:
@@ -50,6 +51,16 @@ class KafkaConfig:
         """Whether clients are tuned for the embedded broker."""
         return self.broker.embedded
 
+    @property
+    def exactly_once(self) -> bool:
+        """Whether services use transactions (LOOPLINE_DELIVERY, 'auto': on Kafka, not on Tansu)."""
+        mode = self.settings.delivery
+        return mode == "exactly-once" or (mode == "auto" and not self.embedded)
+
+    def with_error_callback(self, on_error: Callable[[KafkaError], None]) -> KafkaConfig:
+        """A copy whose clients report librdkafka errors (e.g. all brokers down) to ``on_error``."""
+        return KafkaConfig(self.settings, self.broker, on_error)
+
     def common(self, client_id: str) -> dict[str, Any]:
         """Settings shared by producers, consumers and admin clients."""
         s = self.settings
@@ -57,7 +68,11 @@ class KafkaConfig:
             "bootstrap.servers": self.broker.bootstrap_servers,
             "client.id": client_id,
             "security.protocol": s.security_protocol,
+            # librdkafka's own log lines go through Python logging (rate-limited there), not stderr.
+            "logger": LIBRDKAFKA_LOG,
         }
+        if self.on_error is not None:
+            conf["error_cb"] = self.on_error
         if s.sasl_mechanism:
             conf["sasl.mechanism"] = s.sasl_mechanism
         if s.sasl_username:
@@ -76,14 +91,24 @@ class KafkaConfig:
         conf.update(overrides)
         return Producer(conf)
 
+    def transactional_producer(self, transactional_id: str, **overrides: Any) -> Producer:
+        """A producer for one service replica's transactions."""
+        return self.producer(transactional_id, **{"transactional.id": transactional_id,
+                                                  "transaction.timeout.ms": 60_000, **overrides})
+
     def consumer(self, client_id: str, group_id: str, **overrides: Any) -> Consumer:
-        """A group consumer whose offsets are stored by hand, after results are acknowledged."""
+        """A group consumer whose offsets are committed by the runtime, never before its outputs.
+
+        On exactly-once they travel inside each transaction; on at-least-once they are stored
+        once the outputs are acknowledged and auto-committed from there.
+        """
         conf = self.common(client_id)
         conf.update({
             "group.id": group_id,
             "auto.offset.reset": "earliest",
-            "enable.auto.commit": True,
+            "enable.auto.commit": not self.exactly_once,
             "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
             "auto.commit.interval.ms": 1000,
             "session.timeout.ms": self.settings.session_timeout_ms,
             "heartbeat.interval.ms": max(100, self.settings.session_timeout_ms // 10),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -10,9 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+from confluent_kafka import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_DIGITS = re.compile(r"\d+")
+# librdkafka error codes that mean the broker cannot be reached (or will not let us in).
+_BROKER_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._AUTHENTICATION}
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,8 +50,36 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one line through per kind of message and window; counts the others into the next one.
+
+    librdkafka repeats the same connection error many times a second while a broker is away;
+    one line per ``window_s`` (digits ignored when comparing) says the same.
+    """
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to emit ``record`` (a repeat within the window is counted, not emitted)."""
+        kind = _DIGITS.sub("#", record.getMessage())[:200]
+        now = time.monotonic()
+        last = self._seen.get(kind)
+        if last is not None and now - last[0] < self.window_s:
+            self._seen[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.suppressed_repeats = last[1]
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[kind] = (now, 0)
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send the root logger's records to stderr, one line each."""
+    """Send the root logger's records to stderr, one line each (librdkafka's: warnings, de-duplicated)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     handler.set_name("loopline")
@@ -54,22 +87,67 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # Replace only our own handler, so calling this twice (or under pytest) keeps other handlers.
     root.handlers[:] = [h for h in root.handlers if h.get_name() != "loopline"] + [handler]
     root.setLevel(level)
+    librdkafka = logging.getLogger("librdkafka")
+    librdkafka.setLevel(max(logging.getLevelName(level), logging.WARNING))
+    if not any(isinstance(f, RepeatFilter) for f in librdkafka.filters):
+        librdkafka.addFilter(RepeatFilter())
 
 
 class Health:
-    """Liveness (the main loop beats) and readiness (the service says it can do its job)."""
+    """Liveness (the main loop beats) and readiness (the service can do its job right now).
 
-    def __init__(self, stale_after_s: float = 60.0) -> None:
+    Readiness is false while the service says so (``set_ready``), while it joins its consumer
+    group, while the broker is unreachable (librdkafka reported all brokers down and nothing
+    succeeded since), and while one batch has been in hand longer than ``stuck_after_s``.
+    """
+
+    def __init__(self, stale_after_s: float = 60.0, stuck_after_s: float = 30.0,
+                 broker_grace_s: float = 5.0) -> None:
         self.stale_after_s = stale_after_s
+        self.stuck_after_s = stuck_after_s
+        self.broker_grace_s = broker_grace_s
         self._lock = threading.Lock()
         self._last_beat = time.monotonic()
         self._ready = False
         self._reason = "starting"
         self._assigned: bool | None = None  # None: readiness does not wait for a group assignment
+        self._busy_since: float | None = None
+        self._broker_down: tuple[float, str] | None = None
 
     def beat(self) -> None:
         """Record that the main loop is making progress."""
         self._last_beat = time.monotonic()
+
+    def busy(self) -> None:
+        """A batch is being processed from now on."""
+        self._busy_since = time.monotonic()
+
+    def idle(self) -> None:
+        """The batch in hand is done."""
+        self._busy_since = None
+
+    def broker_error(self, error: Any) -> None:
+        """A librdkafka error callback: all brokers down (or authentication failing) marks it down."""
+        code = error.code()
+        if code in _BROKER_DOWN_CODES:
+            with self._lock:
+                if self._broker_down is None:
+                    self._broker_down = (time.monotonic(), error.str())
+
+    def broker_ok(self) -> None:
+        """Something reached the broker (a commit, a fetch, a metadata answer)."""
+        self._broker_down = None
+
+    def broker_suspect(self) -> bool:
+        """Whether a broker error was reported and nothing has succeeded since."""
+        return self._broker_down is not None
+
+    def broker_unreachable(self) -> str | None:
+        """Why the broker counts as unreachable now, or None."""
+        down = self._broker_down
+        if down is not None and time.monotonic() - down[0] >= self.broker_grace_s:
+            return f"broker unreachable for {time.monotonic() - down[0]:.0f}s: {down[1]}"
+        return None
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         """Mark the service ready (or not, and why)."""
@@ -96,6 +174,12 @@ class Health:
         alive, why = self.live()
         if not alive:
             return False, why
+        down = self.broker_unreachable()
+        if down is not None:
+            return False, down
+        busy = self._busy_since
+        if busy is not None and time.monotonic() - busy > self.stuck_after_s:
+            return False, f"one batch in hand for {time.monotonic() - busy:.0f}s"
         if self._assigned is False:
             return False, "joining the consumer group"
         with self._lock:

@@ -111,8 +111,9 @@ class RegistryState:
 
     def features_codec(self, pipeline: str) -> avro.Codec:
         """Codec of a pipeline's features topic that also reads events written under older specs."""
-        history = self.features_schemas[pipeline]
-        return avro.Codec(self.specs[pipeline].features_schema(), writers=history[:-1])
+        # Every published schema, the latest included: an upgrade of schemas/features.avsc changes
+        # the schema the current spec generates, and events written before it must stay readable.
+        return avro.Codec(self.specs[pipeline].features_schema(), writers=self.features_schemas[pipeline])
 
 
 class RegistryReader:

@@ -44,6 +44,18 @@ class LooplineSettings(BaseSettings):
     replication_factor: int = Field(
         1, ge=-1, description="Replication factor of topics Loopline creates (-1: broker default)."
     )
+    delivery: Literal["auto", "exactly-once", "at-least-once"] = Field(
+        "auto",
+        description="Processing guarantee of services that consume and produce: 'exactly-once' uses Kafka "
+        "transactions (consume -> produce -> send offsets -> commit); 'at-least-once' stores offsets "
+        "after the outputs are acknowledged (idempotent sinks hide retries); 'auto' picks exactly-once "
+        "on Kafka and at-least-once on the embedded broker, which has no transactions.",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="Stable name of this replica among its service's replicas (default: the host name), "
+        "part of its transactional id, so a restarted replica aborts what its predecessor left open.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field(
         "json", description="'json': one JSON object per line; 'console': readable lines."

@@ -10,6 +10,8 @@ from loopline.errors import SpecError
 PREFIX = "loopline"
 MODELS = f"{PREFIX}.models"
 ALERTS = f"{PREFIX}.alerts"
+#: Dead letters of topics that belong to no pipeline (the registry, the alerts).
+DEADLETTER = f"{PREFIX}.deadletter"
 
 #: Per-pipeline topic kinds, in the order data flows through them.
 KINDS = ("raw", "features", "predictions", "feedback", "deadletter")

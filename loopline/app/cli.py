@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loopline.errors import LooplineError
-from loopline.service import SERVICES
+from loopline.runtime.service import SERVICES
 from loopline.settings import LooplineSettings
 
 console = Console(stderr=False, highlight=False)

@@ -12,7 +12,7 @@ from loopline import avro, topics
 from loopline.errors import SchemaError
 from loopline.kafka import KafkaConfig
 from loopline.registry import RegistryState
-from loopline.service import SERVICES
+from loopline.runtime.service import SERVICES
 
 #: Which topic kinds each service consumes (its lag is measured on them).
 CONSUMES = {"ingest": ("raw",), "inference": ("features",), "monitor": ("features", "predictions", "feedback"),

@@ -20,7 +20,7 @@ from typing import IO
 from loopline.broker import EmbeddedBroker, die_with_parent, free_port, pid_alive, read_state, resolve_broker
 from loopline.errors import LooplineError
 from loopline.kafka import StopFlag
-from loopline.service import SERVICES
+from loopline.runtime.service import SERVICES
 from loopline.settings import LooplineSettings
 
 log = logging.getLogger(__name__)

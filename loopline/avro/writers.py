@@ -102,14 +102,15 @@ class FeaturesEncoder:
         return cached
 
     def encode(self, event_id: str, key: str | None, ts: int, ingested_at: bytes, topic: bytes,
-               partition: int, offset: int, features: dict[str, Any]) -> bytes:
-        """One record; ``ingested_at`` and ``topic`` come pre-encoded (they repeat across a batch)."""
+               partition: int, offset: int, features: bytes, content_hash: str) -> bytes:
+        """One record from its parts; ``ingested_at``, ``topic`` and ``features`` come pre-encoded."""
         eid = event_id.encode()
         if key is None:
             key_part = b"\x00"
         else:
             k = key.encode()
             key_part = b"\x02" + varint(len(k) << 1) + k
+        content = content_hash.encode()
         return b"".join((self.header, varint(len(eid) << 1), eid, key_part, varint((ts << 1) ^ (ts >> 63)),
-                         ingested_at, topic, varint(partition << 1), varint(offset << 1),
-                         self.encode_features(features)))
+                         ingested_at, topic, varint(partition << 1), varint(offset << 1), features,
+                         b"\x02", varint(len(content) << 1), content))

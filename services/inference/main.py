@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loopline.kafka import AckedProducer, run_batches
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.inference.metrics import InferenceMetrics
 from loopline.services.inference.service import InferenceService
 from loopline.services.inference.settings import InferenceSettings

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 
 from loopline.services.ingest.service import IngestService
 from loopline.services.ingest.settings import IngestSettings
@@ -12,4 +12,4 @@ def main() -> None:
     """Run ingest until SIGINT/SIGTERM, with /metrics, /healthz and /readyz."""
     settings = IngestSettings()
     with ServiceRuntime("ingest", settings) as rt:
-        IngestService(rt.kafka, settings, rt.registry, rt.health, rt.stop, rt.group_id).run()
+        IngestService(rt, settings).run()

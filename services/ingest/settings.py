@@ -20,3 +20,9 @@ class IngestSettings(ServiceSettings):
         1.0, gt=0, le=300,
         description="How often the registry is checked for new or changed pipeline specs between batches.",
     )
+    idempotency_window: int = Field(
+        1_000_000, ge=0, le=100_000_000,
+        description="Producer event ids remembered to recognise a re-sent event (same id, same content: "
+        "a counted duplicate, not forwarded) or a conflict (same id, other content: dead-lettered with "
+        "both contents findable). Rebuilt at start from the end of the features topics. 0: off.",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage.service import LineageService
 from loopline.services.lineage.settings import LineageSettings
 

@@ -14,7 +14,7 @@ from loopline import avro, topics
 from loopline.errors import SchemaError
 from loopline.kafka import AckedProducer
 from loopline.registry import RegistryReader, now_ms
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import rows
 from loopline.services.lineage.settings import LineageSettings
 from loopline.services.lineage.store import LineageStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loopline.kafka import AckedProducer, ensure_topics
 from loopline.registry import ALERTS_TOPIC, MODELS_TOPIC, RegistryReader
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.readers import ReaderOffsets
 from loopline.services.monitor.service import MonitorService, checkpoint_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.trainer.metrics import TrainerMetrics
 from loopline.services.trainer.service import TrainerService
 from loopline.services.trainer.settings import TrainerSettings

@@ -20,7 +20,7 @@ from loopline.artifacts import ArtifactStore
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import model_version_key, now_ms, publish
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.inference.main import serve
 from loopline.services.inference.plan import key_bucket
 from loopline.services.inference.settings import InferenceSettings

@@ -22,7 +22,7 @@ from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.profile import build_profile
 from loopline.registry import model_version_key, now_ms, publish
 from loopline.sdk import PredictionReader
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.monitor.main import create, serve
 from loopline.services.monitor.service import MonitorService
 from loopline.services.monitor.settings import MonitorSettings

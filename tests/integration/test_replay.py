@@ -16,7 +16,7 @@ from loopline.artifacts import ArtifactStore
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.inference.main import serve
 from loopline.services.inference.settings import InferenceSettings
 from loopline.services.lineage import query as q

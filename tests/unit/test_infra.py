@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from loopline.service import SERVICES
+from loopline.runtime.service import SERVICES
 from loopline.settings import LooplineSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -217,14 +217,16 @@ def test_fast_encoder_writes_exactly_what_fastavro_writes(spec: PipelineSpec) ->
         for key in (None, "k", "ünïcode"):
             record = {"event_id": f"id-{i}", "key": key, "ts": a.ts or 1_700_000_000_000 + i,
                       "ingested_at": 1_700_000_000_123, "features": a.features,
-                      "source": {"topic": "loopline.fraud.raw", "partition": i % 3, "offset": i * 7919}}
+                      "source": {"topic": "loopline.fraud.raw", "partition": i % 3, "offset": i * 7919},
+                      "content_hash": f"h{i}"}
             fast = encoder.encode(record["event_id"], key, record["ts"], long_bytes(record["ingested_at"]),
-                                  encoder.source_prefix("loopline.fraud.raw"), i % 3, i * 7919, a.features)
+                                  encoder.source_prefix("loopline.fraud.raw"), i % 3, i * 7919,
+                                  encoder.encode_features(a.features), f"h{i}")
             assert fast == codec.encode(record)
     assert encoder.encode("x", None, 2**40, long_bytes(0), encoder.source_prefix("t"), 0, 2**40,
-                          accepted[0].features) == codec.encode(
+                          encoder.encode_features(accepted[0].features), "") == codec.encode(
         {"event_id": "x", "key": None, "ts": 2**40, "ingested_at": 0, "features": accepted[0].features,
-         "source": {"topic": "t", "partition": 0, "offset": 2**40}})
+         "source": {"topic": "t", "partition": 0, "offset": 2**40}, "content_hash": ""})
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 8191, 8192, 2**40, 2**62])

@@ -6,7 +6,7 @@ import os
 import signal
 import urllib.request
 
-from loopline.service import ServiceRuntime
+from loopline.runtime.service import ServiceRuntime
 from loopline.settings import ServiceSettings
 
 

@@ -1,0 +1,161 @@
+"""How a batch's outputs and its input offsets reach Kafka: exactly once, or at least once.
+
+- :class:`ExactlyOnce` (Apache Kafka): one transaction per commit — produce the outputs, send
+  the input offsets to the transaction with the consumer group's metadata, commit. A crash
+  before the commit aborts everything; ``read_committed`` readers never see a partial batch,
+  and a zombie is fenced by its transactional id and the group generation (KIP-447).
+- :class:`AtLeastOnce` (brokers without transactions, such as the embedded Tansu): produce the
+  outputs, wait until Kafka acknowledged every one, and only then store the input offsets. A
+  crash re-delivers the batch; deterministic ids make every sink idempotent.
+
+The loop calls :meth:`Delivery.commit` once per batch (stateless services) or per checkpoint
+(stateful ones); it never produces outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from loopline.errors import DeliveryError
+from loopline.runtime.outputs import Out
+
+log = logging.getLogger(__name__)
+
+
+class RetryBatch(Exception):  # noqa: N818 - a control-flow signal, not an error a user sees
+    """The transaction was aborted (an abortable Kafka error): re-process from the last commit."""
+
+
+class Delivery:
+    """Sends outputs and commits input offsets; see the module docstring."""
+
+    exactly_once = False
+
+    def __init__(self, producer: Producer, timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+        self.delivered = 0
+        self._failures: list[str] = []
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._failures.append(f"{msg.topic()}: {err.str()}")
+        else:
+            self.delivered += 1
+
+    def _produce(self, outs: Sequence[Out]) -> None:
+        produce, on_delivery = self.producer.produce, self._on_delivery
+        for o in outs:
+            kwargs: dict[str, Any] = {"key": o.key, "headers": o.headers, "on_delivery": on_delivery}
+            if o.partition is not None:
+                kwargs["partition"] = o.partition
+            while True:
+                try:
+                    produce(o.topic, o.value, **kwargs)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain
+                    self.producer.poll(0.05)
+
+    def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
+               consumer: Consumer | None) -> None:
+        """Make ``outs`` visible and ``offsets`` committed, together; raise if Kafka refused."""
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        """Serve delivery callbacks (call when idle)."""
+        self.producer.poll(0)
+
+    def close(self) -> None:
+        """Flush what is left (an open transaction is aborted)."""
+        self.producer.flush(10)
+
+
+class AtLeastOnce(Delivery):
+    """Produce, wait for every acknowledgement, then store the offsets (auto-committed)."""
+
+    def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
+               consumer: Consumer | None) -> None:
+        """See :meth:`Delivery.commit`."""
+        if outs:
+            self._produce(outs)
+        remaining = self.producer.flush(self.timeout_s) if outs or len(self.producer) else 0
+        failures, self._failures = self._failures, []
+        if remaining:
+            raise DeliveryError(f"{remaining} message(s) not acknowledged within {self.timeout_s:.0f}s")
+        if failures:
+            raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
+        if consumer is not None and offsets:
+            try:
+                consumer.store_offsets(offsets=list(offsets))
+            except KafkaException as e:
+                # Partitions revoked since the batch was read: the new owner re-reads them.
+                log.info("offsets_not_stored", extra={"error": e.args[0].str()})
+
+
+class ExactlyOnce(Delivery):
+    """One Kafka transaction per commit (outputs + input offsets)."""
+
+    exactly_once = True
+
+    def __init__(self, producer: Producer, timeout_s: float = 30.0) -> None:
+        super().__init__(producer, timeout_s)
+        # Aborts whatever an earlier incarnation with the same transactional.id left open.
+        producer.init_transactions(timeout_s)
+        self._open = False
+
+    def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
+               consumer: Consumer | None) -> None:
+        """See :meth:`Delivery.commit`."""
+        if not outs and not offsets:
+            return
+        try:
+            if not self._open:
+                self.producer.begin_transaction()
+                self._open = True
+            if outs:
+                self._produce(outs)
+            if offsets and consumer is not None:
+                self.producer.send_offsets_to_transaction(list(offsets), consumer.consumer_group_metadata(),
+                                                          self.timeout_s)
+            self._commit_retrying()
+        except KafkaException as e:
+            err = e.args[0]
+            if err.txn_requires_abort():
+                self.abort()
+                raise RetryBatch(err.str()) from e
+            raise
+        failures, self._failures = self._failures, []
+        if failures:  # cannot happen after a successful commit; kept as a guard
+            raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
+
+    def _commit_retrying(self) -> None:
+        while True:
+            try:
+                self.producer.commit_transaction(self.timeout_s)
+                self._open = False
+                return
+            except KafkaException as e:
+                if not e.args[0].retriable():
+                    raise
+                log.warning("commit_retry", extra={"error": e.args[0].str()})
+
+    def abort(self) -> None:
+        """Abort the open transaction, if any (its outputs are never visible)."""
+        if self._open:
+            try:
+                self.producer.abort_transaction(self.timeout_s)
+            finally:
+                self._open = False
+                self._failures.clear()
+
+    def close(self) -> None:
+        """Abort an open transaction (nothing half-done becomes visible) and flush."""
+        try:
+            self.abort()
+        except KafkaException as e:
+            log.warning("abort_failed", extra={"error": e.args[0].str()})
+        super().close()
