@@ -248,6 +248,32 @@ def serving_at(state: RegistryState, pipeline: str, at_ms: int) -> dict[tuple[st
     return {k: s for k, s in state.deployment_at(pipeline, at_ms).items() if s[0] in SERVING}
 
 
+def previous_champion(state: RegistryState, pipeline: str, current: tuple[str, int]) -> dict[str, Any] | None:
+    """The most recent earlier champion of ``pipeline`` other than ``current`` that was not rejected."""
+    for c in reversed(stage_history(state, pipeline)):
+        k = (c["name"], c["version"])
+        if c["to_stage"] == "champion" and k != current:
+            cand = state.versions.get((pipeline, *k))
+            if cand is not None and cand["stage"] != "rejected":
+                return cand
+    return None
+
+
+def isolation_events(state: RegistryState, pipeline: str, name: str, version: int, reason: str,
+                     actor: str) -> list[tuple[bytes, dict[str, Any]]]:
+    """Registry events that take a failing version out of service: rejected; a champion is rolled back."""
+    v = state.versions.get((pipeline, name, version))
+    if v is None or v["stage"] not in SERVING:
+        return []
+    events = [_stage_event(pipeline, name, version, v["stage"], "rejected", 0.0, reason, actor)]
+    if v["stage"] == "champion":
+        previous = previous_champion(state, pipeline, (name, version))
+        if previous is not None:  # the replacement's event goes first: readers always see a champion
+            events.insert(0, _stage_event(pipeline, previous["name"], previous["version"], previous["stage"],
+                                          "champion", 1.0, f"automatic rollback: {reason}", actor))
+    return events
+
+
 def _check_traffic(state: RegistryState, pipeline: str, name: str, version: int, stage: str,
                    traffic: float) -> None:
     if stage in TRAFFIC_STAGES and not 0.0 < traffic <= 1.0:
@@ -375,15 +401,7 @@ class ModelRegistry:
         current = champion(state, pipeline)
         if current is None:
             raise RegistrationError(f"pipeline {pipeline}: no champion to roll back")
-        key = (current["name"], current["version"])
-        previous = None
-        for c in reversed(stage_history(state, pipeline)):
-            k = (c["name"], c["version"])
-            if c["to_stage"] == "champion" and k != key:
-                cand = state.versions.get((pipeline, *k))
-                if cand is not None and cand["stage"] != "rejected":
-                    previous = cand
-                    break
+        previous = previous_champion(state, pipeline, (current["name"], current["version"]))
         if previous is None:
             raise RegistrationError(f"pipeline {pipeline}: {current['name']} v{current['version']} has no "
                                     "earlier champion to roll back to")

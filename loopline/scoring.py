@@ -15,6 +15,8 @@ the graph (``classlabels_*``), else the spec's classes. Regressors: one float ou
 from __future__ import annotations
 
 import operator
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,9 +231,21 @@ class Scorer:
                              f"are {[(o.name, o.type) for o in outputs]} (rule: output_type)")
         self.classes = graph_class_labels(model) or list(self.spec.label.classes or [])
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
-        """One ORT run over a batch."""
-        return self.session.run(None, dict(feeds))  # type: ignore[no-any-return]
+    @property
+    def input_signature(self) -> tuple[Any, ...]:
+        """What determines this model's input tensors: inputs by name, element type and rank, and columns.
+
+        Two versions with the same signature take the same feeds; a float32 and a float64 model do not.
+        """
+        if self.single:
+            return ("single", self._input_name, np.dtype(self._dtype).str, tuple(self.columns))
+        return ("named", tuple((name, np.dtype(dtype).str, rank) for name, dtype, rank in self._inputs))
+
+    def run(self, feeds: Mapping[str, np.ndarray], watchdog: RunWatchdog | None = None) -> list[Any]:
+        """One ORT run over a batch (ended with an error if it outlasts the watchdog's timeout)."""
+        if watchdog is None:
+            return self.session.run(None, dict(feeds))  # type: ignore[no-any-return]
+        return watchdog.run(self.session, dict(feeds))
 
     def score(self, features: Sequence[Mapping[str, Any]]) -> ScoreResult:
         """Score a batch of feature records with one ORT run."""
@@ -270,6 +284,47 @@ class Scorer:
             return ScoreResult(labels, value.tolist(), None, value)
         scores = [dict(zip(classes, row)) for row in probs.tolist()]
         return ScoreResult(labels, value.tolist(), scores, value)
+
+
+class RunWatchdog:
+    """Ends ONNX Runtime runs that take longer than ``timeout_s`` (``RunOptions.terminate``).
+
+    One daemon thread checks the run in progress every ``tick_s``; a run that outlasts its
+    deadline raises in the calling thread, so one hanging model cannot stall the service.
+    """
+
+    def __init__(self, timeout_s: float, tick_s: float = 0.05) -> None:
+        self.timeout_s = timeout_s
+        self.tick_s = tick_s
+        self._lock = threading.Lock()
+        self._current: tuple[ort.RunOptions, float] | None = None
+        self._thread = threading.Thread(target=self._watch, name="ort-watchdog", daemon=True)
+        self._thread.start()
+
+    def run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[Any]:
+        """``session.run`` under the deadline; raise :class:`ModelError` (rule: timeout) past it."""
+        options = ort.RunOptions()
+        deadline = time.monotonic() + self.timeout_s
+        with self._lock:
+            self._current = (options, deadline)
+        try:
+            return session.run(None, feeds, options)  # type: ignore[no-any-return]
+        except Exception as e:
+            if options.terminate:
+                raise ModelError(f"scoring took longer than {self.timeout_s:g}s and was stopped "
+                                 "(rule: timeout)") from e
+            raise
+        finally:
+            with self._lock:
+                self._current = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.tick_s)
+            with self._lock:
+                current = self._current
+            if current is not None and time.monotonic() > current[1]:
+                current[0].terminate = True
 
 
 def synthetic_batch(spec: PipelineSpec, n: int = 16, seed: int = 0) -> list[dict[str, Any]]:

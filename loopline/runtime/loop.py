@@ -233,10 +233,15 @@ class Loop:
         return out
 
     def _commit(self, batch: list[Message]) -> None:
+        held = self.pending.held
         if self.checkpointer is None:
             if not batch and not self.pending:
                 return
             positions = positions_after(batch)
+            if held:  # commit only up to what the handler kept for later
+                keep = {(tp.topic, tp.partition): tp.offset for tp in held}
+                positions = [tp for tp in positions if (tp.topic, tp.partition) not in keep]
+                positions += [TopicPartition(t, p, o) for (t, p), o in keep.items()]
         else:
             if not self.checkpointer.due(self.pending, time.monotonic()):
                 return
@@ -247,6 +252,10 @@ class Loop:
         self.health.broker_ok()
         self.pending.committed()
         self.pending = self.outputs()
+        if held:
+            for tp in held:
+                self.consumer.seek(tp)
+            self.consumer.pause([TopicPartition(tp.topic, tp.partition) for tp in held])
 
     def _rewind(self, batch: list[Message], reason: str) -> None:
         """Go back to the last commit after an aborted transaction and process again."""

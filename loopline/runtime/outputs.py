@@ -12,11 +12,11 @@ the service, and a ``deadletter_id`` that is the same for every retried copy of 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
 from loopline import avro, topics
 from loopline.registry import now_ms
@@ -89,6 +89,12 @@ class Outputs:
     dead_letters: int = 0
     max_deadletter_bytes: int | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    #: Partitions to rewind to (and pause at) instead of committing past them: input kept for later.
+    held: list[TopicPartition] = field(default_factory=list)
+
+    def hold(self, positions: Sequence[TopicPartition]) -> None:
+        """Do not commit past these positions; rewind there and pause (the handler resumes later)."""
+        self.held.extend(positions)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once these outputs are committed (e.g. count them in the metrics)."""
@@ -113,6 +119,7 @@ class Outputs:
         self.items.extend(other.items)
         self.dead_letters += other.dead_letters
         self.callbacks.extend(other.callbacks)
+        self.held.extend(other.held)
 
     def committed(self) -> None:
         """Run the commit callbacks (the loop calls this after a successful commit)."""
@@ -121,4 +128,4 @@ class Outputs:
         self.callbacks.clear()
 
     def __len__(self) -> int:
-        return len(self.items) + len(self.callbacks)
+        return len(self.items) + len(self.callbacks) + len(self.held)

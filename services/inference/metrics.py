@@ -72,3 +72,8 @@ class InferenceMetrics:
                                    ["pipeline", "outcome"], registry=registry)
         self.swaps = Counter("loopline_inference_plan_changes", "Deployment plan changes applied",
                              ["pipeline"], registry=registry)
+        self.isolated = Counter("loopline_inference_isolated_versions", "Versions taken out of the plan "
+                                "because they failed at run time", ["pipeline", "variant"], registry=registry)
+        self.row_failures = Counter("loopline_inference_row_failures", "Events a version failed to score "
+                                    "(served by the champion instead, or dead-lettered)", ["pipeline", "variant"],
+                                    registry=registry)

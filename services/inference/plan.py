@@ -61,6 +61,24 @@ class Plan:
     pipeline: str
     served: list[Variant]
     shadows: list[Variant] = field(default_factory=list)
+    #: The previous champion, kept warm: it takes over at once if the champion fails at run time.
+    fallback: Variant | None = None
+
+    @property
+    def champion(self) -> Variant:
+        """The variant serving every key no challenger or canary owns."""
+        return self.served[-1]
+
+    def without(self, ident: tuple[str, int, str]) -> Plan | None:
+        """This plan with one version taken out (a champion replaced by the fallback); None if none is left."""
+        if self.champion.ident == ident:
+            if self.fallback is None or self.fallback.ident == ident:
+                return None
+            champion = Variant("champion", self.fallback.record, self.fallback.scorer, 1.0)
+            return Plan(self.pipeline, [*[v for v in self.served[:-1] if v.ident != ident], champion],
+                        [v for v in self.shadows if v.ident != ident], None)
+        return Plan(self.pipeline, [v for v in self.served if v.ident != ident],
+                    [v for v in self.shadows if v.ident != ident], self.fallback)
 
     @property
     def edges(self) -> np.ndarray:
@@ -120,6 +138,12 @@ class ModelLoader:
                                         "model_version": record["version"], "sha256": record["sha256"]})
         return scorer
 
+    def isolate(self, pipeline: str, record: dict[str, Any], reason: str) -> None:
+        """A version failed at run time: never hand it out again (until this process restarts)."""
+        key = (pipeline, record["name"], record["version"])
+        self._loaded.pop(key, None)
+        self.refused[key] = reason
+
     def keep_only(self, keys: set[tuple[str, str, int]]) -> None:
         """Drop loaded sessions no plan uses any more."""
         for key in [k for k in self._loaded if k not in keys]:
@@ -140,6 +164,11 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
         champ = previous.served[-1]
     if champ is None:
         return None
+    fallback = previous.fallback if previous is not None else None
+    if previous is not None and previous.champion.ident != champ.ident:
+        fallback = previous.champion  # the champion it replaces stays warm for a rollback
+    if fallback is not None and fallback.ident == champ.ident:
+        fallback = None
     slices: list[Variant] = []
     shadows: list[Variant] = []
     ordered = sorted(versions_of(state, pipeline),
@@ -155,4 +184,4 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
             shadows.append(Variant("shadow", v, scorer, 0.0))
         elif v["traffic"] > 0:
             slices.append(Variant(v["stage"], v, scorer, float(v["traffic"])))
-    return Plan(pipeline, [*slices, champ], shadows)
+    return Plan(pipeline, [*slices, champ], shadows, fallback)

@@ -20,3 +20,6 @@ class InferenceSettings(ServiceSettings):
         "the other core to the broker on a small machine).")
     warm_rows: int = Field(16, ge=1, le=10_000, description="Rows of the warm-up batch a new version scores "
                            "before it takes traffic.")
+    score_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Longest one model may score one batch; a version that takes "
+        "longer fails that batch (and is taken out of the plan if it fails every row).")
