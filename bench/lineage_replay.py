@@ -112,7 +112,7 @@ def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer, records
                       "raw_partition": part, "raw_offset": start + j, "features": records[i],
                       "_topic": topics.features, "_partition": part, "_offset": start + j}
                      for j, (i, t) in enumerate(zip(chunk, ts, strict=True))]
-            store.write(spec.name, "features", topics.features, part, feats, fschema)
+            store.write(spec.name, "features", topics.features, "bench", part, feats, fschema)
             # Scored the way the inference service does: one batch through Scorer.score.
             result = served.score([records[i] for i in chunk])
             assert result.labels is not None and result.values is not None and result.scores is not None
@@ -123,7 +123,7 @@ def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer, records
                       "features_partition": part, "features_offset": start + j, "event_ts": t, "scored_at": t + 5,
                       "_topic": topics.predictions, "_partition": part, "_offset": start + j}
                      for j, (i, t) in enumerate(zip(chunk, ts, strict=True))]
-            store.write(spec.name, "predictions", topics.predictions, part, preds, lineage_rows.PREDICTIONS)
+            store.write(spec.name, "predictions", topics.predictions, "bench", part, preds, lineage_rows.PREDICTIONS)
             # Late labels for a quarter of the events; the served label is right 85 % of the time.
             fb_idx = np.flatnonzero(rng.random(len(chunk)) < 0.25).tolist()
             flip = (rng.random(len(fb_idx)) < 0.15).tolist()
@@ -132,7 +132,7 @@ def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer, records
                     "value": None, "verdict": None, "ts": START_MS + chunk[j] + 60_000, "_topic": topics.feedback,
                     "_partition": part, "_offset": start + j} for j, f in zip(fb_idx, flip, strict=True)]
             if fbs:
-                store.write(spec.name, "feedback", topics.feedback, part, fbs, lineage_rows.FEEDBACK)
+                store.write(spec.name, "feedback", topics.feedback, "bench", part, fbs, lineage_rows.FEEDBACK)
             labeled += len(fbs)
         say(f"  partition {part}: {len(idx)} features + predictions written")
     return labeled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -18,6 +19,15 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 _DIGITS = re.compile(r"\d+")
 # librdkafka error codes that mean the broker cannot be reached (or will not let us in).
 _BROKER_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._AUTHENTICATION}
+
+
+def bounded(value: Any, limit: int = 200) -> str:
+    """A value for a log line or a message: at most ``limit`` characters, longer ones with size and hash."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode(errors="replace")).hexdigest()[:12]
+    return f"{text[:limit]}... [{len(text)} chars, sha256 {digest}]"
 
 
 class JsonFormatter(logging.Formatter):

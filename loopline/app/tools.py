@@ -91,7 +91,7 @@ def decoder(kind: str, spec: PipelineSpec | None, state: RegistryState) -> Calla
         codec = state.features_codec(spec.name) if spec else None
         return lambda m: codec.decode(m.value()) if codec else None
     if kind == "feedback":
-        return lambda m: feedback.decode(m.value(), m.topic(), m.partition(), m.offset(), m.timestamp()[1])
+        return lambda m: feedback.decode(m.value(), m.topic(), m.partition(), m.timestamp()[1])
     fixed = {"predictions": "prediction", "deadletter": "deadletter", "alerts": "alert"}[kind]
     codec = avro.codec(fixed)
     return lambda m: codec.decode(m.value())

@@ -35,7 +35,8 @@ from loopline.errors import LooplineError
 from loopline.kafka import StopFlag
 from loopline.observability import Health
 from loopline.runtime.delivery import Delivery, RetryBatch
-from loopline.runtime.outputs import Outputs, bounded
+from loopline.observability import bounded
+from loopline.runtime.outputs import Outputs
 
 log = logging.getLogger(__name__)
 

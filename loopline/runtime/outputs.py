@@ -71,15 +71,6 @@ def dead_letter(m: Message, service: str, rule: str, message: str, field_name: s
     return (topics.PipelineTopics(pipeline).deadletter if pipeline else topics.DEADLETTER), record
 
 
-def bounded(value: Any, limit: int = 200) -> str:
-    """A value for a log line: at most ``limit`` characters, longer ones with their size and hash."""
-    text = value if isinstance(value, str) else repr(value)
-    if len(text) <= limit:
-        return text
-    digest = hashlib.sha256(text.encode(errors="replace")).hexdigest()[:12]
-    return f"{text[:limit]}... [{len(text)} chars, sha256 {digest}]"
-
-
 @dataclass
 class Outputs:
     """Messages a handler wants produced, in order, plus how many dead letters are among them."""

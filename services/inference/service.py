@@ -36,7 +36,8 @@ from loopline.errors import LooplineError, SchemaError
 from loopline.models import isolation_events
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.runtime.delivery import Delivery
-from loopline.runtime.outputs import Outputs, bounded
+from loopline.observability import bounded
+from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.scoring import RunWatchdog, ScoreResult
 from loopline.services.inference.metrics import InferenceMetrics

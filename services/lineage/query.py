@@ -50,7 +50,10 @@ def parse_model(text: str) -> tuple[str, int | None]:
 # event (same event_id), inference the same prediction (same deterministic prediction_id). Readers
 # see each once; the copy at the lowest offset stays. Feedback is produced by clients, not by a
 # retrying service, so its offset identifies it.
-_IDENTITY = {"features": "event_id", "predictions": "prediction_id", "feedback": "_topic, _partition, _offset"}
+# One row per event (an event id re-sent with other content is another event: never hidden), per
+# prediction and per feedback message, whatever incarnation of a topic or retry stored it.
+_IDENTITY = {"features": "event_id, coalesce(content_hash, '')", "predictions": "prediction_id",
+             "feedback": "feedback_id"}
 
 
 def connect(store: LineageStore, pipeline: str) -> duckdb.DuckDBPyConnection:
@@ -70,11 +73,16 @@ def connect(store: LineageStore, pipeline: str) -> duckdb.DuckDBPyConnection:
             schema = rows.PREDICTIONS if table == "predictions" else rows.FEEDBACK if table == "feedback" else None
             if schema is None:  # no features stored: an empty table with the fixed columns
                 schema = pa.schema([f for f in rows.FEEDBACK if f.name.startswith("_")]
-                                   + [("event_id", pa.string()), ("key", pa.string())])
+                                   + [("event_id", pa.string()), ("key", pa.string()),
+                                      ("content_hash", pa.string())])
             con.register(f"_{table}_empty", schema.empty_table())
             con.execute(f"CREATE VIEW {table}_stored AS SELECT * FROM _{table}_empty")
+        identity = _IDENTITY[table]
+        columns = {r[0] for r in con.execute(f"DESCRIBE {table}_stored").fetchall()}
+        if table == "features" and "content_hash" not in columns:  # written before ids had a content
+            identity = "event_id"
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_stored QUALIFY row_number() OVER "
-                    f"(PARTITION BY {_IDENTITY[table]} ORDER BY _topic, _partition, _offset) = 1")
+                    f"(PARTITION BY {identity} ORDER BY _topic, _partition, _offset) = 1")
     return con
 
 

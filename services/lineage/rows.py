@@ -35,7 +35,8 @@ def features_schema(spec: PipelineSpec) -> pa.Schema:
     return pa.schema([
         ("event_id", pa.string()), ("key", pa.string()), ("ts", pa.timestamp("ms", tz="UTC")),
         ("ingested_at", pa.timestamp("ms", tz="UTC")), ("raw_topic", pa.string()),
-        ("raw_partition", pa.int32()), ("raw_offset", pa.int64()), ("features", struct), *_SOURCE,
+        ("raw_partition", pa.int32()), ("raw_offset", pa.int64()), ("features", struct),
+        ("content_hash", pa.string()), *_SOURCE,
     ])
 
 
@@ -61,7 +62,8 @@ def feature_row(record: dict[str, Any], msg: Message) -> dict[str, Any]:
     src = record["source"]
     return {"event_id": record["event_id"], "key": record["key"], "ts": record["ts"],
             "ingested_at": record["ingested_at"], "raw_topic": src["topic"], "raw_partition": src["partition"],
-            "raw_offset": src["offset"], "features": record["features"], **_source(msg)}
+            "raw_offset": src["offset"], "features": record["features"],
+            "content_hash": record.get("content_hash"), **_source(msg)}
 
 
 def feedback_row(record: dict[str, Any], msg: Message) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """The lineage store: Parquet files per pipeline, table and topic-partition offset range.
 
-Layout: ``<root>/<pipeline>/<table>/<topic>~<partition>~<first>~<last>.parquet`` with tables
-``features``, ``predictions`` and ``feedback``. A file is written to a temporary name, fsynced and
-renamed into place, so it exists whole or not at all; its name says which offsets it holds, so
-after a crash the writer skips what is already stored and a retry never duplicates a row.
-DuckDB reads the files for queries.
+Layout: ``<root>/<pipeline>/<table>/<topic>~<topic id>~<partition>~<first>~<last>.parquet`` with
+tables ``features``, ``predictions`` and ``feedback``. A file is written to a temporary name,
+fsynced and renamed into place, so it exists whole or not at all; its name says which offsets of
+which incarnation of the topic it holds (the topic id changes when a broker restarts empty or a
+topic is created again, and offsets start at 0 again), so after a crash the writer skips exactly
+what is already stored and a retry never duplicates a row, while a new incarnation's rows are never
+mistaken for stored ones. Files of the older layout (no topic id) are read as incarnation
+``legacy``. DuckDB reads the files for queries.
 """
 
 from __future__ import annotations
@@ -18,8 +21,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loopline.errors import LooplineError
+
 TABLES = ("features", "predictions", "feedback")
-_NAME = re.compile(r"^(?P<topic>.+)~(?P<partition>\d+)~(?P<first>\d+)~(?P<last>\d+)\.parquet$")
+_NAME = re.compile(r"^(?P<topic>[^~]+)(?:~(?P<topic_id>[A-Za-z0-9_-]+))?~(?P<partition>\d+)~(?P<first>\d+)"
+                   r"~(?P<last>\d+)\.parquet$")
+LEGACY = "legacy"
+
+
+class StoreMismatch(LooplineError):
+    """The store holds offsets of a topic incarnation that the topic does not have."""
+
+
+def safe_id(topic_id: str) -> str:
+    """A topic id as it appears in file names (URL-safe base64: no '/' or '+')."""
+    return topic_id.replace("/", "_").replace("+", "-").rstrip("=") or LEGACY
 
 
 class LineageStore:
@@ -41,22 +57,32 @@ class LineageStore:
         """Pipelines with data in the store."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.exists() else []
 
-    def stored_upto(self, pipeline: str, table: str, topic: str, partition: int) -> int:
-        """Highest offset of ``topic``/``partition`` already stored in ``table`` (-1 if none)."""
+    def stored_upto(self, pipeline: str, table: str, topic: str, topic_id: str, partition: int,
+                    end_offset: int | None = None) -> int:
+        """Highest offset of this incarnation of ``topic``/``partition`` stored in ``table`` (-1: none).
+
+        With the partition's ``end_offset`` (exact on Kafka), a store holding offsets the topic never
+        reached raises :class:`StoreMismatch`: that is another topic's data, not ours to skip over.
+        """
+        wanted = safe_id(topic_id)
         high = -1
         for path in self.files(pipeline, table):
             m = _NAME.match(path.name)
-            if m and m["topic"] == topic and int(m["partition"]) == partition:
+            if m and m["topic"] == topic and (m["topic_id"] or LEGACY) == wanted and int(m["partition"]) == partition:
                 high = max(high, int(m["last"]))
+        if end_offset is not None and high >= end_offset:
+            raise StoreMismatch(f"the store holds {topic} (id {topic_id}) partition {partition} up to offset "
+                                f"{high}, but the topic ends at {end_offset}: the store belongs to other data "
+                                f"(a restored copy?); move {self.table_dir(pipeline, table)} aside")
         return high
 
-    def write(self, pipeline: str, table: str, topic: str, partition: int, rows: Sequence[dict[str, Any]],
-              schema: pa.Schema | None = None) -> Path:
+    def write(self, pipeline: str, table: str, topic: str, topic_id: str, partition: int,
+              rows: Sequence[dict[str, Any]], schema: pa.Schema | None = None) -> Path:
         """Write rows (each with ``_offset``) of one partition as one file, atomically."""
         offsets = [r["_offset"] for r in rows]
         folder = self.table_dir(pipeline, table)
         folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{topic}~{partition}~{min(offsets)}~{max(offsets)}.parquet"
+        final = folder / f"{topic}~{safe_id(topic_id)}~{partition}~{min(offsets)}~{max(offsets)}.parquet"
         tmp = folder / f".{final.name}.tmp"
         pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), tmp)
         with open(tmp, "rb") as f:

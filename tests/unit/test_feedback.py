@@ -13,16 +13,32 @@ from loopline.feedback import FeedbackError
 
 def test_avro_and_json_decode_alike() -> None:
     record = feedback.make(prediction_id="p1", label="1", ts=5, feedback_id="f1", classes=["0", "1"])
-    from_avro = feedback.decode(feedback.encode(record), "t", 0, 9)
-    from_json = feedback.decode(b'{"feedback_id": "f1", "prediction_id": "p1", "label": 1, "ts": 5}', "t", 0, 9)
+    from_avro = feedback.decode(feedback.encode(record), "t", 0)
+    from_json = feedback.decode(b'{"feedback_id": "f1", "prediction_id": "p1", "label": 1, "ts": 5}', "t", 0)
     assert from_avro == from_json == record
 
 
-def test_missing_feedback_id_is_derived_from_the_offset() -> None:
-    a = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, 40, timestamp_ms=7)
-    b = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, 40, timestamp_ms=7)
-    c = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, 41, timestamp_ms=7)
-    assert a["feedback_id"] == b["feedback_id"] != c["feedback_id"]
+def test_tombstones_and_huge_values_are_refused_with_bounded_messages() -> None:
+    with pytest.raises(FeedbackError) as info:
+        feedback.decode(None, "t", 0)
+    assert info.value.rule == "tombstone"
+    huge = b'{"event_id": "e", "label": "' + b"x" * 900_000 + b'"}'
+    with pytest.raises(FeedbackError) as info:
+        feedback.decode(huge, "t", 0)
+    assert info.value.rule == "size" and len(str(info.value)) < 200
+    long_label = b'{"event_id": "e", "label": "' + b"y" * 5_000 + b'"}'
+    with pytest.raises(FeedbackError) as info:
+        feedback.decode(long_label, "t", 0, classes=["0", "1"])
+    assert (info.value.field, info.value.rule) == ("label", "size") and len(str(info.value)) < 200
+
+
+def test_missing_feedback_id_is_derived_from_the_message_not_its_offset() -> None:
+    a = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, timestamp_ms=7)
+    b = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, timestamp_ms=7)
+    c = feedback.decode(b'{"event_id": "e1", "verdict": "accept"}', "t", 2, timestamp_ms=8)
+    d = feedback.decode(b'{"event_id": "e1", "verdict": "reject"}', "t", 2, timestamp_ms=7)
+    assert a["feedback_id"] == b["feedback_id"]
+    assert len({a["feedback_id"], c["feedback_id"], d["feedback_id"]}) == 3
     assert a["ts"] == 7
 
 
@@ -41,7 +57,7 @@ def test_missing_feedback_id_is_derived_from_the_offset() -> None:
 ])
 def test_bad_feedback_names_field_and_rule(data: bytes, field: str | None, rule: str) -> None:
     with pytest.raises(FeedbackError) as info:
-        feedback.decode(data, "t", 0, 0, classes=["0", "1"])
+        feedback.decode(data, "t", 0, classes=["0", "1"])
     assert (info.value.field, info.value.rule) == (field, rule)
 
 
@@ -82,13 +98,13 @@ def test_decode_each_is_decode_of_each_message(truncated: bool) -> None:
     expected: list[dict[str, Any] | FeedbackError] = []
     for m in msgs:
         try:
-            expected.append(feedback.decode(m.value(), "t", m.partition(), m.offset(), 7, classes))
+            expected.append(feedback.decode(m.value(), "t", m.partition(), 7, classes))
         except FeedbackError as e:
             expected.append(e)
     got = feedback.decode_each(msgs, classes)
     assert [outcome(r) for r in got] == [outcome(r) for r in expected]
     assert got[0] == good[0]
-    assert got[4] == {"feedback_id": feedback.derived_id("t", 0, 104), "prediction_id": None,
+    assert got[4] == {"feedback_id": feedback.derived_id("t", 0, 7, values[4]), "prediction_id": None,
                       "event_id": "e1", "label": None, "value": None, "verdict": "accept", "ts": 7}
     errors = [i for i, r in enumerate(got) if isinstance(r, FeedbackError)]
     assert errors == [3, 8, 13, 14, 18, 19, 23, 24, 28, 29] + ([34] if truncated else [])

@@ -33,12 +33,12 @@ def test_retried_copies_are_read_once_and_still_count_for_trained_on(tmp_path: P
     store = LineageStore(tmp_path)
     # e0, e1 first; then a crashed ingest re-produced e1 (features offset 2) and a crashed inference
     # re-produced both predictions (predictions offsets 2, 3), each copy in its own file.
-    store.write("p", "features", "loopline.p.features", 0, [feature("e0", 0), feature("e1", 1)],
+    store.write("p", "features", "loopline.p.features", "id0", 0, [feature("e0", 0), feature("e1", 1)],
                 rows.features_schema(SPEC))
-    store.write("p", "features", "loopline.p.features", 0, [feature("e1", 2)], rows.features_schema(SPEC))
-    store.write("p", "predictions", "loopline.p.predictions", 0, [prediction("e0", 0, 0), prediction("e1", 1, 1)],
+    store.write("p", "features", "loopline.p.features", "id0", 0, [feature("e1", 2)], rows.features_schema(SPEC))
+    store.write("p", "predictions", "loopline.p.predictions", "id0", 0, [prediction("e0", 0, 0), prediction("e1", 1, 1)],
                 rows.PREDICTIONS)
-    store.write("p", "predictions", "loopline.p.predictions", 0, [prediction("e0", 2, 0), prediction("e1", 3, 2)],
+    store.write("p", "predictions", "loopline.p.predictions", "id0", 0, [prediction("e0", 2, 0), prediction("e1", 3, 2)],
                 rows.PREDICTIONS)
     con = q.connect(store, "p")
     assert con.execute("SELECT count(*), count(DISTINCT event_id) FROM predictions").fetchone() == (2, 2)
