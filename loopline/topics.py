@@ -13,6 +13,11 @@ ALERTS = f"{PREFIX}.alerts"
 #: Dead letters of topics that belong to no pipeline (the registry, the alerts).
 DEADLETTER = f"{PREFIX}.deadletter"
 
+
+def state_topic(service: str) -> str:
+    """The compacted changelog topic holding a stateful service's state (``loopline.state.<service>``)."""
+    return f"{PREFIX}.state.{service}"
+
 #: Per-pipeline topic kinds, in the order data flows through them.
 KINDS = ("raw", "features", "predictions", "feedback", "deadletter")
 

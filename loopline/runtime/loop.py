@@ -156,6 +156,7 @@ class Loop:
         self.checkpointer = checkpointer
         self.max_deadletter_bytes = max_deadletter_bytes
         self.pending = self.outputs()
+        self._closing = False
 
     def outputs(self) -> Outputs:
         """A fresh output buffer for this service."""
@@ -174,6 +175,8 @@ class Loop:
                     if self.health.broker_suspect():
                         self._probe_broker()
                     self.handler.tick(self.pending)
+                if self.group is not self.consumer:
+                    self.group.poll(0)  # the group's rebalance callbacks (its partitions are paused)
                 batch = data_messages(consume_available(self.consumer, s.batch_size, s.batch_timeout_s))
                 self.health.beat()
                 if batch:
@@ -248,6 +251,8 @@ class Loop:
                 return
             positions = self.checkpointer.checkpoint(self.pending)
         started = time.perf_counter()
+        if self.group is not self.consumer and not self.delivery.exactly_once:
+            positions = []  # a stateful service's positions live in its state; only transactions need them
         self.delivery.commit(self.pending.items, positions, self.group)
         self.metrics.commit_seconds.labels(self.service).observe(time.perf_counter() - started)
         self.health.broker_ok()
@@ -257,6 +262,17 @@ class Loop:
             for tp in held:
                 self.consumer.seek(tp)
             self.consumer.pause([TopicPartition(tp.topic, tp.partition) for tp in held])
+
+    def commit_now(self) -> None:
+        """Commit what is pending with a checkpoint, now (a stateful service handing units over)."""
+        if self.checkpointer is None or self._closing:
+            return
+        positions = self.checkpointer.checkpoint(self.pending)
+        if self.group is not self.consumer and not self.delivery.exactly_once:
+            positions = []
+        self.delivery.commit(self.pending.items, positions, self.group)
+        self.pending.committed()
+        self.pending = self.outputs()
 
     def _rewind(self, batch: list[Message], reason: str) -> None:
         """Go back to the last commit after an aborted transaction and process again."""
@@ -276,11 +292,15 @@ class Loop:
                     self._commit_final()
                 except (KafkaException, LooplineError, RetryBatch) as e:
                     log.warning("final_commit_failed", extra={"service": self.service, "error": str(e)})
+            self._closing = True
             self.delivery.close()
         finally:
-            self.consumer.close()
-            if self.group is not self.consumer:
-                self.group.close()
+            self._closing = True
+            try:
+                if self.group is not self.consumer:
+                    self.group.close()  # first: leaving the group revokes units, which unassigns inputs
+            finally:
+                self.consumer.close()
 
     def stop_unclean(self) -> bool:
         """Whether the loop stopped without being asked to (nothing to commit then)."""

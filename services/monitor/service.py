@@ -1,9 +1,11 @@
-"""The monitor's main loop: follow the registry, consume every pipeline's topics, alert, checkpoint.
+"""The monitor: follow the registry, fold every owned pipeline's topics into its state, alert.
 
-State (detectors, windows, joins, open episodes) is checkpointed together with the offset of the
-last message folded into it, and consumer offsets are stored only after a checkpoint is written.
-After a crash the consumer resumes at or before the checkpoint and messages the checkpoint
-already covers are skipped, so no event is learned twice and none is lost.
+Its state (detectors, windows, joins, open episodes) lives per pipeline, the monitor's unit of
+ownership: replicas split the pipelines between them through :class:`loopline.runtime.units.Units`,
+which restores a pipeline's state from the changelog when it is assigned, reads its topics from the
+offsets stored with that state, skips what the state already covers, and checkpoints it together
+with the alerts it raised. :class:`MonitorService` itself is pure: it routes and decodes messages
+and asks each :class:`PipelineMonitor` for alerts; :func:`serve` wires it to Kafka.
 """
 
 from __future__ import annotations
@@ -13,22 +15,23 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from itertools import groupby
-from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaException, Message
 
-from loopline import avro, feedback
-from loopline.alerts import send_alert
+from loopline import avro, feedback, topics
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, StopFlag
-from loopline.observability import Health
+from loopline.observability import bounded
 from loopline.registry import RegistryReader, RegistryState, now_ms
+from loopline.runtime.incarnation import TopicIds
+from loopline.runtime.outputs import Outputs
+from loopline.runtime.service import ServiceRuntime
+from loopline.runtime.state import Changelog
+from loopline.runtime.units import Input, Units, UnitsMetrics
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.pipeline import Alert, Batch, PipelineMonitor, Tuning
 from loopline.services.monitor.readers import ReaderOffsets, furthest
 from loopline.services.monitor.settings import MonitorSettings
-from loopline.services.monitor.state import Checkpoint
 from loopline.topics import PipelineTopics, pipeline_of
 
 log = logging.getLogger(__name__)
@@ -43,95 +46,85 @@ READS: dict[str, tuple[str, ...] | None] = {
                     "label", "value", "scores", "scored_at"),
     "deadletter": None,
 }
-_OFFSET = Message.offset
 
 
 def _partition_of(m: Message) -> tuple[str, int]:
     return m.topic(), m.partition()
 
 
-def checkpoint_path(settings: MonitorSettings, group_id: str) -> Path:
-    """Where this consumer group's checkpoint lives."""
-    folder = settings.state_dir or settings.home / "state" / "monitor"
-    return folder / f"{group_id}.ckpt"
-
-
 class MonitorService:
     """Holds one :class:`PipelineMonitor` per pipeline and routes consumed messages to them."""
 
-    def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics, producer: AckedProducer,
-                 checkpoint: Checkpoint, clock: Callable[[], float] = time.time,
+    def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics, clock: Callable[[], float] = time.time,
                  readers: ReaderOffsets | None = None) -> None:
         self.settings = settings
         self.readers = readers
         self.metrics = metrics
-        self.producer = producer
-        self.checkpoint = checkpoint
         self.clock = clock
         self.tuning = Tuning(settings.drift_eval_every, settings.resolve_after, settings.quality_alert_rate)
-        restored = checkpoint.load()
-        self.pipelines: dict[str, PipelineMonitor] = restored["pipelines"] if restored else {}
-        self.offsets: dict[tuple[str, int], int] = restored["offsets"] if restored else {}
-        self.restored = restored is not None
+        self.pipelines: dict[str, PipelineMonitor] = {}
+        self.state = RegistryState()
         self._codecs: dict[str, tuple[int, avro.Codec]] = {}
         self._routes: dict[str, tuple[str, str] | None] = {}  # topic -> (pipeline, kind) | None
         self._fixed = {k: avro.codec(k) for k in ("prediction", "deadletter")}
-        self.watching_since: float | None = None  # when partitions were first assigned
-        log.info("monitor_state", extra={"restored": self.restored, "pipelines": sorted(self.pipelines),
-                                         "checkpoint": str(checkpoint.path)})
+        self.watching_since: float | None = None  # when the first pipeline was taken over
+        self._readers_unknown = False
 
     # --- registry -----------------------------------------------------------------------------
-    def sync(self, state: RegistryState) -> bool:
-        """Adopt new pipelines and registry changes; return whether the set of topics changed."""
-        wanted = set(self.settings.pipelines) if self.settings.pipelines else None
-        before = set(self.pipelines)
-        for name, spec in state.specs.items():
-            if wanted is not None and name not in wanted:
-                continue
-            pm = self.pipelines.get(name)
-            if pm is None:
-                pm = self.pipelines[name] = PipelineMonitor(spec, self.tuning)
-            history = len(state.features_schemas.get(name, []))
-            if self._codecs.get(name, (None,))[0] != history:
-                # Reads events written under every earlier version of the spec, too.
-                self._codecs[name] = (history, state.features_codec(name))
-            pm.refresh(state)
-        self._routes.clear()  # a topic of a pipeline adopted just now was routed nowhere so far
-        return set(self.pipelines) != before
+    def wanted(self, state: RegistryState) -> list[str]:
+        """The registry's pipelines this monitor serves (LOOPLINE_PIPELINES, else all)."""
+        return [n for n in sorted(state.specs) if not self.settings.pipelines or n in self.settings.pipelines]
 
-    def topics(self) -> list[str]:
-        """Every topic the monitor reads."""
-        out = []
-        for name in sorted(self.pipelines):
-            t = PipelineTopics(name)
-            out += [t.features, t.predictions, t.feedback, t.deadletter]
-        return out
+    def sync(self, state: RegistryState) -> None:
+        """Follow the registry: new specs, reference profiles, champions of the pipelines held here."""
+        self.state = state
+        for name, pm in self.pipelines.items():
+            if name in state.specs:
+                self._codec(name)
+                pm.refresh(state)
+        self._routes.clear()
+
+    def _codec(self, name: str) -> None:
+        history = len(self.state.features_schemas.get(name, []))
+        if self._codecs.get(name, (None,))[0] != history:
+            # Reads events written under every earlier version of the spec, too.
+            self._codecs[name] = (history, self.state.features_codec(name))
+
+    def adopt(self, name: str, restored: PipelineMonitor | None) -> None:
+        """Hold a pipeline: its restored state, or a fresh one."""
+        pm = restored if restored is not None else PipelineMonitor(self.state.specs[name], self.tuning)
+        self.pipelines[name] = pm
+        self._codec(name)
+        pm.refresh(self.state)
+        self._routes.clear()
+        if self.watching_since is None:
+            self.watching_since = self.clock()
+
+    def release(self, name: str) -> None:
+        """Stop holding a pipeline (another replica owns it now)."""
+        self.pipelines.pop(name, None)
+        self._routes.clear()
+
+    @staticmethod
+    def inputs(name: str) -> list[str]:
+        """The topics the monitor reads of a pipeline."""
+        t = PipelineTopics(name)
+        return [t.features, t.predictions, t.feedback, t.deadletter]
 
     # --- batches ------------------------------------------------------------------------------
     def handle(self, messages: list[Message]) -> list[Alert]:
         """Fold a batch of data messages into the state; return the alert events it caused."""
         grouped: dict[tuple[str, str], list[Message]] = {}
-        last: dict[tuple[str, int], int] = {}  # highest offset seen per partition in this batch
-        offsets, routes = self.offsets, self._routes
-        # A consumed batch comes in runs of one partition's messages: route and check each run once.
+        routes = self._routes
+        # A consumed batch comes in runs of one partition's messages: route each run once.
         for key, group in groupby(messages, _partition_of):
             topic = key[0]
             try:
                 route = routes[topic]
             except KeyError:
                 route = routes[topic] = self._route(topic)
-            if route is None:
-                continue
-            run = list(group)
-            done = offsets.get(key, -1)
-            if min(map(_OFFSET, run)) <= done:  # redelivered after a restart: already in the state
-                run = [m for m in run if m.offset() > done]
-                if not run:
-                    continue
-            grouped.setdefault(route, []).extend(run)
-            high = max(map(_OFFSET, run))
-            if high > last.get(key, -1):
-                last[key] = high
+            if route is not None:
+                grouped.setdefault(route, []).extend(group)
         alerts: list[Alert] = []
         at = now_ms()
         for pipeline in sorted({p for p, _ in grouped}):
@@ -142,14 +135,22 @@ class MonitorService:
                     continue
                 batch = self._decode(pipeline, kind, msgs)
                 self.metrics.events.labels(pipeline, kind).inc(len(msgs))
-                if batch.records:
+                if not batch.records:
+                    continue
+                try:
                     if kind == "predictions":
                         alerts += pm.on_predictions(batch, self.metrics, at, self.clock())
                     else:
                         handler = {"features": pm.on_features, "feedback": pm.on_feedback,
                                    "deadletter": pm.on_dead_letters}[kind]
                         alerts += handler(batch, self.metrics, at)
-        self.offsets.update(last)  # only messages not already covered got into `last`
+                except Exception as e:  # noqa: BLE001 - one pipeline's failure must not stop the others
+                    # Its state may be partly updated: the batch is counted as skipped, never retried
+                    # (a retry after a restart would fail the same way: a crash loop).
+                    self.metrics.events.labels(pipeline, f"{kind}_failed").inc(len(msgs))
+                    log.exception("monitor_pipeline_failed", extra={
+                        "pipeline": pipeline, "kind": kind, "topic": msgs[0].topic(),
+                        "first_offset": msgs[0].offset(), "messages": len(msgs)})
         return alerts
 
     def _route(self, topic: str) -> tuple[str, str] | None:
@@ -161,23 +162,24 @@ class MonitorService:
 
     def _decode(self, pipeline: str, kind: str, msgs: list[Message]) -> Batch:
         results: Sequence[dict[str, Any] | LooplineError]
-        if kind == "feedback":  # any client may send feedback, as Avro or as JSON
+        if kind == "feedback":  # any client may send feedback, as Avro or as JSON; lineage dead-letters it
             results = feedback.decode_each(msgs, self.pipelines[pipeline].spec.label.classes)
         else:
             codec = (self._codecs[pipeline][1] if kind == "features"
                      else self._fixed["deadletter" if kind == "deadletter" else "prediction"])
             results = codec.decode_each(list(map(Message.value, msgs)), READS[kind])
         if not any(isinstance(r, LooplineError) for r in results):  # the usual case
-            return Batch(cast("list[dict[str, Any]]", results), list(map(_OFFSET, msgs)),
+            return Batch(cast("list[dict[str, Any]]", results), list(map(Message.offset, msgs)),
                          list(map(Message.partition, msgs)), msgs[0].topic())
         records, offsets, partitions = [], [], []
         for m, r in zip(msgs, results):
             if isinstance(r, LooplineError):
-                # An unreadable message must not stop monitoring; it is counted and named.
+                # An unreadable message must not stop monitoring; it is counted and named (another
+                # service owns its dead letter: inference for features, lineage for the rest).
                 self.metrics.events.labels(pipeline, f"{kind}_unreadable").inc()
-                log.error("monitor_unreadable_message", extra={"topic": m.topic(), "error": str(r),
-                                                               "partition": m.partition(),
-                                                               "offset": m.offset()})
+                log.warning("monitor_unreadable_message", extra={"topic": m.topic(), "error": bounded(str(r)),
+                                                                 "partition": m.partition(),
+                                                                 "offset": m.offset()})
                 continue
             records.append(r)
             offsets.append(m.offset())
@@ -198,95 +200,124 @@ class MonitorService:
         """Ask the broker how far reader groups have read each pipeline's predictions."""
         if self.readers is None or not self.pipelines:
             return
-        topics = {name: PipelineTopics(name).predictions for name in self.pipelines}
+        predictions = {name: PipelineTopics(name).predictions for name in self.pipelines}
         try:
-            committed = self.readers.committed(set(topics.values()))
+            committed = self.readers.committed(set(predictions.values()))
         except KafkaException as e:
             # Without the admin API (or the right to use it) only traffic is checked; retried next time.
-            log.warning("monitor_readers_unknown", extra={"error": str(e)})
+            level = logging.DEBUG if self._readers_unknown else logging.WARNING
+            self._readers_unknown = True
+            log.log(level, "monitor_readers_unknown", extra={"error": str(e)})
             return
-        for name, topic in topics.items():
+        self._readers_unknown = False
+        for name, topic in predictions.items():
             pm = self.pipelines[name]
             pm.readers(furthest(committed, topic, pm.spec.monitor.readers))
 
-    def emit(self, alerts: list[Alert]) -> None:
-        """Send alert events and reflect them in the metrics (delivery confirmed by the caller)."""
+    def emit(self, alerts: list[Alert], out: Outputs) -> None:
+        """Queue alert events (committed with the state that raised them) and reflect them in metrics."""
+        codec = avro.codec("alert")
         for event in alerts:
-            send_alert(self.producer, event)
+            out.send(topics.ALERTS, codec.encode(event), key=event["pipeline"].encode())
             self.metrics.on_alert(event)
             fields = {k: event[k] for k in ("pipeline", "state", "severity", "signal", "feature", "detector",
                                              "model_name", "model_version", "statistic", "alert_id")}
             log.warning("monitor_alert", extra=dict(fields, text=event["message"]))  # 'message' is reserved
 
-    def save(self, consumer: Consumer | None = None) -> None:
-        """Checkpoint the state; then store the consumer offsets it covers."""
-        size = self.checkpoint.save({"pipelines": self.pipelines, "offsets": dict(self.offsets)})
-        self.metrics.checkpoint_bytes.set(size)
-        if consumer is None or not self.offsets:
-            return
-        try:
-            consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in self.offsets.items()])
-        except KafkaException as e:
-            # Partitions revoked since: the checkpoint still covers them; a later store will do.
-            log.info("monitor_offsets_not_stored", extra={"error": str(e)})
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.watching_since is None and partitions:
-            self.watching_since = self.clock()
+class _Handler:
+    """The monitor on the runtime loop: its units, the registry, timers; see the module docstring."""
 
-    # --- loop ---------------------------------------------------------------------------------
-    def run(self, consumer: Consumer, registry: RegistryReader, stop: StopFlag, health: Health) -> None:
-        """Consume until ``stop``; checkpoint on the way out (not after a failure)."""
+    def __init__(self, rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService) -> None:
+        self.rt = rt
+        self.settings = settings
+        self.service = service
+        self.registry = RegistryReader(rt.kafka, f"{rt.group_id}-registry")
+        self.units: Units | None = None
+        now = time.monotonic()
+        self._next = {"registry": now, "zombies": now + settings.zombie_check_s, "readers": now}
+
+    # UnitHandler
+    def known_units(self) -> list[str]:
+        """The pipelines this monitor serves."""
+        return self.service.wanted(self.registry.state)
+
+    def inputs(self, unit: str) -> list[Input]:
+        """The topics of a pipeline the monitor reads, from the beginning for a fresh start."""
+        return [Input(t) for t in MonitorService.inputs(unit)]
+
+    def install(self, unit: str, state: Any | None) -> None:
+        """Hold a pipeline with its restored state (or a fresh one)."""
+        restored = state if isinstance(state, PipelineMonitor) else None
+        self.service.adopt(unit, restored)
+
+    def snapshot(self, unit: str) -> Any:
+        """The pipeline's monitor, to checkpoint."""
+        return self.service.pipelines[unit]
+
+    def remove(self, unit: str) -> None:
+        """Stop holding a pipeline."""
+        self.service.release(unit)
+
+    # Handler
+    def process(self, batch: list[Message], out: Outputs) -> None:
+        """Fold what the owned pipelines have not seen yet; queue the alerts."""
+        assert self.units is not None
+        fresh = self.units.observe(batch)
+        if fresh:
+            self.service.emit(self.service.handle(fresh), out)
+
+    def tick(self, out: Outputs) -> None:
+        """Registry changes, readers of the predictions, zombie checks."""
+        assert self.units is not None
+        now = time.monotonic()
         s = self.settings
-        self.sync(registry.catch_up())
+        if now >= self._next["registry"]:
+            self._next["registry"] = now + s.registry_poll_s
+            if self.registry.poll(0):
+                self.service.sync(self.registry.state)
+                self.units.sync()
+        if now >= self._next["readers"]:
+            self._next["readers"] = now + s.readers_check_s
+            self.service.check_readers()
+        if now >= self._next["zombies"]:
+            self._next["zombies"] = now + s.zombie_check_s
+            alerts = self.service.tick()
+            for event in alerts:
+                self.units.touch(event["pipeline"])
+            self.service.emit(alerts, out)
+        served = len(self.service.pipelines)
+        if self.units.assigned_once:
+            self.rt.health.set_ready(True, f"monitoring {served} pipeline(s)")
+
+
+def create(rt: ServiceRuntime, settings: MonitorSettings) -> MonitorService:
+    """The monitor of a service process (its metrics in the runtime's registry)."""
+    return MonitorService(settings, MonitorMetrics(rt.registry),
+                          readers=ReaderOffsets(rt.kafka.admin("loopline-monitor"), rt.group_id))
+
+
+def serve(rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService | None = None) -> None:
+    """Run the monitor until ``rt.stop`` is set (its units checkpointed on the way out)."""
+    service = service or create(rt, settings)
+    handler = _Handler(rt, settings, service)
+    changelog = Changelog(rt.kafka, "monitor", settings.state_partitions)
+    group = rt.kafka.consumer("loopline-monitor-units", rt.group_id)
+    data = rt.kafka.reader(f"{rt.group_id}-data", **{"enable.partition.eof": False})
+    units = Units("monitor", changelog, group, data, handler, TopicIds(rt.kafka.admin("loopline-monitor")),
+                  UnitsMetrics(rt.registry, "monitor"), settings.checkpoint_interval_s)
+    handler.units = units
+    try:
+        service.sync(handler.registry.catch_up())
         tune_gc()
-        subscribed = self.topics()
-        if subscribed:
-            consumer.subscribe(subscribed, on_assign=self._on_assign)
-        health.set_ready(True, f"monitoring {len(self.pipelines)} pipeline(s)")
-        last_registry = last_zombie = last_save = time.monotonic()
-        last_readers = last_zombie - s.readers_check_s
-        failed = False
-        try:
-            while not stop.is_set():
-                health.beat()
-                now = time.monotonic()
-                if now - last_registry >= s.registry_poll_s:
-                    last_registry = now
-                    if registry.poll(0):
-                        self.sync(registry.state)
-                        if self.topics() != subscribed:
-                            subscribed = self.topics()
-                            consumer.subscribe(subscribed, on_assign=self._on_assign)
-                alerts: list[Alert] = []
-                if subscribed:
-                    data = _data(consumer.consume(s.batch_size, s.batch_timeout_s))
-                    if data:
-                        alerts += self.handle(data)
-                else:
-                    stop.wait(s.batch_timeout_s)
-                if now - last_readers >= s.readers_check_s:
-                    last_readers = now
-                    self.check_readers()
-                if now - last_zombie >= s.zombie_check_s:
-                    last_zombie = now
-                    alerts += self.tick()
-                if alerts:
-                    self.emit(alerts)
-                    self.producer.confirm()
-                if now - last_save >= s.checkpoint_interval_s:
-                    last_save = now
-                    self.save(consumer)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            try:
-                if not failed:
-                    self.save(consumer)
-                self.producer.producer.flush(10)
-            finally:
-                consumer.close()
+        rt.health.set_ready(False, "joining the monitor group")
+        units.start()
+        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}), handler, bisect=False,
+                       checkpointer=units, group=group)
+        units.commit_now = loop.commit_now
+        loop.run()
+    finally:
+        handler.registry.close()
 
 
 def tune_gc() -> None:
@@ -297,19 +328,6 @@ def tune_gc() -> None:
     # by reference counting anyway.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-
-
-def _data(messages: list[Message]) -> list[Message]:
-    out = []
-    for m in messages:
-        err = m.error()
-        if err is None:
-            out.append(m)
-        elif err.code() != KafkaError._PARTITION_EOF:
-            if err.fatal():
-                raise KafkaException(err)
-            log.warning("consume_error", extra={"error": err.str(), "topic": m.topic(), "partition": m.partition()})
-    return out
 
 
 def describe(alert: dict[str, Any]) -> str:

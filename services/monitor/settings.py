@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from loopline.settings import ServiceSettings
@@ -15,10 +13,9 @@ class MonitorSettings(ServiceSettings):
     batch_size: int = Field(
         5000, ge=1, le=100_000, description="Most messages handled per batch: alerts need no "
         "millisecond latency, and larger batches amortise decoding and per-batch work.")
-    state_dir: Path | None = Field(
-        None, description="Folder of the monitor's checkpoints (default: LOOPLINE_HOME/state/monitor).")
     checkpoint_interval_s: float = Field(
-        5.0, gt=0, description="How often detector state is checkpointed; offsets are committed only then.")
+        5.0, gt=0, description="Longest time between two checkpoints of a pipeline's state to the changelog "
+        "topic (alerts are committed at once, with the state that raised them).")
     drift_eval_every: int = Field(
         0, ge=0, description="Events between windowed PSI/KS comparisons (0: a quarter of spec.monitor.window).")
     resolve_after: int = Field(
@@ -31,3 +28,6 @@ class MonitorSettings(ServiceSettings):
         30.0, gt=0, description="How often consumer groups' committed offsets on the predictions are read "
         "(who reads them).")
     registry_poll_s: float = Field(1.0, gt=0, description="How often the registry topic is polled for changes.")
+    state_partitions: int = Field(
+        12, ge=1, le=1000, description="Partitions of the monitor's changelog topic (loopline.state.monitor): "
+        "at most this many replicas share the pipelines. Never change it once the topic exists.")

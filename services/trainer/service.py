@@ -1,12 +1,12 @@
-"""The trainer loop: consume features, predictions, feedback and alerts; learn; retrain; promote.
+"""The trainer: fold features, predictions, feedback and alerts into per-pipeline state; retrain; promote.
 
-One trainer process owns the pipelines it serves (``LOOPLINE_PIPELINES``, else every pipeline in
-the registry): it reads their topics by explicit assignment, not through a consumer group, because
-its state (river learners, the feedback join, trigger counters) is only correct together with the
-exact offsets that produced it. Both are checkpointed atomically under
-``$LOOPLINE_HOME/state/trainer`` and restored at start, so a crash or restart neither learns an
-example twice nor loses one. Run one trainer per pipeline set (a second replica would learn the
-same examples); partitions are still consumed in parallel by librdkafka within the process.
+Its state (river learners, the feedback join, trigger counters, live trials) is per pipeline, the
+trainer's unit of ownership: replicas split the pipelines between them through
+:class:`loopline.runtime.units.Units`, which restores a pipeline's state from the changelog topic
+when it is assigned, reads its topics from the exact offsets that produced that state (no example
+learned twice, none skipped), and checkpoints state and offsets together. A version registered
+just before a crash that came before the checkpoint is recognised by its trigger and training
+ranges and adopted, not trained again.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 
 from loopline import avro, feedback, topics
 from loopline.artifacts import ArtifactStore, read_artifact
 from loopline.errors import LooplineError, SchemaError
-from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
 from loopline.models import ModelRegistry, champion, fill_values
-from loopline.observability import Health
-from loopline.registry import RegistryReader, now_ms
+from loopline.observability import bounded
+from loopline.registry import RegistryReader, RegistryState, now_ms
+from loopline.runtime.incarnation import TopicIds
+from loopline.runtime.outputs import Outputs
+from loopline.runtime.service import ServiceRuntime
+from loopline.runtime.state import Changelog
+from loopline.runtime.units import Input, Units, UnitsMetrics
 from loopline.scoring import Scorer
-from loopline.services.trainer import checkpoint
 from loopline.services.trainer.data import Holdout, Ranges
 from loopline.services.trainer.export import library_versions, to_onnx
 from loopline.services.trainer.join import Example, FeedbackJoin
@@ -39,10 +42,12 @@ from loopline.services.trainer.registration import register_version
 from loopline.services.trainer.settings import TrainerSettings
 from loopline.services.trainer.validation import scorecard, version_metrics
 from loopline.spec import PipelineSpec
+from loopline.topics import PipelineTopics, pipeline_of
 
 log = logging.getLogger(__name__)
 
 _KIND_ORDER = {"features": 0, "predictions": 1, "feedback": 2, "alerts": 3}
+_IDLE_S = 1.0  # nothing consumed for this long: caught up
 
 
 @dataclass
@@ -72,155 +77,135 @@ def new_state(spec: PipelineSpec, settings: TrainerSettings) -> PipelineState:
 
 
 class TrainerService:
-    """See the module docstring."""
+    """See the module docstring; :func:`serve` wires it to Kafka."""
 
-    def __init__(self, settings: TrainerSettings, kafka: KafkaConfig, health: Health,
-                 metrics: TrainerMetrics, group_id: str = "loopline-trainer") -> None:
+    def __init__(self, settings: TrainerSettings, models: ModelRegistry, metrics: TrainerMetrics,
+                 reader: RegistryReader) -> None:
         self.settings = settings
-        self.health = health
         self.metrics = metrics
-        self.reader = RegistryReader(kafka, client_id=f"{group_id}-registry")
-        self.consumer = kafka.reader(group_id, **{"enable.partition.eof": False})
-        self.producer = AckedProducer(kafka.producer(group_id))
-        self.models = ModelRegistry(kafka, ArtifactStore.from_settings(settings), actor="trainer")
-        self.path = settings.checkpoint_dir() / f"{group_id}.ckpt"
-        self.offsets, self.states = checkpoint.load(self.path)
+        self.reader = reader
+        self.models = models
+        self.states: dict[str, PipelineState] = {}
         self.codecs: dict[str, avro.Codec] = {}
         self.specs: dict[str, PipelineSpec] = {}
-        self.topic_kind: dict[str, tuple[str | None, str]] = {}
+        self.units: Units | None = None  # set by serve(); tests may drive the service without it
         self._champions: dict[str, Scorer] = {}
-        self._last_poll = 0.0
-        self._last_ckpt = time.monotonic()
-        self._dirty = False
+        self._last_data = time.monotonic()
 
-    # ---- setup --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Read the registry, restore or create each pipeline's state, assign the input partitions."""
-        self.reader.catch_up()
-        self._last_poll = time.monotonic()
-        self._assign([(topics.ALERTS, None, "alerts")])
-        self.sync_pipelines()
-        self.health.set_ready(True, f"training {sorted(self.specs)}")
-        log.info("trainer_started", extra={"pipelines": sorted(self.specs), "checkpoint": str(self.path),
-                                           "restored_offsets": len(self.offsets)})
+    # ---- units --------------------------------------------------------------------------------
+    def known_units(self) -> list[str]:
+        """The registry's pipelines this trainer serves."""
+        state = self.reader.state
+        return [p for p in (self.settings.pipelines or sorted(state.specs)) if p in state.specs]
+
+    def inputs(self, unit: str) -> list[Input]:
+        """A pipeline's topics (from the beginning for a fresh start) and the alerts (only new ones)."""
+        t = PipelineTopics(unit)
+        return [Input(t.features), Input(t.predictions), Input(t.feedback), Input(topics.ALERTS, "end")]
+
+    def install(self, unit: str, state: Any | None) -> None:
+        """Take a pipeline over: its restored state, or a fresh one (also when the spec's features changed)."""
+        spec = self.reader.state.specs[unit]
+        self.specs[unit] = spec
+        self.codecs[unit] = self.reader.state.features_codec(unit)
+        if isinstance(state, PipelineState) and state.learner.features == input_features(spec):
+            state.spec_sha = spec.sha256()
+            self.states[unit] = state
+        else:
+            if state is not None:
+                log.warning("trainer_learner_reset", extra={"pipeline": unit, "reason": "the spec's features changed"})
+            self.states[unit] = new_state(spec, self.settings)
+        log.info("trainer_pipeline", extra={"pipeline": unit, "restored": state is not None})
+
+    def snapshot(self, unit: str) -> Any:
+        """A pipeline's state, to checkpoint."""
+        return self.states[unit]
+
+    def remove(self, unit: str) -> None:
+        """Give a pipeline up."""
+        self.states.pop(unit, None)
+        self.specs.pop(unit, None)
+        self.codecs.pop(unit, None)
 
     def sync_pipelines(self) -> None:
-        """Follow the registry's pipelines: new ones get a state and their topics are assigned."""
+        """Follow the registry: a changed spec of a held pipeline is taken up."""
         state = self.reader.state
-        wanted = [p for p in (self.settings.pipelines or sorted(state.specs)) if p in state.specs]
-        for pipeline in wanted:
-            spec = state.specs[pipeline]
-            if self.specs.get(pipeline) is spec:
+        for pipeline in list(self.states):
+            spec = state.specs.get(pipeline)
+            if spec is None or self.specs.get(pipeline) is spec:
                 continue
             self.specs[pipeline] = spec
             self.codecs[pipeline] = state.features_codec(pipeline)
-            st = self.states.get(pipeline)
-            if st is None or st.learner.features != input_features(spec):
-                if st is not None:
-                    log.warning("trainer_learner_reset", extra={"pipeline": pipeline,
-                                                                "reason": "the spec's features changed"})
+            st = self.states[pipeline]
+            if st.learner.features != input_features(spec):
+                log.warning("trainer_learner_reset", extra={"pipeline": pipeline,
+                                                            "reason": "the spec's features changed"})
                 self.states[pipeline] = new_state(spec, self.settings)
             else:
                 st.spec_sha = spec.sha256()
-            t = spec.topics
-            self._assign([(t.features, pipeline, "features"), (t.predictions, pipeline, "predictions"),
-                          (t.feedback, pipeline, "feedback")])
+        if self.units is not None:
+            self.units.sync()
 
-    def _assign(self, wanted: list[tuple[str, str | None, str]]) -> None:
-        parts = []
-        for topic, pipeline, kind in wanted:
-            if topic in self.topic_kind:
-                continue
-            meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                raise LooplineError(f"trainer: topic {topic} does not exist; run `loopline apply` first")
-            self.topic_kind[topic] = (pipeline, kind)
-            # A fresh trainer learns from what the topics still hold, but reacts only to new alerts.
-            start = OFFSET_END if kind == "alerts" else OFFSET_BEGINNING
-            parts += [TopicPartition(topic, p, self.offsets.get((topic, p), start)) for p in sorted(meta.partitions)]
-        if parts:
-            self.consumer.incremental_assign(parts)
+    def _touch(self, pipeline: str) -> None:
+        if self.units is not None:
+            self.units.touch(pipeline)
 
-    # ---- loop ---------------------------------------------------------------------------------
-    def run(self, stop: StopFlag) -> None:
-        """Consume, learn and act until ``stop``; checkpoint on the way out."""
-        try:
-            while not stop.is_set():
-                self.step()
-        finally:
-            self.checkpoint()
+    # ---- the loop (Handler) -------------------------------------------------------------------
+    def process(self, batch: list[Message], out: Outputs) -> None:
+        """Fold the messages the owned pipelines have not seen yet."""
+        fresh = self.units.observe(batch) if self.units is not None else batch
+        if fresh:
+            self._last_data = time.monotonic()
+            self.handle(fresh)
 
-    def step(self) -> None:
-        """One round: a batch (or idle tick), registry follow-up, triggers and trials, checkpoint."""
-        batch = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
-        data = []
-        for m in batch:
-            err = m.error()
-            if err is None:
-                data.append(m)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consume_error", extra={"error": err.str(), "topic": m.topic()})
-        self.health.beat()
-        if data:
-            self.handle(data)
-        else:
-            for st in self.states.values():
-                st.join.advance(now_ms())  # caught up: the stream clock is the wall clock
-        self.refresh()
-        self.act()
-        if self._dirty and time.monotonic() - self._last_ckpt >= self.settings.checkpoint_interval_s:
-            self.checkpoint()
-
-    def refresh(self) -> None:
-        """Apply new registry events (at most every ``registry_poll_s``)."""
-        if time.monotonic() - self._last_poll < self.settings.registry_poll_s:
-            return
-        self._last_poll = time.monotonic()
+    def tick(self, out: Outputs) -> None:
+        """Registry changes, joins advanced on the wall clock when caught up, triggers and trials."""
         if self.reader.poll(0.0):
             self.sync_pipelines()
-
-    def checkpoint(self) -> None:
-        """Write learners, joins, triggers and offsets atomically."""
-        checkpoint.save(self.path, self.offsets, self.states)
-        self._last_ckpt = time.monotonic()
-        self._dirty = False
-        self.metrics.checkpoints.inc()
-        for pipeline, st in self.states.items():
-            self.metrics.join_counts(pipeline, st.join.counts)
+        idle = time.monotonic() - self._last_data
+        if idle > _IDLE_S:
+            # Caught up (nothing arrived for a while): the stream clock follows the wall clock,
+            # less that while, so what arrived just before has its full TTL.
+            for st in self.states.values():
+                st.join.advance(now_ms() - int(_IDLE_S * 1000))
+        self.act()
 
     # ---- batches ------------------------------------------------------------------------------
     def handle(self, batch: list[Message]) -> None:
         """Fold a batch into the joins and learners; features first, so a batch joins with itself."""
-        self._dirty = True
         clock = max((m.timestamp()[1] for m in batch if m.timestamp()[0]), default=0)
         for st in self.states.values():
             st.join.advance(clock)
-        ordered = sorted(batch, key=lambda m: _KIND_ORDER[self.topic_kind[m.topic()][1]])
+        ordered = sorted(batch, key=lambda m: _KIND_ORDER[_kind(m.topic())])
         for m in ordered:
-            pipeline, kind = self.topic_kind[m.topic()]
-            self.offsets[(m.topic(), m.partition())] = m.offset() + 1
+            kind = _kind(m.topic())
             ts_type, ts = m.timestamp()
             seen = ts if ts_type else clock
             try:
                 if kind == "alerts":
-                    self._alert(avro.codec("alert").decode(m.value()))
+                    alert = avro.codec("alert").decode(m.value())
+                    if self.units is None or self.units.fresh_for(alert["pipeline"], m):
+                        self._alert(alert)
+                    continue
+                pipeline = pipeline_of(m.topic())
+                st = self.states.get(pipeline) if pipeline else None
+                if st is None:
                     continue
                 assert pipeline is not None
-                st = self.states[pipeline]
                 if kind == "features":
                     examples = st.join.add_event(self.codecs[pipeline].decode(m.value()), m.partition(),
                                                  m.offset(), seen)
                 elif kind == "predictions":
                     examples = st.join.add_prediction(avro.codec("prediction").decode(m.value()), seen)
                 else:
-                    # any client may send feedback, as Avro or as JSON
-                    record = feedback.decode(m.value(), m.topic(), m.partition(), m.offset(), ts if ts_type else None,
+                    # any client may send feedback, as Avro or as JSON; lineage dead-letters bad ones
+                    record = feedback.decode(m.value(), m.topic(), m.partition(), ts if ts_type else None,
                                              self.specs[pipeline].label.classes)
                     examples = st.join.add_feedback(record, seen)
             except (SchemaError, feedback.FeedbackError) as e:
                 self.metrics.bad_messages.labels(m.topic()).inc()
-                log.warning("trainer_bad_message", extra={"topic": m.topic(), "partition": m.partition(),
-                                                          "offset": m.offset(), "error": str(e)})
+                log.debug("trainer_bad_message", extra={"topic": m.topic(), "partition": m.partition(),
+                                                        "offset": m.offset(), "error": bounded(str(e))})
                 continue
             for example in examples:
                 self._example(pipeline, st, example)
@@ -310,7 +295,7 @@ class TrainerService:
             # Registered just before a crash that came before the checkpoint: adopt it, do not repeat it.
             log.warning("trainer_version_adopted", extra={"pipeline": pipeline, "version": done["version"]})
             st.policy.reset(now_ms())
-            self.checkpoint()
+            self._checkpoint_soon(pipeline)
             return done
         record = register_version(
             self.models, pipeline, model, stage=stage, reference=reference,
@@ -328,7 +313,7 @@ class TrainerService:
             st.trial = Trial("trial", (record["name"], record["version"]), (champ["name"], champ["version"]),
                              record["created_at"], paired=stage == "shadow",
                              regression=spec.label.task == "regression")
-        self.checkpoint()
+        self._checkpoint_soon(pipeline)
         return record
 
     def _already_registered(self, pipeline: str, trigger: str,
@@ -384,12 +369,60 @@ class TrainerService:
             action = "probation_passed"
         self.metrics.stage_changes.labels(pipeline, action).inc()
         log.info("trainer_stage_change", extra={"pipeline": pipeline, "action": action, "reason": reason})
-        self.checkpoint()
+        self._checkpoint_soon(pipeline)
 
-    def close(self) -> None:
-        """Close the Kafka clients."""
-        try:
-            self.producer.producer.flush(10)
-        finally:
-            self.consumer.close()
-            self.reader.close()
+    def _checkpoint_soon(self, pipeline: str) -> None:
+        """A decision changed the state outside a batch: checkpoint it at the next round."""
+        if self.units is not None:
+            self.units.touch(pipeline)
+            self.units.request()
+
+
+def _kind(topic: str) -> str:
+    return "alerts" if topic == topics.ALERTS else topic.rsplit(".", 1)[-1]
+
+
+def create(rt: ServiceRuntime, settings: TrainerSettings) -> TrainerService:
+    """The trainer of a service process (its metrics in the runtime's registry)."""
+    reader = RegistryReader(rt.kafka, client_id=f"{rt.group_id}-registry")
+    models = ModelRegistry(rt.kafka, ArtifactStore.from_settings(settings), actor="trainer")
+    return TrainerService(settings, models, TrainerMetrics(rt.registry), reader)
+
+
+def serve(rt: ServiceRuntime, settings: TrainerSettings, service: TrainerService | None = None) -> None:
+    """Run the trainer until ``rt.stop`` is set (its units checkpointed on the way out)."""
+    service = service or create(rt, settings)
+    reader = service.reader
+    changelog = Changelog(rt.kafka, "trainer", settings.state_partitions)
+    group = rt.kafka.consumer("loopline-trainer-units", rt.group_id)
+    data = rt.kafka.reader(f"{rt.group_id}-data", **{"enable.partition.eof": False})
+    units = Units("trainer", changelog, group, data, service, TopicIds(rt.kafka.admin("loopline-trainer")),
+                  UnitsMetrics(rt.registry, "trainer"), settings.checkpoint_interval_s)
+    service.units = units
+    try:
+        reader.catch_up()
+        rt.health.set_ready(False, "joining the trainer group")
+        units.start()
+        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}), _Ready(rt, service),
+                       bisect=False, checkpointer=units, group=group)
+        units.commit_now = loop.commit_now
+        loop.run()
+    finally:
+        reader.close()
+
+
+class _Ready:
+    """The trainer on the loop, saying it is ready once the group assigned it its units."""
+
+    def __init__(self, rt: ServiceRuntime, service: TrainerService) -> None:
+        self.rt, self.service = rt, service
+
+    def process(self, batch: list[Message], out: Outputs) -> None:
+        """See :meth:`TrainerService.process`."""
+        self.service.process(batch, out)
+
+    def tick(self, out: Outputs) -> None:
+        """See :meth:`TrainerService.tick`; readiness follows the group assignment."""
+        self.service.tick(out)
+        if self.service.units is not None and self.service.units.assigned_once:
+            self.rt.health.set_ready(True, f"training {sorted(self.service.states)}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from loopline.settings import ServiceSettings
@@ -15,10 +13,12 @@ class TrainerSettings(ServiceSettings):
     artifact_uri: str | None = Field(
         None, description="Where exported models are stored: folder, file:// or s3:// URI "
         "(unset: $LOOPLINE_HOME/artifacts).")
-    state_dir: Path | None = Field(
-        None, description="Checkpoint folder (unset: $LOOPLINE_HOME/state/trainer).")
     checkpoint_interval_s: float = Field(
-        5.0, gt=0, description="Longest time between two checkpoints of the learners, joins and offsets.")
+        5.0, gt=0, description="Longest time between two checkpoints of a pipeline's learners, joins and "
+        "offsets to the changelog topic (loopline.state.trainer).")
+    state_partitions: int = Field(
+        12, ge=1, le=1000, description="Partitions of the trainer's changelog topic: at most this many "
+        "replicas share the pipelines. Never change it once the topic exists.")
     registry_poll_s: float = Field(
         0.5, gt=0, le=60, description="Longest time between two reads of new registry events.")
     max_join_entries: int = Field(
@@ -28,6 +28,3 @@ class TrainerSettings(ServiceSettings):
         2000, ge=10, description="Recent labeled examples registered as a version's reference data "
         "(its drift profile and fill values).")
 
-    def checkpoint_dir(self) -> Path:
-        """The folder of the trainer's checkpoints."""
-        return self.state_dir or (self.home / "state" / "trainer")

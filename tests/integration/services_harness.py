@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopline import avro
 from loopline.broker import die_with_parent, free_port
-from loopline.kafka import KafkaConfig
+from loopline.kafka import KafkaConfig, StopFlag
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import query as q
 from loopline.services.lineage.store import LineageStore
 from loopline.settings import LooplineSettings
@@ -289,3 +290,67 @@ class DeadLetters:
     def close(self) -> None:
         """Close the consumer."""
         self.consumer.close()
+
+
+class ServiceThread:
+    """A service's ``serve(rt, settings[, service])`` on a thread, with its own runtime (no signals)."""
+
+    def __init__(self, name: str, settings: Any, service: Any = None) -> None:
+        import importlib
+
+        self.name = name
+        self.settings = settings
+        self.rt = ServiceRuntime(name, settings, install_signals=False)
+        module = importlib.import_module(f"loopline.services.{name}.main")
+        self.service = service if service is not None else (
+            module.create(self.rt, settings) if hasattr(module, "create") else None)
+        self._serve = module.serve
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"service-{name}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.rt:
+                if self.service is not None:
+                    self._serve(self.rt, self.settings, self.service)
+                else:
+                    self._serve(self.rt, self.settings)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the test
+            self.errors.append(e)
+
+    @property
+    def stop(self) -> StopFlag:
+        """The runtime's stop flag."""
+        return self.rt.stop
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from the service's registry (0 when absent)."""
+        return self.rt.registry.get_sample_value(name, labels) or 0.0
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until readiness is true (fails fast if the thread died)."""
+        def ready() -> bool:
+            assert not self.errors, self.errors
+            return self.rt.health.ready()[0]
+        wait_until(ready, timeout_s, f"{self.name} ready")
+
+    def close(self) -> None:
+        """Stop and join; raise what the service raised."""
+        self.rt.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), f"{self.name} did not stop"
+        assert not self.errors, self.errors
+
+
+def changelog_state(kafka: KafkaConfig, service: str, unit: str, partitions: int = 12) -> Any:
+    """The last checkpointed state of one unit, read from the service's changelog topic (None: none yet)."""
+    from loopline.runtime.state import Changelog
+
+    changelog = Changelog(kafka, service, partitions)
+    try:
+        restored = changelog.restore([changelog.partition_of(unit)], timeout_s=20)
+    except Exception:  # noqa: BLE001 - the topic may not exist yet
+        return None
+    envelope = restored.states.get(unit)
+    return envelope["state"] if envelope else None

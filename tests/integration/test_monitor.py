@@ -133,6 +133,7 @@ class Running:
     """The monitor service in a thread, exactly as `loopline run monitor` builds it."""
 
     def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
         self.rt = ServiceRuntime("monitor", settings, install_signals=False).__enter__()
         self.service: MonitorService = create(self.rt, settings)
         self.errors: list[BaseException] = []
@@ -141,7 +142,7 @@ class Running:
 
     def _run(self) -> None:
         try:
-            serve(self.rt, self.service)
+            serve(self.rt, self.settings, self.service)
         except BaseException as e:  # noqa: BLE001 - surfaced to the test
             self.errors.append(e)
 
@@ -256,8 +257,9 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         # Restart: detectors and open episodes come back from the checkpoint.
         alerts_before = len(alerts.events)
         monitor = Running(msettings)
+        wait_for(lambda: spec.name in monitor.service.pipelines, "the pipeline taken over again")
         pm = monitor.service.pipelines[spec.name]
-        assert monitor.service.restored
+        assert gauge(monitor.metrics(), "loopline_unit_restores_total", outcome="restored") == 1
         assert pm.features["amount"].detectors[0].seen == TOTAL
         f, p, _ = events(spec, TOTAL, 1000, seed=2)
         send(producer, spec.topics.features, f)

@@ -4,11 +4,9 @@ registration with lineage and scorecards."""
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,20 +15,17 @@ from typing import Any
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 from river import datasets
 
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.broker import free_port
-from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
+from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion, versions_of
 from loopline.artifacts import ArtifactStore
-from loopline.observability import Health
-from loopline.services.trainer.metrics import TrainerMetrics
-from loopline.services.trainer.service import TrainerService
 from loopline.services.trainer.settings import TrainerSettings
 from loopline.spec import PipelineSpec, parse_spec
+from services_harness import ServiceThread, changelog_state
 
 pytestmark = pytest.mark.integration
 
@@ -87,37 +82,24 @@ class Feeder:
         self.producer.confirm()
 
 
-class Running:
-    """A TrainerService on a thread."""
+class Running(ServiceThread):
+    """The trainer on a thread, as `loopline run trainer` builds it."""
 
     def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, home: Path, group: str, **settings: Any) -> None:
-        self.settings = TrainerSettings(
+        super().__init__("trainer", TrainerSettings(
             bootstrap_servers=kafka.settings.bootstrap_servers, kafka_profile=kafka.settings.kafka_profile,
-            home=home, pipelines=[spec.name], batch_size=200, registry_poll_s=0.1, **settings)
-        self.registry, self.stop = CollectorRegistry(), StopFlag()
-        self.service = TrainerService(self.settings, kafka, Health(), TrainerMetrics(self.registry), group)
-        self.service.start()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.service.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - surfaced to the test
-            self.error = e
-        finally:
-            self.service.close()
+            session_timeout_ms=6000, home=home, pipelines=[spec.name], batch_size=200, registry_poll_s=0.1,
+            group_id=group, instance_id=group, **settings))
+        self.pipeline = spec.name
+        deadline = time.monotonic() + 60
+        while self.pipeline not in self.service.states:  # the group assigned the pipeline to it
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, "the trainer never took its pipeline over"
+            time.sleep(0.1)
 
     def state(self) -> Any:
-        assert self.error is None, self.error
-        return self.service.states[self.service.settings.pipelines[0]]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-        assert self.error is None, self.error
+        assert not self.errors, self.errors
+        return self.service.states[self.pipeline]
 
 
 @pytest.fixture
@@ -136,11 +118,11 @@ def test_late_labels_unknown_predictions_and_duplicates(kafka: KafkaConfig, uniq
     apply_spec(kafka, spec)
     feed = Feeder(kafka, spec)
     data = sea(60)
+    r = Running(kafka, spec, tmp_path, f"{unique}-trainer")
+    running.append(r)
     # Labels that arrive before their prediction and features (the trainer must keep them waiting).
     feed.feedback([{"feedback_id": f"early{i}", "prediction_id": f"p{i}", "label": data[i][1]}
                    for i in range(50, 60)])
-    r = Running(kafka, spec, tmp_path, f"{unique}-trainer")
-    running.append(r)
     feed.events([x for x, _ in data[:50]])
     wait_for(lambda: r.state().join.counts.features == 50 and r.state().join.counts.predictions == 50,
              what="50 events and predictions joined")
@@ -169,16 +151,8 @@ def test_late_labels_unknown_predictions_and_duplicates(kafka: KafkaConfig, uniq
     r.close()
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return pickle.loads(path.read_bytes())  # noqa: S301 - the test's own checkpoint
-    except (FileNotFoundError, EOFError):
-        return {}
-
-
-def learned_in(path: Path, pipeline: str) -> int:
-    data = read_checkpoint(path)
-    st = data.get("pipelines", {}).get(pipeline)
+def learned_in(kafka: KafkaConfig, pipeline: str) -> int:
+    st = changelog_state(kafka, "trainer", pipeline)
     return st.learner.learned if st else -1
 
 
@@ -202,24 +176,24 @@ def test_crash_mid_training_learns_every_example_exactly_once(kafka: KafkaConfig
     data = sea(600, seed=5)
     feed.events([x for x, _ in data])
     group = f"{unique}-trainer"
-    ckpt = tmp_path / "state" / "trainer" / f"{group}.ckpt"
     port = free_port()
     env = {**os.environ, "LOOPLINE_BOOTSTRAP_SERVERS": kafka.settings.bootstrap_servers or "",
            "LOOPLINE_KAFKA_PROFILE": kafka.settings.kafka_profile, "LOOPLINE_PIPELINES": spec.name,
            "LOOPLINE_METRICS_PORT": str(port), "LOOPLINE_GROUP_ID": group, "LOOPLINE_HOME": str(tmp_path),
+           "LOOPLINE_SESSION_TIMEOUT_MS": "6000", "LOOPLINE_INSTANCE_ID": group,
            "LOOPLINE_CHECKPOINT_INTERVAL_S": "3", "LOOPLINE_BATCH_SIZE": "50"}
     proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "trainer"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         feed.feedback([{"feedback_id": f"f{i}", "event_id": f"e{i}", "label": y} for i, (_, y) in
                        enumerate(data[:300])])
-        wait_for(lambda: learned_in(ckpt, spec.name) == 280, what="first 300 labels checkpointed")
+        wait_for(lambda: learned_in(kafka, spec.name) == 280, what="first 300 labels checkpointed")
         feed.feedback([{"feedback_id": f"f{i}", "event_id": f"e{i}", "label": y} for i, (_, y) in
                        enumerate(data[300:450], 300)])
         name = 'loopline_trainer_examples_learned_total'
         # Kill once the new labels are learned in memory but before they are checkpointed.
         wait_for(lambda: metric(port, name) > 280, what="second chunk learned in memory")
-        assert learned_in(ckpt, spec.name) == 280
+        assert learned_in(kafka, spec.name) == 280
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -281,78 +255,20 @@ def test_versions_registered_with_lineage_scorecard_and_rejection(kafka: KafkaCo
 
 
 # ---- the whole loop: drift -> alert -> candidate -> shadow -> promotion -> better served accuracy ----
-class Thread:
-    """Run ``target(stop)`` on a daemon thread and surface its error."""
-
-    def __init__(self, target: Callable[[StopFlag], None]) -> None:
-        self.stop = StopFlag()
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                target(self.stop)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the test
-                self.error = e
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert self.error is None, self.error
-
-
-def start_inference(kafka: KafkaConfig, spec: PipelineSpec, home: Path, group: str) -> Thread:
-    from loopline.kafka import run_batches  # noqa: PLC0415
-    from loopline.services.inference.metrics import InferenceMetrics  # noqa: PLC0415
-    from loopline.services.inference.service import InferenceService  # noqa: PLC0415
+def start_inference(kafka: KafkaConfig, spec: PipelineSpec, home: Path, group: str) -> ServiceThread:
     from loopline.services.inference.settings import InferenceSettings  # noqa: PLC0415
 
-    settings = InferenceSettings(bootstrap_servers=kafka.settings.bootstrap_servers, home=home,
-                                 kafka_profile=kafka.settings.kafka_profile, session_timeout_ms=6000,
-                                 pipelines=[spec.name], registry_poll_s=0.1)
-    producer = AckedProducer(kafka.producer(group))
-    consumer = kafka.consumer(group, group)
-    service = InferenceService(settings, kafka, producer, consumer, InferenceMetrics(CollectorRegistry()),
-                               Health())
-    try:
-        service.start()
-    except BaseException:
-        consumer.close()  # an unclosed consumer would keep the test process from exiting
-        service.reader.close()
-        raise
-
-    def run(stop: StopFlag) -> None:
-        try:
-            run_batches(consumer, producer, service.handle, stop, 500, 0.05, on_idle=service.idle)
-        finally:
-            service.reader.close()
-
-    return Thread(run)
+    return ServiceThread("inference", InferenceSettings(
+        bootstrap_servers=kafka.settings.bootstrap_servers, home=home, kafka_profile=kafka.settings.kafka_profile,
+        session_timeout_ms=6000, pipelines=[spec.name], registry_poll_s=0.1, group_id=group, instance_id=group))
 
 
-def start_monitor(kafka: KafkaConfig, spec: PipelineSpec, home: Path, group: str) -> Thread:
-    from loopline.registry import RegistryReader  # noqa: PLC0415
-    from loopline.services.monitor.metrics import MonitorMetrics  # noqa: PLC0415
-    from loopline.services.monitor.service import MonitorService  # noqa: PLC0415
+def start_monitor(kafka: KafkaConfig, spec: PipelineSpec, home: Path, group: str) -> ServiceThread:
     from loopline.services.monitor.settings import MonitorSettings  # noqa: PLC0415
-    from loopline.services.monitor.state import Checkpoint  # noqa: PLC0415
 
-    settings = MonitorSettings(bootstrap_servers=kafka.settings.bootstrap_servers, home=home,
-                               kafka_profile=kafka.settings.kafka_profile, session_timeout_ms=6000,
-                               pipelines=[spec.name], registry_poll_s=0.2)
-    service = MonitorService(settings, MonitorMetrics(CollectorRegistry()), AckedProducer(kafka.producer(group)),
-                             Checkpoint(home / "monitor.ckpt"))
-
-    def run(stop: StopFlag) -> None:
-        registry = RegistryReader(kafka, f"{group}-registry")
-        try:
-            service.run(kafka.consumer(group, group), registry, stop, Health())
-        finally:
-            registry.close()
-
-    return Thread(run)
+    return ServiceThread("monitor", MonitorSettings(
+        bootstrap_servers=kafka.settings.bootstrap_servers, home=home, kafka_profile=kafka.settings.kafka_profile,
+        session_timeout_ms=6000, pipelines=[spec.name], registry_poll_s=0.2, group_id=group, instance_id=group))
 
 
 def test_concept_drift_is_learned_promoted_and_served_better(kafka: KafkaConfig, unique: str, tmp_path: Path,
@@ -404,7 +320,7 @@ def test_concept_drift_is_learned_promoted_and_served_better(kafka: KafkaConfig,
             while len(served) < start + len(chunk):
                 assert time.monotonic() < deadline, f"no predictions for events up to {start + len(chunk)}"
                 for t in threads:
-                    assert t.error is None, t.error
+                    assert not t.errors, t.errors
                 for m in reader.consume(1000, 0.2):
                     if m.error() is None:
                         p = avro.codec("prediction").decode(m.value())

@@ -1,4 +1,4 @@
-"""MonitorService.handle: routes pipeline topics, skips checkpointed offsets, names bad messages."""
+"""MonitorService.handle: routes the held pipelines' topics, decodes batches, names bad messages."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.pipeline import Batch
 from loopline.services.monitor.service import MonitorService
 from loopline.services.monitor.settings import MonitorSettings
-from loopline.services.monitor.state import Checkpoint
 from loopline.spec import PipelineSpec, parse_spec
 
 
@@ -76,10 +75,9 @@ def msg(topic: str, partition: int, offset: int, value: bytes | None) -> Message
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MonitorService:
     monkeypatch.setattr(monitor_service, "PipelineMonitor", FakePipelineMonitor)
     settings = MonitorSettings(bootstrap_servers="127.0.0.1:1", home=tmp_path)
-    producer: Any = None  # handle() sends nothing
-    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
-                         Checkpoint(tmp_path / "monitor.ckpt"))
+    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()))
     svc.sync(state("demo"))
+    svc.adopt("demo", None)
     return svc
 
 
@@ -87,43 +85,55 @@ def seen(svc: MonitorService, pipeline: str) -> list[tuple[str, list[int], list[
     return svc.pipelines[pipeline].seen  # type: ignore[attr-defined, no-any-return]
 
 
-def test_routes_per_pipeline_topics_and_skips_checkpointed_offsets(
+def test_routes_the_held_pipelines_topics_and_names_bad_messages(
         service: MonitorService, caplog: pytest.LogCaptureFixture) -> None:
     demo, other = topics.PipelineTopics("demo"), topics.PipelineTopics("other")
-    service.offsets[(demo.features, 0)] = 4  # offsets 0..4 of partition 0 are in the checkpoint
     messages = [msg(demo.features, 0, i, b"not avro" if i == 7 else feature("demo", i))
-                for i in range(10)]
+                for i in range(5, 10)]
     messages += [msg(demo.features, 1, i, feature("demo", 100 + i)) for i in range(3)]
-    messages += [msg(other.features, 0, i, feature("other", i)) for i in range(4)]  # not monitored
+    messages += [msg(other.features, 0, i, feature("other", i)) for i in range(4)]  # not held here
     messages += [msg(topics.MODELS, 0, 3, b"registry event")]  # not a pipeline topic
     messages += [msg(demo.feedback, 0, 20, b'{"event_id": "demo-e5", "label": "yes"}')]
     messages.sort(key=lambda m: (m.offset(), m.topic()))  # interleaved; each partition in order
 
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         assert service.handle(messages) == []
+    fid = feedback.derived_id(demo.feedback, 0, 5, b'{"event_id": "demo-e5", "label": "yes"}')
     assert seen(service, "demo") == [
         ("features", [1, 1, 1, 0, 0, 0, 0], [0, 1, 2, 5, 6, 8, 9],
          ["x100", "x101", "x102", "x5", "x6", "x8", "x9"]),
-        ("feedback", [0], [20], [feedback.derived_id(demo.feedback, 0, 20)]),
+        ("feedback", [0], [20], [fid]),
     ]
-    assert service.offsets == {(demo.features, 0): 9, (demo.features, 1): 2, (demo.feedback, 0): 20}
     bad = [r for r in caplog.records if r.getMessage() == "monitor_unreadable_message"]
     where = [(r.__dict__["topic"], r.__dict__["partition"], r.__dict__["offset"]) for r in bad]
     assert where == [(demo.features, 0, 7)]
     unreadable = service.metrics.events.labels("demo", "features_unreadable")._value.get()
     assert unreadable == 1
 
-    # Redelivered after a restart: everything is already covered.
-    service.handle(messages)
-    assert len(seen(service, "demo")) == 2
-
-    # A pipeline adopted later: its topics are routed from then on.
+    # A pipeline taken over later: its topics are routed from then on; a released one is not.
     service.sync(state("demo", "other"))
+    service.adopt("other", None)
+    service.release("demo")
     service.handle(messages)
     assert seen(service, "other") == [("features", [0, 0, 0, 0], [0, 1, 2, 3],
                                        ["x0", "x1", "x2", "x3"])]
-    assert service.offsets[(other.features, 0)] == 3 and (topics.MODELS, 0) not in service.offsets
-    assert len(seen(service, "demo")) == 2
+
+
+def test_one_pipeline_failing_does_not_stop_the_others(service: MonitorService,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    demo, other = topics.PipelineTopics("demo"), topics.PipelineTopics("other")
+    service.sync(state("demo", "other"))
+    service.adopt("other", None)
+
+    def broken(batch: Batch, metrics: Any, at: int) -> list[Any]:
+        raise RuntimeError("a bug in one pipeline's detectors")
+
+    service.pipelines["demo"].on_features = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        service.handle([msg(demo.features, 0, 0, feature("demo", 0)), msg(other.features, 0, 0, feature("other", 0))])
+    assert seen(service, "other") == [("features", [0], [0], ["x0"])]
+    assert service.metrics.events.labels("demo", "features_failed")._value.get() == 1
+    assert any(r.getMessage() == "monitor_pipeline_failed" for r in caplog.records)
 
 
 def test_a_large_batch_is_decoded_as_one(service: MonitorService,
@@ -140,14 +150,3 @@ def test_a_large_batch_is_decoded_as_one(service: MonitorService,
     service.handle([msg(demo.features, 0, i, feature("demo", i)) for i in range(500)])
     assert calls == [(500, ("features",))]
     assert seen(service, "demo")[0][2] == list(range(500))
-
-
-def test_a_run_of_one_partition_is_cut_where_the_checkpoint_ends(service: MonitorService) -> None:
-    demo = topics.PipelineTopics("demo")
-    service.offsets[(demo.features, 0)] = 4
-    service.offsets[(demo.features, 1)] = 9
-    run0 = [msg(demo.features, 0, i, feature("demo", i)) for i in range(10)]
-    run1 = [msg(demo.features, 1, i, feature("demo", 100 + i)) for i in range(10)]  # all covered
-    service.handle(run0[:3] + run1 + run0[3:])  # partition 0 in two runs, around partition 1's
-    assert seen(service, "demo") == [("features", [0] * 5, [5, 6, 7, 8, 9], ["x5", "x6", "x7", "x8", "x9"])]
-    assert service.offsets == {(demo.features, 0): 9, (demo.features, 1): 9}

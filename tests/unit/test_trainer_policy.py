@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from river import datasets
 
-from loopline.services.trainer import checkpoint
 from loopline.services.trainer.data import Holdout, Ranges
 from loopline.services.trainer.join import Example, PredRow
 from loopline.services.trainer.learner import Learner, LearnerError
@@ -128,16 +127,3 @@ def test_holdout_lags_the_learner_and_ranges_count_examples() -> None:
     assert r.records() == [{"topic": "t", "partition": 0, "first_offset": 10, "last_offset": 10, "count": 1},
                            {"topic": "t", "partition": 1, "first_offset": 11, "last_offset": 11, "count": 1}]
     assert h.ranges("t").count == 3 and r.merged(h.ranges("t")).count == 5
-
-
-def test_checkpoint_roundtrip_is_atomic(tmp_path: Any) -> None:
-    path = tmp_path / "state" / "trainer.ckpt"
-    assert checkpoint.load(path) == ({}, {})
-    rnd = random.Random(0)
-    checkpoint.save(path, {("t", 0): 5}, {"p": {"v": rnd.random()}})
-    offsets, states = checkpoint.load(path)
-    assert offsets == {("t", 0): 5} and "p" in states
-    assert [p.name for p in path.parent.iterdir()] == ["trainer.ckpt"]  # no temp file left behind
-    path.write_bytes(pickle.dumps({"format": 99}))
-    with pytest.raises(checkpoint.CheckpointError, match="format 99"):
-        checkpoint.load(path)
