@@ -28,7 +28,8 @@ from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.broker import EmbeddedBroker
-from loopline.kafka import KafkaConfig, StopFlag, store_batch_offsets
+from loopline.kafka import KafkaConfig, StopFlag
+from loopline.runtime.loop import positions_after
 from loopline.models import ModelRegistry
 from loopline.registry import now_ms
 from loopline.settings import LooplineSettings
@@ -119,7 +120,7 @@ def raw_loop(bootstrap: str, home: str, pipeline: str, model_path: str) -> None:
                        "event_ts": e["ts"], "scored_at": scored}
                 producer.produce(out_topic, encode(rec), key=m.key())
             producer.flush(30)
-            store_batch_offsets(consumer, msgs)
+            consumer.store_offsets(offsets=positions_after(msgs))
     finally:
         consumer.close()
 

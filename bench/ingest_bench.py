@@ -19,16 +19,18 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import orjson
 from confluent_kafka import Message
-from prometheus_client import CollectorRegistry
+
 
 from loopline.apply import apply_spec
 from loopline.broker import EmbeddedBroker
-from loopline.kafka import AckedProducer, KafkaConfig, StopFlag, TopicSpec, ensure_topics, run_batches
-from loopline.observability import Health
+from loopline.kafka import AckedProducer, KafkaConfig, StopFlag, TopicSpec, ensure_topics
+from loopline.runtime.loop import positions_after
+from loopline.runtime.service import ServiceRuntime
 from loopline.services.ingest import IngestService, IngestSettings
 from loopline.settings import LooplineSettings
 from loopline.spec import load_spec
@@ -84,7 +86,8 @@ class Clock:
 
 
 def raw_loop(kafka: KafkaConfig, source: str, sink: str, n: int, batch_size: int, group: str) -> Clock:
-    """Consume and produce every value unchanged; return the clock."""
+    """The limit: a bare confluent-kafka loop that consumes, produces every value unchanged, waits for
+    the acknowledgements and stores the offsets (what any at-least-once service must do); the clock."""
     stop = StopFlag()
     consumer = kafka.consumer("bench-raw", group)
     consumer.subscribe([source])
@@ -95,21 +98,37 @@ def raw_loop(kafka: KafkaConfig, source: str, sink: str, n: int, batch_size: int
         send = producer.send
         for m in batch:
             send(sink, m.value(), key=m.key())
+        producer.confirm()
+        consumer.store_offsets(offsets=positions_after(batch))
 
-    run_batches(consumer, producer, clock.wrap(handle), stop, batch_size=batch_size, batch_timeout_s=0.05)
+    timed = clock.wrap(handle)
+    try:
+        while not stop.is_set():
+            batch = [m for m in consumer.consume(batch_size, 0.05) if m.error() is None]
+            if batch:
+                timed(batch)
+    finally:
+        consumer.close()
     return clock
 
 
 def ingest_loop(kafka: KafkaConfig, pipeline: str, n: int, batch_size: int, group: str) -> Clock:
     """Run the ingest service until it handled n messages; return the clock."""
-    settings = IngestSettings(bootstrap_servers=kafka.settings.bootstrap_servers, kafka_profile="embedded",
-                              session_timeout_ms=6000, pipelines=[pipeline], batch_size=batch_size,
-                              batch_timeout_s=0.05, home=kafka.settings.home)
-    stop = StopFlag()
-    service = IngestService(kafka, settings, CollectorRegistry(), Health(), stop, group)
-    clock = Clock(n, stop)
-    service.handle = clock.wrap(service.handle)  # type: ignore[method-assign]
-    service.run()
+    settings = IngestSettings(bootstrap_servers=kafka.settings.bootstrap_servers,
+                              kafka_profile=kafka.settings.kafka_profile, session_timeout_ms=6000,
+                              pipelines=[pipeline], batch_size=batch_size, batch_timeout_s=0.05,
+                              home=kafka.settings.home, group_id=group, instance_id=group)
+    rt = ServiceRuntime("ingest", settings, install_signals=False)
+    service = IngestService(rt, settings)
+    clock = Clock(n, rt.stop)
+    process = service.process
+
+    def timed(batch: list[Message], out: Any) -> None:
+        clock.wrap(lambda b: process(b, out))(batch)
+
+    service.process = timed  # type: ignore[method-assign]
+    with rt:
+        service.run()
     return clock
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from loopline import avro
 from loopline.errors import SpecError
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, ensure_topics
-from loopline.registry import ALERTS_TOPIC, MODELS_TOPIC, RegistryReader, publish, spec_event
+from loopline.registry import GLOBAL_TOPICS, RegistryReader, publish, spec_event
 from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ class ApplyResult:
 
 
 def ensure_global_topics(kafka: KafkaConfig) -> list[str]:
-    """Create ``loopline.models`` (compacted) and ``loopline.alerts`` if missing."""
-    return ensure_topics(kafka.admin(), [MODELS_TOPIC, ALERTS_TOPIC], kafka.settings.replication_factor)
+    """Create ``loopline.models`` (compacted), ``loopline.alerts`` and ``loopline.deadletter`` if missing."""
+    return ensure_topics(kafka.admin(), list(GLOBAL_TOPICS), kafka.settings.replication_factor)
 
 
 def pipeline_topics(spec: PipelineSpec) -> list[TopicSpec]:

@@ -212,17 +212,6 @@ class AckedProducer:
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
 
-def store_batch_offsets(consumer: Consumer, messages: Iterable[Message]) -> None:
-    """Store, per partition, the offset after the last message of a handled batch."""
-    last: dict[tuple[str, int], int] = {}
-    for m in messages:
-        key = (m.topic(), m.partition())
-        if m.offset() >= last.get(key, -1):
-            last[key] = m.offset()
-    if last:
-        consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
-
-
 class StopFlag:
     """A stop request shared by signal handlers and the loop (a thin threading.Event)."""
 
@@ -240,44 +229,3 @@ class StopFlag:
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s`` unless a stop is requested first."""
         return self._event.wait(timeout_s)
-
-
-BatchHandler = Callable[[list[Message]], None]
-
-
-def run_batches(consumer: Consumer, producer: AckedProducer, handle: BatchHandler, stop: StopFlag,
-                batch_size: int = 1000, batch_timeout_s: float = 0.05,
-                on_idle: Callable[[], None] | None = None) -> None:
-    """Consume in batches until ``stop``; each batch's offsets are stored once its output is acked.
-
-    ``handle`` receives only data messages (errors and partition EOFs are logged here) and
-    produces its results through ``producer``. If it or the delivery fails, the exception
-    propagates with the batch's offsets unstored, so a restart re-delivers it. The consumer is
-    closed (committing what was stored) on the way out.
-    """
-    try:
-        while not stop.is_set():
-            messages = consumer.consume(batch_size, batch_timeout_s)
-            data = []
-            for m in messages:
-                err = m.error()
-                if err is None:
-                    data.append(m)
-                elif err.code() != KafkaError._PARTITION_EOF:
-                    if err.fatal():
-                        raise KafkaException(err)
-                    log.warning("consume_error", extra={"error": err.str(), "topic": m.topic(),
-                                                        "partition": m.partition()})
-            if not data:
-                producer.producer.poll(0)
-                if on_idle is not None:
-                    on_idle()
-                continue
-            handle(data)
-            producer.confirm()
-            store_batch_offsets(consumer, data)
-    finally:
-        try:
-            producer.producer.flush(10)
-        finally:
-            consumer.close()

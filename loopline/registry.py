@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 MODELS_TOPIC = TopicSpec(topics.MODELS, partitions=1, config={"cleanup.policy": "compact"})
 ALERTS_TOPIC = TopicSpec(topics.ALERTS, partitions=1)
+DEADLETTER_TOPIC = TopicSpec(topics.DEADLETTER, partitions=1)
+#: The topics every installation has, whatever its pipelines.
+GLOBAL_TOPICS = (MODELS_TOPIC, ALERTS_TOPIC, DEADLETTER_TOPIC)
 
 
 def now_ms() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loopline.kafka import ensure_topics
-from loopline.registry import ALERTS_TOPIC, MODELS_TOPIC
+from loopline.registry import GLOBAL_TOPICS
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.monitor.service import create, serve
 from loopline.services.monitor.settings import MonitorSettings
@@ -15,7 +15,7 @@ def main() -> None:
     """Run the monitor until SIGINT/SIGTERM."""
     settings = MonitorSettings()
     with ServiceRuntime("monitor", settings) as rt:
-        ensure_topics(rt.kafka.admin(), [MODELS_TOPIC, ALERTS_TOPIC], settings.replication_factor)
+        ensure_topics(rt.kafka.admin(), list(GLOBAL_TOPICS), settings.replication_factor)
         serve(rt, settings)
 
 

@@ -1,15 +1,24 @@
-"""At-least-once batch loop on the real broker: commit, restart, no redelivery; failure, redelivery."""
+"""The runtime's one consume loop on the real broker: commit and restart, poison messages, fatal errors,
+aborted work, and (on Kafka) transactions a read_committed reader sees whole or not at all."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
-from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig, StopFlag, run_batches
+from loopline import avro
+from loopline.apply import ensure_global_topics
+from loopline.errors import DeliveryError
+from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.runtime.delivery import Delivery
+from loopline.runtime.outputs import Outputs
+from loopline.runtime.service import ServiceRuntime
+from loopline.settings import ServiceSettings, LooplineSettings
 
 pytestmark = pytest.mark.integration
 
@@ -21,100 +30,174 @@ def produce(kafka: KafkaConfig, topic: str, values: list[bytes]) -> None:
     producer.confirm()
 
 
-def drain(kafka: KafkaConfig, topic: str, group: str, expect: int, timeout_s: float = 30.0) -> list[bytes]:
-    """Read with a group until ``expect`` messages (or timeout); commit and close."""
+def drain(kafka: KafkaConfig, topic: str, group: str, expect: int, timeout_s: float = 30.0,
+          settle_s: float = 0.5) -> list[Message]:
+    """Read with a (read_committed) group until ``expect`` messages, then a little longer for extras."""
     consumer = kafka.consumer("test-drain", group)
     consumer.subscribe([topic])
-    got: list[bytes] = []
+    got: list[Message] = []
     deadline = time.monotonic() + timeout_s
     try:
         while len(got) < expect and time.monotonic() < deadline:
-            for m in consumer.consume(500, 0.2):
-                if m.error() is None:
-                    got.append(m.value())
-                    consumer.store_offsets(m)
+            got += [m for m in consumer.consume(500, 0.2) if m.error() is None]
+        settle = time.monotonic() + settle_s
+        while time.monotonic() < settle:
+            got += [m for m in consumer.consume(500, 0.2) if m.error() is None]
     finally:
         consumer.close()
     return got
 
 
-def run_in_thread(kafka: KafkaConfig, source: str, sink: str, group: str, stop: StopFlag,
-                  fail_after: int | None = None, seen: list[bytes] | None = None) -> threading.Thread:
-    consumer = kafka.consumer("test-loop", group)
-    consumer.subscribe([source])
-    producer = AckedProducer(kafka.producer("test-loop"))
-    errors: list[BaseException] = []
+class Upper:
+    """A handler: each message upper-cased to the sink; ``poison`` values raise; ``fatal`` raises a fatal error."""
 
-    def handle(batch: list[Message]) -> None:
+    def __init__(self, sink: str, poison: set[bytes] = frozenset(), fatal: bytes | None = None) -> None:  # type: ignore[assignment]
+        self.sink, self.poison, self.fatal = sink, poison, fatal
+        self.seen: list[bytes] = []
+
+    def process(self, batch: list[Message], out: Outputs) -> None:
         for m in batch:
-            if seen is not None:
-                seen.append(m.value())
-            if fail_after is not None and seen is not None and len(seen) > fail_after:
-                raise LooplineError("injected failure")
-            producer.send(sink, m.value().upper(), key=m.key())
+            value = m.value()
+            if value == self.fatal:
+                raise KafkaException(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+            if value in self.poison:
+                raise ValueError(f"cannot handle {value!r}")
+            out.send(self.sink, value.upper(), key=m.key())
+        self.seen += [m.value() for m in batch]
 
-    def target() -> None:
+    def tick(self, out: Outputs) -> None:
+        pass
+
+
+class Running:
+    """The loop on a thread, in a consumer group, with a runtime of its own."""
+
+    def __init__(self, settings: LooplineSettings, source: str, handler: Upper, group: str,
+                 delivery: Callable[[ServiceRuntime], Delivery] | None = None) -> None:
+        self.settings = ServiceSettings(bootstrap_servers=settings.bootstrap_servers, home=settings.home,
+                                        kafka_profile=settings.kafka_profile, session_timeout_ms=6000,
+                                        group_id=group, instance_id=group, batch_size=100)
+        self.rt = ServiceRuntime("test", self.settings, install_signals=False)
+        self.handler = handler
+        consumer = self.rt.kafka.consumer("test-loop", group)
+        consumer.subscribe([source])
+        self.loop = self.rt.loop(consumer, delivery(self.rt) if delivery else self.rt.delivery(), handler)
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
         try:
-            run_batches(consumer, producer, handle, stop, batch_size=100, batch_timeout_s=0.05)
+            with self.rt:
+                self.loop.run()
         except BaseException as e:  # noqa: BLE001 - surfaced to the test
-            errors.append(e)
+            self.errors.append(e)
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.errors = errors  # type: ignore[attr-defined]
-    thread.start()
-    return thread
+    def stop(self) -> None:
+        self.rt.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
 
 
-def test_round_trip_commit_restart_no_redelivery(kafka: KafkaConfig, make_topic, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_round_trip_commit_restart_no_redelivery(settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any,
+                                                unique: str) -> None:
     source, sink = make_topic(partitions=3), make_topic(partitions=3)
     values = [f"event-{i}".encode() for i in range(500)]
     produce(kafka, source, values)
-
-    stop, seen = StopFlag(), []
-    thread = run_in_thread(kafka, source, sink, f"{unique}-g", stop, seen=seen)
-    wait_for(lambda: len(seen) >= 500)
-    stop.set()
-    thread.join(30)
-    assert not thread.errors  # type: ignore[attr-defined]
-    assert sorted(seen) == sorted(values)
+    first = Running(settings, source, Upper(sink), f"{unique}-g")
+    wait_for(lambda: len(first.handler.seen) >= 500)
+    first.stop()
+    assert not first.errors and sorted(first.handler.seen) == sorted(values)
 
     # Restart in the same group: committed input must not come back.
     produce(kafka, source, [b"late-1", b"late-2"])
-    stop2, seen2 = StopFlag(), []
-    thread2 = run_in_thread(kafka, source, sink, f"{unique}-g", stop2, seen=seen2)
-    wait_for(lambda: len(seen2) >= 2)
+    second = Running(settings, source, Upper(sink), f"{unique}-g")
+    wait_for(lambda: len(second.handler.seen) >= 2)
     time.sleep(1.0)  # anything redelivered would arrive with the first fetch
-    stop2.set()
-    thread2.join(30)
-    assert sorted(seen2) == [b"late-1", b"late-2"]
-
+    second.stop()
+    assert sorted(second.handler.seen) == [b"late-1", b"late-2"]
     out = drain(kafka, sink, f"{unique}-check", expect=502)
-    assert sorted(out) == sorted(v.upper() for v in values + [b"late-1", b"late-2"])
+    assert sorted(m.value() for m in out) == sorted(v.upper() for v in values + [b"late-1", b"late-2"])
 
 
-def test_failed_batch_is_redelivered(kafka: KafkaConfig, make_topic, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_poison_message_is_dead_lettered_and_the_rest_go_through(
+        settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
     source, sink = make_topic(), make_topic()
+    ensure_global_topics(kafka)  # dead letters of a topic that belongs to no pipeline go to loopline.deadletter
     values = [f"v{i}".encode() for i in range(300)]
+    poison = {b"v17", b"v150", b"v151", b"v299"}
     produce(kafka, source, values)
+    running = Running(settings, source, Upper(sink, poison), f"{unique}-g")
+    dead = drain(kafka, "loopline.deadletter", f"{unique}-dead", expect=4, timeout_s=60)
+    running.stop()
+    assert not running.errors
+    mine = [avro.codec("deadletter").decode(m.value()) for m in dead]
+    mine = [d for d in mine if d["source"]["topic"] == source]
+    assert sorted(d["original"] for d in mine) == sorted(poison)
+    assert all(d["rule"] == "internal" and "cannot handle" in d["message"] and d["service"] == "test"
+               for d in mine)
+    out = drain(kafka, sink, f"{unique}-check", expect=296)
+    assert sorted(m.value() for m in out) == sorted(v.upper() for v in values if v not in poison)
+    assert running.rt.registry.get_sample_value("loopline_poison_messages_total", {"service": "test"}) == 4
 
-    stop, seen = StopFlag(), []
-    thread = run_in_thread(kafka, source, sink, f"{unique}-g", stop, fail_after=150, seen=seen)
-    thread.join(60)
-    assert thread.errors and "injected failure" in str(thread.errors[0])  # type: ignore[attr-defined]
 
-    stop2, seen2 = StopFlag(), []
-    thread2 = run_in_thread(kafka, source, sink, f"{unique}-g", stop2, seen=seen2)
-    wait_for(lambda: len(set(seen2) | set(seen[:100])) >= 300)
-    stop2.set()
-    thread2.join(30)
-    # Nothing lost: every value reached the sink; the failed batch was processed again.
-    out = set(drain(kafka, sink, f"{unique}-check", expect=300))
-    assert out == {v.upper() for v in values}
-    assert set(seen2) >= set(values) - set(seen[:100])
+def test_a_fatal_error_stops_the_loop_with_nothing_committed(
+        settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
+    source, sink = make_topic(), make_topic()
+    produce(kafka, source, [b"a", b"b", b"stop", b"c"])
+    running = Running(settings, source, Upper(sink, fatal=b"stop"), f"{unique}-g")
+    running.thread.join(60)
+    assert running.errors and isinstance(running.errors[0], KafkaException)
+    assert running.errors[0].args[0].fatal()
+    # The next run of the group reads the failed batch again: nothing was lost.
+    second = Running(settings, source, Upper(sink), f"{unique}-g")
+    wait_for(lambda: b"stop" in second.handler.seen)
+    second.stop()
+    assert {b"a", b"b", b"stop", b"c"} <= set(second.handler.seen)
+
+
+def failing_once(rt: ServiceRuntime) -> Delivery:
+    """The runtime's delivery, whose first commit fails after producing (a crash between the two)."""
+    delivery = rt.delivery()
+    commit, calls = delivery.commit, [0]
+
+    def failing(outs: Any, offsets: Any, consumer: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            if delivery.exactly_once:
+                delivery.producer.begin_transaction()
+                delivery._open = True  # type: ignore[attr-defined]  # noqa: SLF001 - closing aborts it
+            delivery._produce(outs)  # noqa: SLF001 - produced, never committed
+            delivery.producer.flush(10)
+            raise DeliveryError("injected: crash after producing, before the commit")
+        commit(outs, offsets, consumer)
+
+    delivery.commit = failing  # type: ignore[method-assign]
+    return delivery
+
+
+def test_a_failed_commit_loses_nothing_and_read_committed_readers_see_each_output_once_on_kafka(
+        settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
+    source, sink = make_topic(), make_topic()
+    values = [f"w{i}".encode() for i in range(200)]
+    produce(kafka, source, values)
+    first = Running(settings, source, Upper(sink), f"{unique}-g", delivery=failing_once)
+    first.thread.join(60)
+    assert first.errors and isinstance(first.errors[0], DeliveryError)
+    second = Running(settings, source, Upper(sink), f"{unique}-g")
+    wait_for(lambda: len(second.handler.seen) >= 1)
+    out = drain(kafka, sink, f"{unique}-check", expect=200, settle_s=1.0)
+    second.stop()
+    got = sorted(m.value() for m in out)
+    assert set(got) == {v.upper() for v in values}, "nothing lost"
+    if kafka.exactly_once:
+        assert len(got) == 200, "the aborted transaction's outputs are invisible to read_committed readers"
+    else:
+        assert len(got) >= 200  # at least once: the unacknowledged batch came again
