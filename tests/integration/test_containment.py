@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from loopline import avro, topics
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
+from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion, champion, versions_of
 from loopline.registry import model_version_key, now_ms, publish
@@ -325,3 +326,34 @@ def test_events_a_champion_cannot_score_are_dead_lettered_the_rest_served(
     assert len(got) == n - len(poison)
     assert all(d["rule"] == "scoring" and "NaN" in d["message"] for d in letters)
     assert len({d["deadletter_id"] for d in letters}) == len(poison)
+
+
+def test_readiness_says_when_the_broker_is_gone(tmp_path: Path, unique: str) -> None:
+    """A service whose broker died is alive but not ready, and says why (it cannot make progress)."""
+    broker = EmbeddedBroker(home=tmp_path / "broker")
+    broker.start()
+    try:
+        settings = LooplineSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
+                                    session_timeout_ms=6000, home=tmp_path)
+        kafka = KafkaConfig.from_settings(settings)
+        spec, registry = deploy(kafka, unique, tmp_path)
+        registry.register(unique, sklearn_model(1, np.float32))
+        service = Inference(settings, [unique], f"{unique}-inference")
+        try:
+            deadline = time.monotonic() + 60
+            while not service.rt.health.ready()[0]:
+                assert time.monotonic() < deadline, service.rt.health.ready()
+                time.sleep(0.1)
+            broker.stop()
+            deadline = time.monotonic() + 60
+            while service.rt.health.ready()[0]:
+                assert time.monotonic() < deadline, "still ready with the broker gone"
+                time.sleep(0.2)
+            ready, reason = service.rt.health.ready()
+            assert "broker unreachable" in reason, reason
+            assert service.rt.health.live()[0], "alive: the loop still runs, it just cannot make progress"
+        finally:
+            service.rt.stop.set()
+            service.thread.join(30)
+    finally:
+        broker.stop()
