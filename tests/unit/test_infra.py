@@ -62,9 +62,9 @@ def test_prometheus_scrapes_every_service_on_the_metrics_port() -> None:
     assert sorted(targets) == sorted(f"{s}:{METRICS_PORT}" for s in SERVICES)
 
 
-def test_kubernetes_has_one_deployment_per_service() -> None:
+def test_kubernetes_has_one_statefulset_per_service() -> None:
     docs = k8s()
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
     assert set(deployments) == {f"loopline-{s}" for s in SERVICES}
     known = settings_env_vars()
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
@@ -76,6 +76,9 @@ def test_kubernetes_has_one_deployment_per_service() -> None:
         assert container["ports"][0]["containerPort"] == int(METRICS_PORT)
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        # A stable instance id per pod: its transactional id survives a restart (no dangling transaction).
+        instance = next(e for e in container["env"] if e["name"] == "LOOPLINE_INSTANCE_ID")
+        assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     for scaled in (d for d in docs if d["kind"] == "ScaledObject"):
         service = scaled["spec"]["scaleTargetRef"]["name"].removeprefix("loopline-")
         # KEDA reads the lag of the group the service really uses (ServiceRuntime.group_id's default).
@@ -104,3 +107,27 @@ def test_dashboard_metrics_exist_in_the_code() -> None:
             for metric in re.findall(r"\bloopline_[a-z0-9_]+", expr):
                 base = re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
                 assert f'"{base}' in source or f'"{metric}"' in source, f"{path.name}: {metric} is not defined"
+
+
+def test_replica_limits_match_how_each_service_scales() -> None:
+    from loopline.services.monitor.settings import MonitorSettings
+    from loopline.services.trainer.settings import TrainerSettings
+    from loopline.spec import load_spec
+
+    docs = k8s()
+    partitions = min(load_spec(p).partitions for p in (REPO / "examples").glob("*.yaml"))
+    most_partitions = max(load_spec(p).partitions for p in (REPO / "examples").glob("*.yaml"))
+    scaled = {d["spec"]["scaleTargetRef"]["name"].removeprefix("loopline-"): d for d in docs
+              if d["kind"] == "ScaledObject"}
+    # Group consumers of pipeline topics scale on lag, never beyond the partitions a pipeline has.
+    assert set(scaled) == {"ingest", "inference", "lineage"}
+    for service, d in scaled.items():
+        assert d["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+        assert 1 <= d["spec"]["maxReplicaCount"] <= most_partitions, service
+    assert partitions >= 1
+    # Stateful services split pipelines, never a pipeline: fixed replicas, within the changelog's partitions.
+    sets = {d["metadata"]["name"].removeprefix("loopline-"): d for d in docs if d["kind"] == "StatefulSet"}
+    limits = {"monitor": MonitorSettings.model_fields["state_partitions"].default,
+              "trainer": TrainerSettings.model_fields["state_partitions"].default}
+    for service, limit in limits.items():
+        assert 1 <= sets[service]["spec"]["replicas"] <= min(limit, len(list((REPO / "examples").glob("*.yaml"))))
