@@ -7,13 +7,16 @@ lineage store's served predictions and the dead-letter topic — must hold every
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from services_harness import (DeadLetters, RawTraffic, ServiceProcess, make_spec, served, service_env, stored_rows,
                               wait_until)
 from test_inference import feature_events, make_model
 
+from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.kafka import AckedProducer, KafkaConfig
@@ -87,6 +90,15 @@ def test_kill_9_each_service_mid_stream_loses_and_duplicates_nothing(
     con.close()
     assert features == (len(traffic.valid), len(traffic.valid)), "features table lost or duplicated events"
     assert dead.sources(spec.topics.raw) == traffic.bad
+    # On the topics themselves, as a read_committed consumer sees them: on Kafka (transactions) exactly
+    # one prediction per event and variant and one dead letter per bad input; elsewhere at least one.
+    per_prediction = predictions_on_topic(kafka, spec)
+    letters = Counter((d["source"]["partition"], d["source"]["offset"]) for d in dead.letters
+                      if d["source"]["topic"] == spec.topics.raw)
+    assert {e for e, _ in per_prediction} == set(traffic.valid)
+    if kafka.exactly_once:
+        assert set(per_prediction.values()) == {1}, [k for k, n in per_prediction.items() if n > 1][:5]
+        assert set(letters.values()) == {1}, [k for k, n in letters.items() if n > 1][:5]
     assert all(p.kills == 1 for p in procs.values())
     for p in procs.values():  # a killed process logs nothing; an error line means a service crashed on its own
         assert not p.errors(), (p.label, p.errors()[:2])
@@ -94,6 +106,26 @@ def test_kill_9_each_service_mid_stream_loses_and_duplicates_nothing(
           f"served_events={len(per_event)} prediction_rows_stored={stored_rows(store, unique, 'predictions')} "
           f"feature_rows_stored={stored_rows(store, unique, 'features')} dead_letters={len(dead.letters)} "
           f"kills={sum(p.kills for p in procs.values())}")
+
+
+def predictions_on_topic(kafka: KafkaConfig, spec: PipelineSpec) -> Counter[tuple[str, str]]:
+    """Messages per (event id, variant) on the predictions topic, read committed from the start."""
+    consumer = kafka.reader(f"test-predictions-{now_ms()}")
+    consumer.assign([TopicPartition(spec.topics.predictions, p, OFFSET_BEGINNING) for p in range(spec.partitions)])
+    codec = avro.codec("prediction")
+    out: Counter[tuple[str, str]] = Counter()
+    quiet = 0
+    try:
+        while quiet < 4:
+            batch = consumer.consume(2000, 0.5)
+            quiet = 0 if batch else quiet + 1
+            for m in batch:
+                if m.error() is None:
+                    p = codec.decode(m.value())
+                    out[(p["event_id"], p["variant"])] += 1
+    finally:
+        consumer.close()
+    return out
 
 
 class FeatureTraffic:
