@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, Message
 
 from loopline import avro, topics
 from loopline.alerts import alert_event, send_alert
+from loopline.artifacts import ArtifactStore
 from loopline.errors import LooplineError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.observability import Health
@@ -54,7 +55,10 @@ class InferenceService:
         self.metrics = metrics
         self.health = health
         self.reader = RegistryReader(kafka, client_id="loopline-inference-registry")
-        self.loader = ModelLoader(settings.intra_op_threads, settings.warm_rows, self._refused)
+        self.loader = ModelLoader(
+            ArtifactStore.from_settings(settings), intra_op_threads=settings.intra_op_threads,
+            warm_rows=settings.warm_rows, timeout_s=settings.model_load_timeout_s,
+            on_refused=self._refused)
         self.plans: dict[str, Plan] = {}
         self.codecs: dict[str, avro.Codec] = {}
         self._spec_seen: dict[str, PipelineSpec] = {}
@@ -69,6 +73,10 @@ class InferenceService:
         self.reader.catch_up()
         self._last_poll = time.monotonic()
         self.rebuild()
+        # Loads run in the background; at start there is nothing to keep serving, so wait for them
+        # (bounded: a load still running after the load timeout is refused by the next rebuild).
+        self.loader.wait_idle(self.settings.model_load_timeout_s + 1.0)
+        self.rebuild()
         served = sorted(self.plans)
         self.health.set_ready(True, f"serving {served}" if served else "no pipeline with a champion yet")
 
@@ -78,7 +86,7 @@ class InferenceService:
         if now - self._last_poll < self.settings.registry_poll_s:
             return
         self._last_poll = now
-        if self.reader.poll(0.0):
+        if self.reader.poll(0.0) or self.loader.has_news():
             self.rebuild()
 
     def _wanted(self) -> list[str]:
@@ -86,16 +94,24 @@ class InferenceService:
         return [p for p in (self.settings.pipelines or sorted(state.specs)) if p in state.specs]
 
     def rebuild(self) -> None:
-        """Recompute every pipeline's plan from the registry state; swap the changed ones."""
+        """Recompute every pipeline's plan from the registry state; swap the changed ones.
+
+        Never waits for a model: versions still loading are left out until a later rebuild.
+        """
+        self.loader.settle()  # take in finished loads; refuse failed and timed-out ones (alerts)
         state = self.reader.state
         for pipeline in self._wanted():
             spec = state.specs[pipeline]
-            if self._spec_seen.get(pipeline) is not spec:
-                self.codecs[pipeline] = features_codec(state, pipeline)
-                self._spec_seen[pipeline] = spec
-                self._topic_pipeline[spec.topics.features] = pipeline
             old = self.plans.get(pipeline)
-            plan = build_plan(pipeline, spec, state, self.loader, old)
+            try:
+                if self._spec_seen.get(pipeline) is not spec:
+                    self.codecs[pipeline] = features_codec(state, pipeline)
+                    self._spec_seen[pipeline] = spec
+                    self._topic_pipeline[spec.topics.features] = pipeline
+                plan = build_plan(pipeline, spec, state, self.loader, old)
+            except Exception as e:  # noqa: BLE001 - one pipeline's failure never stalls another
+                log.exception("plan_failed", extra={"pipeline": pipeline, "error": str(e)[:300]})
+                continue
             if plan is None or (old is not None and plan.signature() == old.signature()):
                 continue
             self.plans[pipeline] = plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from loopline.artifacts import DEFAULT_MAX_BYTES
 from loopline.settings import ServiceSettings
 
 
@@ -11,8 +12,14 @@ class InferenceSettings(ServiceSettings):
     """How the inference service reads models and scores batches."""
 
     artifact_uri: str | None = Field(
-        None, description="Artifact store for URIs without a scheme (unset: $LOOPLINE_HOME/artifacts); "
-        "versions are read from the URI recorded in the registry.")
+        None, description="The artifact store versions are loaded from, by sha256: a folder, "
+        "file:// or s3:// URI (unset: $LOOPLINE_HOME/artifacts). A record's uri is never read.")
+    artifact_max_bytes: int = Field(
+        DEFAULT_MAX_BYTES, ge=1, description="Largest model artifact loaded, in bytes; a larger "
+        "one is refused.")
+    model_load_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest a version may take to load and warm (in the "
+        "background) before it is refused.")
     registry_poll_s: float = Field(
         0.2, gt=0, le=60, description="Longest time between two reads of new registry events.")
     intra_op_threads: int = Field(
