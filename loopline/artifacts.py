@@ -244,12 +244,18 @@ class ArtifactStore:
         folder = self._folder().resolve()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
-        if not path.exists():
-            # Write then rename, so a reader never sees a half-written artifact.
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+        if os.path.lexists(path):
+            try:
+                self.read(digest)
+                return digest, path.as_uri()
+            except ArtifactError:
+                pass  # a tampered file, a FIFO or a symlink took its name: replaced below
+        # Write then rename, so a reader never sees a half-written artifact (and rename replaces
+        # whatever entry had the name, without opening it).
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
         return digest, path.as_uri()
 
     def read(self, sha256: str) -> bytes:

@@ -28,7 +28,7 @@ from loopline.errors import LooplineError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec
 from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
                                      check_common, check_model, check_spec, check_stage_change,
-                                     model_version_key, show, spec_key, stage_change_prefix)
+                                     model_version_key, spec_key, stage_change_prefix)
 from loopline.spec import PipelineSpec
 from loopline.topics import valid_name
 
@@ -115,9 +115,17 @@ class RejectedRecord:
         """``field: message (rule: rule)``."""
         return f"{self.field}: {self.message} (rule: {self.rule})"
 
+    @property
+    def key_text(self) -> str | None:
+        """The key as text (undecodable bytes as escapes), cut to 120 characters, for logs."""
+        if self.key is None:
+            return None
+        text = self.key.decode("utf-8", "backslashreplace")
+        return text if len(text) <= 120 else text[:120] + "..."
+
     def summary(self, limit: int = 300) -> str:
         """One line for people: offset, key and reason, cut to ``limit`` characters."""
-        line = f"offset {self.offset}, key {show(self.key, 60)}: {self.reason}"
+        line = f"offset {self.offset}, key {self.key_text}: {self.reason}"
         return line if len(line) <= limit else line[:limit] + "..."
 
     def deadletter(self, service: str, at: int | None = None) -> dict[str, Any]:
@@ -206,6 +214,12 @@ def _pipeline_named(event: dict[str, Any] | None, key: bytes | None) -> str | No
     return None
 
 
+def _offset(m: Message) -> int:
+    """A consumed message's offset (the client types it optional; a consumed message has one)."""
+    offset = m.offset()
+    return -1 if offset is None else offset
+
+
 class RegistryReader:
     """Reads ``loopline.models`` from the beginning and keeps following it."""
 
@@ -241,7 +255,7 @@ class RegistryReader:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("registry_read_error", extra={"error": err.str()})
                 continue
-            self._position = m.offset()
+            self._position = _offset(m)
             if self._apply(m):
                 applied += 1
         return applied
@@ -258,12 +272,12 @@ class RegistryReader:
                 event = self._codec.decode(value)
             except SchemaError as e:
                 raise RegistryRecordError("value", "schema", str(e)) from e
-            self.state.apply(event, m.offset(), key)
+            self.state.apply(event, _offset(m), key)
             return True
         except RegistryRecordError as e:
             self._reject(m, event, e.field, e.rule, e.message)
         except Exception as e:  # noqa: BLE001 - the last line of defence: no record stops a reader
-            log.exception("registry_check_failed", extra={"offset": m.offset()})
+            log.exception("registry_check_failed", extra={"offset": _offset(m)})
             self._reject(m, event, "(record)", "unexpected", f"{type(e).__name__}: {e}")
         return False
 
@@ -271,7 +285,7 @@ class RegistryReader:
                 message: str) -> None:
         ts_type, ts = m.timestamp()
         record = RejectedRecord(
-            topic=m.topic() or topics.MODELS, partition=m.partition() or 0, offset=m.offset(),
+            topic=m.topic() or topics.MODELS, partition=m.partition() or 0, offset=_offset(m),
             timestamp_ms=ts if ts_type else None, key=m.key(), value=m.value(),
             kind=str(event["kind"]) if event is not None else None,
             pipeline=_pipeline_named(event, m.key()), field=field_, rule=rule,
@@ -283,7 +297,7 @@ class RegistryReader:
             self._untaken_dropped += 1
         log.error("registry_record_rejected", extra={
             "topic": record.topic, "partition": record.partition, "offset": record.offset,
-            "key": show(record.key, 120), "kind": record.kind, "pipeline": record.pipeline,
+            "key": record.key_text, "kind": record.kind, "pipeline": record.pipeline,
             "field": field_[:120], "rule": rule, "reason": message[:300], "ident": record.ident})
 
     def catch_up(self, timeout_s: float = 30.0) -> RegistryState:

@@ -222,7 +222,8 @@ def test_fifo_and_oversized_artifacts_are_refused_while_serving_continues(
                            (b, {(1, "champion", True)})):
         reader = TopicReader(kafka, spec.topics.predictions, spec.partitions, "prediction")
         readers.append(reader)
-        preds = reader.until(lambda r, k=len(expected): len(r) >= k * n, f"{spec.name} predictions")
+        want = len(expected) * n
+        preds = reader.until(lambda r, want=want: len(r) >= want, f"{spec.name} predictions")
         assert {(p["model_version"], p["variant"], p["served"]) for p in preds} == expected
         served = [p["event_id"] for p in preds if p["served"]]
         assert len(served) == len(set(served)) == n, f"{spec.name}: an event served twice or never"

@@ -51,6 +51,16 @@ def test_a_fifo_in_the_store_is_refused_without_blocking(tmp_path: Path) -> None
     assert "a FIFO" in str(error)
 
 
+def test_put_replaces_a_tampered_or_foreign_entry(tmp_path: Path) -> None:
+    store, digest, path = stored(tmp_path)
+    path.write_bytes(b"tampered")
+    assert store.put(DATA) == (digest, path.as_uri()) and store.read(digest) == DATA
+    path.unlink()
+    os.mkfifo(path)
+    store.put(DATA)
+    assert path.is_file() and store.read(digest) == DATA
+
+
 def test_a_symlink_in_the_store_is_refused_even_to_the_right_bytes(tmp_path: Path) -> None:
     store, digest, path = stored(tmp_path)
     elsewhere = tmp_path / "elsewhere.onnx"
