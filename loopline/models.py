@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -27,14 +29,19 @@ from loopline import profile as profiles
 from loopline.artifacts import ArtifactStore, sha256_hex
 from loopline.errors import LooplineError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.registry import (RegistryReader, RegistryState, model_version_key, now_ms, publish,
-                               stage_change_key)
+from loopline.registry import (SERVING, STAGES, TRAFFIC_STAGES, RegistryReader, RegistryState,
+                               model_version_key, now_ms, publish, stage_change_key)
+from loopline.registry_rules import traffic_problem
 from loopline.spec import PipelineSpec
+from loopline.topics import check_model_name, check_pipeline_name
 
-#: Stages in which a version takes (or mirrors) traffic.
-SERVING = ("champion", "challenger", "canary", "shadow")
-STAGES = (*SERVING, "candidate", "rejected", "retired")
-TRAFFIC_STAGES = ("challenger", "canary")
+if TYPE_CHECKING:  # onnxruntime loads only when a model is validated, not for `models list`
+    from loopline.scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+#: Rows of the test batch every registration scores beside the current deployment (at most).
+TRIAL_ROWS = 512
 
 
 class RegistrationError(LooplineError):
@@ -74,6 +81,22 @@ class Validated:
     fill_values: dict[str, float]
     library_versions: dict[str, str]
     input_features: list[str]
+    scorer: Scorer | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One version's outcome on the registration test batch, scored beside the deployment."""
+
+    label: str
+    stage: str
+    rows: int
+    error: str | None = None  # None: it scored every row with finite outputs
+
+    @property
+    def ok(self) -> bool:
+        """Whether the version scored the batch."""
+        return self.error is None
 
 
 # ---- reference data ---------------------------------------------------------------------------
@@ -173,7 +196,7 @@ def library_versions(model: bytes | None = None) -> dict[str, str]:
 def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None,
                    label: str = "model") -> Validated:
     """Load ``model`` in ONNX Runtime, check its contract, score a test batch; raise if anything fails."""
-    from loopline.scoring import Scorer, synthetic_batch  # noqa: PLC0415
+    from loopline.scoring import Scorer, synthetic_batch  # noqa: PLC0415 - see TYPE_CHECKING
 
     fills = fill_values(spec, reference)
     scorer = Scorer(model, spec, fills, label=label)
@@ -210,7 +233,58 @@ def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping
             outputs["score"] = values
         prof = profiles.build_profile(columns, {f.name: f.type for f in spec.features}, outputs)
     columns = scorer.columns if scorer.single else []
-    return Validated(len(batch), prof, fills, library_versions(model), columns)
+    return Validated(len(batch), prof, fills, library_versions(model), columns, scorer)
+
+
+# ---- side by side with the deployment -----------------------------------------------------------
+def trial_batch(spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None,
+                rows: int = TRIAL_ROWS) -> list[dict[str, Any]]:
+    """The registration test batch: reference rows (else synthetic ones) and rows missing optionals.
+
+    Inference meets events without their optional features every day; a version must score them.
+    """
+    from loopline.scoring import synthetic_batch  # noqa: PLC0415 - see TYPE_CHECKING
+
+    batch = [dict(r) for r in (list(reference)[:rows] if reference else synthetic_batch(spec, 64))]
+    optional = [f.name for f in spec.features if not f.required]
+    if optional:
+        batch += [dict(r, **dict.fromkeys(optional)) for r in batch[:8]]
+    return batch
+
+
+def _output_problem(scorer: Scorer, out: list[Any], n: int) -> str | None:
+    result = scorer.parse(out, n)
+    got = [len(x) for x in (result.labels, result.values, result.scores) if x is not None]
+    if not got or any(k != n for k in got):
+        return f"outputs {got} row(s) for a batch of {n}"
+    if result.raw_scores is not None and not np.isfinite(result.raw_scores).all():
+        return f"{int((~np.isfinite(result.raw_scores)).sum())} of {n} row(s) scored NaN or inf"
+    if result.scores is not None and not all(np.isfinite(v) for row in result.scores
+                                             for v in row.values()):
+        return "a class score is NaN or inf"
+    return None
+
+
+def score_side_by_side(versions: Sequence[tuple[str, str, Scorer]],
+                       batch: Sequence[Mapping[str, Any]]) -> list[TrialResult]:
+    """Score one batch with every (label, stage, scorer) the way inference does; never raises.
+
+    One ``feeds`` per distinct ``Scorer.input_signature``, then ``run`` and ``parse`` per version:
+    the feeding path of ``services/inference`` (``Scorer.feeds/run/parse``), dtype included.
+    """
+    feeds_by_signature: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+    results = []
+    for label, stage, scorer in versions:
+        try:
+            signature = scorer.input_signature
+            feeds = feeds_by_signature.get(signature)
+            if feeds is None:
+                feeds = feeds_by_signature[signature] = scorer.feeds(batch)
+            problem = _output_problem(scorer, scorer.run(feeds), len(batch))
+        except Exception as e:  # noqa: BLE001 - ORT and contract errors become the result
+            problem = f"{type(e).__name__}: {str(e)[:500]}"
+        results.append(TrialResult(label, stage, len(batch), problem))
+    return results
 
 
 # ---- registry state helpers -------------------------------------------------------------------
@@ -276,17 +350,19 @@ def isolation_events(state: RegistryState, pipeline: str, name: str, version: in
 
 def _check_traffic(state: RegistryState, pipeline: str, name: str, version: int, stage: str,
                    traffic: float) -> None:
-    if stage in TRAFFIC_STAGES and not 0.0 < traffic <= 1.0:
-        raise RegistrationError(f"{stage} {name} v{version}: traffic {traffic} must be in (0, 1] "
+    # The same rules every registry reader applies (loopline.registry_rules), checked before
+    # publishing, plus "a challenger or canary takes some traffic".
+    if not (math.isfinite(traffic) and 0.0 <= traffic <= 1.0) or (
+            stage in TRAFFIC_STAGES and traffic == 0.0):
+        bounds = "(0, 1]" if stage in TRAFFIC_STAGES else "[0, 1]"
+        raise RegistrationError(f"{stage} {name} v{version}: traffic {traffic} must be in {bounds} "
                                 "(rule: traffic_range)")
     if stage not in STAGES:
-        raise RegistrationError(f"unknown stage {stage!r}; one of {', '.join(STAGES)} (rule: stage)")
-    others = sum(v["traffic"] for v in versions_of(state, pipeline)
-                 if v["stage"] in TRAFFIC_STAGES and (v["name"], v["version"]) != (name, version))
-    mine = traffic if stage in TRAFFIC_STAGES else 0.0
-    if others + mine > 1.0 + 1e-9:
-        raise RegistrationError(f"{stage} {name} v{version}: challengers and canaries would take "
-                                f"{others + mine:.3f} of the traffic, more than 1 (rule: traffic_sum)")
+        raise RegistrationError(f"unknown stage {stage!r}; one of {', '.join(STAGES)} "
+                                "(rule: stage)")
+    problem = traffic_problem(state, pipeline, name, version, stage, traffic)
+    if problem is not None:
+        raise RegistrationError(f"{stage} {name} v{version}: {problem} (rule: traffic_sum)")
 
 
 def _stage_event(pipeline: str, name: str, version: int, from_stage: str | None, to_stage: str,
@@ -304,6 +380,8 @@ class ModelRegistry:
         self.kafka = kafka
         self.store = store
         self.actor = actor
+        #: The last registration's test batch: the new version first, then the deployment.
+        self.last_trial: list[TrialResult] = []
 
     def state(self) -> RegistryState:
         """The registry as it is now."""
@@ -316,9 +394,60 @@ class ModelRegistry:
     def _spec(self, state: RegistryState, pipeline: str) -> PipelineSpec:
         spec = state.specs.get(pipeline)
         if spec is None:
-            raise RegistrationError(f"pipeline {pipeline!r} is not in the registry; run `loopline apply` "
-                                    "with its spec first")
+            raise RegistrationError(f"pipeline {pipeline!r} is not in the registry; run `loopline "
+                                    "apply` with its spec first")
         return spec
+
+    def _deployed(self, state: RegistryState, pipeline: str,
+                  spec: PipelineSpec) -> tuple[list[tuple[str, str, Scorer]], list[TrialResult]]:
+        """The pipeline's serving versions loaded from the store, and those that would not load."""
+        from loopline.scoring import Scorer  # noqa: PLC0415 - see TYPE_CHECKING
+
+        loaded: list[tuple[str, str, Scorer]] = []
+        failed: list[TrialResult] = []
+        for v in versions_of(state, pipeline):
+            if v["stage"] not in SERVING:
+                continue
+            label = f"{pipeline}/{v['name']} v{v['version']}"
+            try:
+                scorer = Scorer(self.store.read(v["sha256"]), spec, v.get("fill_values") or {},
+                                label=label, input_features=v.get("input_features") or None)
+            except Exception as e:  # noqa: BLE001 - the deployment's problem, not the new version's
+                failed.append(TrialResult(label, v["stage"], 0, f"not loaded: {str(e)[:300]}"))
+                continue
+            loaded.append((label, v["stage"], scorer))
+        return loaded, failed
+
+    def _trial(self, state: RegistryState, pipeline: str, spec: PipelineSpec, label: str,
+               stage: str, checked: Validated,
+               reference: Sequence[Mapping[str, Any]] | None) -> list[TrialResult]:
+        """Score the new version beside the deployment; raise if the new version cannot serve."""
+        assert checked.scorer is not None
+        deployed, unloadable = self._deployed(state, pipeline, spec)
+        results = score_side_by_side([(label, stage, checked.scorer), *deployed],
+                                     trial_batch(spec, reference))
+        mine, others = results[0], results[1:] + unloadable
+        beside = ", ".join(f"{r.stage} {r.label}" for r in others) or "no deployed version"
+        if not mine.ok:
+            raise RegistrationError(f"{label}: scoring the test batch beside the deployment "
+                                    f"({beside}) failed: {mine.error} "
+                                    "(rule: scores_beside_deployment)")
+        mine_classes = set(checked.scorer.classes)
+        for _, other_stage, other in deployed:
+            if not spec.label.classes and mine_classes and other.classes and \
+                    mine_classes != set(other.classes):
+                raise RegistrationError(
+                    f"{label}: predicts classes {sorted(mine_classes)[:10]}, the {other_stage} "
+                    f"{other.label} {sorted(other.classes)[:10]}; declare label.classes in the "
+                    "spec or export the same classes (rule: classes_match)")
+        for r in others:
+            if not r.ok:
+                log.warning("deployed_version_failed_trial", extra={
+                    "pipeline": pipeline, "version": r.label, "stage": r.stage, "error": r.error})
+        log.info("registration_trial", extra={"pipeline": pipeline, "version": label,
+                                              "beside": [f"{r.stage}:{r.label}" for r in others],
+                                              "rows": mine.rows})
+        return results + unloadable
 
     def _publish(self, events: list[tuple[bytes, dict[str, Any]]]) -> None:
         """Send a command's events in order and wait until all are acknowledged."""
@@ -329,25 +458,37 @@ class ModelRegistry:
         publish(producer, *events[-1])  # confirms everything queued so far
 
     def register(self, pipeline: str, model: bytes, new: NewVersion | None = None) -> dict[str, Any]:
-        """Validate ``model``, store it, publish its version record and stage change; return the record."""
+        """Validate ``model`` beside the deployment, store it, publish it; return the record.
+
+        The version is refused (:class:`RegistrationError` naming the rule) unless it loads, fits
+        the pipeline's input/output contract and scores a test batch beside every version now
+        serving, fed the way inference feeds them; :attr:`last_trial` keeps that batch's results.
+        """
         new = new or NewVersion()
-        name, stage, traffic, reference = new.name, new.stage, new.traffic, new.reference
-        lineage = new.lineage
-        state = self.state()
-        spec = self._spec(state, pipeline)
-        name = name or pipeline
+        stage, traffic, reference, lineage = new.stage, new.traffic, new.reference, new.lineage
+        check_pipeline_name(pipeline)
+        name = check_model_name(new.name or pipeline)
         digest = sha256_hex(model)
         if new.expected_sha256 is not None and new.expected_sha256.lower() != digest:
-            raise RegistrationError(f"model file has sha256 {digest}, expected {new.expected_sha256} "
-                                    "(rule: sha256_match)")
+            raise RegistrationError(f"model file has sha256 {digest}, expected "
+                                    f"{new.expected_sha256[:80]} (rule: sha256_match)")
+        if len(model) > self.store.max_bytes:
+            raise RegistrationError(f"model file is {len(model)} bytes, more than the artifact "
+                                    f"limit of {self.store.max_bytes} (rule: size_limit)")
+        state = self.state()
+        spec = self._spec(state, pipeline)
         existing = [v["version"] for v in versions_of(state, pipeline) if v["name"] == name]
         version = max(existing, default=0) + 1
         if traffic is None:
-            traffic = spec.deployment.canary_fraction if stage == "canary" else (1.0 if stage == "champion" else 0.0)
-        _check_traffic(state, pipeline, name, version, stage, traffic)
+            traffic = (spec.deployment.canary_fraction if stage == "canary"
+                       else 1.0 if stage == "champion" else 0.0)
         if stage == "canary" and traffic <= 0:
-            raise RegistrationError("a canary needs --traffic or deployment.canary_fraction > 0")
-        checked = validate_model(model, spec, reference, label=f"{pipeline}/{name} v{version}")
+            raise RegistrationError("a canary needs --traffic or deployment.canary_fraction > 0 "
+                                    "(rule: traffic_range)")
+        _check_traffic(state, pipeline, name, version, stage, traffic)
+        label = f"{pipeline}/{name} v{version}"
+        checked = validate_model(model, spec, reference, label=label)
+        self.last_trial = self._trial(state, pipeline, spec, label, stage, checked, reference)
         digest, uri = self.store.put(model)
         current = champion(state, pipeline)
         parent = lineage.parent
@@ -375,9 +516,10 @@ class ModelRegistry:
     def promote(self, pipeline: str, version: int, *, name: str | None = None, to_stage: str = "champion",
                 traffic: float | None = None, reason: str = "promoted") -> dict[str, Any]:
         """Move a version to ``to_stage`` (a new champion retires the old one); return the stage change."""
+        check_pipeline_name(pipeline)
+        name = check_model_name(name or pipeline)
         state = self.state()
         self._spec(state, pipeline)
-        name = name or pipeline
         v = state.versions.get((pipeline, name, version))
         if v is None:
             raise RegistrationError(f"pipeline {pipeline}: no model {name!r} version {version}")
@@ -396,6 +538,7 @@ class ModelRegistry:
 
     def rollback(self, pipeline: str, reason: str = "rolled back") -> tuple[dict[str, Any], dict[str, Any]]:
         """Make the previous champion champion again and reject the current one; return (old, new)."""
+        check_pipeline_name(pipeline)
         state = self.state()
         self._spec(state, pipeline)
         current = champion(state, pipeline)

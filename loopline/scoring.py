@@ -233,13 +233,14 @@ class Scorer:
 
     @property
     def input_signature(self) -> tuple[Any, ...]:
-        """What determines this model's input tensors: inputs by name, element type and rank, and columns.
+        """What this model's input tensors depend on: inputs (names, ONNX types, shapes), columns, fills.
 
-        Two versions with the same signature take the same feeds; a float32 and a float64 model do not.
+        Two versions may share one batch's feeds only when their signatures are equal: a float32 and
+        a float64 model over the same columns need different tensors, and so do two versions with
+        different fill values for missing optional features.
         """
-        if self.single:
-            return ("single", self._input_name, np.dtype(self._dtype).str, tuple(self.columns))
-        return ("named", tuple((name, np.dtype(dtype).str, rank) for name, dtype, rank in self._inputs))
+        inputs = tuple((i.name, i.type, tuple(str(d) for d in i.shape)) for i in self.session.get_inputs())
+        return self.single, tuple(self.columns), inputs, tuple(sorted(self.fill.items()))
 
     def run(self, feeds: Mapping[str, np.ndarray], watchdog: RunWatchdog | None = None) -> list[Any]:
         """One ORT run over a batch (ended with an error if it outlasts the watchdog's timeout)."""

@@ -27,6 +27,7 @@ from loopline.registry import RegistryReader
 from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec
+from loopline.topics import check_pipeline_name
 
 
 class ValidationError(LooplineError):
@@ -39,6 +40,7 @@ class ValidationError(LooplineError):
 
 def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
     """The pipeline's current spec from the registry."""
+    check_pipeline_name(pipeline)  # a clear error before any broker round trip
     reader = RegistryReader(kafka, client_id="loopline-sdk")
     try:
         state = reader.catch_up()

@@ -12,6 +12,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+#: Default limit of an artifact's size (models beyond it are refused, never read whole).
+ARTIFACT_MAX_BYTES = 512 * 1024 * 1024
+
+
 class LooplineSettings(BaseSettings):
     """Settings every Loopline command and service shares."""
 
@@ -56,6 +60,13 @@ class LooplineSettings(BaseSettings):
         description="Stable name of this replica among its service's replicas (default: the host name), "
         "part of its transactional id, so a restarted replica aborts what its predecessor left open.",
     )
+    artifact_uri: str | None = Field(
+        None, description="The artifact store model versions are written to and loaded from, by sha256: a "
+        "folder, file:// or s3://bucket/prefix URI (unset: $LOOPLINE_HOME/artifacts). A registry record's "
+        "uri is informational and never read.")
+    artifact_max_bytes: int = Field(
+        ARTIFACT_MAX_BYTES, ge=1, description="Largest model artifact stored or loaded, in bytes; a larger "
+        "one is refused.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["json", "console"] = Field(
         "json", description="'json': one JSON object per line; 'console': readable lines."

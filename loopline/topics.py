@@ -22,17 +22,42 @@ def state_topic(service: str) -> str:
 KINDS = ("raw", "features", "predictions", "feedback", "deadletter")
 
 # Kafka allows [a-zA-Z0-9._-] up to 249 chars; '.' is our separator so pipelines may not use it.
+# Model names follow the same pattern: they appear in registry keys ('/'-separated), metric labels
+# and logs, and most models are named after their pipeline. One pattern, checked at every entry.
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+MODEL_NAME = PIPELINE_NAME
+_NAME_HINT = "lowercase letter first, then up to 63 lowercase letters, digits, '_' or '-'"
+
+
+class InvalidName(SpecError):
+    """A pipeline or model name breaks the name pattern (field ``name``, rule ``pattern``)."""
+
+    def __init__(self, what: str, name: object) -> None:
+        text = str(name) if len(str(name)) <= 80 else f"{str(name)[:80]}..."
+        shown = repr(text) if isinstance(name, str) else f"{type(name).__name__} {text}"
+        message = f"{what} {shown} must match {PIPELINE_NAME.pattern} ({_NAME_HINT})"
+        super().__init__(what, [("name", "pattern", message)])
+        # SpecError's text speaks of a pipeline spec; a name given on its own deserves one line.
+        self.args = (f"{message} (rule: pattern)",)
+
+
+def valid_name(name: object) -> bool:
+    """Whether ``name`` is a valid pipeline or model name."""
+    # fullmatch: with match(), "$" would also accept a name ending in a newline.
+    return isinstance(name, str) and PIPELINE_NAME.fullmatch(name) is not None
 
 
 def check_pipeline_name(name: str) -> str:
     """Return ``name`` if it is a valid pipeline name, else raise :class:`SpecError`."""
-    if not PIPELINE_NAME.match(name):
-        raise SpecError(
-            "pipeline name",
-            [("name", "pattern", f"{name!r} must match {PIPELINE_NAME.pattern} "
-              "(lowercase letter first, then lowercase letters, digits, '_' or '-')")],
-        )
+    if not valid_name(name):
+        raise InvalidName("pipeline name", name)
+    return name
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`SpecError`."""
+    if not valid_name(name):
+        raise InvalidName("model name", name)
     return name
 
 

@@ -211,6 +211,9 @@ def _registry_state(kafka: Any) -> Any:
 
 
 def _pipeline(state: Any, name: str) -> Any:
+    from loopline.topics import check_pipeline_name
+
+    check_pipeline_name(name)
     if name not in state.specs:
         raise LooplineError(f"pipeline {name!r} is not in the registry (known: {', '.join(sorted(state.specs)) or 'none'})")
     return state.specs[name]
@@ -324,8 +327,11 @@ def status(pipeline: str | None) -> None:
     from loopline.kafka import KafkaConfig
     from loopline.app.status import collect
 
+    from loopline.app.cli_models import print_rejected
+
     kafka = KafkaConfig.from_settings(_settings())
     state = _registry_state(kafka)
+    print_rejected(console, state)  # invalid records were skipped; say so, never fail on them
     names = [_pipeline(state, pipeline).name] if pipeline else sorted(state.specs)
     if not names:
         console.print("no pipelines in the registry yet; `loopline apply FILE.yaml` adds one")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from loopline.errors import LooplineError
 
@@ -17,12 +19,13 @@ _STAGES = click.Choice(["champion", "challenger", "shadow", "canary", "candidate
 
 
 def _registry(artifact_uri: str | None = None):  # type: ignore[no-untyped-def]
-    from loopline.artifacts import ArtifactSettings, ArtifactStore
+    from loopline.artifacts import ArtifactStore
+    from loopline.settings import LooplineSettings
     from loopline.kafka import KafkaConfig
     from loopline.models import ModelRegistry
     from loopline.observability import configure_logging
 
-    settings = ArtifactSettings()
+    settings = LooplineSettings()
     configure_logging("WARNING", "console")  # the CLI speaks through its own output
     return ModelRegistry(KafkaConfig.from_settings(settings), ArtifactStore.from_settings(settings, artifact_uri))
 
@@ -42,6 +45,20 @@ def _metrics(pairs: tuple[str, ...]) -> dict[str, float]:
 
 def _when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_rejected(out: Console, state: Any, shown: int = 5) -> None:
+    """Say plainly that invalid registry records were skipped, and the first few reasons."""
+    total = state.rejected_total
+    if not total:
+        return
+    out.print(Text(f"registry: {total} invalid record(s) on loopline.models skipped (not applied); "
+                   "the rest of the registry is shown", style="yellow"), soft_wrap=True)
+    for record in state.rejected[:shown]:
+        out.print(Text(f"  - {record.summary()}", style="yellow"), soft_wrap=True)
+    if total > shown:
+        out.print(Text(f"  ... and {total - shown} more (see the services' "
+                       "registry_record_rejected log lines)", style="yellow"), soft_wrap=True)
 
 
 @click.group()
@@ -66,7 +83,11 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
              artifact_uri: str | None) -> None:
     """Validate an ONNX model for PIPELINE, store it and publish a new version."""
     from loopline.models import NewVersion, load_reference
+    from loopline.topics import check_model_name, check_pipeline_name
 
+    check_pipeline_name(pipeline)
+    if name is not None:
+        check_model_name(name)
     registry = _registry(artifact_uri)
     state = registry.state()
     spec = state.specs.get(pipeline)
@@ -79,6 +100,11 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
                   + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
                   + f"; sha256 {record['sha256'][:12]}, {record['uri']}"
                   + ("; reference profile stored" if record["reference_profile_json"] else ""))
+    beside = registry.last_trial[1:]
+    if beside:
+        console.print(f"test batch of {registry.last_trial[0].rows} row(s) scored beside "
+                      + ", ".join(f"{r.stage} {r.label}" + ("" if r.ok else f" (failed: {r.error})")
+                                  for r in beside))
 
 
 @models.command("list")
@@ -88,7 +114,12 @@ def list_(pipeline: str | None, history: bool) -> None:
     """List model versions (of PIPELINE, or of every pipeline)."""
     from loopline.models import stage_history, versions_of
 
+    from loopline.topics import check_pipeline_name
+
+    if pipeline is not None:
+        check_pipeline_name(pipeline)
     state = _registry().state()
+    print_rejected(console, state)
     pipelines = [pipeline] if pipeline else sorted({p for p, _, _ in state.versions})
     if history:
         table = Table("at", "pipeline", "model", "version", "from", "to", "traffic", "reason", "actor")

@@ -3,28 +3,27 @@
 Routing: every event's key (its event_id when it has none) is hashed to a stable number in
 [0, 1). Challengers and canaries each own a slice of that range, in (stage, name, version)
 order from 0; the champion serves the rest. Shadows score every event and are never served.
-A version takes traffic only once it is loaded and warmed; a version that cannot be loaded is
-refused (once) and the last good champion keeps serving.
+A version takes traffic only once it is loaded and warmed (in the background, see
+:mod:`loopline.services.inference.loader`): until then the plan in force keeps serving; a
+version that cannot be loaded is refused (once) and the last good champion keeps serving.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from loopline.artifacts import read_artifact
-from loopline.errors import LooplineError
 from loopline.models import TRAFFIC_STAGES, champion, versions_of
 from loopline.registry import RegistryState
-from loopline.scoring import Scorer, synthetic_batch
+from loopline.scoring import Scorer
+from loopline.services.inference.loader import ModelLoader, Refused
 from loopline.spec import PipelineSpec
 
-log = logging.getLogger(__name__)
+__all__ = ["ModelLoader", "Plan", "Refused", "Variant", "build_plan", "key_bucket", "key_buckets"]
 
 _SCALE = float(2**64)
 
@@ -96,63 +95,13 @@ class Plan:
         return tuple((v.variant, *v.ident[:2], v.ident[2], v.traffic) for v in [*self.served, *self.shadows])
 
 
-Refused = Callable[[str, dict[str, Any], str], None]
-
-
-class ModelLoader:
-    """Loads, verifies and warms versions once; remembers refusals so they are reported once."""
-
-    def __init__(self, intra_op_threads: int = 1, warm_rows: int = 16, on_refused: Refused | None = None) -> None:
-        self.intra_op_threads = intra_op_threads
-        self.warm_rows = warm_rows
-        self.on_refused = on_refused
-        self._loaded: dict[tuple[str, str, int], Scorer] = {}
-        self.refused: dict[tuple[str, str, int], str] = {}
-
-    def get(self, pipeline: str, spec: PipelineSpec, record: dict[str, Any]) -> Scorer | None:
-        """The warmed scorer of a version, loading it now if needed; None if it is refused."""
-        key = (pipeline, record["name"], record["version"])
-        if key in self._loaded:
-            return self._loaded[key]
-        if key in self.refused:
-            return None
-        label = f"{pipeline}/{record['name']} v{record['version']}"
-        try:
-            data = read_artifact(record["uri"], record["sha256"])
-            scorer = Scorer(data, spec, record.get("fill_values") or {}, self.intra_op_threads, label,
-                            record.get("input_features") or None)
-            warm = scorer.score(synthetic_batch(spec, self.warm_rows))
-            if warm.raw_scores is not None and not np.isfinite(warm.raw_scores).all():
-                raise LooplineError(f"{label}: the warm-up batch scored NaN or inf (rule: finite_output)")
-        except Exception as e:  # noqa: BLE001 - any failure refuses the version, never the service
-            reason = str(e) if isinstance(e, LooplineError) else f"{label}: {type(e).__name__}: {e}"
-            self.refused[key] = reason
-            log.error("model_refused", extra={"pipeline": pipeline, "model_name": record["name"],
-                                              "model_version": record["version"], "sha256": record["sha256"],
-                                              "reason": reason})
-            if self.on_refused is not None:
-                self.on_refused(pipeline, record, reason)
-            return None
-        self._loaded[key] = scorer
-        log.info("model_loaded", extra={"pipeline": pipeline, "model_name": record["name"],
-                                        "model_version": record["version"], "sha256": record["sha256"]})
-        return scorer
-
-    def isolate(self, pipeline: str, record: dict[str, Any], reason: str) -> None:
-        """A version failed at run time: never hand it out again (until this process restarts)."""
-        key = (pipeline, record["name"], record["version"])
-        self._loaded.pop(key, None)
-        self.refused[key] = reason
-
-    def keep_only(self, keys: set[tuple[str, str, int]]) -> None:
-        """Drop loaded sessions no plan uses any more."""
-        for key in [k for k in self._loaded if k not in keys]:
-            del self._loaded[key]
-
-
 def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: ModelLoader,
                previous: Plan | None) -> Plan | None:
-    """The plan the registry asks for, using only versions that loaded; None if nothing can serve."""
+    """The plan the registry asks for, using only versions already loaded; None if nothing serves.
+
+    Versions not loaded yet are asked of ``loader`` (which loads them in the background) and left
+    out until they are: the previous plan's champion serves meanwhile.
+    """
     current = champion(state, pipeline)
     champ: Variant | None = None
     if current is not None:
@@ -177,11 +126,13 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
     for v in ordered:
         if (v["name"], v["version"]) == champ.ident[:2] or v["stage"] not in (*TRAFFIC_STAGES, "shadow"):
             continue
+        if v["stage"] != "shadow" and v["traffic"] <= 0:
+            continue  # serves nothing: not worth a session (nor a load on every rebuild)
         scorer = loader.get(pipeline, spec, v)
         if scorer is None:
             continue
         if v["stage"] == "shadow":
             shadows.append(Variant("shadow", v, scorer, 0.0))
-        elif v["traffic"] > 0:
+        else:
             slices.append(Variant(v["stage"], v, scorer, float(v["traffic"])))
     return Plan(pipeline, [*slices, champ], shadows, fallback)

@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from loopline import avro, topics
 from loopline.alerts import alert_event
+from loopline.artifacts import ArtifactStore
 from loopline.errors import LooplineError, SchemaError
 from loopline.models import isolation_events
 from loopline.registry import RegistryReader, RegistryState, now_ms
@@ -86,7 +87,10 @@ class InferenceService:
         self.health = rt.health
         self.reader = RegistryReader(rt.kafka, client_id="loopline-inference-registry")
         self._refusals: list[dict[str, Any]] = []
-        self.loader = ModelLoader(settings.intra_op_threads, settings.warm_rows, self._refused)
+        self.loader = ModelLoader(
+            ArtifactStore.from_settings(settings), intra_op_threads=settings.intra_op_threads,
+            warm_rows=settings.warm_rows, timeout_s=settings.model_load_timeout_s,
+            on_refused=self._refused)
         self.watchdog = RunWatchdog(settings.score_timeout_s)
         self.plans: dict[str, Plan] = {}
         self.codecs: dict[str, avro.Codec] = {}
@@ -103,6 +107,10 @@ class InferenceService:
         self.reader.catch_up()
         self._last_poll = time.monotonic()
         self.rebuild()
+        # Loads run in the background; at start there is nothing to keep serving, so wait for them
+        # (bounded: a load still running after the load timeout is refused by the next rebuild).
+        self.loader.wait_idle(self.settings.model_load_timeout_s + 1.0)
+        self.rebuild()
         self._readiness()
 
     def tick(self, out: Outputs) -> None:
@@ -110,7 +118,7 @@ class InferenceService:
         now = time.monotonic()
         if now - self._last_poll >= self.settings.registry_poll_s:
             self._last_poll = now
-            if self.reader.poll(0.0):
+            if self.reader.poll(0.0) or self.loader.has_news():
                 self.rebuild()
         for event in self._refusals:
             out.send(topics.ALERTS, avro.codec("alert").encode(event), key=event["pipeline"].encode())
@@ -121,16 +129,24 @@ class InferenceService:
         return [p for p in (self.settings.pipelines or sorted(state.specs)) if p in state.specs]
 
     def rebuild(self) -> None:
-        """Recompute every pipeline's plan from the registry state; swap the changed ones."""
+        """Recompute every pipeline's plan from the registry state; swap the changed ones.
+
+        Never waits for a model: versions still loading are left out until a later rebuild.
+        """
+        self.loader.settle()  # take in finished loads; refuse failed and timed-out ones (alerts)
         state = self.reader.state
         for pipeline in self._wanted():
             spec = state.specs[pipeline]
-            if self._spec_seen.get(pipeline) is not spec:
-                self.codecs[pipeline] = features_codec(state, pipeline)
-                self._spec_seen[pipeline] = spec
-                self._topic_pipeline[spec.topics.features] = pipeline
             old = self.plans.get(pipeline)
-            plan = build_plan(pipeline, spec, state, self.loader, old)
+            try:
+                if self._spec_seen.get(pipeline) is not spec:
+                    self.codecs[pipeline] = features_codec(state, pipeline)
+                    self._spec_seen[pipeline] = spec
+                    self._topic_pipeline[spec.topics.features] = pipeline
+                plan = build_plan(pipeline, spec, state, self.loader, old)
+            except Exception as e:  # noqa: BLE001 - one pipeline's failure never stalls another
+                log.exception("plan_failed", extra={"pipeline": pipeline, "error": str(e)[:300]})
+                continue
             if plan is None or (old is not None and plan.signature() == old.signature()):
                 continue
             self._swap(pipeline, old, plan)

@@ -10,9 +10,9 @@ from loopline.settings import ServiceSettings
 class InferenceSettings(ServiceSettings):
     """How the inference service reads models and scores batches."""
 
-    artifact_uri: str | None = Field(
-        None, description="Artifact store for URIs without a scheme (unset: $LOOPLINE_HOME/artifacts); "
-        "versions are read from the URI recorded in the registry.")
+    model_load_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest a version may take to load and warm (in the "
+        "background) before it is refused.")
     registry_poll_s: float = Field(
         0.2, gt=0, le=60, description="Longest time between two reads of new registry events.")
     intra_op_threads: int = Field(

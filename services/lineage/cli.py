@@ -12,6 +12,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from loopline.artifacts import ArtifactStore
 from loopline.kafka import KafkaConfig
 from loopline.registry import RegistryReader, RegistryState
 from loopline.services.lineage import query as q
@@ -165,7 +166,8 @@ def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None
         report = replay(_store(settings), _registry(settings), pipeline, version(model),
                         version(against) if against else None, q.parse_time(since) if since else None,
                         q.parse_time(until) if until else None,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total))
+                        progress=lambda done, total: progress.update(task, completed=done, total=total),
+                        artifacts=ArtifactStore.from_settings(settings))
     rows = []
     for side in report.sides:
         metric = report.metric(side)

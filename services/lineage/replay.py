@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from loopline.artifacts import read_artifact
+from loopline.artifacts import ArtifactStore, read_artifact
 from loopline.errors import LooplineError
 from loopline.registry import RegistryState
 from loopline.scoring import Scorer, ScoreResult
@@ -24,13 +24,19 @@ from loopline.services.lineage.store import LineageStore
 BATCH = 20_000
 
 
-def load_scorer(state: RegistryState, pipeline: str, name: str, version: int) -> Scorer:
-    """The registered version, read from the artifact store (sha256 checked) and loaded in ONNX Runtime."""
+def load_scorer(state: RegistryState, pipeline: str, name: str, version: int,
+                artifacts: ArtifactStore | None = None) -> Scorer:
+    """The registered version, read from the artifact store by sha256 (checked), loaded in ONNX Runtime.
+
+    Without ``artifacts`` the record's URI is followed (with the store's checks): only for tools
+    that have no store configured.
+    """
     record = state.versions.get((pipeline, name, version))
     if record is None:
         known = ", ".join(f"{n}@{v}" for p, n, v in sorted(state.versions) if p == pipeline) or "none"
         raise LooplineError(f"{name}@{version} is not a version of pipeline {pipeline} (known: {known})")
-    model = read_artifact(record["uri"], record["sha256"])
+    model = artifacts.read(record["sha256"]) if artifacts is not None else read_artifact(record["uri"],
+                                                                                        record["sha256"])
     return Scorer(model, state.specs[pipeline], record.get("fill_values"), label=f"{name}@{version}",
                   input_features=record.get("input_features") or None)
 
@@ -108,7 +114,8 @@ ORDER BY f.ts, f.event_id
 
 def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tuple[str, int],
            against: tuple[str, int] | None = None, since: datetime | None = None, until: datetime | None = None,
-           progress: Callable[[int, int], None] | None = None) -> ReplayReport:
+           progress: Callable[[int, int], None] | None = None,
+           artifacts: ArtifactStore | None = None) -> ReplayReport:
     """Re-score the logged inputs of the window with ``model`` (and ``against``) and compare."""
     if pipeline not in state.specs:
         raise LooplineError(f"pipeline {pipeline!r} is not in the registry")
@@ -116,7 +123,7 @@ def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tupl
         raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline {pipeline!r}")
     spec = state.specs[pipeline]
     versions = [model] + ([against] if against else [])
-    scorers = [load_scorer(state, pipeline, n, v) for n, v in versions]
+    scorers = [load_scorer(state, pipeline, n, v, artifacts) for n, v in versions]
     other = against or (None, None)
     con = connect(store, pipeline)
     window = [since, since, until, until]

@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from loopline import avro, feedback, topics
-from loopline.artifacts import ArtifactStore, read_artifact
+from loopline.artifacts import ArtifactStore
 from loopline.errors import LooplineError, SchemaError
 from loopline.models import ModelRegistry, champion, fill_values
 from loopline.observability import bounded
@@ -265,7 +265,7 @@ class TrainerService:
         key = record["sha256"]
         scorer = self._champions.get(key)
         if scorer is None:
-            data = read_artifact(record["uri"], record["sha256"])
+            data = self.models.store.read(record["sha256"])
             scorer = Scorer(data, spec, record.get("fill_values") or {}, label=f"champion v{record['version']}",
                             input_features=record.get("input_features") or None)
             self._champions = {key: scorer}

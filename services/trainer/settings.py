@@ -10,9 +10,6 @@ from loopline.settings import ServiceSettings
 class TrainerSettings(ServiceSettings):
     """How the trainer joins feedback, checkpoints and reaches the registry."""
 
-    artifact_uri: str | None = Field(
-        None, description="Where exported models are stored: folder, file:// or s3:// URI "
-        "(unset: $LOOPLINE_HOME/artifacts).")
     checkpoint_interval_s: float = Field(
         5.0, gt=0, description="Longest time between two checkpoints of a pipeline's learners, joins and "
         "offsets to the changelog topic (loopline.state.trainer).")

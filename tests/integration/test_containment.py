@@ -137,11 +137,11 @@ def readers() -> Iterator[list[Reader]]:
 class Inference:
     """The inference service on a thread."""
 
-    def __init__(self, settings: LooplineSettings, pipelines: list[str], group: str) -> None:
+    def __init__(self, settings: LooplineSettings, pipelines: list[str], group: str, artifacts: Path) -> None:
         self.settings = InferenceSettings(
             bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
             session_timeout_ms=6000, home=settings.home, pipelines=pipelines, group_id=group,
-            instance_id=group, batch_size=500, registry_poll_s=0.05)
+            instance_id=group, batch_size=500, registry_poll_s=0.05, artifact_uri=str(artifacts))
         self.rt = ServiceRuntime("inference", self.settings, install_signals=False)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -207,7 +207,7 @@ def test_float32_champion_and_float64_shadow_both_score(kafka: KafkaConfig, sett
     spec, registry = deploy(kafka, unique, tmp_path)
     registry.register(unique, sklearn_model(1, np.float32))  # the usual skl2onnx export: tensor(float)
     registry.register(unique, sklearn_model(2, np.float64), NewVersion(stage="shadow"))  # tensor(double)
-    inference.append(Inference(settings, [unique], f"{unique}-inference"))
+    inference.append(Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts"))
     n = 600
     produce(kafka, spec.topics.features, feature_events(spec, n))
     preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
@@ -229,7 +229,7 @@ def test_a_challenger_that_fails_every_event_is_taken_out(kafka: KafkaConfig, se
     bad = publish_unchecked(kafka, registry, spec, nan_model(2.0), "challenger", 0.5)
     alerts = Reader(kafka, topics.ALERTS, "alert", 1)
     readers.append(alerts)
-    inference.append(Inference(settings, [unique], f"{unique}-inference"))
+    inference.append(Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts"))
     n = 400
     produce(kafka, spec.topics.features, feature_events(spec, n, poison=set(range(n))))
     preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
@@ -253,7 +253,7 @@ def test_a_failing_champion_rolls_back_and_poison_events_are_dead_lettered(
         inference: list[Inference], readers: list[Reader]) -> None:
     spec, registry = deploy(kafka, unique, tmp_path)
     registry.register(unique, sklearn_model(1, np.float32))
-    inference.append(Inference(settings, [unique], f"{unique}-inference"))
+    inference.append(Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts"))
     preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
     readers.append(preds)
     produce(kafka, spec.topics.features, feature_events(spec, 100))
@@ -286,7 +286,7 @@ def test_a_pipeline_without_a_working_version_waits_and_loses_nothing(
     other, other_registry = deploy(kafka, f"{unique}b", tmp_path)
     publish_unchecked(kafka, registry, spec, nan_model(2.0), "champion")  # fails on every live event
     other_registry.register(other.name, sklearn_model(3, np.float32))
-    service = Inference(settings, [unique, other.name], f"{unique}-inference")
+    service = Inference(settings, [unique, other.name], f"{unique}-inference", tmp_path / "artifacts")
     inference.append(service)
     n = 200
     produce(kafka, spec.topics.features, feature_events(spec, n, poison=set(range(n))))
@@ -314,7 +314,7 @@ def test_events_a_champion_cannot_score_are_dead_lettered_the_rest_served(
         inference: list[Inference], readers: list[Reader]) -> None:
     spec, registry = deploy(kafka, unique, tmp_path)
     publish_unchecked(kafka, registry, spec, nan_model(2.0), "champion")
-    inference.append(Inference(settings, [unique], f"{unique}-inference"))
+    inference.append(Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts"))
     n, poison = 300, {7, 150, 299}
     produce(kafka, spec.topics.features, feature_events(spec, n, poison=poison))
     preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
@@ -338,7 +338,7 @@ def test_readiness_says_when_the_broker_is_gone(tmp_path: Path, unique: str) -> 
         kafka = KafkaConfig.from_settings(settings)
         spec, registry = deploy(kafka, unique, tmp_path)
         registry.register(unique, sklearn_model(1, np.float32))
-        service = Inference(settings, [unique], f"{unique}-inference")
+        service = Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts")
         try:
             deadline = time.monotonic() + 60
             while not service.rt.health.ready()[0]:

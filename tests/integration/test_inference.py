@@ -111,10 +111,11 @@ def deployed(kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_pa
 
 
 @pytest.fixture
-def service(settings: LooplineSettings, unique: str) -> Iterator[ServiceRuntime]:
+def service(settings: LooplineSettings, unique: str, tmp_path: Path) -> Iterator[ServiceRuntime]:
     s = InferenceSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
                           session_timeout_ms=6000, home=settings.home, pipelines=[unique],
-                          group_id=f"inference-{unique}", batch_size=500, registry_poll_s=0.05)
+                          group_id=f"inference-{unique}", batch_size=500, registry_poll_s=0.05,
+                          artifact_uri=str(tmp_path / "artifacts"))  # where `deployed` registers
     rt = ServiceRuntime("inference", s, install_signals=False)
     errors: list[BaseException] = []
 
@@ -218,13 +219,14 @@ def test_corrupt_artifact_refused_while_serving_continues(kafka: KafkaConfig, de
                                                           unique: str, tmp_path: Path) -> None:
     spec, registry = deployed
     alerts = Reader(kafka, topics.ALERTS, "alert", 1)
-    # A version record whose artifact does not match its sha256 (tampered after registration).
-    bad = tmp_path / "tampered.onnx"
-    bad.write_bytes(b"not an onnx model")
+    # A version whose artifact in the store does not match its sha256 (tampered after it was stored).
+    claimed = "ab" * 32
+    (tmp_path / "artifacts" / f"{claimed}.onnx").write_bytes(b"not an onnx model")
     record = dict(registry.state().versions[(unique, unique, 1)])
     for k in ("pipeline", "at"):
         record.pop(k)
-    record.update(version=2, uri=bad.as_uri(), stage="champion", created_at=now_ms())
+    record.update(version=2, sha256=claimed, uri=(tmp_path / "artifacts" / f"{claimed}.onnx").as_uri(),
+                  stage="champion", created_at=now_ms())
     producer = AckedProducer(kafka.producer("test-registry"))
     publish(producer, model_version_key(unique, unique, 2),
             {"kind": "model_version", "pipeline": unique, "at": now_ms(), "spec": None, "model": record,

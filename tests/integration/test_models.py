@@ -129,6 +129,10 @@ def test_cli_register_list_promote(settings: LooplineSettings, registry: ModelRe
     assert "v1" in r.output and "reference profile stored" in r.output
     r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--stage", "shadow"])
     assert r.exit_code == 0, r.output
+    assert f"scored beside champion {unique}/{unique} v1" in r.output
+    r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model),
+                            "--name", "Bad.Name"])
+    assert r.exit_code == 2 and "rule: pattern" in r.output, r.output
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"corrupt")
     r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(bad)])
@@ -139,3 +143,68 @@ def test_cli_register_list_promote(settings: LooplineSettings, registry: ModelRe
     assert r.exit_code == 0 and "v1" in r.output, r.output
     r = runner.invoke(cli, ["models", "list", unique, "--history"])
     assert r.exit_code == 0 and r.output.count("champion") >= 3
+
+
+def lr_model64(width: int = 4, seed: int = 0) -> bytes:
+    """A LogisticRegression exported from float64 data: its input is tensor(double)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((200, width))
+    y = (x[:, 1] > 0.5).astype(int)
+    return to_onnx(LogisticRegression().fit(x, y), x[:1],
+                   options={"zipmap": False}).SerializeToString()
+
+
+def test_float32_and_float64_versions_register_beside_each_other_and_both_score(
+        registry: ModelRegistry, unique: str) -> None:
+    registry.register(unique, lr_model(4))  # float32 input, the usual skl2onnx export
+    registry.register(unique, lr_model64(4), NewVersion(stage="shadow"))
+    assert [(r.label, r.stage, r.ok) for r in registry.last_trial] == [
+        (f"{unique}/{unique} v2", "shadow", True), (f"{unique}/{unique} v1", "champion", True)]
+    rows = registry.last_trial[0].rows
+    registry.register(unique, lr_model64(4, seed=1), NewVersion(stage="challenger", traffic=0.3))
+    assert [r.stage for r in registry.last_trial] == ["challenger", "champion", "shadow"]
+    assert all(r.ok and r.rows == rows for r in registry.last_trial), registry.last_trial
+    assert rows > 64, "the test batch has no rows with missing optional features"
+
+
+def log_of_opt_model() -> bytes:
+    """A classifier whose scores are log(opt): fine on the synthetic rows, -inf when opt is missing
+    (filled with 0, the fill value without reference data)."""
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    three = helper.make_tensor("three", TensorProto.INT64, [1], [3])
+    four = helper.make_tensor("four", TensorProto.INT64, [1], [4])
+    nodes = [helper.make_node("Slice", ["X", "three", "four", "one"], ["opt"]),
+             helper.make_node("Log", ["opt"], ["log"]),
+             helper.make_node("Concat", ["log", "log"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(nodes, "log_opt",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                                             [None, 2])],
+                              initializer=[one, three, four])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_registration_refuses_a_version_that_cannot_score_what_inference_feeds(
+        registry: ModelRegistry, unique: str) -> None:
+    registry.register(unique, lr_model(4))
+    with pytest.raises(LooplineError, match="rule: scores_beside_deployment") as info:
+        registry.register(unique, log_of_opt_model(), NewVersion(stage="shadow"))
+    assert f"champion {unique}/{unique} v1" in str(info.value) and "NaN or inf" in str(info.value)
+    assert [v["version"] for v in versions_of(registry.state(), unique)] == [1]
+
+
+def test_names_and_sizes_are_checked_at_registration(kafka: KafkaConfig, registry: ModelRegistry,
+                                                     unique: str, tmp_path: Path) -> None:
+    with pytest.raises(LooplineError, match="rule: pattern"):
+        registry.register(unique, lr_model(4), NewVersion(name="Fraud/v2"))
+    with pytest.raises(LooplineError, match="rule: pattern"):
+        registry.register("Bad.Pipeline", lr_model(4))
+    with pytest.raises(LooplineError, match="rule: pattern"):
+        registry.promote(unique, 1, name="a b")
+    with pytest.raises(LooplineError, match="rule: traffic_range"):
+        registry.register(unique, lr_model(4), NewVersion(traffic=float("nan")))
+    small = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "small"), max_bytes=100),
+                          actor="test")
+    with pytest.raises(LooplineError, match="rule: size_limit"):
+        small.register(unique, lr_model(4))
+    assert not versions_of(registry.state(), unique)

@@ -27,7 +27,7 @@ def registry_state(profile: dict[str, Any]) -> RegistryState:
     state = RegistryState()
     state.apply(spec_event(SPEC)[1], 0)
     state.apply({"kind": "model_version", "pipeline": SPEC.name, "at": 0, "spec": None, "stage_change": None,
-                 "model": {"name": "m", "version": 1, "sha256": "x", "uri": "u", "stage": "champion",
+                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u", "stage": "champion",
                            "traffic": 1.0, "created_at": 0,
                            "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
     return state
