@@ -299,7 +299,9 @@ class RegistryReader:
             self._untaken.append(record)
         else:
             self._untaken_dropped += 1
-        log.error("registry_record_rejected", extra={
+        # A warning in every reader: the record is skipped, the service goes on; the monitor owns
+        # its dead letter and its alert (once, for every replica and restart).
+        log.warning("registry_record_rejected", extra={
             "topic": record.topic, "partition": record.partition, "offset": record.offset,
             "key": record.key_text, "kind": record.kind, "pipeline": record.pipeline,
             "field": field_[:120], "rule": rule, "reason": message[:300], "ident": record.ident})
