@@ -61,6 +61,16 @@ def model_version_key(pipeline: str, name: str, version: int) -> bytes:
     return f"pipeline/{pipeline}/model/{name}/{version}".encode()
 
 
+def rebaseline_event(pipeline: str, reason: str = "", actor: str = "cli") -> tuple[bytes, dict[str, Any]]:
+    """The registry key and event that tell the monitor to take recent live traffic as its reference."""
+    rid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
+    event = {"kind": "rebaseline", "pipeline": pipeline, "at": now_ms(), "spec": None, "model": None,
+             "stage_change": None, "rebaseline": {"id": rid, "reason": reason, "actor": actor}}
+    # A key of its own, so compaction keeps every rebaseline (a monitor replaying the topic
+    # recognises the ones it applied by id).
+    return f"pipeline/{pipeline}/rebaseline/{rid}".encode(), event
+
+
 def publish(producer: AckedProducer, key: bytes, event: dict[str, Any]) -> None:
     """Send one registry event and wait for the broker's acknowledgement."""
     producer.send(topics.MODELS, avro.codec("registry").encode(event), key=key)
@@ -78,6 +88,8 @@ class RegistryState:
     stage_changes: list[dict[str, Any]] = field(default_factory=list)
     #: (at, pipeline, name, version, stage, traffic) for every registration and stage change, in order.
     stage_history: list[tuple[int, str, str, int, str, float]] = field(default_factory=list)
+    #: Monitor rebaselines per pipeline, in order: dicts with id, reason, actor, at.
+    rebaselines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     offset: int = -1
 
     def apply(self, event: dict[str, Any], offset: int) -> None:
@@ -99,6 +111,8 @@ class RegistryState:
             version = self.versions.get((pipeline, c["name"], c["version"]))
             if version is not None:
                 version["stage"], version["traffic"] = c["to_stage"], c["traffic"]
+        elif event["kind"] == "rebaseline" and event.get("rebaseline") is not None:
+            self.rebaselines.setdefault(pipeline, []).append(dict(event["rebaseline"], at=event["at"]))
         self.offset = offset
 
     def deployment_at(self, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
