@@ -87,21 +87,24 @@ def batch_means_tau(x: np.ndarray, block: int) -> float:
 def dependence(segment: np.ndarray, history: np.ndarray, within: bool = False) -> float | None:
     """The stream's integrated autocorrelation time for a segment of this length (>= 1).
 
-    The larger of the segment's own lag-1 estimate and the batch-means estimate over
-    ``history`` (the values before the segment, in order) at blocks as long as the segment (at
-    most a third of the history). Without at least :data:`MIN_HISTORY` values of history the
-    answer is None (no verdict yet), unless ``within``: then the segment's own batch means
-    (blocks of an eighth of it) stand in for the history's.
+    When ``history`` (the values before the segment, in order) holds at least five segments and
+    ten lag-1 autocorrelation times, the batch-means estimate at blocks as long as the segment:
+    what the history says about means of that length. With less the estimate is biased low (a
+    short history of a slow stream has a mean close to its blocks'), so the largest of the lag-1
+    estimates (segment and history) and the batch means at a fifth of the history is used. With
+    fewer than :data:`MIN_HISTORY` values of history the answer is None (no verdict yet), unless
+    ``within``: then the segment's own lag-1 and batch means (blocks of an eighth of it) are used.
     """
     n = len(segment)
-    taus = [lag1_tau(segment)]
-    if len(history) >= MIN_HISTORY:
-        taus.append(batch_means_tau(history, min(n, len(history) // 3)))
-    elif within:
-        taus.append(batch_means_tau(segment, max(2, n // 8)))
-    else:
-        return None
-    return max(taus)
+    h = len(history)
+    if h >= MIN_HISTORY:
+        slow = lag1_tau(history)
+        if h >= 5 * n and h >= 10 * slow:
+            return batch_means_tau(history, n)
+        return max(lag1_tau(segment), slow, batch_means_tau(history, h // 5))
+    if within:
+        return max(lag1_tau(segment), batch_means_tau(segment, max(2, n // 8)))
+    return None
 
 
 def change_point(codes: np.ndarray, bins: int, min_segment: int = MIN_SEGMENT) -> int:
