@@ -52,6 +52,12 @@ def _as_columns(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, 1) if x.ndim == 1 else x
 
 
+def _varies(cols: np.ndarray, sum_sq: np.ndarray) -> np.ndarray:
+    """Columns that vary beyond rounding (a constant column's deviations are ~1e-16 of its size)."""
+    size = np.max(np.abs(cols), axis=0, initial=0.0)
+    return sum_sq / max(1, cols.shape[0]) > (1e-9 * size) ** 2 + 1e-300
+
+
 def lag1_tau(x: np.ndarray) -> float:
     """``(1 + rho) / (1 - rho)`` from the lag-1 autocorrelation (of each column; the largest)."""
     cols = _as_columns(np.asarray(x, dtype=float))
@@ -60,7 +66,7 @@ def lag1_tau(x: np.ndarray) -> float:
     centred = cols - cols.mean(axis=0)
     var = np.einsum("ij,ij->j", centred, centred)
     cov = np.einsum("ij,ij->j", centred[1:], centred[:-1])
-    live = var > 0
+    live = _varies(cols, var)
     if not live.any():
         return 1.0
     rho = float(np.clip(np.max(cov[live] / var[live]), 0.0, _RHO_MAX))
@@ -77,7 +83,7 @@ def batch_means_tau(x: np.ndarray, block: int) -> float:
     var = np.einsum("ij,ij->j", centred, centred) / n
     sums = np.cumsum(np.vstack([np.zeros((1, cols.shape[1])), centred]), axis=0)
     means = (sums[block:] - sums[:-block]) / block
-    live = var > 0
+    live = _varies(cols, var * n)
     if not live.any():
         return 1.0
     tau = block * np.mean(means[:, live] ** 2, axis=0) / var[live]

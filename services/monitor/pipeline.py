@@ -327,6 +327,10 @@ class PipelineMonitor:
                     del self.clear_since[key]
         episode = self.episodes.open.get(key)
         watch.open_level = episode.severity if episode is not None else None
+        if episode is None:
+            watch.change_start = None
+        elif watch.change_start is None and found:
+            watch.change_start = min(c.start for c, _ in found)
         return alerts
 
     def _performance_of(self, model: tuple[str, int] | None) -> Performance | None:

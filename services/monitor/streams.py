@@ -71,6 +71,8 @@ class ColumnWatch:
         #: The level of the column's open drift episode (set by the pipeline): no early warnings
         #: are followed while an alert is open, the drift is known.
         self.open_level: str | None = None
+        #: Where the drift of the open episode began (position in the column's stream).
+        self.change_start: int | None = None
         self.reference: dict[str, Any] | None = None
         self.warmup: list[Any] = []
         self.windowed: WindowedDrift | None = None
@@ -153,15 +155,15 @@ class ColumnWatch:
                     continue
                 cut = i + 1
                 finding.windowed = w.add(present[done:cut], offs[done:cut], parts[done:cut],
-                                         codes[done:cut]) or finding.windowed
+                                         codes[done:cut], self.change_start) or finding.windowed
                 done = cut
                 if self.pending is None:
                     self.pending = Warning(name, start + i, int(offs[i]), int(parts[i]), 0)
                 self.pending.last_test = start + i - CONFIRM_EVERY
                 self._confirm(finding)
         if done < len(codes):
-            finding.windowed = w.add(present[done:], offs[done:], parts[done:], codes[done:]) \
-                or finding.windowed
+            finding.windowed = w.add(present[done:], offs[done:], parts[done:], codes[done:],
+                                     self.change_start) or finding.windowed
             self._confirm(finding)
         return finding
 

@@ -203,8 +203,9 @@ class WindowedDrift:
         return np.fromiter(codes, dtype=np.int16, count=len(strings))
 
     def add(self, values: np.ndarray | list[Any], offsets: np.ndarray, partitions: np.ndarray,
-            codes: np.ndarray | None = None) -> Comparison | None:
-        """Add a batch of present values; return the window's comparison when one is due, else None."""
+            codes: np.ndarray | None = None, since: int | None = None) -> Comparison | None:
+        """Add a batch of present values; return the window's comparison when one is due, else None
+        (``since``: where a known change began, see :meth:`compare`)."""
         if not self.usable or len(values) == 0:
             return None
         codes = self.encode(values) if codes is None else codes
@@ -216,7 +217,7 @@ class WindowedDrift:
         if self.total < self.window or self._since < self.every:
             return None
         self._since = 0
-        return self.compare(self.window, within=True)
+        return self.compare(self.window, within=True, since=since)
 
     def compare_since_change(self, lookback: int) -> Comparison | None:
         """Compare the values since the most likely change point in the last ``lookback`` values.
@@ -244,22 +245,29 @@ class WindowedDrift:
                     break
         return best
 
-    def compare(self, n: int, within: bool = False) -> Comparison | None:
-        """Compare the last ``n`` values with the reference (None: not enough history to judge)."""
+    def compare(self, n: int, within: bool = False, since: int | None = None) -> Comparison | None:
+        """Compare the last ``n`` values with the reference (None: not enough history to judge).
+
+        ``since``: the position where a known change began; dependence is then judged on the
+        history before it, which the change has not touched (a shift inside the history would
+        look like strong autocorrelation and hide itself).
+        """
         held = min(self.total, self.codes.capacity)
         n = min(n, held)
         if n < MIN_SEGMENT or not self.usable:
             return None
         codes = self.codes.values(held)
-        seg, before = codes[held - n:], codes[:held - n]
+        seg = codes[held - n:]
+        first = self.total - held  # position of the oldest value held
+        cut = held - n if since is None else min(held - n, max(0, since - first))
         if self.numeric:
             values = self.values.values(held)
             # Location and spread: volatility clusters (returns, loads) make |x - median| dependent
             # even where x is not.
             both = np.column_stack([values, np.abs(values - np.median(values))])
-            tau = dependence(both[held - n:], both[:held - n], within)
+            tau = dependence(both[held - n:], both[:cut], within)
         else:
-            tau = dependence(self._indicators(seg), self._indicators(before), within)
+            tau = dependence(self._indicators(seg), self._indicators(codes[:cut]), within)
         if tau is None:
             return None
         k = self.bins
@@ -299,9 +307,10 @@ class WindowedDrift:
         return (codes[:, None] == np.asarray(cols)[None, :]).astype(float)
 
     def recent_profile(self) -> dict[str, Any] | None:
-        """A profile of the last ``window`` values, as a new reference (None: fewer than MIN_HISTORY)."""
+        """A profile of the last ``window`` values, as a new reference (None: fewer than that, or
+        than MIN_HISTORY)."""
         n = min(self.total, self.window)
-        if n < MIN_HISTORY:
+        if n < min(self.window, MIN_HISTORY):
             return None
         if self.numeric:
             return numeric_profile(self.values.values(n))
