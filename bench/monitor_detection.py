@@ -1,6 +1,7 @@
 """Detection benchmark of the monitor at its default settings: false alarms and delays.
 
-Run: ``.venv/bin/python -m bench.monitor_detection [--seeds N] [--quick]`` (no broker; a few minutes).
+Run: ``.venv/bin/python -m bench.monitor_detection [--seeds N] [--parts 123]`` (no broker; about
+three minutes).
 
 1. False alarms per 10,000 events on streams with no change, each fed through ``PipelineMonitor``
    as the service feeds it (batches of 100 feature events; the reference profile is the stream's
@@ -25,8 +26,8 @@ Run: ``.venv/bin/python -m bench.monitor_detection [--seeds N] [--quick]`` (no b
 from __future__ import annotations
 
 import argparse
-import re
 import itertools
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,11 @@ from typing import Any
 
 import numpy as np
 import orjson
+from loopline.services.monitor.degradation import ErrorWatch
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.streams import ColumnWatch
+from loopline.services.monitor.windowed import Thresholds
 from prometheus_client import CollectorRegistry
 from river import drift
 from river.datasets import synth
@@ -41,12 +47,7 @@ from river.datasets import synth
 from bench import monitor_streams as ms
 from loopline.profile import build_profile
 from loopline.registry import RegistryState, spec_event
-from loopline.services.monitor.degradation import ErrorWatch
-from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
-from loopline.services.monitor.streams import ColumnWatch
-from loopline.services.monitor.windowed import Thresholds
-from loopline.spec import Monitor, PipelineSpec, parse_spec
+from loopline.spec import Monitor, parse_spec
 
 DEFAULTS = Monitor()
 THRESHOLDS = Thresholds(DEFAULTS.psi_warning, DEFAULTS.psi_alert, DEFAULTS.p_value)
@@ -55,7 +56,7 @@ REFERENCE = 2000
 
 # ---- 1. false alarms -----------------------------------------------------------------------------
 def seasonal(seed: int, n: int, period: float, noise: float, phi: float = 0.0) -> np.ndarray:
-    """A sine wave of amplitude 1 plus noise (AR(1) with ``phi``) of standard deviation ``noise``."""
+    """A sine wave of amplitude 1 plus noise (AR(1) with ``phi``) of sd ``noise``."""
     rng = np.random.default_rng(seed)
     wave = np.sin(2 * np.pi * np.arange(n) / period + rng.uniform(0, 2 * np.pi))
     return wave + ar1(rng, n, phi, noise)
@@ -63,9 +64,9 @@ def seasonal(seed: int, n: int, period: float, noise: float, phi: float = 0.0) -
 
 def ar1(rng: np.random.Generator, n: int, phi: float, sd: float = 1.0) -> np.ndarray:
     """A stationary AR(1) series."""
-    from scipy.signal import lfilter  # noqa: PLC0415
+    from scipy.signal import lfilter
 
-    e = rng.normal(0, sd * np.sqrt(1 - phi ** 2), n + 1000)
+    e = rng.normal(0, sd * np.sqrt(1 - phi**2), n + 1000)
     return lfilter([1.0], [1.0, -phi], e)[1000:]  # type: ignore[no-any-return]
 
 
@@ -73,15 +74,36 @@ def monitor_for(columns: dict[str, list[Any]], reference: int) -> PipelineMonito
     """A monitor of these columns whose champion's profile is their first ``reference`` rows."""
     columns = {_name(c): v for c, v in columns.items()}
     types = {c: "float" if isinstance(v[0], float) else "string" for c, v in columns.items()}
-    spec = parse_spec({"name": "bench", "features": [{"name": c, "type": t} for c, t in types.items()],
-                       "label": {"classes": ["no", "yes"]}})
+    spec = parse_spec(
+        {
+            "name": "bench",
+            "features": [{"name": c, "type": t} for c, t in types.items()],
+            "label": {"classes": ["no", "yes"]},
+        }
+    )
     profile = build_profile({c: v[:reference] for c, v in columns.items()}, types)
     state = RegistryState()
     state.apply(spec_event(spec)[1], 0)
-    state.apply({"kind": "model_version", "pipeline": spec.name, "at": 0, "spec": None, "stage_change": None,
-                 "model": {"name": "m", "version": 1, "sha256": "0", "uri": "u", "stage": "champion",
-                           "traffic": 1.0, "created_at": 0,
-                           "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
+    state.apply(
+        {
+            "kind": "model_version",
+            "pipeline": spec.name,
+            "at": 0,
+            "spec": None,
+            "stage_change": None,
+            "model": {
+                "name": "m",
+                "version": 1,
+                "sha256": "0",
+                "uri": "u",
+                "stage": "champion",
+                "traffic": 1.0,
+                "created_at": 0,
+                "reference_profile_json": orjson.dumps(profile).decode(),
+            },
+        },
+        1,
+    )
     pm = PipelineMonitor(spec, Tuning())
     pm.refresh(state)
     return pm
@@ -92,7 +114,9 @@ def _name(column: str) -> str:
     return re.sub(r"\W", "_", column if column[:1].isalpha() else f"f_{column}")
 
 
-def false_alarms(columns: dict[str, list[Any]], reference: int = REFERENCE, batch: int = 100) -> tuple[int, int]:
+def false_alarms(
+    columns: dict[str, list[Any]], reference: int = REFERENCE, batch: int = 100
+) -> tuple[int, int]:
     """(raised events, live events) of a stationary stream of feature columns."""
     pm = monitor_for(columns, reference)
     columns = {_name(c): v for c, v in columns.items()}
@@ -103,7 +127,9 @@ def false_alarms(columns: dict[str, list[Any]], reference: int = REFERENCE, batc
     for lo in range(reference, n, batch):
         idx = list(range(lo, min(n, lo + batch)))
         records = [{"features": {c: columns[c][i] for c in names}} for i in idx]
-        alerts = pm.on_features(Batch(records, idx, [0] * len(idx), "bench.features"), metrics, at=lo)
+        alerts = pm.on_features(
+            Batch(records, idx, [0] * len(idx), "bench.features"), metrics, at=lo
+        )
         raised += sum(a["state"] == "raised" for a in alerts)
     return raised, n - reference
 
@@ -115,8 +141,8 @@ def floats(x: np.ndarray) -> dict[str, list[Any]]:
 
 def real_streams() -> dict[str, tuple[dict[str, list[Any]], int]]:
     """Real data shipped with installed packages: (columns, reference rows) per stream."""
-    from river import datasets  # noqa: PLC0415
-    from sklearn import datasets as sk  # noqa: PLC0415
+    from river import datasets
+    from sklearn import datasets as sk
 
     out: dict[str, tuple[dict[str, list[Any]], int]] = {}
 
@@ -132,13 +158,20 @@ def real_streams() -> dict[str, tuple[dict[str, list[Any]], int]]:
     bananas = [x for x, _ in datasets.Bananas()]
     out["river Bananas (file order)"] = (columns(bananas, list(bananas[0])), REFERENCE)
     rng = np.random.default_rng(0)
-    for name, loader, keep in (("breast cancer", sk.load_breast_cancer, 8), ("wine", sk.load_wine, 8),
-                               ("diabetes", sk.load_diabetes, 10)):
+    for name, loader, keep in (
+        ("breast cancer", sk.load_breast_cancer, 8),
+        ("wine", sk.load_wine, 8),
+        ("diabetes", sk.load_diabetes, 10),
+    ):
         data = loader()
         rows = data.data[rng.integers(0, len(data.data), REFERENCE + 10_000)]
         out[f"sklearn {name} (resampled)"] = (
-            {str(data.feature_names[j]).replace(" ", "_"): rows[:, j].astype(float).tolist()
-             for j in range(min(keep, rows.shape[1]))}, REFERENCE)
+            {
+                str(data.feature_names[j]).replace(" ", "_"): rows[:, j].astype(float).tolist()
+                for j in range(min(keep, rows.shape[1]))
+            },
+            REFERENCE,
+        )
     return out
 
 
@@ -153,12 +186,22 @@ def stationary_table(seeds: list[int], n: int) -> Iterator[tuple[str, float, int
     synthetic: list[tuple[str, Callable[[int], dict[str, list[Any]]]]] = []
     for period in (24, 168, 365, 1000):
         for noise in (0.1, 0.5, 2.0):
-            synthetic.append((f"seasonal period {period}, noise sd {noise}",
-                              lambda s, p=period, e=noise: floats(seasonal(s, n, p, e))))
-    synthetic.append(("seasonal period 365, AR(0.8) noise sd 0.7",
-                      lambda s: floats(seasonal(s, n, 365, 0.7, 0.8))))
+            synthetic.append(
+                (
+                    f"seasonal period {period}, noise sd {noise}",
+                    lambda s, p=period, e=noise: floats(seasonal(s, n, p, e)),
+                )
+            )
+    synthetic.append(
+        (
+            "seasonal period 365, AR(0.8) noise sd 0.7",
+            lambda s: floats(seasonal(s, n, 365, 0.7, 0.8)),
+        )
+    )
     for phi in (0.9, 0.95, 0.99):
-        synthetic.append((f"AR(1) phi {phi}", lambda s, f=phi: floats(ar1(np.random.default_rng(s), n, f))))
+        synthetic.append(
+            (f"AR(1) phi {phi}", lambda s, f=phi: floats(ar1(np.random.default_rng(s), n, f)))
+        )
     synthetic.append(("simulated daily weather (5 features)", lambda s: weather_columns(s, n)))
     for name, make in synthetic:
         raised = events = 0
@@ -188,16 +231,26 @@ def first_after(hits: list[int], position: int) -> int | None:
     return after[0] if after else None
 
 
-def watch_delay(values: list[Any], reference: list[Any], numeric: bool, position: int) -> int | None:
-    """Delay of the monitor's drift verdict on one column (ColumnWatch at defaults, batches of 100)."""
-    from loopline.profile import categorical_profile, numeric_profile  # noqa: PLC0415
+def watch_delay(
+    values: list[Any], reference: list[Any], numeric: bool, position: int
+) -> int | None:
+    """Delay of the monitor's drift verdict (ColumnWatch at defaults, batches of 100)."""
+    from loopline.profile import categorical_profile, numeric_profile
 
     profile = numeric_profile(reference) if numeric else categorical_profile(reference)
-    w = ColumnWatch("x", profile, numeric, list(DEFAULTS.detectors), DEFAULTS.seed, DEFAULTS.window,
-                    DEFAULTS.window // 4, THRESHOLDS)
+    w = ColumnWatch(
+        "x",
+        profile,
+        numeric,
+        list(DEFAULTS.detectors),
+        DEFAULTS.seed,
+        DEFAULTS.window,
+        DEFAULTS.window // 4,
+        THRESHOLDS,
+    )
     arr: Any = np.asarray(values, dtype=float) if numeric else values
     for lo in range(0, len(values), 100):
-        chunk = arr[lo:lo + 100]
+        chunk = arr[lo : lo + 100]
         f = w.update(chunk, list(range(lo, lo + len(chunk))), [0] * len(chunk))
         for c in (f.confirmed, f.windowed):
             if c is not None and c.level is not None and c.start + c.n > position:
@@ -208,10 +261,16 @@ def watch_delay(values: list[Any], reference: list[Any], numeric: bool, position
 def error_delay(errors: np.ndarray, position: int, regression: bool) -> int | None:
     """Delay of the monitor's degradation verdict on an error stream (ErrorWatch at defaults)."""
     names = [d for d in DEFAULTS.error_detectors if regression is False or d == "adwin"]
-    w = ErrorWatch(regression, DEFAULTS.performance_window, names, DEFAULTS.seed, DEFAULTS.min_performance_drop,
-                   DEFAULTS.p_value)
+    w = ErrorWatch(
+        regression,
+        DEFAULTS.performance_window,
+        names,
+        DEFAULTS.seed,
+        DEFAULTS.min_performance_drop,
+        DEFAULTS.p_value,
+    )
     for lo in range(0, errors.size, 100):
-        chunk = errors[lo:lo + 100]
+        chunk = errors[lo : lo + 100]
         f = w.add(chunk, np.arange(lo, lo + chunk.size))
         for r in (f.confirmed, f.windowed):
             if r is not None and r.degraded and r.end > position:
@@ -219,16 +278,18 @@ def error_delay(errors: np.ndarray, position: int, regression: bool) -> int | No
     return None
 
 
-def fixed_model_errors(stream: Iterator[tuple[dict[str, Any], Any]], n: int, train: int,
-                       regression: bool = False) -> np.ndarray:
-    """Errors of a model trained on the first ``train`` rows and then fixed, on the ``n`` after them."""
-    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor  # noqa: PLC0415
+def fixed_model_errors(
+    stream: Iterator[tuple[dict[str, Any], Any]], n: int, train: int, regression: bool = False
+) -> np.ndarray:
+    """Errors of a model trained on the first ``train`` rows, then fixed, on the next ``n``."""
+    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
     rows = list(itertools.islice(stream, train + n))
     x = np.asarray([[float(v) for v in r.values()] for r, _ in rows])
     y = np.asarray([float(t) for _, t in rows])
     model: Any = (GradientBoostingRegressor if regression else GradientBoostingClassifier)(
-        n_estimators=60, max_depth=3, random_state=0).fit(x[:train], y[:train])
+        n_estimators=60, max_depth=3, random_state=0
+    ).fit(x[:train], y[:train])
     pred = model.predict(x[train:])
     return np.abs(pred - y[train:]) if regression else (pred != y[train:]).astype(float)
 
@@ -243,8 +304,11 @@ def delay_table(seeds: list[int]) -> list[tuple[str, list[int | None], list[int 
         live = np.r_[rng.normal(0, 1, pos), rng.normal(mean, sd, n - pos)]
         return live, rng.normal(0, 1, REFERENCE)
 
-    for label, mean, sd in (("mean +1 sd", 1.0, 1.0), ("mean +0.5 sd", 0.5, 1.0),
-                            ("standard deviation x2", 0.0, 2.0)):
+    for label, mean, sd in (
+        ("mean +1 sd", 1.0, 1.0),
+        ("mean +0.5 sd", 0.5, 1.0),
+        ("standard deviation x2", 0.0, 2.0),
+    ):
         ours, base = [], []
         for s in seeds:
             live, ref = gaussian(s, mean, sd)
@@ -256,27 +320,50 @@ def delay_table(seeds: list[int]) -> list[tuple[str, list[int | None], list[int 
     ours, base = [], []
     for s in seeds:
         rng = np.random.default_rng(s)
-        live = np.r_[rng.choice(cats, pos, p=[.4, .3, .2, .1]), rng.choice(cats, n - pos, p=[.2, .2, .3, .3])]
-        ref = rng.choice(cats, REFERENCE, p=[.4, .3, .2, .1]).tolist()
+        live = np.r_[
+            rng.choice(cats, pos, p=[0.4, 0.3, 0.2, 0.1]),
+            rng.choice(cats, n - pos, p=[0.2, 0.2, 0.3, 0.3]),
+        ]
+        ref = rng.choice(cats, REFERENCE, p=[0.4, 0.3, 0.2, 0.1]).tolist()
         ours.append(watch_delay(live.tolist(), ref, False, pos))
         firsts = [first_after(adwin_hits((live == c).astype(float)), pos) for c in cats]
         base.append(min((d for d in firsts if d is not None), default=None))
-    out.append(("category mix .4/.3/.2/.1 -> .2/.2/.3/.3", ours, base, "each category's 0/1 indicator"))
+    out.append(
+        ("category mix .4/.3/.2/.1 -> .2/.2/.3/.3", ours, base, "each category's 0/1 indicator")
+    )
 
     train = 2000
     concepts: list[tuple[str, Callable[[int], Iterator[tuple[dict[str, Any], Any]]], bool]] = [
-        ("SEA 0->1 (fixed model's 0/1 errors)", lambda s: itertools.chain(
-            itertools.islice(synth.SEA(variant=0, seed=s), train + pos), synth.SEA(variant=1, seed=s + 1000)), False),
-        ("Agrawal 0->2 (fixed model's 0/1 errors)", lambda s: itertools.chain(
-            itertools.islice(synth.Agrawal(0, seed=s), train + pos), synth.Agrawal(2, seed=s + 1000)), False),
-        ("FriedmanDrift gra (fixed model's |errors|)", lambda s: iter(synth.FriedmanDrift(
-            drift_type="gra", position=(train + pos, 10 * n), seed=s)), True)]
+        (
+            "SEA 0->1 (fixed model's 0/1 errors)",
+            lambda s: itertools.chain(
+                itertools.islice(synth.SEA(variant=0, seed=s), train + pos),
+                synth.SEA(variant=1, seed=s + 1000),
+            ),
+            False,
+        ),
+        (
+            "Agrawal 0->2 (fixed model's 0/1 errors)",
+            lambda s: itertools.chain(
+                itertools.islice(synth.Agrawal(0, seed=s), train + pos),
+                synth.Agrawal(2, seed=s + 1000),
+            ),
+            False,
+        ),
+        (
+            "FriedmanDrift gra (fixed model's |errors|)",
+            lambda s: iter(
+                synth.FriedmanDrift(drift_type="gra", position=(train + pos, 10 * n), seed=s)
+            ),
+            True,
+        ),
+    ]
     for label, make, regression in concepts:
         ours, base = [], []
         for s in seeds:
             errors = fixed_model_errors(make(s), n, train, regression)
             ours.append(error_delay(errors, pos, regression))
-            # Regression errors in units of their first 50's mean, as the monitor's detectors see them.
+            # Regression errors in units of their first 50's mean, as the monitor's detectors see.
             scale = (errors[:50].mean() or 1.0) if regression else 1.0
             base.append(first_after(adwin_hits(errors / scale), pos))
         out.append((label, ours, base, "the errors"))
@@ -285,12 +372,13 @@ def delay_table(seeds: list[int]) -> list[tuple[str, list[int | None], list[int 
 
 # ---- 3. end to end -------------------------------------------------------------------------------
 def end_to_end(seeds: list[int]) -> list[tuple[str, int, int, list[int | None], int]]:
-    """(stream, runs, false alarms before the change, delays of the first alert after it, events) rows."""
+    """(stream, runs, false alarms before the change, first alert delays, events) rows."""
     cases: list[tuple[str, Callable[[int], ms.Stream]]] = [
         ("weather: thermometer +6 C from event 6000", lambda s: ms.weather(s, kind="sensor")),
         ("weather: wetter climate from event 6000", lambda s: ms.weather(s, kind="climate")),
         ("nonlinear concept rotating over 300 events", lambda s: ms.moving_concept(s)),
-        ("FriedmanDrift gra at event 6000 (regression)", lambda s: ms.friedman(s))]
+        ("FriedmanDrift gra at event 6000 (regression)", lambda s: ms.friedman(s)),
+    ]
     rows = []
     for label, make in cases:
         fa, delays, events = 0, [], 0
@@ -315,7 +403,9 @@ def main() -> None:
     """Run the three parts and print their tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--events", type=int, default=20_000, help="Live events per synthetic stationary stream.")
+    parser.add_argument(
+        "--events", type=int, default=20_000, help="Live events per synthetic stationary stream."
+    )
     parser.add_argument("--parts", default="123", help="Which parts to run (1, 2, 3).")
     args = parser.parse_args()
     seeds = list(range(args.seeds))
@@ -326,15 +416,23 @@ def main() -> None:
         for name, rate, events in stationary_table(seeds, args.events + REFERENCE):
             print(f"{name:52} {rate:8.2f} {events:8d}", flush=True)
     if "2" in args.parts:
-        print("\nDetection delay, i.i.d. streams, change at event 5000 (median over 5 seeds; - missed)")
+        print(
+            "\nDetection delay, i.i.d. streams, change at event 5000 (median of 5 seeds; - missed)"
+        )
         print(f"{'change':44} {'monitor':>8} {'ADWIN':>8} {'ratio':>6}  ADWIN watched")
         for name, ours, base, what in delay_table(list(range(5))):
             a, b = _median(ours), _median(base)
             ratio = f"{a / b:.2f}" if a is not None and b else "-"
-            print(f"{name:44} {a if a is not None else '-':>8} {b if b is not None else '-':>8} {ratio:>6}  "
-                  f"{what}; misses {sum(x is None for x in ours)}/{sum(x is None for x in base)}", flush=True)
+            print(
+                f"{name:44} {'-' if a is None else a:>8} {'-' if b is None else b:>8} {ratio:>6}  "
+                f"{what}; misses {sum(x is None for x in ours)}/{sum(x is None for x in base)}",
+                flush=True,
+            )
     if "3" in args.parts:
-        print("\nEnd to end through PipelineMonitor (first model on the first 2000 rows; feedback 50 events late)")
+        print(
+            "\nEnd to end through PipelineMonitor (first model on the first 2000 rows; feedback 50 "
+            "events late)"
+        )
         print(f"{'stream':48} {'runs':>4} {'false alarms before':>20} {'alert delays':>20}")
         for name, runs, fa, delays, events in end_to_end(seeds):
             shown = ",".join("-" if d is None else str(d) for d in delays)

@@ -10,9 +10,9 @@ from loopline.kafka import AckedProducer
 from loopline.registry import now_ms
 
 _OPTIONAL = ("model_name", "model_version", "feature", "detector", "statistic", "threshold",
-             "window", "first_offset", "last_offset", "first_partition", "reference_value", "current_value",
-             "p_value", "effective_n", "performance_metric", "performance_baseline", "performance_now",
-             "labeled", "action", "resolution")
+             "window", "first_offset", "last_offset", "first_partition", "reference_value",
+             "current_value", "p_value", "effective_n", "performance_metric",
+             "performance_baseline", "performance_now", "labeled", "action", "resolution")
 
 
 def alert_event(pipeline: str, signal: str, message: str, *,

@@ -61,11 +61,13 @@ def model_version_key(pipeline: str, name: str, version: int) -> bytes:
     return f"pipeline/{pipeline}/model/{name}/{version}".encode()
 
 
-def rebaseline_event(pipeline: str, reason: str = "", actor: str = "cli") -> tuple[bytes, dict[str, Any]]:
-    """The registry key and event that tell the monitor to take recent live traffic as its reference."""
+def rebaseline_event(pipeline: str, reason: str = "",
+                     actor: str = "cli") -> tuple[bytes, dict[str, Any]]:
+    """The registry key and event telling the monitor to take recent live traffic as reference."""
     rid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
-    event = {"kind": "rebaseline", "pipeline": pipeline, "at": now_ms(), "spec": None, "model": None,
-             "stage_change": None, "rebaseline": {"id": rid, "reason": reason, "actor": actor}}
+    event = {"kind": "rebaseline", "pipeline": pipeline, "at": now_ms(), "spec": None,
+             "model": None, "stage_change": None,
+             "rebaseline": {"id": rid, "reason": reason, "actor": actor}}
     # A key of its own, so compaction keeps every rebaseline (a monitor replaying the topic
     # recognises the ones it applied by id).
     return f"pipeline/{pipeline}/rebaseline/{rid}".encode(), event
@@ -112,7 +114,8 @@ class RegistryState:
             if version is not None:
                 version["stage"], version["traffic"] = c["to_stage"], c["traffic"]
         elif event["kind"] == "rebaseline" and event.get("rebaseline") is not None:
-            self.rebaselines.setdefault(pipeline, []).append(dict(event["rebaseline"], at=event["at"]))
+            command = dict(event["rebaseline"], at=event["at"])
+            self.rebaselines.setdefault(pipeline, []).append(command)
         self.offset = offset
 
     def deployment_at(self, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:

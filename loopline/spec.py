@@ -95,24 +95,28 @@ class Monitor(_Strict):
     """
 
     detectors: list[Literal["adwin", "page_hinkley", "kswin"]] = Field(
-        default_factory=lambda: ["adwin"], description="Early-warning detectors on every column (values, "
-        "spread, category shares): a signal triggers a test against the reference, never an alert by itself.")
+        default_factory=lambda: ["adwin"],
+        description="Early-warning detectors on every column (values, spread, category shares): "
+        "a signal triggers a test against the reference, never an alert by itself.")
     error_detectors: list[Literal["ddm", "eddm", "hddm_a", "hddm_w", "adwin"]] = Field(
-        default_factory=lambda: ["adwin", "ddm"], description="Early-warning detectors on each model's error "
-        "stream (ddm/eddm/hddm_*: classification only).")
-    window: int = Field(1000, ge=50, description="Events in the windowed comparison with the reference (also "
-                        "the longest segment an early warning tests).")
-    psi_warning: float = Field(0.1, gt=0, description="Effect size (chance-corrected PSI) of a warning.")
-    psi_alert: float = Field(0.25, gt=0, description="Effect size (chance-corrected PSI) of an alert.")
-    p_value: float = Field(1e-4, gt=0, lt=1, description="Evidence: the dependence-corrected p-value a drift or "
-                           "a performance drop must get below.")
-    ks_alert_pvalue: float | None = Field(None, gt=0, lt=1, description="Deprecated and ignored (the KS test "
-                                          "assumed independent events); kept so older specs still load.")
-    performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling metrics; the "
-                                    "first window of a version is its baseline.")
+        default_factory=lambda: ["adwin", "ddm"],
+        description="Early-warning detectors on each model's error stream (ddm, eddm, hddm_*: "
+        "classification only).")
+    window: int = Field(1000, ge=50, description="Events in the windowed comparison with the "
+                        "reference (also the longest segment an early warning tests).")
+    psi_warning: float = Field(0.1, gt=0, description="Effect size (PSI beyond chance) of a "
+                               "warning.")
+    psi_alert: float = Field(0.25, gt=0, description="Effect size (PSI beyond chance) of an alert.")
+    p_value: float = Field(1e-4, gt=0, lt=1, description="Evidence: the dependence-corrected "
+                           "p-value a drift or a performance drop must get below.")
+    ks_alert_pvalue: float | None = Field(
+        None, gt=0, lt=1, description="Deprecated and ignored (the KS test assumed independent "
+        "events); kept so older specs still load.")
+    performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling "
+                                    "metrics; the first window of a version is its baseline.")
     min_performance_drop: float = Field(
-        0.02, gt=0, description="Effect size of a performance alert: accuracy this many points below the "
-        "version's baseline (regression: MAE this much higher, relatively).")
+        0.02, gt=0, description="Effect size of a performance alert: accuracy this many points "
+        "below the version's baseline (regression: MAE this much higher, relatively).")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
     readers: list[str] = Field(default_factory=list, description="Consumer groups whose committed offsets on the "
                                "predictions topic count as reading them (default: any group except Loopline's "

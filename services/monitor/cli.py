@@ -1,4 +1,4 @@
-"""``loopline monitor ...``: commands a person gives the running monitor (through the registry topic)."""
+"""``loopline monitor ...``: commands a person gives the running monitor, through the registry."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def monitor() -> None:
 
 @monitor.command()
 @click.argument("pipeline")
-@click.option("--reason", default="", help="Why: recorded with the command and quoted in the resolved alerts.")
+@click.option(
+    "--reason", default="", help="Why: recorded with the command and quoted in the resolved alerts."
+)
 def rebaseline(pipeline: str, reason: str) -> None:
     """Make PIPELINE's recent live traffic the monitor's reference.
 
@@ -41,9 +43,13 @@ def rebaseline(pipeline: str, reason: str) -> None:
     finally:
         reader.close()
     if pipeline not in known:
-        raise LooplineError(f"pipeline {pipeline!r} is not in the registry "
-                            f"(known: {', '.join(sorted(known)) or 'none'}); nothing to rebaseline")
+        raise LooplineError(
+            f"pipeline {pipeline!r} is not in the registry "
+            f"(known: {', '.join(sorted(known)) or 'none'}); nothing to rebaseline"
+        )
     key, event = rebaseline_event(pipeline, reason=reason)
     publish(AckedProducer(kafka.producer("loopline-monitor-cli")), key, event)
-    console.print(f"{pipeline}: rebaseline {event['rebaseline']['id']} sent; the monitor takes its recent "
-                  "traffic as the reference when it reads it, and resolves open drift alerts.")
+    console.print(
+        f"{pipeline}: rebaseline {event['rebaseline']['id']} sent; the monitor takes its recent "
+        "traffic as the reference when it reads it, and resolves open drift alerts."
+    )

@@ -21,10 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from loopline.services.monitor.detectors import Detector
-from loopline.services.monitor.evidence import (MIN_ERRORS, MIN_HISTORY, MeanTest, change_point,
-                                                dependence, mean_test, rate_test)
+from loopline.services.monitor.evidence import (
+    MIN_ERRORS,
+    MIN_HISTORY,
+    MeanTest,
+    change_point,
+    dependence,
+    mean_test,
+    rate_test,
+)
 from loopline.services.monitor.windowed import RingBuffer
 
 CONFIRM_EVERY = 32
@@ -62,8 +68,15 @@ class ErrorFinding:
 class ErrorWatch:
     """Baseline, error history, early-warning detectors and tests of one variant."""
 
-    def __init__(self, regression: bool, window: int, detectors: list[str], seed: int, min_drop: float,
-                 p_value: float) -> None:
+    def __init__(
+        self,
+        regression: bool,
+        window: int,
+        detectors: list[str],
+        seed: int,
+        min_drop: float,
+        p_value: float,
+    ) -> None:
         self.regression = regression
         self.window = window
         self.min_drop = min_drop
@@ -79,14 +92,18 @@ class ErrorWatch:
         self.last_test = 0
         self.since_window = 0
         self.scale: float | None = None
-        self.degraded = False  # set by the pipeline while an episode is open: no confirmations needed
+        self.degraded = (
+            False  # set by the pipeline while an episode is open: no confirmations needed
+        )
 
     def rebase(self) -> None:
         """Restart the baseline from the last ``window`` errors (or from the next ones)."""
         held = min(self.errors.total, self.window)
         recent = self.errors.values(held).tolist()
         self.first, self.baseline, self.pending = [], None, None
-        self.detectors = [Detector(d.name, d.seed, binary_stream=not self.regression) for d in self.detectors]
+        self.detectors = [
+            Detector(d.name, d.seed, binary_stream=not self.regression) for d in self.detectors
+        ]
         if held >= self.window:
             self._set_baseline(recent)
         else:
@@ -125,11 +142,11 @@ class ErrorWatch:
         confirmed = windowed = None
         done = 0
         if not self.degraded:
-            # Test at each warning, with the errors up to it: as early as the warning, whatever the batch.
+            # Test at each warning, with the errors up to it: as early as the warning, any batch.
             for i, name in hits:
                 if i < done or confirmed is not None:
                     continue
-                self._extend(errors[done:i + 1], offsets[done:i + 1])
+                self._extend(errors[done : i + 1], offsets[done : i + 1])
                 done = i + 1
                 if self.pending is None:
                     self.pending, self.pending_by = start + i, name
@@ -169,7 +186,9 @@ class ErrorWatch:
         if lookback < 2 * MIN_ERRORS:
             return None
         recent = self.errors.values(lookback)
-        n = lookback - change_point(self._codes(recent), _BINS if self.regression else 2, MIN_ERRORS)
+        n = lookback - change_point(
+            self._codes(recent), _BINS if self.regression else 2, MIN_ERRORS
+        )
         if held - n < MIN_HISTORY:
             return None
         return self.test(n)
@@ -187,16 +206,23 @@ class ErrorWatch:
         if self.baseline is None or n < MIN_ERRORS:
             return None
         errors = self.errors.values(held)
-        seg = errors[held - n:]
-        tau = dependence(seg, errors[:held - n], within)
+        seg = errors[held - n :]
+        tau = dependence(seg, errors[: held - n], within)
         if tau is None:
             return None
-        t = (mean_test(seg, self.baseline, self.baseline_var, self.window, tau) if self.regression
-             else rate_test(seg, self.baseline, self.window, tau))
+        t = (
+            mean_test(seg, self.baseline, self.baseline_var, self.window, tau)
+            if self.regression
+            else rate_test(seg, self.baseline, self.window, tau)
+        )
         drop = self._drop(t.mean)
-        recent = self._drop(float(np.mean(seg[n // 2:])))
-        degraded = t.p_value < self.p_value and drop >= self.min_drop and recent >= self.min_drop / 2
-        return ErrorTest(int(self.offsets.values(n)[0]), self.errors.total, t, tau, drop, recent, degraded)
+        recent = self._drop(float(np.mean(seg[n // 2 :])))
+        degraded = (
+            t.p_value < self.p_value and drop >= self.min_drop and recent >= self.min_drop / 2
+        )
+        return ErrorTest(
+            int(self.offsets.values(n)[0]), self.errors.total, t, tau, drop, recent, degraded
+        )
 
     def _drop(self, mean: float) -> float:
         base = self.baseline or 0.0

@@ -1,4 +1,4 @@
-"""Alert once per episode: a signal is raised when it first crosses a level and resolved when it clears.
+"""Alert once per episode: a signal is raised when it first crosses a level, resolved when clear.
 
 An episode is keyed by (signal, model, version, feature, detector). Levels are ``None`` (fine),
 ``"warning"`` and ``"alert"``. Rising to a higher level emits a ``raised`` event (an escalation
@@ -31,8 +31,10 @@ class EpisodeKey:
 
     def label(self) -> str:
         """A short text form, for ids and logs."""
-        return "|".join(str(x) for x in (self.signal, self.model_name, self.model_version,
-                                         self.feature, self.detector))
+        return "|".join(
+            str(x)
+            for x in (self.signal, self.model_name, self.model_version, self.feature, self.detector)
+        )
 
 
 @dataclass
@@ -59,8 +61,16 @@ class Episodes:
         """Whether an episode of ``key`` is open."""
         return key in self.open
 
-    def observe(self, key: EpisodeKey, level: str | None, message: str, *, at: int,
-                offset: int | None = None, **fields: Any) -> dict[str, Any] | None:
+    def observe(
+        self,
+        key: EpisodeKey,
+        level: str | None,
+        message: str,
+        *,
+        at: int,
+        offset: int | None = None,
+        **fields: Any,
+    ) -> dict[str, Any] | None:
         """Record the current level of ``key``; return the alert event to send, if any.
 
         ``fields`` are optional alert columns (statistic, threshold, window, detector, ...);
@@ -69,8 +79,13 @@ class Episodes:
         current = self.open.get(key)
         first = fields.pop("first_offset", None)
         first_partition = fields.pop("first_partition", None)
-        columns = {"feature": key.feature, "detector": key.detector, "model_name": key.model_name,
-                   "model_version": key.model_version, **fields}
+        columns = {
+            "feature": key.feature,
+            "detector": key.detector,
+            "model_name": key.model_name,
+            "model_version": key.model_version,
+            **fields,
+        }
         if current is None:
             if level is None:
                 return None
@@ -90,11 +105,27 @@ class Episodes:
             return self._event(key, current, "raised", level, message, at, columns)
         return None
 
-    def _event(self, key: EpisodeKey, episode: Episode, state: str, severity: str, message: str, at: int,
-               columns: dict[str, Any]) -> dict[str, Any]:
+    def _event(
+        self,
+        key: EpisodeKey,
+        episode: Episode,
+        state: str,
+        severity: str,
+        message: str,
+        at: int,
+        columns: dict[str, Any],
+    ) -> dict[str, Any]:
         suffix = f":{severity}" if state == "raised" else ""
-        return alert_event(self.pipeline, key.signal, message, state=state,  # type: ignore[arg-type]
-                           severity=severity,  # type: ignore[arg-type]
-                           episode=f"{key.label()}#{episode.number}{suffix}", at=at,
-                           first_offset=episode.first_offset, first_partition=episode.first_partition,
-                           last_offset=episode.last_offset, **columns)
+        return alert_event(
+            self.pipeline,
+            key.signal,
+            message,
+            state=state,  # type: ignore[arg-type]
+            severity=severity,  # type: ignore[arg-type]
+            episode=f"{key.label()}#{episode.number}{suffix}",
+            at=at,
+            first_offset=episode.first_offset,
+            first_partition=episode.first_partition,
+            last_offset=episode.last_offset,
+            **columns,
+        )

@@ -1,4 +1,4 @@
-"""The statistics behind a drift decision: effect size, evidence corrected for dependence, change points.
+"""The statistics of a drift decision: effect size, dependence-corrected evidence, change points.
 
 Events of a real stream are rarely independent: seasons, slowly moving sensors and weather make
 neighbouring events alike, and a test that counts every event as a new observation calls a
@@ -74,7 +74,7 @@ def lag1_tau(x: np.ndarray) -> float:
 
 
 def batch_means_tau(x: np.ndarray, block: int) -> float:
-    """Integrated autocorrelation time at ``block`` from overlapping batch means (largest column)."""
+    """Integrated autocorrelation time at ``block`` by overlapping batch means (largest column)."""
     cols = _as_columns(np.asarray(x, dtype=float))
     n = cols.shape[0]
     if block < 2 or n < 2 * block:
@@ -219,7 +219,7 @@ def rate_test(segment: np.ndarray, baseline: float, m: int, tau: float) -> MeanT
 
 
 def z_pvalue(segment: np.ndarray, mean: float, var: float, m: int, tau: float) -> float:
-    """Two-sided p-value of the segment's mean against a reference ``mean``/``var`` (``m`` values)."""
+    """Two-sided p-value of the segment's mean against a reference ``mean``/``var`` of ``m``."""
     n = len(segment)
     if n == 0 or var <= 0:
         return 1.0

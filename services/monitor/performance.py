@@ -15,10 +15,8 @@ from operator import itemgetter
 from typing import Any
 
 import numpy as np
-
 from loopline.services.monitor.degradation import ErrorTest, ErrorWatch
 from loopline.services.monitor.detectors import error_detector_names
-
 
 VariantKey = tuple[str, int, str]
 
@@ -231,8 +229,8 @@ class PerformanceTracker:
             watch = self.watches.get(key)
             if watch is None:
                 names = error_detector_names(self.detector_names, self.task)
-                watch = self.watches[key] = ErrorWatch(self.regression, self.window, names, self.seed,
-                                                       self.min_drop, self.p_value)
+                watch = self.watches[key] = ErrorWatch(self.regression, self.window, names,
+                                                       self.seed, self.min_drop, self.p_value)
             found = watch.add(arr, off_arr)
             if watch.baseline is not None:
                 self.baseline[key] = watch.baseline
@@ -244,7 +242,7 @@ class PerformanceTracker:
         return out
 
     def recent(self, key: VariantKey, n: int = RECENT) -> tuple[float, float | None, int] | None:
-        """(metric over the last ``n`` labels, metric over the baseline, labels so far); None: no labels."""
+        """(metric of the last ``n`` labels, of the baseline, labels so far); None: no labels."""
         window = self.rolling.get(key)
         if not window:
             return None

@@ -20,8 +20,6 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-
-from loopline.registry import RegistryState
 from loopline.services.monitor import messages
 from loopline.services.monitor.episodes import EpisodeKey, Episodes
 from loopline.services.monitor.messages import Performance
@@ -31,6 +29,8 @@ from loopline.services.monitor.quality import Columns, QualityTracker
 from loopline.services.monitor.streams import ColumnWatch, Finding
 from loopline.services.monitor.windowed import Thresholds
 from loopline.services.monitor.zombie import DEPLOYED, ZombieWatch
+
+from loopline.registry import RegistryState
 from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 # The detector field of episodes: every drift is decided by a PSI test (of a feature, of an
 # output), every performance drop by a test of the error stream.
 DRIFT, OUTPUT_DRIFT, ERRORS = "psi", "output_psi", "errors"
-MIN_QUALITY_EVENTS = 50  # a partial quality window needs this many events (and a quarter window) to be judged
+MIN_QUALITY_EVENTS = (
+    50  # a partial quality window needs this many events (and a quarter window) to be judged
+)
 Alert = dict[str, Any]
 
 
@@ -62,7 +64,7 @@ class Batch:
 
 
 class PipelineMonitor:
-    """Drift, quality, performance and zombie tracking of one pipeline (picklable: no clients inside)."""
+    """Drift, quality, performance and zombie tracking of one pipeline (picklable: no clients)."""
 
     def __init__(self, spec: PipelineSpec, tuning: Tuning) -> None:
         self.spec = spec
@@ -75,8 +77,15 @@ class PipelineMonitor:
         self.episodes = Episodes(spec.name)
         self.quality = QualityTracker(spec, m.window)
         self.performance = PerformanceTracker(
-            spec.label.task, spec.label.classes, m.performance_window, int(spec.trainer.label_ttl_s * 1000),
-            list(m.error_detectors), m.seed, min_drop=m.min_performance_drop, p_value=m.p_value)
+            spec.label.task,
+            spec.label.classes,
+            m.performance_window,
+            int(spec.trainer.label_ttl_s * 1000),
+            list(m.error_detectors),
+            m.seed,
+            min_drop=m.min_performance_drop,
+            p_value=m.p_value,
+        )
         self.zombies = ZombieWatch(m.zombie_after_s)
         self.champion: tuple[str, int] | None = None
         self.features: dict[str, ColumnWatch] = {}
@@ -87,13 +96,15 @@ class PipelineMonitor:
         #: Rebaselines (registry ids) already applied, or seen before this monitor had any data.
         self.rebaselined: set[str] = set()
         self.refreshed = False
-        self.outbox: list[Alert] = []  # alerts of registry changes, sent with the next batch or tick
+        self.outbox: list[
+            Alert
+        ] = []  # alerts of registry changes, sent with the next batch or tick
         self.quality_at_last_tick = 0
         self._build_features(None, "its first values (no champion with a reference profile)")
 
     # --- registry ---------------------------------------------------------------------------
     def refresh(self, state: RegistryState, at: int = 0) -> None:
-        """Follow the registry: spec, reference profiles, champion, deployed versions, rebaselines."""
+        """Follow the registry: spec, profiles, champion, deployed versions, rebaselines."""
         spec = state.specs.get(self.spec.name, self.spec)
         self.spec = spec
         deployed: dict[tuple[str, int], tuple[str, float]] = {}
@@ -106,11 +117,21 @@ class PipelineMonitor:
                 try:
                     self.profiles[(name, version)] = orjson.loads(v["reference_profile_json"])
                 except orjson.JSONDecodeError as e:
-                    log.error("reference_profile_unreadable", extra={
-                        "pipeline": spec.name, "model": name, "version": version, "error": str(e)})
+                    log.error(
+                        "reference_profile_unreadable",
+                        extra={
+                            "pipeline": spec.name,
+                            "model": name,
+                            "version": version,
+                            "error": str(e),
+                        },
+                    )
             if v.get("stage") in DEPLOYED:
-                changes = [c["at"] for c in state.stage_changes
-                           if c["pipeline"] == pipeline and c["name"] == name and c["version"] == version]
+                changes = [
+                    c["at"]
+                    for c in state.stage_changes
+                    if c["pipeline"] == pipeline and c["name"] == name and c["version"] == version
+                ]
                 deployed[(name, version)] = (v["stage"], max(changes or [v["at"]]) / 1000)
             else:
                 retired.add((name, version))
@@ -121,13 +142,22 @@ class PipelineMonitor:
         champion = max(champions, key=lambda k: k[1]) if champions else None
         self.quality.spec = spec
         if champion != self.champion or {f.name for f in spec.features} != set(self.features):
-            log.info("monitor_reference_changed", extra={"pipeline": spec.name, "champion": champion})
+            log.info(
+                "monitor_reference_changed", extra={"pipeline": spec.name, "champion": champion}
+            )
             self.champion = champion
             profile = self.profiles.get(champion) if champion else None
-            note = (f"the training profile of champion {champion[0]} v{champion[1]}" if profile and champion
-                    else "its first values (no champion with a reference profile)")
-            self._resolve(lambda k: k.signal == "drift" and k.detector == DRIFT,
-                          f"the reference was renewed: {note}", "new_reference", at)
+            note = (
+                f"the training profile of champion {champion[0]} v{champion[1]}"
+                if profile and champion
+                else "its first values (no champion with a reference profile)"
+            )
+            self._resolve(
+                lambda k: k.signal == "drift" and k.detector == DRIFT,
+                f"the reference was renewed: {note}",
+                "new_reference",
+                at,
+            )
             self._build_features(profile, note)
         fresh = not self.refreshed
         self.refreshed = True
@@ -143,42 +173,71 @@ class PipelineMonitor:
 
     def rebaseline(self, command: dict[str, Any], at: int = 0) -> None:
         """Take the last ``window`` values of every column as its reference, and the last window of
-        labels as each version's performance baseline; resolve the open drift/performance episodes."""
+        labels as each version's performance baseline; resolve the open drift and performance
+        episodes."""
         who = f"`loopline monitor rebaseline` ({command.get('actor') or 'cli'}"
         who += f": {command['reason']})" if command.get("reason") else ")"
-        for watch in [*self.features.values(), *(w for ws in self.outputs.values() for w in ws.values())]:
+        for watch in [
+            *self.features.values(),
+            *(w for ws in self.outputs.values() for w in ws.values()),
+        ]:
             profile = watch.recent_profile()
-            note = (f"its last {profile['count'] + profile['missing']} values before {who}" if profile
-                    else f"its first {self.window} values after {who}")
+            note = (
+                f"its last {profile['count'] + profile['missing']} values before {who}"
+                if profile
+                else f"its first {self.window} values after {who}"
+            )
             watch.renew(profile, note)
         self.performance.rebase()
-        self._resolve(lambda k: k.signal in ("drift", "performance"),
-                      f"the reference was renewed by {who}: the monitor now compares with recent traffic",
-                      "rebaseline", at)
+        self._resolve(
+            lambda k: k.signal in ("drift", "performance"),
+            f"the reference was renewed by {who}: the monitor now compares with recent traffic",
+            "rebaseline",
+            at,
+        )
         log.info("monitor_rebaselined", extra={"pipeline": self.spec.name, "id": command.get("id")})
 
     def _retire(self, retired: set[tuple[str, int]], at: int) -> None:
-        """Forget the outputs of versions the registry no longer deploys; their open episodes end."""
+        """Forget the outputs of versions the registry no longer deploys; their episodes end."""
         for key in [k for k in self.outputs if k in retired]:
             del self.outputs[key]
-        self._resolve(lambda k: (k.signal == "performance" or k.detector == OUTPUT_DRIFT)
-                      and (k.model_name, k.model_version) in retired,
-                      "the model version is no longer deployed", "retired", at)
+        self._resolve(
+            lambda k: (
+                (k.signal == "performance" or k.detector == OUTPUT_DRIFT)
+                and (k.model_name, k.model_version) in retired
+            ),
+            "the model version is no longer deployed",
+            "retired",
+            at,
+        )
 
     def _resolve(self, which: Any, why: str, resolution: str, at: int) -> None:
         for key in [k for k in self.episodes.open if which(k)]:
             what = _subject(key)
-            self.outbox += _some(self.episodes.observe(key, None, f"{what}: episode closed, {why}.", at=at,
-                                                       resolution=resolution))
+            self.outbox += _some(
+                self.episodes.observe(
+                    key, None, f"{what}: episode closed, {why}.", at=at, resolution=resolution
+                )
+            )
             self.clear_since.pop(key, None)
 
     def _build_features(self, profile: dict[str, Any] | None, note: str) -> None:
         m = self.spec.monitor
         refs = (profile or {}).get("features", {})
         self.features = {
-            f.name: ColumnWatch(f.name, refs.get(f.name), f.type in ("float", "int"), list(m.detectors), m.seed,
-                                self.window, self.every, self.thresholds, note)
-            for f in self.spec.features}
+            f.name: ColumnWatch(
+                f.name,
+                refs.get(f.name),
+                f.type in ("float", "int"),
+                list(m.detectors),
+                m.seed,
+                self.window,
+                self.every,
+                self.thresholds,
+                note,
+            )
+            for f in self.spec.features
+        }
 
     def _outputs_of(self, key: tuple[str, int]) -> dict[str, ColumnWatch]:
         watches = self.outputs.get(key)
@@ -188,9 +247,19 @@ class PipelineMonitor:
             refs = profile.get("outputs") or {"value": None}
             note = f"the training profile of {key[0]} v{key[1]}"
             watches = self.outputs[key] = {
-                name: ColumnWatch(name, ref, name != "label", list(m.detectors), m.seed, self.window,
-                                  self.every, self.thresholds, note if ref else None)
-                for name, ref in refs.items()}
+                name: ColumnWatch(
+                    name,
+                    ref,
+                    name != "label",
+                    list(m.detectors),
+                    m.seed,
+                    self.window,
+                    self.every,
+                    self.thresholds,
+                    note if ref else None,
+                )
+                for name, ref in refs.items()
+            }
         return watches
 
     # --- batches ------------------------------------------------------------------------------
@@ -209,29 +278,35 @@ class PipelineMonitor:
 
     def on_dead_letters(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
         """Quality counts from ingest's rejections."""
-        return self._drain() + self._quality(self.quality.add_dead_letters(batch.records, batch.offsets),
-                                             metrics, at)
+        return self._drain() + self._quality(
+            self.quality.add_dead_letters(batch.records, batch.offsets), metrics, at
+        )
 
-    def on_predictions(self, batch: Batch, metrics: MonitorMetrics, at: int, now_s: float = 0.0) -> list[Alert]:
-        """Output drift per model version, traffic for zombie checks, and joins with earlier feedback."""
+    def on_predictions(
+        self, batch: Batch, metrics: MonitorMetrics, at: int, now_s: float = 0.0
+    ) -> list[Alert]:
+        """Output drift per model version, traffic for zombie checks, joins with feedback."""
         alerts = self._drain()
         for key, sub in _by_version(batch).items():
-            # Traffic is when the monitor saw it: immune to clock skew between hosts and to backlogs.
+            # Traffic is when the monitor saw it: immune to clock skew between hosts and backlogs.
             self.zombies.traffic(key[0], key[1], now_s or at / 1000, _spans(sub))
             outputs = _Outputs(sub.records)
             for name, watch in self._outputs_of(key).items():
                 finding = watch.update(outputs.column(name), sub.offsets, sub.partitions)
                 alerts += self._drift("output", name, watch, finding, sub, key, metrics, at)
-        alerts += self._performance(self.performance.add_predictions(batch.records, batch.offsets), metrics, at)
+        alerts += self._performance(
+            self.performance.add_predictions(batch.records, batch.offsets), metrics, at
+        )
         return alerts
 
     def on_feedback(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
         """Join feedback to predictions; rolling metrics and degradation tests."""
-        return self._drain() + self._performance(self.performance.add_feedback(batch.records, batch.offsets),
-                                                 metrics, at)
+        return self._drain() + self._performance(
+            self.performance.add_feedback(batch.records, batch.offsets), metrics, at
+        )
 
     def tick(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
-        """Periodic work: zombie checks, and closing a partial quality window when the stream paused."""
+        """Periodic work: zombie checks, closing a partial quality window when the stream paused."""
         alerts = self._drain() + self.check_zombies(now_s, watching_since_s, metrics)
         pending = self.quality.events
         if pending and pending == self.quality_at_last_tick:
@@ -245,11 +320,13 @@ class PipelineMonitor:
         return out
 
     def readers(self, committed: dict[int, int]) -> None:
-        """How far the groups that read this pipeline's predictions have committed, per partition."""
+        """How far the groups reading this pipeline's predictions have committed, per partition."""
         self.zombies.read(committed)
 
-    def check_zombies(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
-        """Report deployed versions without traffic, or without readers, for spec.monitor.zombie_after_s."""
+    def check_zombies(
+        self, now_s: float, watching_since_s: float, metrics: MonitorMetrics
+    ) -> list[Alert]:
+        """Report deployed versions without traffic or readers for spec.monitor.zombie_after_s."""
         alerts = []
         at, limit = int(now_s * 1000), self.spec.monitor.zombie_after_s
         seen = set()
@@ -261,17 +338,42 @@ class PipelineMonitor:
             model = f"Model {s.model_name} v{s.model_version} ({s.stage})"
             version = {"model_name": s.model_name, "model_version": s.model_version}
             idle = EpisodeKey("zombie", detector="no_traffic", **version)
-            msg = (f"{model} has served no predictions for {s.idle_s:.0f}s (zombie after {limit:.0f}s)."
-                   if s.idle else f"{model} has traffic again.")
-            alerts += _some(self.episodes.observe(idle, "warning" if s.idle else None, msg, at=at,
-                                                  statistic=s.idle_s, threshold=limit))
+            msg = (
+                f"{model} has served no predictions for {s.idle_s:.0f}s "
+                f"(zombie after {limit:.0f}s)."
+                if s.idle
+                else f"{model} has traffic again."
+            )
+            alerts += _some(
+                self.episodes.observe(
+                    idle,
+                    "warning" if s.idle else None,
+                    msg,
+                    at=at,
+                    statistic=s.idle_s,
+                    threshold=limit,
+                )
+            )
             unread = EpisodeKey("zombie", detector="unread", **version)
-            readers = ", ".join(self.spec.monitor.readers) or "no consumer group outside Loopline's own"
-            msg = (f"{model}: nobody has read its predictions on {self.spec.topics.predictions} for "
-                   f"{s.unread_s:.0f}s (readers: {readers}; zombie after {limit:.0f}s)." if s.unread else
-                   f"{model}: its predictions are being read again.")
-            alerts += _some(self.episodes.observe(unread, "warning" if s.unread else None, msg, at=at,
-                                                  statistic=s.unread_s, threshold=limit))
+            readers = (
+                ", ".join(self.spec.monitor.readers) or "no consumer group outside Loopline's own"
+            )
+            msg = (
+                f"{model}: nobody has read its predictions on {self.spec.topics.predictions} for "
+                f"{s.unread_s:.0f}s (readers: {readers}; zombie after {limit:.0f}s)."
+                if s.unread
+                else f"{model}: its predictions are being read again."
+            )
+            alerts += _some(
+                self.episodes.observe(
+                    unread,
+                    "warning" if s.unread else None,
+                    msg,
+                    at=at,
+                    statistic=s.unread_s,
+                    threshold=limit,
+                )
+            )
             seen |= {idle, unread}
         for key in [k for k in self.episodes.open if k.signal == "zombie" and k not in seen]:
             msg = f"Model {key.model_name} v{key.model_version} is no longer deployed."
@@ -279,23 +381,46 @@ class PipelineMonitor:
         return alerts
 
     # --- alert derivation -----------------------------------------------------------------------
-    def _drift(self, subject: str, name: str, watch: ColumnWatch, finding: Finding, batch: Batch,
-               model: tuple[str, int] | None, metrics: MonitorMetrics, at: int) -> list[Alert]:
+    def _drift(
+        self,
+        subject: str,
+        name: str,
+        watch: ColumnWatch,
+        finding: Finding,
+        batch: Batch,
+        model: tuple[str, int] | None,
+        metrics: MonitorMetrics,
+        at: int,
+    ) -> list[Alert]:
         alerts: list[Alert] = []
         for det, _ in finding.detections:  # early warnings: counted, never alerts by themselves
             metrics.detections.labels(self.spec.name, subject, name, det).inc()
         if finding.dropped:
-            log.debug("monitor_warning_unconfirmed", extra={"pipeline": self.spec.name, "column": name})
+            log.debug(
+                "monitor_warning_unconfirmed", extra={"pipeline": self.spec.name, "column": name}
+            )
         label = f"{model[0]}:{model[1]}" if model else ""
-        key = EpisodeKey("drift", name, DRIFT if subject == "feature" else OUTPUT_DRIFT, *(model or (None, None)))
-        what = f"Feature '{name}'" if subject == "feature" else \
-            f"Output '{name}' of model {model[0]} v{model[1]}"  # type: ignore[index]
+        key = EpisodeKey(
+            "drift", name, DRIFT if subject == "feature" else OUTPUT_DRIFT, *(model or (None, None))
+        )
+        what = (
+            f"Feature '{name}'"
+            if subject == "feature"
+            else f"Output '{name}' of model {model[0]} v{model[1]}"
+        )  # type: ignore[index]
         t = self.thresholds
         w, r = finding.warning, finding.windowed
         found = []
         if finding.confirmed is not None and w is not None:
-            found.append((finding.confirmed, f"an early warning of {w.detector} at {batch.topic} partition "
-                          f"{w.partition} offset {w.offset}, confirmed on the events since the change"))
+            found.append(
+                (
+                    finding.confirmed,
+                    (
+                        f"an early warning of {w.detector} at {batch.topic} partition "
+                        f"{w.partition} offset {w.offset}, confirmed on the events since the change"
+                    ),
+                )
+            )
         if r is not None:
             metrics.psi.labels(self.spec.name, subject, name, label).set(r.psi)
             if r.level is not None:
@@ -303,12 +428,24 @@ class PipelineMonitor:
         for c, how in found:
             perf = self._performance_of(model if subject == "output" else self.champion)
             text = messages.drift_text(what, c, t, watch.reference_note, batch.topic, how)
-            action = messages.drift_action(self.spec.name, name, subject, perf,
-                                           self.spec.monitor.min_performance_drop)
-            fields = {**messages.drift_fields(c, t, c.level or "warning"), **(perf.fields() if perf else {})}
-            alerts += _some(self.episodes.observe(
-                key, c.level, f"{text} {perf.text() if perf else 'No labeled feedback yet.'}", at=at,
-                offset=batch.offsets[-1], action=action, **fields))
+            action = messages.drift_action(
+                self.spec.name, name, subject, perf, self.spec.monitor.min_performance_drop
+            )
+            fields = {
+                **messages.drift_fields(c, t, c.level or "warning"),
+                **(perf.fields() if perf else {}),
+            }
+            alerts += _some(
+                self.episodes.observe(
+                    key,
+                    c.level,
+                    f"{text} {perf.text() if perf else 'No labeled feedback yet.'}",
+                    at=at,
+                    offset=batch.offsets[-1],
+                    action=action,
+                    **fields,
+                )
+            )
             self.clear_since.pop(key, None)
         if r is not None and not found and self.episodes.is_open(key):
             if r.effect >= t.psi_warning:
@@ -317,13 +454,27 @@ class PipelineMonitor:
                 position = r.start + r.n
                 since = self.clear_since.setdefault(key, position)
                 if position - since >= self.resolve_after:
-                    msg = (f"{what} is back in line with {watch.reference_note}: PSI {r.effect:.3f} beyond "
-                           f"chance (warning at {t.psi_warning}) over the last {r.n} events, and no more than "
-                           f"that for {position - since} events; {messages.moved(r)}.")
-                    alerts += _some(self.episodes.observe(
-                        key, None, msg, at=at, offset=batch.offsets[-1], statistic=r.effect,
-                        threshold=t.psi_warning, window=r.n, reference_value=r.reference_value,
-                        current_value=r.current_value, resolution="cleared"))
+                    msg = (
+                        f"{what} is back in line with {watch.reference_note}: PSI {r.effect:.3f} "
+                        f"beyond chance (warning at {t.psi_warning}) over the last {r.n} events, "
+                        "and no more than "
+                        f"that for {position - since} events; {messages.moved(r)}."
+                    )
+                    alerts += _some(
+                        self.episodes.observe(
+                            key,
+                            None,
+                            msg,
+                            at=at,
+                            offset=batch.offsets[-1],
+                            statistic=r.effect,
+                            threshold=t.psi_warning,
+                            window=r.n,
+                            reference_value=r.reference_value,
+                            current_value=r.current_value,
+                            resolution="cleared",
+                        )
+                    )
                     del self.clear_since[key]
         episode = self.episodes.open.get(key)
         watch.open_level = episode.severity if episode is not None else None
@@ -345,8 +496,13 @@ class PipelineMonitor:
         if recent is None:
             return None
         now, base, labeled = recent
-        return Performance("mae" if self.performance.regression else "accuracy", base, now, labeled,
-                           min(RECENT, len(self.performance.rolling[variant])))
+        return Performance(
+            "mae" if self.performance.regression else "accuracy",
+            base,
+            now,
+            labeled,
+            min(RECENT, len(self.performance.rolling[variant])),
+        )
 
     def _quality(self, reports: list[Any], metrics: MonitorMetrics, at: int) -> list[Alert]:
         alerts: list[Alert] = []
@@ -359,17 +515,31 @@ class PipelineMonitor:
                 limit = base
                 ref = refs.get(feature)
                 if kind == "missing" and ref and (ref.get("count", 0) + ref.get("missing", 0)):
-                    # An optional feature may be missing as often as in the reference, plus the margin.
+                    # An optional feature may be missing as often as in the reference, plus margin.
                     limit = min(1.0, base + ref["missing"] / (ref["count"] + ref["missing"]))
                 level = "alert" if rate >= limit else None
                 if level is None and not self.episodes.is_open(key):
                     continue
-                msg = (f"Data quality of feature '{feature}': {rate:.1%} of the last {report.events} events "
-                       f"had {kind.replace('_', ' ')} (limit {limit:.1%})." if level else
-                       f"Data quality of feature '{feature}' recovered: {kind.replace('_', ' ')} "
-                       f"{rate:.1%} of the last {report.events} events (limit {limit:.1%}).")
-                alerts += _some(self.episodes.observe(key, level, msg, at=at, offset=report.last_offset,
-                                                      statistic=rate, threshold=limit, window=report.events))
+                msg = (
+                    f"Data quality of feature '{feature}': {rate:.1%} of the last "
+                    f"{report.events} events "
+                    f"had {kind.replace('_', ' ')} (limit {limit:.1%})."
+                    if level
+                    else f"Data quality of feature '{feature}' recovered: {kind.replace('_', ' ')} "
+                    f"{rate:.1%} of the last {report.events} events (limit {limit:.1%})."
+                )
+                alerts += _some(
+                    self.episodes.observe(
+                        key,
+                        level,
+                        msg,
+                        at=at,
+                        offset=report.last_offset,
+                        statistic=rate,
+                        threshold=limit,
+                        window=report.events,
+                    )
+                )
         return alerts
 
     def _performance(self, scored: list[Scored], metrics: MonitorMetrics, at: int) -> list[Alert]:
@@ -387,17 +557,39 @@ class PipelineMonitor:
             key = EpisodeKey("performance", None, ERRORS, s.model_name, s.model_version)
             found = []
             if s.confirmed is not None:
-                found.append((s.confirmed, f"an early warning of {s.warned_by} on its error stream, confirmed "
-                              "on the labels since the change"))
+                found.append(
+                    (
+                        s.confirmed,
+                        (
+                            f"an early warning of {s.warned_by} on its error stream, confirmed "
+                            "on the labels since the change"
+                        ),
+                    )
+                )
             if s.windowed is not None and s.windowed.degraded:
-                found.append((s.windowed, f"the comparison of its last {s.windowed.n} labels with its baseline"))
+                found.append(
+                    (
+                        s.windowed,
+                        f"the comparison of its last {s.windowed.n} labels with its baseline",
+                    )
+                )
             perf = self._performance_of((s.model_name, s.model_version))
             for r, how in found:
-                msg = messages.performance_text(model, s.variant, r, tracker.regression, how, min_drop)
-                alerts += _some(self.episodes.observe(
-                    key, "alert", msg, at=at, offset=int(s.offsets[-1]),
-                    action=messages.performance_action(self.spec.name),
-                    **messages.performance_fields(r, min_drop), **(perf.fields() if perf else {})))
+                msg = messages.performance_text(
+                    model, s.variant, r, tracker.regression, how, min_drop
+                )
+                alerts += _some(
+                    self.episodes.observe(
+                        key,
+                        "alert",
+                        msg,
+                        at=at,
+                        offset=int(s.offsets[-1]),
+                        action=messages.performance_action(self.spec.name),
+                        **messages.performance_fields(r, min_drop),
+                        **(perf.fields() if perf else {}),
+                    )
+                )
                 self.clear_since.pop(key, None)
             w = s.windowed
             if w is not None and not found and self.episodes.is_open(key):
@@ -406,22 +598,46 @@ class PipelineMonitor:
                 else:
                     since = self.clear_since.setdefault(key, s.labeled)
                     if s.labeled - since >= tracker.window // 2:
-                        change = (f"MAE {w.test.mean:.4g} vs {w.test.baseline:.4g}" if tracker.regression else
-                                  f"accuracy {1 - w.test.mean:.3f} vs {1 - w.test.baseline:.3f}")
-                        msg = (f"Performance of model {model} ({s.variant}) recovered: {change} in its baseline "
-                               f"window over the last {w.n} labels, within the alert margin for "
-                               f"{s.labeled - since} labels.")
-                        alerts += _some(self.episodes.observe(
-                            key, None, msg, at=at, offset=int(s.offsets[-1]), statistic=w.drop,
-                            threshold=min_drop, window=w.n, reference_value=w.test.baseline,
-                            current_value=w.test.mean, resolution="cleared", **(perf.fields() if perf else {})))
+                        change = (
+                            f"MAE {w.test.mean:.4g} vs {w.test.baseline:.4g}"
+                            if tracker.regression
+                            else f"accuracy {1 - w.test.mean:.3f} vs {1 - w.test.baseline:.3f}"
+                        )
+                        msg = (
+                            f"Performance of model {model} ({s.variant}) recovered: {change} in "
+                            "its baseline "
+                            f"window over the last {w.n} labels, within the alert margin for "
+                            f"{s.labeled - since} labels."
+                        )
+                        alerts += _some(
+                            self.episodes.observe(
+                                key,
+                                None,
+                                msg,
+                                at=at,
+                                offset=int(s.offsets[-1]),
+                                statistic=w.drop,
+                                threshold=min_drop,
+                                window=w.n,
+                                reference_value=w.test.baseline,
+                                current_value=w.test.mean,
+                                resolution="cleared",
+                                **(perf.fields() if perf else {}),
+                            )
+                        )
                         del self.clear_since[key]
             watch = tracker.watches.get((s.model_name, s.model_version, s.variant))
             if watch is not None:
                 watch.degraded = self.episodes.is_open(key)
         if scored:
-            log.info("performance_side_by_side", extra={"pipeline": self.spec.name, "metric": metric_name,
-                                                        "variants": tracker.side_by_side()})
+            log.info(
+                "performance_side_by_side",
+                extra={
+                    "pipeline": self.spec.name,
+                    "metric": metric_name,
+                    "variants": tracker.side_by_side(),
+                },
+            )
         return alerts
 
 
@@ -478,12 +694,17 @@ def _by_version(batch: Batch) -> dict[tuple[str, int], Batch]:
     for key, idx in groups.items():
         if len(idx) == 1:  # itemgetter of one index returns the item, not a tuple
             i = idx[0]
-            out[key] = Batch([batch.records[i]], [batch.offsets[i]], [batch.partitions[i]],
-                             batch.topic)
+            out[key] = Batch(
+                [batch.records[i]], [batch.offsets[i]], [batch.partitions[i]], batch.topic
+            )
         else:
             pick = itemgetter(*idx)
-            out[key] = Batch(list(pick(batch.records)), list(pick(batch.offsets)),
-                             list(pick(batch.partitions)), batch.topic)
+            out[key] = Batch(
+                list(pick(batch.records)),
+                list(pick(batch.offsets)),
+                list(pick(batch.partitions)),
+                batch.topic,
+            )
     return out
 
 
@@ -512,4 +733,3 @@ def _subject(key: EpisodeKey) -> str:
     if key.detector == OUTPUT_DRIFT:
         return f"Output '{key.feature}'{version}"
     return f"Feature '{key.feature}'"
-

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from loopline.profile import categorical_profile, numeric_profile
 from loopline.services.monitor.detectors import Detector
 from loopline.services.monitor.windowed import Comparison, Thresholds, WindowedDrift
+
+from loopline.profile import categorical_profile, numeric_profile
 
 #: Values between two confirmation tests of a pending early warning (river's ADWIN checks as often).
 CONFIRM_EVERY = 32
@@ -55,9 +55,18 @@ class Finding:
 class ColumnWatch:
     """One column: river detectors as early warnings, windowed comparisons as the verdict."""
 
-    def __init__(self, name: str, reference: dict[str, Any] | None, numeric: bool, detectors: list[str],
-                 seed: int, window: int, every: int, thresholds: Thresholds,
-                 reference_note: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        reference: dict[str, Any] | None,
+        numeric: bool,
+        detectors: list[str],
+        seed: int,
+        window: int,
+        every: int,
+        thresholds: Thresholds,
+        reference_note: str | None = None,
+    ) -> None:
         self.name = name
         self.numeric = numeric
         self.detector_names = list(detectors)
@@ -76,7 +85,9 @@ class ColumnWatch:
         self.reference: dict[str, Any] | None = None
         self.warmup: list[Any] = []
         self.windowed: WindowedDrift | None = None
-        self.streams: list[tuple[str, int | None, list[Detector]]] = []  # (stream, category code, detectors)
+        self.streams: list[
+            tuple[str, int | None, list[Detector]]
+        ] = []  # (stream, category code, detectors)
         self._scale = (0.0, 1.0)
         if reference and reference.get("count"):
             self._adopt(reference)
@@ -91,14 +102,20 @@ class ColumnWatch:
             self.streams = []
             return
         if self.numeric:
-            self._scale = (float(reference.get("mean") or 0.0), float(reference.get("std") or 0.0) or 1.0)
+            self._scale = (
+                float(reference.get("mean") or 0.0),
+                float(reference.get("std") or 0.0) or 1.0,
+            )
             kinds: list[tuple[str, int | None]] = [("mean", None), ("spread", None)]
         else:
             kinds = [("share", code) for code in self.windowed.indicator_codes()]
         self.streams = []
         for stream, code in kinds:
-            names = self.detector_names if stream == "mean" else \
-                [d for d in self.detector_names if d in STREAM_DETECTORS]
+            names = (
+                self.detector_names
+                if stream == "mean"
+                else [d for d in self.detector_names if d in STREAM_DETECTORS]
+            )
             self.streams.append((stream, code, [Detector(d, self.seed) for d in names]))
 
     def renew(self, reference: dict[str, Any] | None, note: str) -> None:
@@ -120,12 +137,17 @@ class ColumnWatch:
         return [d for _, _, dets in self.streams for d in dets]
 
     # --- batches ------------------------------------------------------------------------------
-    def update(self, values: list[Any] | np.ndarray, offsets: list[int], partitions: list[int]) -> Finding:
-        """Feed one batch (None, or NaN in a float array: missing), with each value's offset and partition."""
+    def update(
+        self, values: list[Any] | np.ndarray, offsets: list[int], partitions: list[int]
+    ) -> Finding:
+        """Feed one batch (None or NaN: missing) with each value's offset and partition."""
         finding = Finding()
         if self.numeric:
-            arr = np.asarray(values, dtype=float) if isinstance(values, np.ndarray) else \
-                np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            arr = (
+                np.asarray(values, dtype=float)
+                if isinstance(values, np.ndarray)
+                else np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            )
             keep = np.isfinite(arr)
             present: Any = arr[keep]
         else:
@@ -133,7 +155,10 @@ class ColumnWatch:
             present = [v for v in values if v is not None]
         if len(present) == 0:
             return finding
-        offs, parts = np.asarray(offsets, dtype=np.int64)[keep], np.asarray(partitions, dtype=np.int32)[keep]
+        offs, parts = (
+            np.asarray(offsets, dtype=np.int64)[keep],
+            np.asarray(partitions, dtype=np.int32)[keep],
+        )
         if self.windowed is None:
             self._warm_up(present)
             return finding
@@ -154,16 +179,26 @@ class ColumnWatch:
                 if i < done or finding.confirmed is not None:
                     continue
                 cut = i + 1
-                finding.windowed = w.add(present[done:cut], offs[done:cut], parts[done:cut],
-                                         codes[done:cut], self.change_start) or finding.windowed
+                finding.windowed = (
+                    w.add(
+                        present[done:cut],
+                        offs[done:cut],
+                        parts[done:cut],
+                        codes[done:cut],
+                        self.change_start,
+                    )
+                    or finding.windowed
+                )
                 done = cut
                 if self.pending is None:
                     self.pending = Warning(name, start + i, int(offs[i]), int(parts[i]), 0)
                 self.pending.last_test = start + i - CONFIRM_EVERY
                 self._confirm(finding)
         if done < len(codes):
-            finding.windowed = w.add(present[done:], offs[done:], parts[done:], codes[done:],
-                                     self.change_start) or finding.windowed
+            finding.windowed = (
+                w.add(present[done:], offs[done:], parts[done:], codes[done:], self.change_start)
+                or finding.windowed
+            )
             self._confirm(finding)
         return finding
 
@@ -197,7 +232,9 @@ class ColumnWatch:
         # No reference profile: the first `window` values become the reference.
         self.warmup.extend(present.tolist() if isinstance(present, np.ndarray) else present)
         if len(self.warmup) >= self.window:
-            profile = numeric_profile(self.warmup) if self.numeric else categorical_profile(self.warmup)
+            profile = (
+                numeric_profile(self.warmup) if self.numeric else categorical_profile(self.warmup)
+            )
             self.reference_note = f"its first {len(self.warmup)} values (no reference profile)"
             self.warmup = []
             self._adopt(profile)

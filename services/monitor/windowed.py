@@ -28,16 +28,34 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from loopline.services.monitor.evidence import (
+    MIN_HISTORY,
+    MIN_SEGMENT,
+    BinTest,
+    bin_test,
+    change_point,
+    dependence,
+    mean_change_point,
+    psi,
+    z_pvalue,
+)
 
 from loopline.profile import categorical_profile, numeric_profile
-from loopline.services.monitor.evidence import (MIN_HISTORY, MIN_SEGMENT, BinTest, bin_test,
-                                                change_point, dependence, mean_change_point, psi,
-                                                z_pvalue)
 
-__all__ = ["MIN_EXPECTED", "OTHER", "Comparison", "RingBuffer", "Thresholds", "WindowedDrift", "psi"]
+__all__ = [
+    "MIN_EXPECTED",
+    "OTHER",
+    "Comparison",
+    "RingBuffer",
+    "Thresholds",
+    "WindowedDrift",
+    "psi",
+]
 
 OTHER = "__other__"
-MIN_EXPECTED = 5  # expected count in a window below which a category is pooled (the chi-square rule)
+MIN_EXPECTED = (
+    5  # expected count in a window below which a category is pooled (the chi-square rule)
+)
 MIN_SAMPLE = 50  # reference sample values needed to place numeric bins
 DECILES = np.linspace(0.1, 0.9, 9)
 MAX_INDICATORS = 8  # categories whose shares the early-warning detectors follow
@@ -56,7 +74,7 @@ class RingBuffer:
         """Append values (a batch)."""
         values = np.asarray(values, dtype=self._data.dtype)
         self.total += values.size - min(values.size, self.capacity)
-        values = values[-self.capacity:]
+        values = values[-self.capacity :]
         start = self.total % self.capacity
         end = start + values.size
         if end <= self.capacity:
@@ -64,7 +82,7 @@ class RingBuffer:
         else:
             cut = self.capacity - start
             self._data[start:] = values[:cut]
-            self._data[:end - self.capacity] = values[cut:]
+            self._data[: end - self.capacity] = values[cut:]
         self.total += values.size
 
     def values(self, last: int | None = None) -> np.ndarray:
@@ -123,9 +141,11 @@ class Comparison:
 
 
 class WindowedDrift:
-    """One column's history against its reference: comparisons of the window and of change segments."""
+    """One column's history against its reference: comparisons of its window and change segments."""
 
-    def __init__(self, reference: dict[str, Any], window: int, every: int, thresholds: Thresholds) -> None:
+    def __init__(
+        self, reference: dict[str, Any], window: int, every: int, thresholds: Thresholds
+    ) -> None:
         self.reference = reference
         self.numeric = reference.get("kind") == "numeric"
         self.window = window
@@ -140,22 +160,43 @@ class WindowedDrift:
         if self.numeric:
             sample = np.asarray(reference.get("sample") or [], dtype=float)
             sample = sample[np.isfinite(sample)]
-            self._cuts = np.unique(np.quantile(sample, DECILES)) if sample.size >= MIN_SAMPLE else np.empty(0)
-            counts = np.bincount(np.searchsorted(self._cuts, sample, side="right"),
-                                 minlength=self._cuts.size + 1) if self._cuts.size else np.ones(1)
+            self._cuts = (
+                np.unique(np.quantile(sample, DECILES))
+                if sample.size >= MIN_SAMPLE
+                else np.empty(0)
+            )
+            counts = (
+                np.bincount(
+                    np.searchsorted(self._cuts, sample, side="right"), minlength=self._cuts.size + 1
+                )
+                if self._cuts.size
+                else np.ones(1)
+            )
             self._ref_fractions = counts / max(1, counts.sum())
             self._m = int(sample.size)
             # Level and spread of the reference, for the two tests that see a shift or a spread
             # change sooner than the bins do. Values are clipped to the reference's 1st-99th
             # percentiles first: a few extreme values in a short segment of a heavy-tailed column
             # would otherwise make any mean look significant.
-            self._clip = (tuple(float(q) for q in np.quantile(sample, [0.01, 0.99])) if sample.size
-                          else (0.0, 0.0))
+            self._clip = (
+                tuple(float(q) for q in np.quantile(sample, [0.01, 0.99]))
+                if sample.size
+                else (0.0, 0.0)
+            )
             clipped = np.clip(sample, *self._clip)
             centre = float(np.median(clipped)) if sample.size else 0.0
             dev = np.abs(clipped - centre)
-            self._moments = (float(clipped.mean()), float(clipped.var()), centre, float(dev.mean()),
-                             float(dev.var())) if sample.size else (0.0, 0.0, 0.0, 0.0, 0.0)
+            self._moments = (
+                (
+                    float(clipped.mean()),
+                    float(clipped.var()),
+                    centre,
+                    float(dev.mean()),
+                    float(dev.var()),
+                )
+                if sample.size
+                else (0.0, 0.0, 0.0, 0.0, 0.0)
+            )
             self.categories: list[str] = []
         else:
             shares = dict(reference.get("fractions") or {})
@@ -163,10 +204,14 @@ class WindowedDrift:
             # values: its window share is mostly noise (an ID-like column of 1000 customers has a
             # PSI above 1 between two samples of the same distribution). A column whose every
             # category is that rare has no comparison.
-            self.categories = sorted(c for c, share in shares.items() if share * window >= MIN_EXPECTED)
+            self.categories = sorted(
+                c for c, share in shares.items() if share * window >= MIN_EXPECTED
+            )
             self._codes = {c: i for i, c in enumerate(self.categories)}
             pooled = sum(share for c, share in shares.items() if c not in self._codes)
-            self._ref_fractions = np.asarray([shares[c] for c in self.categories] + [pooled], dtype=float)
+            self._ref_fractions = np.asarray(
+                [shares[c] for c in self.categories] + [pooled], dtype=float
+            )
             self._m = int(reference.get("count") or 0)
 
     @property
@@ -190,20 +235,28 @@ class WindowedDrift:
         if self.numeric or not self.categories:
             return []
         order = [int(i) for i in np.argsort(-self._ref_fractions[:-1], kind="stable")]
-        return order[1:MAX_INDICATORS + 1] if len(order) > 1 else order
+        return order[1 : MAX_INDICATORS + 1] if len(order) > 1 else order
 
     def encode(self, values: np.ndarray | list[Any]) -> np.ndarray:
         """Bin codes of values (numbers: present floats; categories: any values, as text)."""
         if self.numeric:
-            return np.searchsorted(self._cuts, np.asarray(values, dtype=float), side="right").astype(np.int16)
+            return np.searchsorted(
+                self._cuts, np.asarray(values, dtype=float), side="right"
+            ).astype(np.int16)
         # Categories are str(value), as in the profile; `str(v) for` is the interpreter's fast
         # path for str(), map(str, ...) is not.
         strings = [str(v) for v in values]
         codes = map(self._codes.get, strings, repeat(len(self.categories)))
         return np.fromiter(codes, dtype=np.int16, count=len(strings))
 
-    def add(self, values: np.ndarray | list[Any], offsets: np.ndarray, partitions: np.ndarray,
-            codes: np.ndarray | None = None, since: int | None = None) -> Comparison | None:
+    def add(
+        self,
+        values: np.ndarray | list[Any],
+        offsets: np.ndarray,
+        partitions: np.ndarray,
+        codes: np.ndarray | None = None,
+        since: int | None = None,
+    ) -> Comparison | None:
         """Add a batch of present values; return the window's comparison when one is due, else None
         (``since``: where a known change began, see :meth:`compare`)."""
         if not self.usable or len(values) == 0:
@@ -212,7 +265,9 @@ class WindowedDrift:
         self.codes.extend(codes)
         self.offsets.extend(offsets)
         self.partitions.extend(partitions)
-        self.values.extend(values if self.numeric else np.asarray([str(v) for v in values], dtype=object))
+        self.values.extend(
+            values if self.numeric else np.asarray([str(v) for v in values], dtype=object)
+        )
         self._since += len(codes)
         if self.total < self.window or self._since < self.every:
             return None
@@ -233,7 +288,10 @@ class WindowedDrift:
         splits = [change_point(self.codes.values(lookback), self.bins)]
         if self.numeric:
             recent = self.values.values(lookback)
-            splits += [mean_change_point(recent), mean_change_point(np.abs(recent - np.median(recent)))]
+            splits += [
+                mean_change_point(recent),
+                mean_change_point(np.abs(recent - np.median(recent))),
+            ]
         best = None
         for n in dict.fromkeys(lookback - j for j in splits):
             if held - n < MIN_HISTORY:
@@ -257,7 +315,7 @@ class WindowedDrift:
         if n < MIN_SEGMENT or not self.usable:
             return None
         codes = self.codes.values(held)
-        seg = codes[held - n:]
+        seg = codes[held - n :]
         first = self.total - held  # position of the oldest value held
         cut = held - n if since is None else min(held - n, max(0, since - first))
         if self.numeric:
@@ -265,20 +323,25 @@ class WindowedDrift:
             # Location and spread: volatility clusters (returns, loads) make |x - median| dependent
             # even where x is not.
             both = np.column_stack([values, np.abs(values - np.median(values))])
-            tau = dependence(both[held - n:], both[:cut], within)
+            tau = dependence(both[held - n :], both[:cut], within)
         else:
             tau = dependence(self._indicators(seg), self._indicators(codes[:cut]), within)
         if tau is None:
             return None
         k = self.bins
         test = bin_test(self._ref_fractions, np.bincount(seg, minlength=k), self._m, tau)
-        recent = bin_test(self._ref_fractions, np.bincount(seg[n // 2:], minlength=k), self._m, tau)
+        recent = bin_test(
+            self._ref_fractions, np.bincount(seg[n // 2 :], minlength=k), self._m, tau
+        )
         p, evidence = test.p_value, "shape"
         if self.numeric:
             now = np.clip(self.values.values(n), *self._clip)
             mean, var, centre, dev_mean, dev_var = self._moments
-            tests = (("shape", test.p_value), ("level", z_pvalue(now, mean, var, self._m, tau)),
-                     ("spread", z_pvalue(np.abs(now - centre), dev_mean, dev_var, self._m, tau)))
+            tests = (
+                ("shape", test.p_value),
+                ("level", z_pvalue(now, mean, var, self._m, tau)),
+                ("spread", z_pvalue(np.abs(now - centre), dev_mean, dev_var, self._m, tau)),
+            )
             evidence, p = min(tests, key=lambda t: t[1])
             p = min(1.0, 3 * p)  # three tests: Bonferroni
         t = self.thresholds
@@ -292,14 +355,41 @@ class WindowedDrift:
         offset = int(self.offsets.values(n)[0])
         partition = int(self.partitions.values(n)[0])
         if self.numeric:
-            return Comparison(first, offset, partition, test, p, evidence, tau, recent.effect, level,
-                              _number(self.reference.get("mean")), float(np.mean(now)), None,
-                              _number(self.reference.get("std")), float(np.std(now)))
+            return Comparison(
+                first,
+                offset,
+                partition,
+                test,
+                p,
+                evidence,
+                tau,
+                recent.effect,
+                level,
+                _number(self.reference.get("mean")),
+                float(np.mean(now)),
+                None,
+                _number(self.reference.get("std")),
+                float(np.std(now)),
+            )
         shares = np.bincount(seg, minlength=k) / n
         moved = int(np.argmax(np.abs(shares - self._ref_fractions)))
         name = self.categories[moved] if moved < len(self.categories) else "other values"
-        return Comparison(first, offset, partition, test, p, evidence, tau, recent.effect, level,
-                          float(self._ref_fractions[moved]), float(shares[moved]), name, None, None)
+        return Comparison(
+            first,
+            offset,
+            partition,
+            test,
+            p,
+            evidence,
+            tau,
+            recent.effect,
+            level,
+            float(self._ref_fractions[moved]),
+            float(shares[moved]),
+            name,
+            None,
+            None,
+        )
 
     def _indicators(self, codes: np.ndarray) -> np.ndarray:
         """One 0/1 column per category followed by the detectors, for dependence estimates."""

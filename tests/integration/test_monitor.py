@@ -215,8 +215,8 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         text = monitor.metrics()
         monitor.stop()  # writes the final checkpoint
 
-        # Alerts come after the shift (their change point: at most a little before it), with reasons a
-        # person can read; river's detectors are early warnings, never alerts of their own.
+        # Alerts come after the shift (their change point: at most a little before it), with
+        # reasons a person can read; river's detectors are early warnings, never alerts.
         for e in raised("drift") + raised("performance"):
             assert e["first_offset"] >= SHIFT - 100 and e["last_offset"] >= SHIFT, e["message"]
         feature_drift = [e for e in raised("drift") if e["feature"] == "amount"]
@@ -247,7 +247,8 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         assert "Data quality of feature 'amount'" in quality[0]["message"]
 
         # The metrics show it.
-        assert gauge(text, "loopline_monitor_alert_active", signal="drift", name="amount", detector="psi") == 2.0
+        assert gauge(text, "loopline_monitor_alert_active", signal="drift", name="amount",
+                     detector="psi") == 2.0
         assert gauge(text, "loopline_monitor_psi", subject="feature", name="amount") >= 0.25  # type: ignore[operator]
         assert gauge(text, "loopline_monitor_zombie", version="2") == 1.0
         accuracy = gauge(text, "loopline_monitor_model_metric", variant="champion", metric="accuracy")

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from loopline.services.monitor.performance import PerformanceTracker
 
 
@@ -86,7 +85,8 @@ def test_regression_uses_absolute_error_and_mae() -> None:
     scored = t.add_feedback([fb(1, event_id="e1", value=4.0), fb(2, event_id="e2", value=1.0)], [0, 1])
     assert by_variant(scored) == {"champion": [1.0, 4.0]}
     assert scored[0].metric == pytest.approx(2.5)
-    assert [d.name for d in t.watches[("m", 1, "champion")].detectors] == ["adwin"], "ddm needs 0/1 errors"
+    detectors = t.watches[("m", 1, "champion")].detectors
+    assert [d.name for d in detectors] == ["adwin"], "ddm needs 0/1 errors"
 
 
 def test_a_jump_of_the_error_rate_is_confirmed_soon_after_it() -> None:
@@ -98,13 +98,13 @@ def test_a_jump_of_the_error_rate_is_confirmed_soon_after_it() -> None:
     confirmed = []
     for lo in range(0, n, 100):
         idx = range(lo, lo + 100)
-        for s in t.add_feedback([fb(i, event_id=f"e{i}", label="no" if wrong[i] else "yes") for i in idx],
-                                list(idx)):
+        feedback = [fb(i, event_id=f"e{i}", label="no" if wrong[i] else "yes") for i in idx]
+        for s in t.add_feedback(feedback, list(idx)):
             confirmed += [r for r in (s.confirmed, s.windowed) if r is not None and r.degraded]
     assert confirmed, "accuracy fell from 0.9 to 0.6"
     first = confirmed[0]
     assert 1500 <= first.end < 1600 and first.first_offset >= 1400
-    assert 0.15 < first.drop < 0.6 and first.test.p_value < 1e-4  # a short segment: a rough estimate
+    assert 0.15 < first.drop < 0.6 and first.test.p_value < 1e-4  # a short segment: rough
 
 
 def test_a_resent_prediction_is_kept_once_with_its_latest_fields() -> None:

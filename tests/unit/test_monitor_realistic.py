@@ -35,7 +35,9 @@ def test_quiet_through_seasons_and_fast_on_a_real_change(case: str) -> None:
     assert after, "no alert after the change"
     position, alert = after[0]
     assert position - change <= 500, alert["message"]
-    assert alert["action"] and alert["p_value"] is not None and alert["first_offset"] >= change - 200
+    assert (
+        alert["action"] and alert["p_value"] is not None and alert["first_offset"] >= change - 200
+    )
 
 
 def test_a_stationary_seasonal_stream_raises_nothing_at_all() -> None:

@@ -1,4 +1,4 @@
-"""Windowed comparisons against a reference profile: effect, dependence-corrected evidence, persistence."""
+"""Comparisons with a reference profile: effect, dependence-corrected evidence, persistence."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from loopline.services.monitor.evidence import bin_test
+from loopline.services.monitor.windowed import (
+    MIN_EXPECTED,
+    Comparison,
+    RingBuffer,
+    Thresholds,
+    WindowedDrift,
+    psi,
+)
 
 from loopline.profile import categorical_profile, numeric_profile
-from loopline.services.monitor.evidence import bin_test
-from loopline.services.monitor.windowed import (MIN_EXPECTED, Comparison, RingBuffer, Thresholds, WindowedDrift,
-                                                psi)
 
 T = Thresholds(psi_warning=0.1, psi_alert=0.25, p_value=1e-4)
 
@@ -20,8 +26,10 @@ def feed(w: WindowedDrift, values: Any, start: int = 0, batch: int = 250) -> lis
     """Add ``values`` in batches; every comparison that came due."""
     out = []
     for lo in range(0, len(values), batch):
-        chunk = values[lo:lo + batch]
-        r = w.add(chunk, np.arange(start + lo, start + lo + len(chunk)), np.zeros(len(chunk), dtype=int))
+        chunk = values[lo : lo + batch]
+        r = w.add(
+            chunk, np.arange(start + lo, start + lo + len(chunk)), np.zeros(len(chunk), dtype=int)
+        )
         if r is not None:
             out.append(r)
     return out
@@ -49,14 +57,18 @@ def test_ring_buffer_keeps_the_last_values_in_order() -> None:
 
 def test_same_distribution_stays_quiet_and_a_shift_alerts() -> None:
     rng = np.random.default_rng(0)
-    w = WindowedDrift(numeric_profile(rng.normal(10, 2, 20_000)), window=1000, every=250, thresholds=T)
+    w = WindowedDrift(
+        numeric_profile(rng.normal(10, 2, 20_000)), window=1000, every=250, thresholds=T
+    )
     same = feed(w, rng.normal(10, 2, 5000))
     assert same and all(r.level is None for r in same)
     assert max(r.effect for r in same) < 0.05, "chance is taken out of the PSI"
     shifted = feed(w, rng.normal(12, 2, 1000), start=5000)
     last = shifted[-1]  # the whole window shifted
     assert last.level == "alert" and last.effect > 0.25 and last.p_value < 1e-6
-    assert last.reference_value == pytest.approx(10, abs=0.1) and last.current_value == pytest.approx(12, abs=0.2)
+    assert last.reference_value == pytest.approx(
+        10, abs=0.1
+    ) and last.current_value == pytest.approx(12, abs=0.2)
 
 
 def test_values_beyond_the_reference_range_count_in_its_first_and_last_deciles() -> None:
@@ -68,11 +80,14 @@ def test_values_beyond_the_reference_range_count_in_its_first_and_last_deciles()
 
 def test_a_moderate_shift_is_a_warning_and_an_immaterial_one_nothing() -> None:
     rng = np.random.default_rng(1)
-    w = WindowedDrift(numeric_profile(rng.normal(0, 1, 50_000)), window=5000, every=5000, thresholds=T)
+    w = WindowedDrift(
+        numeric_profile(rng.normal(0, 1, 50_000)), window=5000, every=5000, thresholds=T
+    )
     feed(w, rng.normal(0, 1, 5000), batch=5000)
     tiny = feed(w, rng.normal(0.15, 1, 5000), start=5000, batch=5000)[-1]
-    assert tiny.p_value < T.p_value and tiny.effect < T.psi_warning and tiny.level is None, \
+    assert tiny.p_value < T.p_value and tiny.effect < T.psi_warning and tiny.level is None, (
         "significant with 5000 events, but immaterial"
+    )
     moderate = feed(w, rng.normal(0.45, 1, 5000), start=10_000, batch=5000)[-1]
     assert T.psi_warning <= moderate.effect < T.psi_alert and moderate.level == "warning"
 
@@ -80,7 +95,7 @@ def test_a_moderate_shift_is_a_warning_and_an_immaterial_one_nothing() -> None:
 def ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
     x = np.empty(n)
     x[0] = rng.normal()
-    e = rng.normal(0, np.sqrt(1 - phi ** 2), n)
+    e = rng.normal(0, np.sqrt(1 - phi**2), n)
     for i in range(1, n):
         x[i] = phi * x[i - 1] + e[i]
     return x
@@ -98,7 +113,7 @@ def test_an_autocorrelated_stream_needs_more_evidence_than_an_independent_one() 
     assert min(r.tau for r in results[4:]) > 10, "the autocorrelation time of AR(0.95) is 39"
     wandering = max(results, key=lambda r: r.psi)
     assert wandering.psi > 0.25, "a stretch did move, by chance"
-    segment = stream[wandering.start:wandering.start + wandering.n]
+    segment = stream[wandering.start : wandering.start + wandering.n]
     counts = np.bincount(w.encode(segment), minlength=w.bins)
     naive = bin_test(w._ref_fractions, counts, w._m, tau=1.0)  # as if every event were independent
     assert naive.p_value < T.p_value < wandering.p_value
@@ -106,7 +121,9 @@ def test_an_autocorrelated_stream_needs_more_evidence_than_an_independent_one() 
 
 def test_a_change_segment_is_found_and_judged_from_its_start() -> None:
     rng = np.random.default_rng(2)
-    w = WindowedDrift(numeric_profile(rng.normal(0, 1, 5000)), window=1000, every=1000, thresholds=T)
+    w = WindowedDrift(
+        numeric_profile(rng.normal(0, 1, 5000)), window=1000, every=1000, thresholds=T
+    )
     feed(w, rng.normal(0, 1, 3000))
     assert w.compare_since_change(1000) is None or w.compare_since_change(1000).level is None  # type: ignore[union-attr]
     feed(w, rng.normal(1.5, 1, 100), start=3000, batch=100)
@@ -118,7 +135,9 @@ def test_a_change_segment_is_found_and_judged_from_its_start() -> None:
 
 def test_no_verdict_on_a_change_segment_without_history_to_judge_dependence() -> None:
     rng = np.random.default_rng(3)
-    w = WindowedDrift(numeric_profile(rng.normal(0, 1, 5000)), window=1000, every=1000, thresholds=T)
+    w = WindowedDrift(
+        numeric_profile(rng.normal(0, 1, 5000)), window=1000, every=1000, thresholds=T
+    )
     feed(w, rng.normal(3, 1, 200))
     assert w.compare_since_change(1000) is None
 
@@ -175,8 +194,12 @@ def test_categorical_psi_is_identical_to_counting_strings(seed: int) -> None:
 def test_an_id_like_column_has_no_comparison_but_common_categories_do() -> None:
     rng = np.random.default_rng(0)
     customers = [f"c{i}" for i in range(1000)]
-    ids = WindowedDrift(categorical_profile(rng.choice(customers, 5000).tolist()), window=1000,
-                        every=250, thresholds=T)
+    ids = WindowedDrift(
+        categorical_profile(rng.choice(customers, 5000).tolist()),
+        window=1000,
+        every=250,
+        thresholds=T,
+    )
     assert not ids.usable, "1000 customers in a 1000-event window: each expected once"
     assert feed(ids, rng.choice(customers, 5000).tolist()) == []
 
@@ -199,7 +222,11 @@ def test_recent_profile_is_the_last_window() -> None:
     assert w.recent_profile() is None, "too few values to be a reference"
     feed(w, rng.normal(5, 1, 1000), start=200)
     profile = w.recent_profile()
-    assert profile is not None and profile["count"] == 500 and profile["mean"] == pytest.approx(5, abs=0.2)
+    assert (
+        profile is not None
+        and profile["count"] == 500
+        and profile["mean"] == pytest.approx(5, abs=0.2)
+    )
     c = WindowedDrift(categorical_profile(["a", "b"] * 100), window=100, every=100, thresholds=T)
     feed(c, ["b", "c"] * 200)
     assert c.recent_profile()["fractions"] == {"b": 0.5, "c": 0.5}  # type: ignore[index]
