@@ -42,6 +42,7 @@ class ErrorTest:
     """Errors of one segment against the variant's baseline."""
 
     first_offset: int  # feedback offset of the segment's first error
+    last_offset: int  # ... and of its last: where the test was made
     end: int  # position (errors seen so far) at the end of the segment: when the test ran
     test: MeanTest
     tau: float
@@ -220,8 +221,9 @@ class ErrorWatch:
         degraded = (
             t.p_value < self.p_value and drop >= self.min_drop and recent >= self.min_drop / 2
         )
+        offsets = self.offsets.values(n)
         return ErrorTest(
-            int(self.offsets.values(n)[0]), self.errors.total, t, tau, drop, recent, degraded
+            int(offsets[0]), int(offsets[-1]), self.errors.total, t, tau, drop, recent, degraded
         )
 
     def _drop(self, mean: float) -> float:

@@ -441,7 +441,7 @@ class PipelineMonitor:
                     c.level,
                     f"{text} {perf.text() if perf else 'No labeled feedback yet.'}",
                     at=at,
-                    offset=batch.offsets[-1],
+                    offset=c.last_offset,
                     action=action,
                     **fields,
                 )
@@ -584,7 +584,7 @@ class PipelineMonitor:
                         "alert",
                         msg,
                         at=at,
-                        offset=int(s.offsets[-1]),
+                        offset=r.last_offset,
                         action=messages.performance_action(self.spec.name),
                         **messages.performance_fields(r, min_drop),
                         **(perf.fields() if perf else {}),

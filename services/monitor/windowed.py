@@ -112,6 +112,7 @@ class Comparison:
     start: int  # position of the segment's first value in the column's stream (0: its first value)
     first_offset: int
     first_partition: int
+    last_offset: int  # offset of the segment's last value: where the comparison was made
     test: BinTest
     p_value: float  # evidence: the smallest of the shape, level and spread tests' p-values, times 3
     evidence: str  # which test gave it: shape (bins), level (mean) or spread
@@ -352,13 +353,15 @@ class WindowedDrift:
                     level = name
                     break
         first = self.total - n
-        offset = int(self.offsets.values(n)[0])
+        offsets = self.offsets.values(n)
+        offset, last = int(offsets[0]), int(offsets[-1])
         partition = int(self.partitions.values(n)[0])
         if self.numeric:
             return Comparison(
                 first,
                 offset,
                 partition,
+                last,
                 test,
                 p,
                 evidence,
@@ -378,6 +381,7 @@ class WindowedDrift:
             first,
             offset,
             partition,
+            last,
             test,
             p,
             evidence,
