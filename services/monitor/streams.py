@@ -83,6 +83,7 @@ class ColumnWatch:
         #: Where the drift of the open episode began (position in the column's stream).
         self.change_start: int | None = None
         self.reference: dict[str, Any] | None = None
+        self.unusable = False  # the reference has nothing to compare with
         self.warmup: list[Any] = []
         self.windowed: WindowedDrift | None = None
         self.streams: list[
@@ -98,9 +99,13 @@ class ColumnWatch:
         self.windowed = WindowedDrift(reference, self.window, self.every, self.thresholds)
         self.pending = None
         if not self.windowed.usable:
+            # Nothing to compare (an ID-like column, a constant): no drift watch at all, rather
+            # than warming up a new reference from live values that would be no better.
             self.windowed = None
             self.streams = []
+            self.unusable = True
             return
+        self.unusable = False
         if self.numeric:
             self._scale = (
                 float(reference.get("mean") or 0.0),
@@ -122,6 +127,7 @@ class ColumnWatch:
         """Take a new reference (None: the next ``window`` values); forget early warnings."""
         self.reference_note = note
         self.warmup = []
+        self.unusable = False
         if reference and reference.get("count"):
             self._adopt(reference)
         else:
@@ -160,7 +166,8 @@ class ColumnWatch:
             np.asarray(partitions, dtype=np.int32)[keep],
         )
         if self.windowed is None:
-            self._warm_up(present)
+            if not self.unusable:
+                self._warm_up(present)
             return finding
         w = self.windowed
         start = w.total

@@ -230,3 +230,24 @@ def test_recent_profile_is_the_last_window() -> None:
     c = WindowedDrift(categorical_profile(["a", "b"] * 100), window=100, every=100, thresholds=T)
     feed(c, ["b", "c"] * 200)
     assert c.recent_profile()["fractions"] == {"b": 0.5, "c": 0.5}  # type: ignore[index]
+
+
+def test_an_id_like_column_is_not_watched_nor_warmed_up_again() -> None:
+    from loopline.services.monitor.streams import ColumnWatch
+
+    rng = np.random.default_rng(9)
+    ids = [f"c{i}" for i in range(5000)]
+    w = ColumnWatch(
+        "customer",
+        categorical_profile(rng.choice(ids, 5000).tolist()),
+        False,
+        ["adwin"],
+        1,
+        1000,
+        250,
+        T,
+    )
+    for lo in range(0, 5000, 500):
+        f = w.update(rng.choice(ids, 500).tolist(), list(range(lo, lo + 500)), [0] * 500)
+        assert f.windowed is None and f.detections == []
+    assert w.unusable and w.warmup == [] and w.streams == []
