@@ -30,7 +30,7 @@ from loopline.services.monitor.streams import ColumnWatch, Finding
 from loopline.services.monitor.windowed import Thresholds
 from loopline.services.monitor.zombie import DEPLOYED, ZombieWatch
 
-from loopline.registry import RegistryState
+from loopline.registry import RegistryState, now_ms
 from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class PipelineMonitor:
     # --- registry ---------------------------------------------------------------------------
     def refresh(self, state: RegistryState, at: int = 0) -> None:
         """Follow the registry: spec, profiles, champion, deployed versions, rebaselines."""
+        at = at or now_ms()  # when the registry change was seen: the time of its resolved alerts
         spec = state.specs.get(self.spec.name, self.spec)
         self.spec = spec
         deployed: dict[tuple[str, int], tuple[str, float]] = {}
@@ -175,6 +176,7 @@ class PipelineMonitor:
         """Take the last ``window`` values of every column as its reference, and the last window of
         labels as each version's performance baseline; resolve the open drift and performance
         episodes."""
+        at = at or now_ms()
         who = f"`loopline monitor rebaseline` ({command.get('actor') or 'cli'}"
         who += f": {command['reason']})" if command.get("reason") else ")"
         for watch in [
