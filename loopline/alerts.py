@@ -10,7 +10,9 @@ from loopline.kafka import AckedProducer
 from loopline.registry import now_ms
 
 _OPTIONAL = ("model_name", "model_version", "feature", "detector", "statistic", "threshold",
-             "window", "first_offset", "last_offset")
+             "window", "first_offset", "last_offset", "first_partition", "reference_value",
+             "current_value", "p_value", "effective_n", "performance_metric",
+             "performance_baseline", "performance_now", "labeled", "action", "resolution")
 
 
 def alert_event(pipeline: str, signal: str, message: str, *,
@@ -19,8 +21,12 @@ def alert_event(pipeline: str, signal: str, message: str, *,
                 at: int | None = None, **fields: Any) -> dict[str, Any]:
     """Build an alert record; ``episode`` (e.g. a first offset) makes ``alert_id`` stable across retries.
 
-    ``fields`` are the optional columns of the schema: model_name, model_version, feature,
-    detector, statistic, threshold, window, first_offset, last_offset.
+    ``fields`` are the optional columns of the schema (schemas/alert.avsc): what (model_name,
+    model_version, feature, detector), how much (statistic, threshold, reference_value,
+    current_value, p_value, effective_n), where and since when (window, first_offset,
+    first_partition, last_offset), the labeled performance meanwhile (performance_metric,
+    performance_baseline, performance_now, labeled), what to do (action) and, when resolved, why
+    (resolution).
     """
     unknown = set(fields) - set(_OPTIONAL)
     if unknown:

@@ -27,8 +27,9 @@ from loopline import avro, topics
 from loopline.errors import LooplineError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec
 from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
-                                     check_common, check_model, check_spec, check_stage_change,
-                                     model_version_key, spec_key, stage_change_prefix)
+                                     check_common, check_model, check_rebaseline, check_spec,
+                                     check_stage_change, model_version_key, rebaseline_key, spec_key,
+                                     stage_change_prefix)
 from loopline.spec import PipelineSpec
 from loopline.topics import valid_name
 
@@ -77,6 +78,18 @@ def stage_change_key(pipeline: str, name: str, version: int) -> bytes:
     """A unique key, so compaction never drops a stage change."""
     suffix = f"{now_ms()}-{uuid.uuid4().hex[:8]}".encode()
     return stage_change_prefix(pipeline, name, version) + suffix
+
+
+def rebaseline_event(pipeline: str, reason: str = "",
+                     actor: str = "cli") -> tuple[bytes, dict[str, Any]]:
+    """The registry key and event telling the monitor to take recent live traffic as reference."""
+    rid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
+    event = {"kind": "rebaseline", "pipeline": pipeline, "at": now_ms(), "spec": None,
+             "model": None, "stage_change": None,
+             "rebaseline": {"id": rid, "reason": reason, "actor": actor}}
+    # A key of its own, so compaction keeps every rebaseline (a monitor replaying the topic
+    # recognises the ones it applied by id).
+    return rebaseline_key(pipeline, rid), event
 
 
 def publish(producer: AckedProducer, key: bytes, event: dict[str, Any]) -> None:
@@ -150,6 +163,8 @@ class RegistryState:
     stage_changes: list[dict[str, Any]] = field(default_factory=list)
     #: (at, pipeline, name, version, stage, traffic) for every registration and stage change, in order.
     stage_history: list[tuple[int, str, str, int, str, float]] = field(default_factory=list)
+    #: Monitor rebaselines per pipeline, in order: dicts with id, reason, actor, at.
+    rebaselines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     offset: int = -1
     #: Records skipped as invalid (the first MAX_REJECTED), and how many there were in all.
     rejected: list[RejectedRecord] = field(default_factory=list)
@@ -181,6 +196,9 @@ class RegistryState:
             self.stage_history.append((event["at"], *ident, c["to_stage"], c["traffic"]))
             version = self.versions[ident]
             version["stage"], version["traffic"] = c["to_stage"], c["traffic"]
+        elif kind == "rebaseline":
+            command = check_rebaseline(self, event, key)
+            self.rebaselines.setdefault(pipeline, []).append(dict(command, at=event["at"]))
         # Any other kind (a newer schema's) carries nothing this state folds.
         self.offset = offset
 

@@ -33,7 +33,8 @@ STAGES = (*SERVING, "candidate", "rejected", "retired")
 TRAFFIC_STAGES = ("challenger", "canary")
 
 #: The payload field each kind must carry.
-PAYLOAD = {"pipeline_spec": "spec", "model_version": "model", "stage_change": "stage_change"}
+PAYLOAD = {"pipeline_spec": "spec", "model_version": "model", "stage_change": "stage_change",
+           "rebaseline": "rebaseline"}
 MAX_TEXT = 4096  # uri, parent, trigger, reason, actor: informational, bounded all the same
 
 # The Avro defaults of schemas/registry.avsc: a decoded record always has these fields, an event
@@ -267,3 +268,23 @@ def check_stage_change(state: RegistryState, event: Mapping[str, Any],
     if key is not None and not key.startswith(prefix):
         _fail("key", "key_match", f"{show(key)} does not start with {show(prefix)}")
     return c
+
+
+def rebaseline_key(pipeline: str, rid: str) -> bytes:
+    """The key of one rebaseline command (a key of its own: compaction keeps every one)."""
+    return f"pipeline/{pipeline}/rebaseline/{rid}".encode()
+
+
+def check_rebaseline(state: RegistryState, event: Mapping[str, Any], key: bytes | None) -> dict[str, Any]:
+    """Rules of a ``rebaseline`` record (a monitor command for a known pipeline); return its payload."""
+    pipeline, r = event["pipeline"], event["rebaseline"]
+    if pipeline not in state.specs:
+        _fail("pipeline", "known_pipeline", f"{show(pipeline)} is not a pipeline in the registry")
+    rid = r.get("id")
+    if not isinstance(rid, str) or not 0 < len(rid) <= 64:
+        _fail("rebaseline.id", "required", "a rebaseline needs an id of 1 to 64 characters")
+    _text("rebaseline.reason", r.get("reason"))
+    _text("rebaseline.actor", r.get("actor"))
+    if key is not None and key != rebaseline_key(pipeline, rid):
+        _fail("key", "key_match", f"{show(key)} is not {show(rebaseline_key(pipeline, rid))}")
+    return dict(r)

@@ -85,21 +85,38 @@ class Deployment(_Strict):
 
 
 class Monitor(_Strict):
-    """Drift, data quality and performance monitoring."""
+    """Drift, data quality and performance monitoring.
 
-    detectors: list[Literal["adwin", "page_hinkley", "kswin"]] = Field(default_factory=lambda: ["adwin"])
+    A drift alert needs effect (the PSI of the changed segment against the reference, beyond what
+    chance gives), evidence (a p-value with the segment counted in effective events: seasonal and
+    autocorrelated streams count for less) and persistence (the most recent half of the segment
+    still moved). ``detectors`` only raise early warnings that make the monitor test sooner.
+    Defaults come from bench/monitor_detection.py (bench/README.md).
+    """
+
+    detectors: list[Literal["adwin", "page_hinkley", "kswin"]] = Field(
+        default_factory=lambda: ["adwin"],
+        description="Early-warning detectors on every column (values, spread, category shares): "
+        "a signal triggers a test against the reference, never an alert by itself.")
     error_detectors: list[Literal["ddm", "eddm", "hddm_a", "hddm_w", "adwin"]] = Field(
-        default_factory=lambda: ["ddm"])
-    window: int = Field(1000, ge=50, description="Events in the windowed PSI/KS comparison.")
-    psi_warning: float = Field(0.1, gt=0)
-    psi_alert: float = Field(0.25, gt=0)
-    ks_alert_pvalue: float = Field(0.001, gt=0, lt=1, description="A window whose PSI reached psi_warning "
-                                   "is an alert when its two-sample KS p-value is below this.")
-    performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling metrics.")
+        default_factory=lambda: ["adwin", "ddm"],
+        description="Early-warning detectors on each model's error stream (ddm, eddm, hddm_*: "
+        "classification only).")
+    window: int = Field(1000, ge=50, description="Events in the windowed comparison with the "
+                        "reference (also the longest segment an early warning tests).")
+    psi_warning: float = Field(0.1, gt=0, description="Effect size (PSI beyond chance) of a "
+                               "warning.")
+    psi_alert: float = Field(0.25, gt=0, description="Effect size (PSI beyond chance) of an alert.")
+    p_value: float = Field(1e-4, gt=0, lt=1, description="Evidence: the dependence-corrected "
+                           "p-value a drift or a performance drop must get below.")
+    ks_alert_pvalue: float | None = Field(
+        None, gt=0, lt=1, description="Deprecated and ignored (the KS test assumed independent "
+        "events); kept so older specs still load.")
+    performance_window: int = Field(500, ge=10, description="Labeled predictions in rolling "
+                                    "metrics; the first window of a version is its baseline.")
     min_performance_drop: float = Field(
-        0.02, gt=0, description="A performance alert needs the last 200 labels' accuracy this far below the "
-        "version's first window (regression: MAE this much higher, relatively); detectors alone over-react "
-        "to a near-perfect model.")
+        0.02, gt=0, description="Effect size of a performance alert: accuracy this many points "
+        "below the version's baseline (regression: MAE this much higher, relatively).")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
     readers: list[str] = Field(default_factory=list, description="Consumer groups whose committed offsets on the "
                                "predictions topic count as reading them (default: any group except Loopline's "

@@ -366,8 +366,10 @@ def status(pipeline: str | None) -> None:
 def _add_service_commands() -> None:
     from loopline.app.cli_models import models
     from loopline.services.lineage.cli import lineage, replay_cmd
+    from loopline.services.monitor.cli import monitor
 
     main.add_command(models)
+    main.add_command(monitor)
     main.add_command(lineage)
     main.add_command(replay_cmd)
 

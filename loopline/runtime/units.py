@@ -47,6 +47,9 @@ class Input:
 class UnitHandler(Protocol):
     """What a stateful service tells :class:`Units` about its units."""
 
+    #: Bumped when the unit state's objects change shape: a record of another version starts fresh.
+    state_version: int
+
     def known_units(self) -> list[str]:
         """Every unit this service could own now (the registry's pipelines it serves)."""
 
@@ -191,6 +194,12 @@ class Units:
     def _install(self, unit: str, envelope: Any) -> _Unit:
         record = _Unit()
         state = None
+        version = getattr(self.handler, "state_version", 1)
+        if isinstance(envelope, dict) and envelope.get("version", 1) != version:
+            log.warning("unit_state_version", extra={"service": self.service, "unit": unit,
+                                                     "stored": envelope.get("version", 1), "current": version,
+                                                     "action": "starting fresh from the input topics"})
+            envelope = None
         if isinstance(envelope, dict) and "state" in envelope:
             state = envelope["state"]
             record.offsets = dict(envelope.get("offsets", {}))
@@ -297,6 +306,7 @@ class Units:
             if not record.dirty:
                 continue
             message = self.changelog.record(unit, {"state": self.handler.snapshot(unit),
+                                                   "version": getattr(self.handler, "state_version", 1),
                                                    "offsets": dict(record.offsets),
                                                    "topic_ids": dict(record.topic_ids)})
             size += len(message.value or b"")

@@ -1,9 +1,12 @@
-"""Alert once per episode: a signal is raised when it first crosses a level and resolved when it clears.
+"""Alert once per episode: a signal is raised when it first crosses a level, resolved when clear.
 
 An episode is keyed by (signal, model, version, feature, detector). Levels are ``None`` (fine),
 ``"warning"`` and ``"alert"``. Rising to a higher level emits a ``raised`` event (an escalation
 carries the new severity); staying at or falling back to a non-None level emits nothing; falling to
-``None`` emits ``resolved``. So a drift seen by thousands of events produces two alert events.
+``None`` emits ``resolved``, with its ``resolution`` (why it ended: "cleared" unless the caller says
+"new_reference", "rebaseline" or "retired"). So a drift seen by thousands of events produces two
+alert events. ``first_offset`` (and ``first_partition``) say where an episode's change began: the
+caller's, when it knows (a change point), else the offset that raised it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class EpisodeKey:
 
     def label(self) -> str:
         """A short text form, for ids and logs."""
-        return "|".join(str(x) for x in (self.signal, self.model_name, self.model_version,
-                                         self.feature, self.detector))
+        return "|".join(
+            str(x)
+            for x in (self.signal, self.model_name, self.model_version, self.feature, self.detector)
+        )
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Episode:
     first_offset: int | None
     last_offset: int | None
     opened_at: int
+    first_partition: int | None = None
 
 
 @dataclass
@@ -55,39 +61,71 @@ class Episodes:
         """Whether an episode of ``key`` is open."""
         return key in self.open
 
-    def observe(self, key: EpisodeKey, level: str | None, message: str, *, at: int,
-                offset: int | None = None, **fields: Any) -> dict[str, Any] | None:
+    def observe(
+        self,
+        key: EpisodeKey,
+        level: str | None,
+        message: str,
+        *,
+        at: int,
+        offset: int | None = None,
+        **fields: Any,
+    ) -> dict[str, Any] | None:
         """Record the current level of ``key``; return the alert event to send, if any.
 
         ``fields`` are optional alert columns (statistic, threshold, window, detector, ...);
         ``message`` says for a person what happened.
         """
         current = self.open.get(key)
-        columns = {"feature": key.feature, "detector": key.detector, "model_name": key.model_name,
-                   "model_version": key.model_version, **fields}
+        first = fields.pop("first_offset", None)
+        first_partition = fields.pop("first_partition", None)
+        columns = {
+            "feature": key.feature,
+            "detector": key.detector,
+            "model_name": key.model_name,
+            "model_version": key.model_version,
+            **fields,
+        }
         if current is None:
             if level is None:
                 return None
             number = self.counts.get(key, 0) + 1
             self.counts[key] = number
-            self.open[key] = Episode(number, level, offset, offset, at)
-            return alert_event(self.pipeline, key.signal, message, state="raised",
-                               severity=level,  # type: ignore[arg-type]
-                               episode=f"{key.label()}#{number}:{level}", at=at,
-                               first_offset=offset, last_offset=offset, **columns)
+            first = offset if first is None else first
+            self.open[key] = current = Episode(number, level, first, offset, at, first_partition)
+            return self._event(key, current, "raised", level, message, at, columns)
         if offset is not None:
             current.last_offset = offset
         if level is None:
             del self.open[key]
-            return alert_event(self.pipeline, key.signal, message, state="resolved",
-                               severity=current.severity,  # type: ignore[arg-type]
-                               episode=f"{key.label()}#{current.number}", at=at,
-                               first_offset=current.first_offset, last_offset=current.last_offset, **columns)
+            columns.setdefault("resolution", "cleared")
+            return self._event(key, current, "resolved", current.severity, message, at, columns)
         if _RANK[level] > _RANK[current.severity]:
             current.severity = level
-            return alert_event(self.pipeline, key.signal, message, state="raised",
-                               severity=level,  # type: ignore[arg-type]
-                               episode=f"{key.label()}#{current.number}:{level}", at=at,
-                               first_offset=current.first_offset, last_offset=current.last_offset,
-                               **columns)
+            return self._event(key, current, "raised", level, message, at, columns)
         return None
+
+    def _event(
+        self,
+        key: EpisodeKey,
+        episode: Episode,
+        state: str,
+        severity: str,
+        message: str,
+        at: int,
+        columns: dict[str, Any],
+    ) -> dict[str, Any]:
+        suffix = f":{severity}" if state == "raised" else ""
+        return alert_event(
+            self.pipeline,
+            key.signal,
+            message,
+            state=state,  # type: ignore[arg-type]
+            severity=severity,  # type: ignore[arg-type]
+            episode=f"{key.label()}#{episode.number}{suffix}",
+            at=at,
+            first_offset=episode.first_offset,
+            first_partition=episode.first_partition,
+            last_offset=episode.last_offset,
+            **columns,
+        )

@@ -15,9 +15,8 @@ from operator import itemgetter
 from typing import Any
 
 import numpy as np
-
-from loopline.services.monitor.detectors import Detector, error_detector_names
-
+from loopline.services.monitor.degradation import ErrorTest, ErrorWatch
+from loopline.services.monitor.detectors import error_detector_names
 
 VariantKey = tuple[str, int, str]
 
@@ -65,12 +64,13 @@ class Scored:
     detections: list[tuple[str, int]]  # (detector, offset)
     metric: float  # rolling accuracy (classification) or MAE (regression)
     labeled: int
+    confirmed: ErrorTest | None = None  # errors since an early warning's change point that degraded
+    windowed: ErrorTest | None = None  # the last window of errors, when a test was due
+    warned_by: str = ""  # the detector whose early warning `confirmed` confirmed
 
 
-#: Labels in the "recent" error rate compared with the baseline.
+#: Labels in the "recent" error rate compared with the baseline, in messages.
 RECENT = 200
-#: How many standard errors above the baseline the recent error rate must be (classification).
-Z_MIN = 3.0
 
 
 @dataclass
@@ -84,6 +84,8 @@ class PerformanceTracker:
     detector_names: list[str]
     seed: int
     max_pending: int = 1_000_000
+    min_drop: float = 0.02  # spec.monitor.min_performance_drop
+    p_value: float = 1e-4  # spec.monitor.p_value
     predictions: dict[str, Row] = field(default_factory=dict)
     #: Prediction ids per event: the id itself while an event has one prediction (the usual case),
     #: a list from the second on; a list per event would double the objects the join keeps alive.
@@ -92,12 +94,10 @@ class PerformanceTracker:
     waiting: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     seen_feedback: dict[str, int] = field(default_factory=dict)
     rolling: dict[VariantKey, deque[float]] = field(default_factory=dict)
-    detectors: dict[VariantKey, list[Detector]] = field(default_factory=dict)
+    watches: dict[VariantKey, ErrorWatch] = field(default_factory=dict)
     labeled: dict[VariantKey, int] = field(default_factory=dict)
-    #: Error of each variant over its first full window: what "not degraded" means for it.
+    #: Error of each variant over its first full window (or since a rebaseline): "not degraded".
     baseline: dict[VariantKey, float] = field(default_factory=dict)
-    #: Labeled count at each detector's latest alarm, per variant.
-    alarms: dict[tuple[VariantKey, str], int] = field(default_factory=dict)
     expired: int = 0
     clock: int = 0  # stream time: the latest event time seen, epoch ms
 
@@ -224,49 +224,44 @@ class PerformanceTracker:
         for key, (errs, offs) in errors.items():
             arr, off_arr = np.asarray(errs, dtype=float), np.asarray(offs, dtype=np.int64)
             window = self.rolling.setdefault(key, deque(maxlen=self.window))
-            if key not in self.baseline and len(window) + len(errs) >= self.window:
-                # The first `window` labels, however they were batched: a backlog read in one
-                # large batch must not make its latest labels the baseline.
-                first = list(window) + errs[:self.window - len(window)]
-                self.baseline[key] = float(np.mean(first))
             window.extend(errs)
             self.labeled[key] = self.labeled.get(key, 0) + len(errs)
-            detectors = self.detectors.get(key)
-            if detectors is None:
+            watch = self.watches.get(key)
+            if watch is None:
                 names = error_detector_names(self.detector_names, self.task)
-                detectors = self.detectors[key] = [Detector(n, self.seed, binary_stream=not self.regression)
-                                                   for n in names]
-            hits = [(d.name, int(off_arr[i])) for d in detectors for i in d.update_many(arr)]
-            for name, _ in hits:
-                self.alarms[(key, name)] = self.labeled[key]
+                watch = self.watches[key] = ErrorWatch(self.regression, self.window, names,
+                                                       self.seed, self.min_drop, self.p_value)
+            found = watch.add(arr, off_arr)
+            if watch.baseline is not None:
+                self.baseline[key] = watch.baseline
+            hits = [(name, int(off_arr[i])) for name, i in found.detections]
             mean = float(np.mean(window))
             metric = mean if self.regression else 1.0 - mean
-            out.append(Scored(key[0], key[1], key[2], arr, off_arr, hits, metric, self.labeled[key]))
+            out.append(Scored(key[0], key[1], key[2], arr, off_arr, hits, metric, self.labeled[key],
+                              found.confirmed, found.windowed, found.warned_by))
         return out
 
-    def degradation(self, key: VariantKey, recent: int = RECENT) -> float | None:
-        """How much worse the last ``recent`` errors are than the variant's baseline (None: no baseline yet).
-
-        Classification: the accuracy drop in points; regression: the relative increase of the MAE.
-        """
-        base, window = self.baseline.get(key), self.rolling.get(key)
-        if base is None or not window:
+    def recent(self, key: VariantKey, n: int = RECENT) -> tuple[float, float | None, int] | None:
+        """(metric of the last ``n`` labels, of the baseline, labels so far); None: no labels."""
+        window = self.rolling.get(key)
+        if not window:
             return None
-        tail = list(window)[-recent:]
+        tail = list(window)[-n:]
+        base = self.baseline.get(key)
         now = float(np.mean(tail))
         if self.regression:
-            return now / base - 1.0 if base > 0 else float("inf") if now > 0 else 0.0
-        # A few errors in a row are chance for a good model: the rise must also be significant
-        # (binomial standard error of the recent rate, with the baseline floored at one error per window).
-        p = max(base, 1.0 / self.window)
-        if (now - base) < Z_MIN * (p * (1 - p) / len(tail)) ** 0.5:
-            return 0.0
-        return now - base
+            return now, base, self.labeled.get(key, 0)
+        return 1.0 - now, None if base is None else 1.0 - base, self.labeled.get(key, 0)
 
-    def recent_alarm(self, key: VariantKey, detector: str) -> bool:
-        """Whether ``detector`` raised an alarm within the last window of labels of ``key``."""
-        at = self.alarms.get((key, detector))
-        return at is not None and self.labeled.get(key, 0) - at <= self.window
+    def rebase(self, key: VariantKey | None = None) -> None:
+        """Restart baselines (of one variant, or all) from their last window of labels."""
+        for k, watch in self.watches.items():
+            if key is None or k == key:
+                watch.rebase()
+                if watch.baseline is None:
+                    self.baseline.pop(k, None)
+                else:
+                    self.baseline[k] = watch.baseline
 
     def _prune(self) -> None:
         """Forget what is older than the TTL (stream time) or beyond the size bound."""

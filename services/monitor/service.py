@@ -228,6 +228,10 @@ class MonitorService:
 class _Handler:
     """The monitor on the runtime loop: its units, the registry, timers; see the module docstring."""
 
+    #: The shape of a pipeline's checkpointed state (PipelineMonitor and what it holds).
+    #: 2: evidence-based alerts (issue 15): episodes, segment tests, degradation trackers.
+    state_version = 2
+
     def __init__(self, rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService) -> None:
         self.rt = rt
         self.settings = settings

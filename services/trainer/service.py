@@ -79,6 +79,9 @@ def new_state(spec: PipelineSpec, settings: TrainerSettings) -> PipelineState:
 class TrainerService:
     """See the module docstring; :func:`serve` wires it to Kafka."""
 
+    #: The shape of a pipeline's checkpointed state (PipelineState and what it holds).
+    state_version = 1
+
     def __init__(self, settings: TrainerSettings, models: ModelRegistry, metrics: TrainerMetrics,
                  reader: RegistryReader) -> None:
         self.settings = settings

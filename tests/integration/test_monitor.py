@@ -202,7 +202,7 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
 
         wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total", kind="deadletter") == 300,
                  "every dead letter consumed")
-        alerts.wait(lambda _: bool(raised("drift", "adwin")) and bool(raised("drift", "psi_ks"))
+        alerts.wait(lambda _: bool(raised("drift", "psi"))
                     and bool(raised("zombie")) and bool(raised("quality")))
         wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total", kind="predictions") == TOTAL,
                  "every prediction consumed")
@@ -216,16 +216,16 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         text = monitor.metrics()
         monitor.stop()  # writes the final checkpoint
 
-        # Alerts come after the shift, never before it, with reasons a person can read.
+        # Alerts come after the shift (their change point: at most a little before it), with
+        # reasons a person can read; river's detectors are early warnings, never alerts.
         for e in raised("drift") + raised("performance"):
-            assert e["first_offset"] >= SHIFT, e["message"]
+            assert e["first_offset"] >= SHIFT - 100 and e["last_offset"] >= SHIFT, e["message"]
         feature_drift = [e for e in raised("drift") if e["feature"] == "amount"]
-        assert {e["detector"] for e in feature_drift} >= {"adwin", "psi_ks"}
-        adwin = next(e for e in feature_drift if e["detector"] == "adwin")
-        assert adwin["first_offset"] - SHIFT < 300
-        assert "Feature 'amount' drifted" in adwin["message"] and "recent mean" in adwin["message"]
-        psi = next(e for e in feature_drift if e["detector"] == "psi_ks" and e["severity"] == "alert")
-        assert psi["statistic"] >= 0.25 and psi["threshold"] == 0.25 and psi["window"] == 500
+        assert {e["detector"] for e in feature_drift} == {"psi"}
+        psi = next(e for e in feature_drift if e["severity"] == "alert")
+        assert psi["last_offset"] - SHIFT < 300 and "Feature 'amount' drifted" in psi["message"]
+        assert psi["statistic"] >= 0.25 and psi["threshold"] == 0.25 and psi["p_value"] < 1e-4
+        assert psi["reference_value"] < 51 < 60 < psi["current_value"] and psi["action"]
         assert psi["model_name"] == "fraud-lr" and psi["model_version"] == 1 and "PSI" in psi["message"]
         assert any(e["feature"] == "value" and e["model_version"] == 1 for e in raised("drift")), \
             "the champion's output drifts with its input"
@@ -248,7 +248,8 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         assert "Data quality of feature 'amount'" in quality[0]["message"]
 
         # The metrics show it.
-        assert gauge(text, "loopline_monitor_alert_active", signal="drift", name="amount", detector="psi_ks") == 2.0
+        assert gauge(text, "loopline_monitor_alert_active", signal="drift", name="amount",
+                     detector="psi") == 2.0
         assert gauge(text, "loopline_monitor_psi", subject="feature", name="amount") >= 0.25  # type: ignore[operator]
         assert gauge(text, "loopline_monitor_zombie", version="2") == 1.0
         accuracy = gauge(text, "loopline_monitor_model_metric", variant="champion", metric="accuracy")
@@ -266,7 +267,7 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         wait_for(lambda: pm.features["amount"].detectors[0].seen == TOTAL + 1000, "post-restart events")
         time.sleep(1.0)  # lets any (wrong) duplicate alert arrive before counting
         new = alerts.poll()[alerts_before:]
-        assert not [e for e in new if e["state"] == "raised" and e["detector"] == "psi_ks"], \
+        assert not [e for e in new if e["state"] == "raised" and e["detector"] == "psi"], \
             "the open PSI episode survived the restart, so it is not raised again"
         assert gauge(monitor.metrics(), "loopline_monitor_events_total", kind="features") == 1000, \
             "events before the checkpoint are not learned twice"

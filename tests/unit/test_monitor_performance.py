@@ -5,8 +5,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import numpy as np
 import pytest
-
 from loopline.services.monitor.performance import PerformanceTracker
 
 
@@ -85,17 +85,26 @@ def test_regression_uses_absolute_error_and_mae() -> None:
     scored = t.add_feedback([fb(1, event_id="e1", value=4.0), fb(2, event_id="e2", value=1.0)], [0, 1])
     assert by_variant(scored) == {"champion": [1.0, 4.0]}
     assert scored[0].metric == pytest.approx(2.5)
-    assert [d.name for d in t.detectors[("m", 1, "champion")]] == ["adwin"]
+    detectors = t.watches[("m", 1, "champion")].detectors
+    assert [d.name for d in detectors] == ["adwin"], "ddm needs 0/1 errors"
 
 
-def test_error_detectors_fire_when_the_error_rate_jumps() -> None:
-    t = tracker()
-    preds = [pred(i) for i in range(3000)]
-    t.add_predictions(preds, list(range(3000)))
-    labels = ["yes" if (i < 1500 and i % 10) or (i >= 1500 and i % 2) else "no" for i in range(3000)]
-    scored = t.add_feedback([fb(i, event_id=f"e{i}", label=labels[i]) for i in range(3000)], list(range(3000)))
-    hits = scored[0].detections
-    assert hits and all(off >= 1500 for _, off in hits)
+def test_a_jump_of_the_error_rate_is_confirmed_soon_after_it() -> None:
+    t = tracker(ttl_ms=10**9)
+    rng = np.random.default_rng(0)
+    n = 3000
+    t.add_predictions([pred(i) for i in range(n)], list(range(n)))
+    wrong = rng.random(n) < np.where(np.arange(n) < 1500, 0.1, 0.4)
+    confirmed = []
+    for lo in range(0, n, 100):
+        idx = range(lo, lo + 100)
+        feedback = [fb(i, event_id=f"e{i}", label="no" if wrong[i] else "yes") for i in idx]
+        for s in t.add_feedback(feedback, list(idx)):
+            confirmed += [r for r in (s.confirmed, s.windowed) if r is not None and r.degraded]
+    assert confirmed, "accuracy fell from 0.9 to 0.6"
+    first = confirmed[0]
+    assert 1500 <= first.end < 1600 and first.first_offset >= 1400
+    assert 0.15 < first.drop < 0.6 and first.test.p_value < 1e-4  # a short segment: rough
 
 
 def test_a_resent_prediction_is_kept_once_with_its_latest_fields() -> None:
@@ -184,4 +193,4 @@ def test_the_baseline_is_the_first_window_of_labels_however_they_are_batched(bat
         t.add_feedback([fb(i, prediction_id=f"p{i}-champion", label=labels[i]) for i in idx], list(idx))
     key = ("m", 1, "champion")
     assert t.baseline[key] == 0.0
-    assert t.degradation(key) == 1.0
+    assert t.recent(key) == (0.0, 1.0, n), "accuracy 0 now, 1 over the baseline window"
