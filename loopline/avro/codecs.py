@@ -193,12 +193,28 @@ class Codec:
         return self._readers[key]
 
 
+def history(kind: str) -> list[dict[str, Any]]:
+    """Earlier released versions of a fixed schema kind (``schemas/history/<kind>.<fingerprint>.avsc``).
+
+    Messages written by an earlier release name their writer schema by fingerprint: kept here, they
+    stay readable after an upgrade (a compacted registry keeps such records for ever).
+    """
+    folder = importlib.resources.files("loopline.schemas").joinpath("history")
+    if not folder.is_dir():
+        return []
+    return [json.loads(f.read_text()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.startswith(f"{kind}.") and f.name.endswith(".avsc")]
+
+
 @lru_cache(maxsize=None)
 def codec(kind: str) -> Codec:
-    """The codec of a fixed schema kind (prediction, feedback, deadletter, alert, registry)."""
+    """The codec of a fixed schema kind (prediction, feedback, deadletter, alert, registry).
+
+    It reads messages written with any earlier released version of the schema, too.
+    """
     if kind in ("raw", "features"):
         raise SchemaError(f"the {kind} schema depends on the pipeline spec; use PipelineSpec codecs")
-    return Codec(load_schema(kind))
+    return Codec(load_schema(kind), writers=history(kind))
 
 
 def is_backward_compatible(reader: dict[str, Any], writer: dict[str, Any], samples: int = 50,

@@ -15,9 +15,8 @@ class MonitorMetrics:
                               registry=registry)
         self.psi = Gauge("loopline_monitor_psi", "PSI of the recent window against the reference profile",
                          ["pipeline", "subject", "name", "model"], registry=registry)
-        self.ks_pvalue = Gauge("loopline_monitor_ks_pvalue", "Two-sample KS p-value, recent window vs reference",
-                               ["pipeline", "subject", "name", "model"], registry=registry)
-        self.detections = Counter("loopline_monitor_detections", "Online detector drift signals",
+        self.detections = Counter("loopline_monitor_detections", "Early warnings of the online detectors (each "
+                                  "one tested against the reference before any alert)",
                                   ["pipeline", "subject", "name", "detector"], registry=registry)
         self.alert_active = Gauge(
             "loopline_monitor_alert_active", "Open alert episode: 0 none, 1 warning, 2 alert",
@@ -38,8 +37,6 @@ class MonitorMetrics:
         self.zombie = Gauge("loopline_monitor_zombie", "1 if a deployed version has had no traffic or no readers "
                             "too long",
                             ["pipeline", "model", "version", "stage"], registry=registry)
-        self.checkpoint_bytes = Gauge("loopline_monitor_checkpoint_bytes", "Size of the last checkpoint",
-                                      registry=registry)
 
     def on_alert(self, event: dict) -> None:  # type: ignore[type-arg]
         """Reflect one alert event in the counters and the open-episode gauge."""

@@ -17,10 +17,11 @@ class MonitorSettings(ServiceSettings):
         5.0, gt=0, description="Longest time between two checkpoints of a pipeline's state to the changelog "
         "topic (alerts are committed at once, with the state that raised them).")
     drift_eval_every: int = Field(
-        0, ge=0, description="Events between windowed PSI/KS comparisons (0: a quarter of spec.monitor.window).")
+        0, ge=0, description="Events between two regular comparisons of the last window with the reference "
+        "(0: a quarter of spec.monitor.window).")
     resolve_after: int = Field(
-        0, ge=0, description="Events without a new detection that close an online-detector episode "
-        "(0: spec.monitor.window).")
+        0, ge=0, description="Events a drift must look cleared (the last window back in line with the "
+        "reference) before its episode resolves (0: half of spec.monitor.window).")
     quality_alert_rate: float = Field(
         0.05, gt=0, le=1, description="Missing / type-error / out-of-range share of a window that raises an alert.")
     zombie_check_s: float = Field(5.0, gt=0, description="How often deployed versions are checked for traffic.")
