@@ -1,0 +1,413 @@
+"""Faust apps on Loopline topics: typed records, Avro codecs and topics, generated from a spec.
+
+Loopline's own services are batched confluent-kafka loops; this module is for downstream stream
+apps written in Faust (faust-streaming, ``pip install 'loopline[faust]'``)::
+
+    import faust
+    from loopline import faust as lf
+    from loopline.settings import LooplineSettings
+
+    settings = LooplineSettings()                              # LOOPLINE_BOOTSTRAP_SERVERS, ...
+    app = faust.App("billing", **lf.app_settings(settings))
+    topics = lf.from_registry(app, settings, "fraud")          # or pipeline_topics(app, spec)
+
+    @app.agent(topics.predictions)
+    async def bill(predictions):
+        async for p in predictions:                            # p: a faust.Record, typed
+            if p.served and p.label == "1":
+                fb = topics.feedback_record(prediction_id=p.prediction_id, verdict="accept")
+                await topics.feedback.send(key=p.prediction_id, value=fb)
+
+Records are ``faust.Record`` subclasses generated from the Avro schemas in ``schemas/`` (features:
+from the spec): attribute access, nested records (``p.source.offset``), usable as table values.
+Optional Avro fields default to None. A feature whose name is not a usable Python attribute
+(``from``, ``items``, ...) is the attribute ``from_`` and keeps its name on the wire.
+``python -m loopline.faust SPEC.yaml`` prints the generated records as Python source.
+
+Topics read Avro single-object encoding through :mod:`loopline.avro` (features also read events
+written under older specs, given as ``features_writers``); feedback is read as Avro or JSON, as
+:mod:`loopline.feedback` reads it, and always written as Avro after :func:`loopline.feedback.check`.
+A message that cannot be decoded is logged with its topic, partition and offset and skipped; the
+agent keeps running (Faust's default would crash and restart it).
+
+Settings Faust needs (:func:`app_settings` returns them):
+
+- ``broker_session_timeout`` from ``LOOPLINE_SESSION_TIMEOUT_MS``: the embedded broker (Tansu)
+  completes a group join after about half the session timeout, so Faust's 60 s default means a
+  30 s wait at every start;
+- ``producer_max_batch_size=1`` on the embedded broker: Tansu answers ListOffsets(latest) with its
+  last batch's base offset + 1, and Faust's table recovery reads a changelog up to that offset,
+  so with batched changelog writes a restarted worker restores stale values. One record per batch
+  makes the answer exact (slower writes: see ``bench/faust_state.py``). Apache Kafka keeps batching;
+- ``processing_guarantee="at_least_once"`` (Faust's default): Tansu has no transactions. On Kafka
+  ``exactly_once`` works too. Either way, a redelivered event must not be counted twice: keep the
+  offset a table value was last updated from in the value (``examples/faust_app.py`` does);
+- tables co-partitioned with a Loopline topic need its partition count:
+  ``app.Table(..., partitions=topics.predictions.partitions)``. Faust creates its own changelog
+  and assignor topics; it does not create Loopline's (``loopline apply`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import keyword
+import logging
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from typing import Any, cast
+
+import fastavro
+import faust
+import orjson
+from faust.exceptions import ValueDecodeError
+from faust.models.fields import FieldDescriptor
+from faust.types import AppT, CodecT, ModelT
+from faust.types.tuples import Message
+
+from loopline import avro, feedback
+from loopline import topics as names
+from loopline.errors import LooplineError
+from loopline.kafka import KafkaConfig
+from loopline.registry import RegistryReader
+from loopline.settings import LooplineSettings
+from loopline.spec import PipelineSpec, load_spec
+
+__all__ = ["AvroCodec", "LooplineSchema", "LooplineTopic", "Records", "Topics", "app_settings",
+           "from_registry", "pipeline_topics", "records", "records_source"]
+
+log = logging.getLogger(__name__)
+
+_PY_TYPES = {"string": str, "long": int, "int": int, "double": float, "float": float,
+             "boolean": bool, "bytes": bytes, "enum": str}
+Decode = Callable[[Message], dict[str, Any]]
+
+
+# --- records -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Field:
+    attr: str        # Python attribute
+    name: str        # Avro field name (on the wire)
+    pytype: Any
+    has_default: bool
+    default: Any
+
+
+def _attr(name: str) -> str:
+    """The Python attribute of an Avro field: its name, unless a keyword or a Record member."""
+    attr = name
+    while keyword.iskeyword(attr) or attr.startswith("__") or hasattr(faust.Record, attr):
+        attr += "_"
+    return attr
+
+
+def _pytype(schema: Any, build: Callable[[dict[str, Any]], type[faust.Record]]) -> Any:
+    if isinstance(schema, list):  # unions: Loopline's are ["null", T]
+        rest = [s for s in schema if s != "null"]
+        inner = _pytype(rest[0], build) if len(rest) == 1 else Any
+        return inner | None if "null" in schema else inner
+    if isinstance(schema, dict):
+        kind = schema["type"]
+        if kind == "record":
+            return build(schema)
+        if kind == "map":
+            return dict[str, _pytype(schema["values"], build)]  # type: ignore[misc]
+        if kind == "array":
+            return list[_pytype(schema["items"], build)]  # type: ignore[misc]
+        return _pytype(kind, build) if kind not in _PY_TYPES else _PY_TYPES[kind]
+    return _PY_TYPES.get(schema, Any)
+
+
+def _fields(schema: dict[str, Any], build: Callable[[dict[str, Any]], type[faust.Record]]
+            ) -> list[_Field]:
+    """A record's fields, required ones first (Faust, like dataclasses, wants them so)."""
+    out = []
+    for f in schema["fields"]:
+        # A shared mutable default ({} for scores) would be one dict for every record: required.
+        immutable = "default" in f and not isinstance(f["default"], dict | list)
+        out.append(_Field(_attr(f["name"]), f["name"], _pytype(f["type"], build), immutable,
+                          f.get("default")))
+    return sorted(out, key=lambda f: f.has_default)
+
+
+class _Builder:
+    """Generates the faust.Record classes of one expanded Avro schema (nested records included)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.classes: dict[str, type[faust.Record]] = {}
+
+    def build(self, schema: dict[str, Any]) -> type[faust.Record]:
+        name = schema["name"].rsplit(".", 1)[-1]
+        if name not in self.classes:
+            body: dict[str, Any] = {"__annotations__": {}, "__doc__": schema.get("doc", name)}
+            for f in _fields(schema, self.build):
+                body["__annotations__"][f.attr] = f.pytype
+                if f.attr != f.name:
+                    body[f.attr] = FieldDescriptor(input_name=f.name, output_name=f.name,
+                                                   required=not f.has_default, default=f.default)
+                elif f.has_default:
+                    body[f.attr] = f.default
+            self.classes[name] = type(name, (faust.Record,), body,
+                                      namespace=f"{self.namespace}.{name}")
+        return self.classes[name]
+
+
+def _expanded(schema: dict[str, Any]) -> dict[str, Any]:
+    parsed = fastavro.parse_schema(schema, named_schemas=avro.named_types(), expand=True)
+    return cast("dict[str, Any]", parsed)
+
+
+@dataclass(frozen=True)
+class Records:
+    """The faust.Record classes of one pipeline's topics."""
+
+    FeatureEvent: type[faust.Record]
+    Features: type[faust.Record]
+    Prediction: type[faust.Record]
+    Feedback: type[faust.Record]
+    Alert: type[faust.Record]
+    SourceOffset: type[faust.Record]
+
+
+@cache
+def _fixed_records() -> dict[str, type[faust.Record]]:
+    builder = _Builder("loopline")  # shared by every pipeline: one class per schema and process
+    for kind in ("prediction", "feedback", "alert"):
+        builder.build(_expanded(avro.load_schema(kind)))
+    return builder.classes
+
+
+@lru_cache(maxsize=64)
+def _feature_records(pipeline: str, sha256: str, schema_json: str) -> dict[str, type[faust.Record]]:
+    builder = _Builder(f"loopline.{pipeline}")
+    builder.build(_expanded(orjson.loads(schema_json)))
+    return builder.classes
+
+
+def records(spec: PipelineSpec) -> Records:
+    """The faust.Record classes of a pipeline (cached: one class per schema and process)."""
+    fixed = _fixed_records()
+    schema_json = orjson.dumps(spec.features_schema()).decode()
+    feats = _feature_records(spec.name, spec.sha256(), schema_json)
+    return Records(feats["FeatureEvent"], feats["Features"], fixed["Prediction"], fixed["Feedback"],
+                   fixed["Alert"], fixed["SourceOffset"])
+
+
+def _type_source(t: Any) -> str:
+    if isinstance(t, type) and not getattr(t, "__args__", None):
+        return t.__name__
+    return str(t).replace(f"{__name__}.", "").replace("typing.", "")
+
+
+def records_source(spec: PipelineSpec) -> str:
+    """The generated records of a pipeline as Python source (for reading; not executed)."""
+    recs = records(spec)
+    lines = ["import faust", ""]
+    for cls in (recs.SourceOffset, recs.Features, recs.FeatureEvent, recs.Prediction,
+                recs.Feedback, recs.Alert):
+        opts = cls._options
+        lines.append(f"class {cls.__name__}(faust.Record, namespace={opts.namespace!r}):")
+        for attr, descr in opts.descriptors.items():
+            decl = f"    {attr}: {_type_source(opts.fields[attr])}"
+            if attr != descr.input_name:
+                decl += f" = faust.FieldDescriptor(input_name={descr.input_name!r}, " \
+                        f"output_name={descr.input_name!r})"
+            elif attr in opts.defaults:
+                decl += f" = {opts.defaults[attr]!r}"
+            lines.append(decl)
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- codecs, schemas, topics ---------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """A record as the plain dicts fastavro writes (nested records too, wire names, no metadata)."""
+    if isinstance(value, ModelT):
+        value = value.to_representation()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items() if k != "__faust"}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class AvroCodec(faust.Codec):
+    """Faust codec: Avro single-object encoding through a :class:`loopline.avro.Codec`.
+
+    ``check`` (optional) validates a record before it is written (:func:`loopline.feedback.check`).
+    """
+
+    def __init__(self, codec: avro.Codec, check: Callable[[dict[str, Any]], Any] | None = None,
+                 children: tuple[CodecT, ...] | None = None) -> None:
+        # Faust clones codecs as type(self)(children=..., **kwargs): keep them in kwargs.
+        super().__init__(children, codec=codec, check=check)
+        self.codec, self.check = codec, check
+
+    def _dumps(self, obj: Any) -> bytes:
+        record = _plain(obj)
+        if self.check is not None:
+            self.check(record)
+        return self.codec.encode(record)
+
+    def _loads(self, s: bytes) -> Any:
+        return self.codec.decode(s)
+
+
+class LooplineSchema(faust.Schema):
+    """Faust schema of a Loopline topic: str keys, records decoded with the message's position.
+
+    Decoding here rather than in the codec gives it the topic, partition, offset and timestamp,
+    which JSON feedback without a ``feedback_id`` needs (its id is derived from its position).
+    """
+
+    def __init__(self, value_type: type[faust.Record], codec: AvroCodec, decode: Decode) -> None:
+        super().__init__(key_type=str, value_type=value_type, key_serializer="raw",
+                         value_serializer=codec)
+        self._record, self._decode = value_type, decode
+
+    def loads_value(self, app: AppT, message: Message, *, loads: Callable[..., Any] | None = None,
+                    serializer: Any = None) -> Any:
+        """Decode ``message`` into this schema's record; raise ValueDecodeError if it is not one."""
+        try:
+            return self._record.from_data(self._decode(message), preferred_type=self._record)
+        except (LooplineError, TypeError, ValueError) as e:  # TypeError: a record Faust refuses
+            where = f"{message.topic}[{message.partition}]@{message.offset}"
+            raise ValueDecodeError(f"{where}: {e}") from e
+
+
+class LooplineTopic(faust.Topic):
+    """A Faust topic whose undecodable messages are logged and skipped, not thrown at the agent."""
+
+    async def on_key_decode_error(self, exc: Exception, message: Message) -> None:
+        """Log a message whose key is not UTF-8; Faust has already acknowledged it."""
+        await self.on_decode_error(exc, message)
+
+    async def on_value_decode_error(self, exc: Exception, message: Message) -> None:
+        """Log a message that is not a valid record; Faust has already acknowledged it."""
+        await self.on_decode_error(exc, message)
+
+    async def on_decode_error(self, exc: Exception, message: Message) -> None:
+        """One structured log line per skipped message."""
+        log.warning("faust_bad_message", extra={"topic": message.topic, "offset": message.offset,
+                                                "partition": message.partition, "error": str(exc)})
+
+
+def _timestamp_ms(message: Message) -> int | None:
+    return None if message.timestamp is None else round(message.timestamp * 1000)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The Faust topics of one pipeline, their record classes and a feedback builder."""
+
+    spec: PipelineSpec
+    records: Records
+    features: LooplineTopic
+    predictions: LooplineTopic
+    feedback: LooplineTopic
+    alerts: LooplineTopic  #: ``loopline.alerts``: every pipeline's (``a.pipeline`` says whose)
+
+    def feedback_record(self, **fields: Any) -> faust.Record:
+        """A valid Feedback record (:func:`loopline.feedback.make`), its label one of the spec's."""
+        record = feedback.make(classes=self.spec.label.classes, **fields)
+        return self.records.Feedback.from_data(record, preferred_type=self.records.Feedback)
+
+
+def _topic(app: AppT, name: str, partitions: int | None, schema: LooplineSchema) -> LooplineTopic:
+    return LooplineTopic(app, topics=[name], schema=schema, partitions=partitions)
+
+
+def pipeline_topics(app: AppT, spec: PipelineSpec,
+                    features_writers: Sequence[dict[str, Any]] = ()) -> Topics:
+    """Faust topics for a pipeline's features, predictions and feedback, and for loopline.alerts."""
+    recs = records(spec)
+    classes = spec.label.classes
+
+    def check_feedback(record: dict[str, Any]) -> None:
+        feedback.check(record, classes)
+
+    def fixed(kind: str) -> tuple[AvroCodec, Decode]:
+        codec = avro.codec(kind)
+        return AvroCodec(codec), lambda m: codec.decode(m.value)
+
+    def read_feedback(m: Message) -> dict[str, Any]:
+        return feedback.decode(m.value, m.topic, m.partition, m.offset, _timestamp_ms(m), classes)
+
+    features_codec = avro.Codec(spec.features_schema(), writers=list(features_writers))
+    pt = spec.topics
+    n = spec.partitions
+    return Topics(
+        spec, recs,
+        features=_topic(app, pt.features, n, LooplineSchema(
+            recs.FeatureEvent, AvroCodec(features_codec), lambda m: features_codec.decode(m.value)
+        )),
+        predictions=_topic(app, pt.predictions, n,
+                           LooplineSchema(recs.Prediction, *fixed("prediction"))),
+        feedback=_topic(app, pt.feedback, n, LooplineSchema(
+            recs.Feedback, AvroCodec(avro.codec("feedback"), check_feedback), read_feedback)),
+        alerts=_topic(app, names.ALERTS, None, LooplineSchema(recs.Alert, *fixed("alert"))),
+    )
+
+
+def from_registry(app: AppT, settings: LooplineSettings, pipeline: str) -> Topics:
+    """:func:`pipeline_topics` of a registered pipeline, reading events of its older specs too."""
+    kafka = KafkaConfig.from_settings(settings)
+    reader = RegistryReader(kafka, client_id="loopline-faust")
+    try:
+        state = reader.catch_up()
+    finally:
+        reader.close()
+    if pipeline not in state.specs:
+        known = ", ".join(sorted(state.specs)) or "none"
+        raise LooplineError(f"pipeline {pipeline!r} is not in the registry (known: {known})")
+    return pipeline_topics(app, state.specs[pipeline], state.features_schemas[pipeline][:-1])
+
+
+# --- app settings --------------------------------------------------------------------------------
+
+def _credentials(settings: LooplineSettings) -> faust.types.auth.CredentialsT | None:
+    protocol = settings.security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if "SSL" in protocol:
+        context = ssl.create_default_context(cafile=settings.ssl_ca_location)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return faust.SASLCredentials(username=settings.sasl_username, password=password,
+                                 mechanism=settings.sasl_mechanism or "PLAIN", ssl_context=context)
+
+
+def app_settings(settings: LooplineSettings) -> dict[str, Any]:
+    """Keyword arguments for ``faust.App``: broker, security and what Loopline's brokers need."""
+    kafka = KafkaConfig.from_settings(settings)
+    session_s = settings.session_timeout_ms / 1000
+    conf: dict[str, Any] = {
+        "broker": [f"kafka://{hp.strip()}" for hp in kafka.broker.bootstrap_servers.split(",")],
+        "broker_session_timeout": session_s,
+        "broker_heartbeat_interval": max(0.1, session_s / 10),
+        "processing_guarantee": "at_least_once",
+        "topic_replication_factor": settings.replication_factor,
+    }
+    credentials = _credentials(settings)
+    if credentials is not None:
+        conf["broker_credentials"] = credentials
+    if kafka.embedded:
+        conf["producer_max_batch_size"] = 1  # one record per batch: see the module docstring
+    return conf
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loopline.faust SPEC.yaml``: print the records generated for a pipeline spec."""
+    parser = argparse.ArgumentParser(prog="python -m loopline.faust", description=main.__doc__)
+    parser.add_argument("spec", help="pipeline spec YAML")
+    print(records_source(load_spec(parser.parse_args(argv).spec)))
+
+
+if __name__ == "__main__":
+    main()
