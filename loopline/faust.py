@@ -95,11 +95,13 @@ class _Field:
     default: Any
 
 
-def _attr(name: str) -> str:
-    """The Python attribute of an Avro field: its name, unless a keyword or a Record member."""
+def _attr(name: str, taken: set[str]) -> str:
+    """An Avro field's Python attribute: its name, unless a keyword, a Record member or taken."""
     attr = name
-    while keyword.iskeyword(attr) or attr.startswith("__") or hasattr(faust.Record, attr):
+    while keyword.iskeyword(attr) or attr.startswith("__") or hasattr(faust.Record, attr) \
+            or (attr != name and attr in taken):
         attr += "_"
+    taken.add(attr)
     return attr
 
 
@@ -123,11 +125,11 @@ def _pytype(schema: Any, build: Callable[[dict[str, Any]], type[faust.Record]]) 
 def _fields(schema: dict[str, Any], build: Callable[[dict[str, Any]], type[faust.Record]]
             ) -> list[_Field]:
     """A record's fields, required ones first (Faust, like dataclasses, wants them so)."""
-    out = []
+    out, taken = [], {f["name"] for f in schema["fields"]}
     for f in schema["fields"]:
         # A shared mutable default ({} for scores) would be one dict for every record: required.
         immutable = "default" in f and not isinstance(f["default"], dict | list)
-        out.append(_Field(_attr(f["name"]), f["name"], _pytype(f["type"], build), immutable,
+        out.append(_Field(_attr(f["name"], taken), f["name"], _pytype(f["type"], build), immutable,
                           f.get("default")))
     return sorted(out, key=lambda f: f.has_default)
 
@@ -205,7 +207,7 @@ def _type_source(t: Any) -> str:
 def records_source(spec: PipelineSpec) -> str:
     """The generated records of a pipeline as Python source (for reading; not executed)."""
     recs = records(spec)
-    lines = ["import faust", ""]
+    lines = ["import faust", "from faust.models.fields import FieldDescriptor", ""]
     for cls in (recs.SourceOffset, recs.Features, recs.FeatureEvent, recs.Prediction,
                 recs.Feedback, recs.Alert):
         opts = cls._options
@@ -213,8 +215,10 @@ def records_source(spec: PipelineSpec) -> str:
         for attr, descr in opts.descriptors.items():
             decl = f"    {attr}: {_type_source(opts.fields[attr])}"
             if attr != descr.input_name:
-                decl += f" = faust.FieldDescriptor(input_name={descr.input_name!r}, " \
-                        f"output_name={descr.input_name!r})"
+                default = f", required=False, default={opts.defaults[attr]!r}" \
+                    if attr in opts.defaults else ""
+                decl += f" = FieldDescriptor(input_name={descr.input_name!r}, " \
+                        f"output_name={descr.input_name!r}{default})"
             elif attr in opts.defaults:
                 decl += f" = {opts.defaults[attr]!r}"
             lines.append(decl)
