@@ -39,9 +39,10 @@ Settings Faust needs (:func:`app_settings` returns them):
   last batch's base offset + 1, and Faust's table recovery reads a changelog up to that offset,
   so with batched changelog writes a restarted worker restores stale values. One record per batch
   makes the answer exact (slower writes: see ``bench/faust_state.py``). Apache Kafka keeps batching;
-- ``processing_guarantee="at_least_once"`` (Faust's default): Tansu has no transactions. On Kafka
-  ``exactly_once`` works too. Either way, a redelivered event must not be counted twice: keep the
-  offset a table value was last updated from in the value (``examples/faust_app.py`` does);
+- ``processing_guarantee="at_least_once"`` (Faust's default): Tansu has no transactions (Faust's
+  ``exactly_once`` needs them; not tested here on Kafka). A redelivered event must not be counted
+  twice: keep the offset a table value was last updated from in the value (as
+  ``examples/faust_app.py`` does);
 - tables co-partitioned with a Loopline topic need its partition count:
   ``app.Table(..., partitions=topics.predictions.partitions)``. Faust creates its own changelog
   and assignor topics; it does not create Loopline's (``loopline apply`` does).
