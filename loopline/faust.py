@@ -71,6 +71,7 @@ from loopline import avro, feedback
 from loopline import topics as names
 from loopline.errors import LooplineError
 from loopline.kafka import KafkaConfig
+from loopline.observability import JsonFormatter
 from loopline.registry import RegistryReader
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
@@ -389,7 +390,7 @@ def _credentials(settings: LooplineSettings) -> faust.types.auth.CredentialsT | 
 
 
 def app_settings(settings: LooplineSettings) -> dict[str, Any]:
-    """Keyword arguments for ``faust.App``: broker, security and what Loopline's brokers need."""
+    """Keyword arguments for ``faust.App``: broker, security, logs, what Loopline's brokers need."""
     kafka = KafkaConfig.from_settings(settings)
     session_s = settings.session_timeout_ms / 1000
     conf: dict[str, Any] = {
@@ -404,6 +405,14 @@ def app_settings(settings: LooplineSettings) -> dict[str, Any]:
         conf["broker_credentials"] = credentials
     if kafka.embedded:
         conf["producer_max_batch_size"] = 1  # one record per batch: see the module docstring
+    if settings.log_format == "json":
+        # Merged into the worker's logging setup (its -l level stays): one JSON object per line,
+        # extra fields included, as Loopline's services log.
+        conf["logging_config"] = {
+            "merge": True, "version": 1,
+            "formatters": {"json": {"()": JsonFormatter}},
+            "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json"}},
+        }
     return conf
 
 

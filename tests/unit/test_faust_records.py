@@ -190,6 +190,13 @@ def test_app_settings_tune_faust_for_the_embedded_broker_only() -> None:
     assert faust.App("unit-kafka", **kafka).conf.broker_session_timeout == 10.0
 
 
+def test_app_settings_make_the_worker_log_json_lines_unless_console_is_asked() -> None:
+    json_logs = lf.app_settings(LooplineSettings(bootstrap_servers="a:1"))["logging_config"]
+    assert json_logs["handlers"]["default"]["formatter"] == "json" and json_logs["merge"]
+    console = LooplineSettings(bootstrap_servers="a:1", log_format="console")
+    assert "logging_config" not in lf.app_settings(console)
+
+
 @pytest.mark.parametrize(("protocol", "kind", "ssl_context"), [
     ("SASL_SSL", faust.SASLCredentials, True),
     ("SASL_PLAINTEXT", faust.SASLCredentials, False),
