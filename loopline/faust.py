@@ -187,6 +187,7 @@ def _fixed_records() -> dict[str, type[faust.Record]]:
 @lru_cache(maxsize=64)
 def _feature_records(pipeline: str, sha256: str, schema_json: str) -> dict[str, type[faust.Record]]:
     builder = _Builder(f"loopline.{pipeline}")
+    builder.classes["SourceOffset"] = _fixed_records()["SourceOffset"]  # one class for every topic
     builder.build(_expanded(orjson.loads(schema_json)))
     return builder.classes
 

@@ -55,6 +55,7 @@ def test_records_have_the_schema_fields_typed_with_optional_ones_defaulting_to_n
     assert fields["model_version"] is int and fields["served"] is bool
     assert fields["source"] is recs.SourceOffset
     assert recs.Prediction._options.defaults == {"key": None, "label": None, "value": None}
+    assert recs.FeatureEvent._options.fields["source"] is recs.SourceOffset
     assert recs.Features._options.fields["amount"] is float
     assert recs.Features._options.defaults == {"country": None}
     assert lf.records(_spec()) == recs  # generated once per spec
