@@ -12,7 +12,9 @@ Run it against a broker where the pipeline is applied (``loopline apply examples
         python examples/faust_app.py worker -l info
 
 On the embedded broker reached through LOOPLINE_BOOTSTRAP_SERVERS also set
-``LOOPLINE_KAFKA_PROFILE=embedded`` (see :func:`loopline.faust.app_settings`).
+``LOOPLINE_KAFKA_PROFILE=embedded`` (see :func:`loopline.faust.app_settings`). The app is built in
+``main()`` from the settings, not at import, so it runs as a script rather than ``faust -A``; every
+Faust command works after the script name (``worker``, ``tables``, ...).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import uuid
 from typing import Any
 
 import faust
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loopline import faust as lf
+from loopline.errors import LooplineError
 from loopline.settings import LooplineSettings
 
 log = logging.getLogger("loopline.examples.faust_app")
@@ -114,7 +117,17 @@ def create_app(settings: LooplineSettings, example: ExampleSettings) -> faust.Ap
 
 def main() -> None:
     """Read the settings, build the app and hand the command line to Faust (``worker``, ...)."""
-    create_app(LooplineSettings(), ExampleSettings()).main()  # type: ignore[call-arg]
+    try:
+        example = ExampleSettings()  # type: ignore[call-arg]
+        app = create_app(LooplineSettings(), example)
+    except ValidationError as e:  # name the environment variables, not the model fields
+        prefix = "LOOPLINE_FAUST_" if e.title == ExampleSettings.__name__ else "LOOPLINE_"
+        problems = "; ".join(f"{prefix}{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                             for err in e.errors())
+        raise SystemExit(f"faust_app: {problems}") from None
+    except LooplineError as e:
+        raise SystemExit(f"faust_app: {e}") from None
+    app.main()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,13 @@ def worker(settings: LooplineSettings, home: Path, app_id: str, pipeline: str) -
            "LOOPLINE_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
            "LOOPLINE_HOME": str(home),
            "LOOPLINE_FAUST_PIPELINE": pipeline, "LOOPLINE_FAUST_APP_ID": app_id,
-           "LOOPLINE_FAUST_MIN_SCORE": str(MIN_SCORE)}
+           "LOOPLINE_FAUST_MIN_SCORE": str(MIN_SCORE), "LOOPLINE_SECURITY_PROTOCOL":
+           settings.security_protocol}
+    for name in ("sasl_mechanism", "sasl_username", "ssl_ca_location"):  # a secured test cluster
+        if getattr(settings, name):
+            env[f"LOOPLINE_{name.upper()}"] = str(getattr(settings, name))
+    if settings.sasl_password is not None:
+        env["LOOPLINE_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
     log_path = home / f"worker-{time.monotonic_ns()}.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen([sys.executable, str(EXAMPLE), "worker", "-l", "info"], env=env,
