@@ -1,51 +1,38 @@
 """Faust apps on Loopline topics: typed records, Avro codecs and topics, generated from a spec.
 
-Loopline's own services are batched confluent-kafka loops; this module is for downstream stream
-apps written in Faust (faust-streaming, ``pip install 'loopline[faust]'``)::
+Loopline's services are batched confluent-kafka loops; this is for downstream stream apps written
+in Faust (``pip install 'loopline[faust]'``; README "Faust apps" and ``examples/faust_app.py``)::
 
-    import faust
-    from loopline import faust as lf
-    from loopline.settings import LooplineSettings
-
-    settings = LooplineSettings()                              # LOOPLINE_BOOTSTRAP_SERVERS, ...
-    app = faust.App("billing", **lf.app_settings(settings))
-    topics = lf.from_registry(app, settings, "fraud")          # or pipeline_topics(app, spec)
+    app = faust.App("billing", **app_settings(settings))
+    topics = from_registry(app, settings, "fraud")      # or pipeline_topics(app, spec)
 
     @app.agent(topics.predictions)
     async def bill(predictions):
-        async for p in predictions:                            # p: a faust.Record, typed
-            if p.served and p.label == "1":
-                fb = topics.feedback_record(prediction_id=p.prediction_id, verdict="accept")
-                await topics.feedback.send(key=p.prediction_id, value=fb)
+        async for p in predictions:                     # a faust.Record: p.label, p.source.offset
+            fb = topics.feedback_record(prediction_id=p.prediction_id, verdict="accept")
+            await topics.feedback.send(key=p.prediction_id, value=fb)
 
-Records are ``faust.Record`` subclasses generated from the Avro schemas in ``schemas/`` (features:
-from the spec): attribute access, nested records (``p.source.offset``), usable as table values.
-Optional Avro fields default to None. A feature whose name is not a usable Python attribute
-(``from``, ``items``, ...) is the attribute ``from_`` and keeps its name on the wire.
-``python -m loopline.faust SPEC.yaml`` prints the generated records as Python source.
+Records are ``faust.Record`` subclasses generated from ``schemas/`` (features from the spec);
+optional Avro fields default to None; a field whose name is no usable attribute (``from``,
+``dumps``) is ``from_`` in Python and keeps its name on the wire. ``python -m loopline.faust
+SPEC.yaml`` prints them. Topics read Avro single-object encoding through :mod:`loopline.avro`
+(features also under older specs: ``features_writers``); feedback is read as Avro or JSON as
+:mod:`loopline.feedback` reads it, and written as Avro only if :func:`loopline.feedback.check`
+passes. An undecodable message is logged (topic, partition, offset) and skipped, where Faust
+would crash and restart the agent.
 
-Topics read Avro single-object encoding through :mod:`loopline.avro` (features also read events
-written under older specs, given as ``features_writers``); feedback is read as Avro or JSON, as
-:mod:`loopline.feedback` reads it, and always written as Avro after :func:`loopline.feedback.check`.
-A message that cannot be decoded is logged with its topic, partition and offset and skipped; the
-agent keeps running (Faust's default would crash and restart it).
+What Faust needs on Loopline's brokers (:func:`app_settings`):
 
-Settings Faust needs (:func:`app_settings` returns them):
-
-- ``broker_session_timeout`` from ``LOOPLINE_SESSION_TIMEOUT_MS``: the embedded broker (Tansu)
-  completes a group join after about half the session timeout, so Faust's 60 s default means a
-  30 s wait at every start;
+- ``broker_session_timeout`` from ``LOOPLINE_SESSION_TIMEOUT_MS``: Tansu completes a group join
+  after about half of it (Faust's 60 s default: a 30 s wait at every start);
 - ``producer_max_batch_size=1`` on the embedded broker: Tansu answers ListOffsets(latest) with its
-  last batch's base offset + 1, and Faust's table recovery reads a changelog up to that offset,
-  so with batched changelog writes a restarted worker restores stale values. One record per batch
-  makes the answer exact (slower writes: see ``bench/faust_state.py``). Apache Kafka keeps batching;
-- ``processing_guarantee="at_least_once"`` (Faust's default): Tansu has no transactions (Faust's
-  ``exactly_once`` needs them; not tested here on Kafka). A redelivered event must not be counted
-  twice: keep the offset a table value was last updated from in the value (as
-  ``examples/faust_app.py`` does);
-- tables co-partitioned with a Loopline topic need its partition count:
-  ``app.Table(..., partitions=topics.predictions.partitions)``. Faust creates its own changelog
-  and assignor topics; it does not create Loopline's (``loopline apply`` does).
+  last batch's base offset + 1 and Faust recovers a table only up to there, so batched changelog
+  writes restore stale values. One record per batch makes it exact (``bench/faust_state.py``
+  measures the cost). Apache Kafka keeps Faust's batching;
+- ``processing_guarantee="at_least_once"``: Tansu has no transactions. A redelivered event must not
+  count twice: keep in a table value the offset it was last updated from (as the example does);
+- tables co-partitioned with a Loopline topic: ``partitions=topics.predictions.partitions``.
+  Faust creates its own changelog and assignor topics; Loopline's come from ``loopline apply``.
 """
 
 from __future__ import annotations
@@ -85,8 +72,6 @@ _PY_TYPES = {"string": str, "long": int, "int": int, "double": float, "float": f
              "boolean": bool, "bytes": bytes, "enum": str}
 Decode = Callable[[Message], dict[str, Any]]
 
-
-# --- records -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Field:
@@ -229,8 +214,6 @@ def records_source(spec: PipelineSpec) -> str:
     return "\n".join(lines)
 
 
-# --- codecs, schemas, topics ---------------------------------------------------------------------
-
 def _plain(value: Any) -> Any:
     """A record as the plain dicts fastavro writes (nested records too, wire names, no metadata)."""
     if isinstance(value, ModelT):
@@ -289,22 +272,12 @@ class LooplineSchema(faust.Schema):
 class LooplineTopic(faust.Topic):
     """A Faust topic whose undecodable messages are logged and skipped, not thrown at the agent."""
 
-    async def on_key_decode_error(self, exc: Exception, message: Message) -> None:
-        """Log a message whose key is not UTF-8; Faust has already acknowledged it."""
-        await self.on_decode_error(exc, message)
-
     async def on_value_decode_error(self, exc: Exception, message: Message) -> None:
-        """Log a message that is not a valid record; Faust has already acknowledged it."""
-        await self.on_decode_error(exc, message)
-
-    async def on_decode_error(self, exc: Exception, message: Message) -> None:
-        """One structured log line per skipped message."""
+        """Log a message Faust could not decode (it has acknowledged it already); do not throw."""
         log.warning("faust_bad_message", extra={"topic": message.topic, "offset": message.offset,
                                                 "partition": message.partition, "error": str(exc)})
 
-
-def _timestamp_ms(message: Message) -> int | None:
-    return None if message.timestamp is None else round(message.timestamp * 1000)
+    on_key_decode_error = on_value_decode_error  # a key that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -324,10 +297,6 @@ class Topics:
         return self.records.Feedback.from_data(record, preferred_type=self.records.Feedback)
 
 
-def _topic(app: AppT, name: str, partitions: int | None, schema: LooplineSchema) -> LooplineTopic:
-    return LooplineTopic(app, topics=[name], schema=schema, partitions=partitions)
-
-
 def pipeline_topics(app: AppT, spec: PipelineSpec,
                     features_writers: Sequence[dict[str, Any]] = ()) -> Topics:
     """Faust topics for a pipeline's features, predictions and feedback, and for loopline.alerts."""
@@ -342,21 +311,24 @@ def pipeline_topics(app: AppT, spec: PipelineSpec,
         return AvroCodec(codec), lambda m: codec.decode(m.value)
 
     def read_feedback(m: Message) -> dict[str, Any]:
-        return feedback.decode(m.value, m.topic, m.partition, m.offset, _timestamp_ms(m), classes)
+        ts = None if m.timestamp is None else round(m.timestamp * 1000)  # Faust: seconds
+        return feedback.decode(m.value, m.topic, m.partition, m.offset, ts, classes)
 
-    features_codec = avro.Codec(spec.features_schema(), writers=list(features_writers))
-    pt = spec.topics
-    n = spec.partitions
+    def topic(name: str, schema: LooplineSchema, partitions: int | None = spec.partitions
+              ) -> LooplineTopic:
+        return LooplineTopic(app, topics=[name], schema=schema, partitions=partitions)
+
+    features = avro.Codec(spec.features_schema(), writers=list(features_writers))
+    feedback_codec = AvroCodec(avro.codec("feedback"), check_feedback)
     return Topics(
         spec, recs,
-        features=_topic(app, pt.features, n, LooplineSchema(
-            recs.FeatureEvent, AvroCodec(features_codec), lambda m: features_codec.decode(m.value)
-        )),
-        predictions=_topic(app, pt.predictions, n,
-                           LooplineSchema(recs.Prediction, *fixed("prediction"))),
-        feedback=_topic(app, pt.feedback, n, LooplineSchema(
-            recs.Feedback, AvroCodec(avro.codec("feedback"), check_feedback), read_feedback)),
-        alerts=_topic(app, names.ALERTS, None, LooplineSchema(recs.Alert, *fixed("alert"))),
+        features=topic(spec.topics.features, LooplineSchema(
+            recs.FeatureEvent, AvroCodec(features), lambda m: features.decode(m.value))),
+        predictions=topic(spec.topics.predictions,
+                          LooplineSchema(recs.Prediction, *fixed("prediction"))),
+        feedback=topic(spec.topics.feedback,
+                       LooplineSchema(recs.Feedback, feedback_codec, read_feedback)),
+        alerts=topic(names.ALERTS, LooplineSchema(recs.Alert, *fixed("alert")), None),
     )
 
 
@@ -374,15 +346,12 @@ def from_registry(app: AppT, settings: LooplineSettings, pipeline: str) -> Topic
     return pipeline_topics(app, state.specs[pipeline], state.features_schemas[pipeline][:-1])
 
 
-# --- app settings --------------------------------------------------------------------------------
-
 def _credentials(settings: LooplineSettings) -> faust.types.auth.CredentialsT | None:
     protocol = settings.security_protocol
     if protocol == "PLAINTEXT":
         return None
-    context = None
-    if "SSL" in protocol:
-        context = ssl.create_default_context(cafile=settings.ssl_ca_location)
+    context = ssl.create_default_context(cafile=settings.ssl_ca_location) if "SSL" in protocol \
+        else None
     if protocol == "SSL":
         return faust.SSLCredentials(context)
     password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
