@@ -170,7 +170,8 @@ class Retention(_Strict):
         if value is None:
             return None
         if isinstance(value, bool):
-            raise ValueError(f"expected a duration, got {value!r}; {cls._HOW}")
+            # pydantic reports a ValueError as this field's error; a TypeError would escape it
+            raise ValueError(f"expected a duration, got {value!r}; {cls._HOW}")  # noqa: TRY004
         if isinstance(value, str):
             text = value.strip().lower()
             if text in ("forever", "infinite", "-1"):
@@ -187,7 +188,8 @@ class Retention(_Strict):
                 raise ValueError(f"{value!r} is not a whole number of milliseconds; {cls._HOW}")
             value = int(value)
         if not isinstance(value, int):
-            raise ValueError(f"expected a duration, got {type(value).__name__}; {cls._HOW}")
+            kind = type(value).__name__
+            raise ValueError(f"expected a duration, got {kind}; {cls._HOW}")  # noqa: TRY004
         if value == -1:
             return -1
         if value < cls._MIN_MS:

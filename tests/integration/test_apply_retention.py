@@ -36,18 +36,18 @@ def test_retention_reaches_the_topics_and_follows_the_spec(kafka: KafkaConfig, u
 
     # Someone shortens the raw topic's retention by hand; the features topic is an operator's own.
     admin = kafka.admin()
-    hand = [ConfigResource("topic", raw, incremental_configs=[
-                ConfigEntry("retention.ms", "3600000", incremental_operation=AlterConfigOpType.SET)]),
-            ConfigResource("topic", f"loopline.{unique}.features", incremental_configs=[
-                ConfigEntry("retention.ms", "7200000", incremental_operation=AlterConfigOpType.SET)])]
+    hand = [ConfigResource("topic", topic, incremental_configs=[
+        ConfigEntry("retention.ms", ms, incremental_operation=AlterConfigOpType.SET)])
+        for topic, ms in ((raw, "3600000"), (f"loopline.{unique}.features", "7200000"))]
     for future in admin.incremental_alter_configs(hand).values():
         future.result()
 
     # Re-applied with raw at 2 days, feedback no longer set, predictions newly set.
     second = apply_spec(kafka, spec_with(unique, {"raw": "2d", "predictions": 90_000_000}))
     assert second.published
+    predictions = f"loopline.{unique}.predictions"
     assert second.altered_configs == {raw: {"retention.ms": str(2 * 86_400_000)},
-                                      f"loopline.{unique}.predictions": {"retention.ms": "90000000"},
+                                      predictions: {"retention.ms": "90000000"},
                                       feedback: {"retention.ms": None}}
     assert configs(kafka, raw)["retention.ms"] == str(2 * 86_400_000)
     assert configs(kafka, f"loopline.{unique}.predictions")["retention.ms"] == "90000000"

@@ -1,4 +1,4 @@
-"""The spec's retention section: durations read into milliseconds, bad ones named with field and rule."""
+"""The spec's retention section: durations read as milliseconds; bad ones name field and rule."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_durations(text: Any, ms: int) -> None:
     ("7x", "is not a duration"), ("d7", "is not a duration"), ("", "is not a duration"),
     ("-2", "is not a duration"), (True, "expected a duration"), ([7], "expected a duration"),
     (1.5, "whole number"), (float("nan"), "whole number"), (0, "shorter than 1 minute"),
-    (59_999, "shorter than 1 minute"), ("30s", "shorter than 1 minute"), (-5, "shorter than 1 minute"),
+    (59_999, "shorter than 1 minute"), ("30s", "shorter than 1 minute"),
+    (-5, "shorter than 1 minute"),
     (2**63, "64-bit"),
 ])
 def test_bad_durations_name_the_field_and_say_how(value: Any, says: str) -> None:
@@ -63,4 +64,5 @@ def test_unset_retention_keeps_broker_defaults_and_round_trips() -> None:
     s = parse_spec({"name": "demo", "features": [{"name": "x", "type": "float"}]})
     assert s.retention.ms() == {} and topic_configs(s) == {}
     again = parse_spec(spec({"raw": "7d"}).model_dump(mode="json"))
-    assert again.retention.raw == 604_800_000 and again.sha256() == spec({"raw": 604_800_000}).sha256()
+    assert again.retention.raw == 604_800_000
+    assert again.sha256() == spec({"raw": 604_800_000}).sha256()
