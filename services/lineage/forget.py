@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 #: The order topics are read in: each one's matches give the ids the next ones are matched by.
 SCAN_ORDER = ("features", "raw", "predictions", "feedback", "deadletter")
-_CONFIGS = ("cleanup.policy", "retention.ms", "retention.bytes")
+_CONFIGS = ("cleanup.policy", "retention.ms", "retention.bytes", "max.compaction.lag.ms")
+_NO_BOUND = 2**63 - 1  # Kafka's default max.compaction.lag.ms: the cleaner may wait forever
 Progress = Callable[[str, int, int], None]  # topic, messages read, messages expected
 
 
@@ -122,7 +123,7 @@ class Holding:
         parts = []
         if "compact" in policy:
             if self.tombstones and not self.untombstonable():
-                parts.append("tombstoned: compaction removes them")
+                parts.append(f"tombstoned: removed {self._compacted_by()}")
             elif self.tombstones:
                 parts.append(f"tombstoned, except {self.untombstonable()} key(s) other subjects "
                              "use too: those messages stay")
@@ -144,6 +145,14 @@ class Holding:
         elif "compact" in policy and not parts[0].startswith("tombstoned: "):
             parts[-1] += " indefinitely"
         return "; ".join(parts)
+
+    def _compacted_by(self) -> str:
+        """When the log cleaner must have removed what the tombstones (written now) replace."""
+        lag = self.config.get("max.compaction.lag.ms")
+        if lag is None or int(lag) >= _NO_BOUND:
+            return "once the log cleaner compacts them (no max.compaction.lag.ms set)"
+        until = datetime.fromtimestamp((now_ms() + int(lag)) / 1000, UTC)
+        return f"by about {until.isoformat(timespec='minutes')} (max.compaction.lag.ms {lag})"
 
     def summary(self) -> dict[str, Any]:
         """This holding as plain values (the JSON report)."""

@@ -188,7 +188,11 @@ def test_kept_until_says_what_the_topic_config_means() -> None:
     h.config = {"cleanup.policy": "compact"}
     assert h.kept_until() == "compacted, no tombstones written: kept indefinitely"
     h.keys, h.tombstones = {b"u1": {0}}, 1
-    assert h.kept_until() == "tombstoned: compaction removes them"
+    assert h.kept_until() == ("tombstoned: removed once the log cleaner compacts them "
+                              "(no max.compaction.lag.ms set)")
+    h.config = {"cleanup.policy": "compact", "max.compaction.lag.ms": "3600000"}
+    assert h.kept_until().startswith("tombstoned: removed by about ")
+    assert h.kept_until().endswith(" (max.compaction.lag.ms 3600000)")
     h.keys, h.shared = {b"u1": {0}, b"device-9": {0}}, {b"device-9"}
     assert h.kept_until() == ("tombstoned, except 1 key(s) other subjects use too: those messages "
                               "stay indefinitely")
