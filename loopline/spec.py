@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 import yaml
@@ -157,6 +158,69 @@ class Trainer(_Strict):
     learning_rate: float = Field(0.01, gt=0, description="SGD step of the linear learners (weights and intercept).")
 
 
+class Retention(_Strict):
+    """How long each of the pipeline's topics keeps messages (Kafka's ``retention.ms``).
+
+    A value is milliseconds (``604800000``), a number with a unit (``500ms``, ``90s``, ``15m``,
+    ``12h``, ``7d``, ``2w``) or ``forever`` (-1: never deleted by age). Stored as milliseconds;
+    an unset topic keeps the broker's default. ``loopline apply`` sets them on the topics.
+    """
+
+    raw: int | None = Field(None, description="Producer events (often the most personal: keep short).")
+    features: int | None = Field(None, description="Validated events.")
+    predictions: int | None = Field(None, description="Model outputs.")
+    feedback: int | None = Field(None, description="Labels and verdicts.")
+    deadletter: int | None = Field(None, description="Rejected input, with its original bytes.")
+
+    # A minute at least: a shorter retention deletes events before the services have read them.
+    _MIN_MS: ClassVar[int] = 60_000
+    _UNIT_MS: ClassVar[dict[str, int]] = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000,
+                                          "d": 86_400_000, "w": 604_800_000}
+    _DURATION: ClassVar[re.Pattern[str]] = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
+    _HOW: ClassVar[str] = ("use milliseconds (604800000), a number with a unit (500ms, 90s, 15m, "
+                           "12h, 7d, 2w) or 'forever'")
+
+    @field_validator("raw", "features", "predictions", "feedback", "deadletter", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        """Read a duration into milliseconds (-1: forever)."""
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            # pydantic reports a ValueError as this field's error; a TypeError would escape it
+            raise ValueError(f"expected a duration, got {value!r}; {cls._HOW}")  # noqa: TRY004
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("forever", "infinite", "-1"):
+                return -1
+            m = cls._DURATION.match(text)
+            if text.isdigit():
+                value = int(text)
+            elif m:
+                value = round(float(m[1]) * cls._UNIT_MS[m[2]])
+            else:
+                raise ValueError(f"{value!r} is not a duration; {cls._HOW}")
+        if isinstance(value, float):
+            if not math.isfinite(value) or value != int(value):
+                raise ValueError(f"{value!r} is not a whole number of milliseconds; {cls._HOW}")
+            value = int(value)
+        if not isinstance(value, int):
+            kind = type(value).__name__
+            raise ValueError(f"expected a duration, got {kind}; {cls._HOW}")  # noqa: TRY004
+        if value == -1:
+            return -1
+        if value < cls._MIN_MS:
+            raise ValueError(f"{value} ms is shorter than 1 minute (or negative): events would be "
+                             "deleted before the services read them; use -1 or 'forever' for no limit")
+        if value >= 2**63:
+            raise ValueError(f"{value} ms does not fit Kafka's retention.ms (a 64-bit number)")
+        return value
+
+    def ms(self) -> dict[str, int]:
+        """The kinds (raw, features, ...) whose retention is set, in milliseconds (-1: forever)."""
+        return {kind: v for kind, v in self.model_dump().items() if v is not None}
+
+
 class PipelineSpec(_Strict):
     """A pipeline: its input features, label, and how each service treats it."""
 
@@ -171,6 +235,8 @@ class PipelineSpec(_Strict):
     deployment: Deployment = Field(default_factory=Deployment)
     monitor: Monitor = Field(default_factory=Monitor)
     trainer: Trainer = Field(default_factory=Trainer)
+    retention: Retention = Field(default_factory=Retention, description="Per-topic retention, applied "
+                                 "to the topics by `loopline apply`; unset: the broker's default.")
 
     @field_validator("features")
     @classmethod

@@ -127,14 +127,77 @@ def served_at_cmd(pipeline: str, time: str) -> None:
 @lineage.command("forget")
 @click.argument("pipeline")
 @click.option("--key", required=True, help="The data subject's key.")
-def forget_cmd(pipeline: str, key: str) -> None:
-    """Remove one key's rows from the store; list model versions trained on them."""
+@click.option("--tombstones/--no-tombstones", default=True, show_default=True,
+              help="Write tombstones (null values) for the subject's keys on compacted topics.")
+@click.option("--block/--no-block", default=True, show_default=True,
+              help="Add the subject (salted hashes) to the store's forgotten list, so lineage "
+                   "never imports their messages again, even when it re-reads the topics from "
+                   "offset 0 (later events under the key are not stored either).")
+@click.option("--dry-run", is_flag=True,
+              help="Only report what the store and Kafka hold; change nothing.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def forget_cmd(pipeline: str, key: str, tombstones: bool, block: bool, dry_run: bool,
+               fmt: str) -> None:
+    """Forget a data subject: store rows, forgotten list, tombstones; report what Kafka keeps."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from loopline.services.lineage.forget import forget_subject
+
     settings = LineageSettings()
-    result = q.forget(_store(settings), _registry(settings), pipeline, key)
-    removed = ", ".join(f"{n} {t}" for t, n in result["removed"].items())
-    console.print(f"forgot key {key!r} in {pipeline}: {result['events']} event(s); removed rows: {removed}")
-    trained = result["trained_on"]
-    console.print("model versions trained on this key's data: " + (", ".join(trained) if trained else "none"))
+    kafka = KafkaConfig.from_settings(settings)
+    columns = (TextColumn("scanning {task.fields[topic]}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=fmt == "json") as progress:
+        tasks: dict[str, Any] = {}
+
+        def show(topic: str, done: int, total: int) -> None:
+            if topic not in tasks:
+                tasks[topic] = progress.add_task("scan", topic=topic, total=total)
+            progress.update(tasks[topic], completed=done, total=total)
+
+        report = forget_subject(kafka, _store(settings), _registry(settings), pipeline, key,
+                                tombstones=tombstones, block=block, dry_run=dry_run, progress=show)
+    held = [h.summary() for h in report.holdings]
+    if fmt == "json":
+        doc = {"pipeline": pipeline, "dry_run": dry_run, "store": report.store, "topics": held,
+               "forgotten_list": {"file": report.forgotten_file, "added": report.forgotten}}
+        sys.stdout.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    store = report.store
+    rows = ", ".join(f"{n} {t}" for t, n in store["removed"].items())
+    console.print(f"{'dry run: ' if dry_run else ''}forget key {key!r} in {pipeline}: "
+                  f"{len(store['event_ids'])} event(s), "
+                  f"{len(store['prediction_ids'])} prediction(s)")
+    console.print(f"lineage store: {'would remove' if dry_run else 'removed'} rows: {rows}")
+    if report.forgotten is not None:
+        added = report.forgotten
+        console.print(f"forgotten list {report.forgotten_file}: added {added['keys']} key(s), "
+                      f"{added['events']} event id(s), {added['predictions']} prediction id(s) "
+                      "(salted sha256): lineage will not import them again, nor new events "
+                      "under this key")
+    elif not dry_run:
+        console.print("forgotten list: not updated (--no-block): a lineage rebuild from offset 0 "
+                      "would import this subject again")
+    table = Table("topic", "subject's messages", "newest", "cleanup", "tombstones", "kept",
+                  title="what Kafka still holds of this subject")
+    for h in held:
+        table.add_row(h["topic"], str(h["messages"]) if h["exists"] else "-",
+                      (h["newest"] or "")[:19], h["cleanup_policy"] or "(not reported)",
+                      str(h["tombstones"]), h["kept_until"])
+    console.print(table)
+    noisy = sorted({h.kind for h in report.holdings if h.tombstones} & {"raw", "features"})
+    if noisy:
+        console.print(f"note: ingest and inference dead-letter null messages today, so the "
+                      f"tombstones on {', '.join(noisy)} reach the deadletter topic with their key "
+                      "(not their content)", style="yellow")
+    trained = store["trained_on"]
+    console.print("model versions trained on this key's data: "
+                  + (", ".join(trained) + " (their weights may reflect it: retrain without it)"
+                     if trained else "none"))
+    console.print("not searched: service state snapshots (loopline.state.*: the trainer keeps "
+                  "recent labeled events until they age out) and copies outside Loopline "
+                  "(consumers of these topics)", style="dim")
 
 
 @click.command("replay")

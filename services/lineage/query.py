@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,9 @@ import pyarrow.parquet as pq
 
 from loopline.errors import LooplineError
 from loopline.registry import RegistryState
+from loopline.services.lineage import forgotten as forgotten_list
 from loopline.services.lineage import rows
+from loopline.services.lineage.forgotten import Forgotten
 from loopline.services.lineage.store import TABLES, LineageStore
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
@@ -56,19 +59,46 @@ _IDENTITY = {"features": "event_id, coalesce(content_hash, '')", "predictions": 
              "feedback": "feedback_id"}
 
 
-def connect(store: LineageStore, pipeline: str) -> duckdb.DuckDBPyConnection:
+# Which columns of each table name a subject: a row whose value is on the forgotten list is hidden.
+_SUBJECT_COLUMNS = {"features": (("key", "keys"), ("event_id", "events")),
+                    "predictions": (("key", "keys"), ("event_id", "events"),
+                                    ("prediction_id", "predictions")),
+                    "feedback": (("event_id", "events"), ("prediction_id", "predictions"))}
+
+
+def _unforgotten(con: duckdb.DuckDBPyConnection, forgotten: Forgotten, table: str) -> str:
+    """A WHERE clause hiding the rows of forgotten subjects (TRUE when nothing is forgotten)."""
+    if not forgotten:
+        return "TRUE"
+    if "_forgotten" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}:
+        pairs = forgotten.digests()
+        con.register("_forgotten", pa.table({"kind": [k for k, _ in pairs],
+                                             "digest": [d for _, d in pairs]}))
+    salt = forgotten.salt.replace("'", "''")
+    return " AND ".join(
+        f"coalesce(sha256('{salt}' || {column}), '') NOT IN "
+        f"(SELECT digest FROM _forgotten WHERE kind = '{kind}')"
+        for column, kind in _SUBJECT_COLUMNS[table])
+
+
+def connect(store: LineageStore, pipeline: str,
+            hide_forgotten: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views ``features``, ``predictions``, ``feedback`` (deduplicated).
 
     ``<table>_stored`` views hold every stored row, retried copies included (their offsets matter
-    when asking which models trained on an event).
+    when asking which models trained on an event). Neither shows rows of subjects on the
+    pipeline's forgotten list, unless ``hide_forgotten`` is False (forget itself looks there).
     """
     con = duckdb.connect()
+    forgotten = (forgotten_list.load(forgotten_list.path_of(store.root, pipeline))
+                 if hide_forgotten else forgotten_list.EMPTY)
     for table in TABLES:
         files = [str(p) for p in store.files(pipeline, table)]
         if files:
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             con.execute(f"CREATE VIEW {table}_stored AS "
-                        f"SELECT * FROM read_parquet([{listing}], union_by_name=true)")
+                        f"SELECT * FROM read_parquet([{listing}], union_by_name=true) "
+                        f"WHERE {_unforgotten(con, forgotten, table)}")
         else:
             schema = rows.PREDICTIONS if table == "predictions" else rows.FEEDBACK if table == "feedback" else None
             if schema is None:  # no features stored: an empty table with the fixed columns
@@ -176,36 +206,63 @@ def served_at(state: RegistryState, pipeline: str, when: datetime) -> list[dict[
                   key=lambda d: (order.get(d["stage"], 9), d["model"]))
 
 
-def forget(store: LineageStore, state: RegistryState, pipeline: str, key: str) -> dict[str, Any]:
-    """Remove every row of ``key`` (features, predictions and their feedback); list models trained on them."""
-    con = connect(store, pipeline)
-    events = [r[0] for r in con.execute(
-        "SELECT DISTINCT event_id FROM features WHERE key = ? UNION SELECT DISTINCT event_id FROM predictions "
-        "WHERE key = ?", [key, key]).fetchall()]
-    predictions = [r[0] for r in con.execute(
-        "SELECT DISTINCT prediction_id FROM predictions WHERE key = ?", [key]).fetchall()]
+def subject_ids(store: LineageStore, pipeline: str, key: str) -> tuple[list[str], list[str]]:
+    """The event ids and prediction ids of ``key`` in the store, forgotten rows included."""
+    con = connect(store, pipeline, hide_forgotten=False)
+    try:
+        events = sorted(r[0] for r in con.execute(
+            "SELECT DISTINCT event_id FROM features_stored WHERE key = ? "
+            "UNION SELECT DISTINCT event_id FROM predictions_stored WHERE key = ?",
+            [key, key]).fetchall())
+        predictions = sorted(r[0] for r in con.execute(
+            "SELECT DISTINCT prediction_id FROM predictions_stored "
+            "WHERE key = ? OR list_contains(?, event_id)", [key, events]).fetchall())
+    finally:
+        con.close()
+    return events, predictions
+
+
+def forget(store: LineageStore, state: RegistryState, pipeline: str, key: str,
+           events: Iterable[str] = (), predictions: Iterable[str] = (),
+           remove: bool = True) -> dict[str, Any]:
+    """Remove every row of ``key`` and of the given ids; list the models trained on them.
+
+    ``events`` counts the subject's events found in the store; ``event_ids`` and
+    ``prediction_ids`` are every id removed (the store's and the given ones). ``remove=False``
+    counts what would go and removes nothing.
+    """
+    stored, stored_predictions = subject_ids(store, pipeline, key)
+    event_ids = sorted(set(stored) | set(events))
+    prediction_ids = sorted(set(stored_predictions) | set(predictions))
+    con = connect(store, pipeline, hide_forgotten=False)
     hits = [tuple(r) for r in con.execute(
-        "SELECT _topic, _partition, _offset FROM features_stored WHERE key = ? UNION ALL "
-        "SELECT _topic, _partition, _offset FROM feedback WHERE list_contains(?, event_id) "
-        "OR list_contains(?, prediction_id)", [key, events, predictions]).fetchall()]
+        "SELECT _topic, _partition, _offset FROM features_stored "
+        "WHERE key = ? OR list_contains(?, event_id) "
+        "UNION ALL SELECT _topic, _partition, _offset FROM feedback_stored "
+        "WHERE list_contains(?, event_id) OR list_contains(?, prediction_id)",
+        [key, event_ids, event_ids, prediction_ids]).fetchall()]
     con.close()
     removed = {t: 0 for t in TABLES}
     for table in TABLES:
         for path in store.files(pipeline, table):
-            removed[table] += _drop_rows(store, path, table, key, set(events), set(predictions))
-    return {"pipeline": pipeline, "key": key, "events": len(events), "removed": removed,
+            removed[table] += _drop_rows(store, path, table, key, set(event_ids),
+                                         set(prediction_ids), remove)
+    return {"pipeline": pipeline, "key": key, "events": len(stored), "event_ids": event_ids,
+            "prediction_ids": prediction_ids, "removed": removed,
             "trained_on": _trained_on(state, pipeline, hits)}  # type: ignore[arg-type]
 
 
 def _drop_rows(store: LineageStore, path: Path, table: str, key: str, events: set[str],
-               predictions: set[str]) -> int:
+               predictions: set[str], remove: bool = True) -> int:
     data = pq.read_table(path)
-    if table == "feedback":
-        keep = [not (e in events or p in predictions) for e, p in
-                zip(data["event_id"].to_pylist(), data["prediction_id"].to_pylist(), strict=True)]
-    else:
-        keep = [k != key for k in data["key"].to_pylist()]
-    dropped = keep.count(False)
-    if dropped:
-        store.rewrite(path, data.filter(pa.array(keep)))
+    columns = set(data.column_names)
+
+    def values(name: str) -> list[Any]:
+        return data[name].to_pylist() if name in columns else [None] * data.num_rows
+
+    subject = [k == key or e in events or p in predictions for k, e, p in
+               zip(values("key"), values("event_id"), values("prediction_id"), strict=True)]
+    dropped = subject.count(True)
+    if dropped and remove:
+        store.rewrite(path, data.filter(pa.array([not s for s in subject])))
     return dropped

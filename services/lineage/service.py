@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -32,6 +33,7 @@ from loopline.runtime.incarnation import TopicIds
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import rows
+from loopline.services.lineage.forgotten import EMPTY, Forgotten, ForgottenWatch
 from loopline.services.lineage.settings import LineageSettings
 from loopline.services.lineage.store import LineageStore, StoreMismatch
 
@@ -49,6 +51,18 @@ class _Buffer:
     topic_id: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     since: float = field(default_factory=time.monotonic)
+    forgotten: Forgotten = EMPTY  # the forgotten list the first rows were checked against
+
+
+def _unless_forgotten(forgotten: Forgotten, table: str, add: Callable[[dict[str, Any]], None],
+                      skipped: Callable[[], None]) -> Callable[[dict[str, Any]], None]:
+    """``add`` for rows of subjects not on the forgotten list; the others are counted."""
+    def guarded(row: dict[str, Any]) -> None:
+        if forgotten.holds(table, row):
+            skipped()
+        else:
+            add(row)
+    return guarded
 
 
 class LineageService:
@@ -58,6 +72,7 @@ class LineageService:
         self.rt = rt
         self.settings = settings
         self.store = LineageStore(settings.store_dir())
+        self.forgotten = ForgottenWatch(self.store.root)
         self.registry = RegistryReader(rt.kafka, client_id="loopline-lineage-registry")
         self.consumer = rt.kafka.consumer("loopline-lineage", rt.group_id)
         self.delivery = delivery or rt.delivery()
@@ -78,6 +93,9 @@ class LineageService:
         self.rejected = Counter("loopline_lineage_deadletters", "Invalid messages dead-lettered (feedback, "
                                 "predictions) or skipped (features: inference dead-letters those)",
                                 ["pipeline", "table", "rule"], registry=r)
+        self.forgotten_skipped = Counter(
+            "loopline_lineage_forgotten_skipped", "Messages or rows not stored: their subject is "
+            "on the store's forgotten list", ["pipeline", "table"], registry=r)
         self.refused_partitions = Gauge("loopline_lineage_refused_partitions", "Partitions whose stored offsets "
                                         "disagree with the topic (not written until resolved)", registry=r)
         self.flush_seconds = Histogram("loopline_lineage_flush_seconds", "Time to write one file", registry=r)
@@ -169,9 +187,18 @@ class LineageService:
     def _buffer(self, pipeline: str, table: str, key: tuple[str, int], messages: list[Message],
                 out: Outputs) -> None:
         buffer = self._buffers.get(key)
+        forgotten = self.forgotten.get(pipeline)
         if buffer is None:
-            buffer = self._buffers[key] = _Buffer(pipeline, table, self.topic_ids.get(key[0]))
-        add = buffer.rows.append
+            buffer = self._buffers[key] = _Buffer(pipeline, table, self.topic_ids.get(key[0]),
+                                                  forgotten=forgotten)
+        add: Callable[[dict[str, Any]], None] = buffer.rows.append
+        if forgotten:  # checked before decoding: a forgotten key's tombstone is no dead letter
+            skipped = self.forgotten_skipped.labels(pipeline, table)
+            kept = [m for m in messages if not forgotten.message_key(m.key())]
+            if len(kept) < len(messages):
+                skipped.inc(len(messages) - len(kept))
+            messages = kept
+            add = _unless_forgotten(forgotten, table, add, skipped.inc)
         if table == "feedback":
             spec = self.registry.state.specs.get(pipeline)
             classes = spec.label.classes if spec is not None else None
@@ -207,6 +234,13 @@ class LineageService:
     def checkpoint(self, out: Outputs) -> list[TopicPartition]:
         """Write every buffer; return the positions of everything read (all of it is stored now)."""
         for (topic, partition), buffer in self._buffers.items():
+            # A subject forgotten while its rows waited in memory is not written either.
+            forgotten = self.forgotten.get(buffer.pipeline, fresh=True)
+            if forgotten and forgotten is not buffer.forgotten:
+                before = len(buffer.rows)
+                buffer.rows = [r for r in buffer.rows if not forgotten.holds(buffer.table, r)]
+                self.forgotten_skipped.labels(buffer.pipeline, buffer.table).inc(
+                    before - len(buffer.rows))
             if not buffer.rows:
                 continue
             schema = self._schema(buffer.pipeline, buffer.table)
