@@ -150,15 +150,15 @@ class LineageService:
         for (topic, partition), run in groupby(batch, lambda m: (m.topic(), m.partition())):
             messages = list(run)
             key = (topic, partition)
-            self._positions[key] = messages[-1].offset() + 1
             pipeline = topics.pipeline_of(topic)
             table = _TABLE_OF_KIND.get(topic.rsplit(".", 1)[-1])
             if pipeline is None or table is None or key in self._refused:
-                continue
+                continue  # a refused partition's offsets are never committed: nothing of it is written
             if key not in self._stored:
                 self._first_touch(pipeline, table, topic, partition)
                 if key in self._refused:
                     continue
+            self._positions[key] = messages[-1].offset() + 1
             done = self._stored[key]
             fresh = [m for m in messages if m.offset() > done]
             if len(fresh) < len(messages):
