@@ -75,7 +75,7 @@ class ModelProfile:
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float]) -> ModelProfile | None:
         """The profile stored in a version's metrics map (None: it has none)."""
-        values = {k[len(PREFIX):]: v for k, v in metrics.items() if k.startswith(PREFIX)}
+        values = {k[len(PREFIX) :]: v for k, v in metrics.items() if k.startswith(PREFIX)}
         if not set(_REQUIRED) <= set(values):
             return None
         kwargs: dict[str, Any] = {n: values.get(n) for n in cls.__dataclass_fields__}
@@ -86,12 +86,17 @@ class ModelProfile:
 
     def summary(self) -> str:
         """One line for a person: latencies, throughput, size, memory, and the champion ratio."""
-        text = (f"p50/p99 {_ms(self.latency_p50_ms)}/{_ms(self.latency_p99_ms)} at 1 row, "
-                f"{_ms(self.batch_latency_p50_ms)}/{_ms(self.batch_latency_p99_ms)} at "
-                f"{self.batch_size:,} rows; {self.rows_per_s:,.0f} rows/s; "
-                f"{human_bytes(self.model_bytes)}"
-                + (f", +{human_bytes(self.peak_memory_bytes)} peak memory"
-                   if self.peak_memory_bytes is not None else ""))
+        text = (
+            f"p50/p99 {_ms(self.latency_p50_ms)}/{_ms(self.latency_p99_ms)} at 1 row, "
+            f"{_ms(self.batch_latency_p50_ms)}/{_ms(self.batch_latency_p99_ms)} at "
+            f"{self.batch_size:,} rows; {self.rows_per_s:,.0f} rows/s; "
+            f"{human_bytes(self.model_bytes)}"
+            + (
+                f", +{human_bytes(self.peak_memory_bytes)} peak memory"
+                if self.peak_memory_bytes is not None
+                else ""
+            )
+        )
         if self.slowdown is not None:
             text += f"; {self.slowdown:.1f}x the champion's latency"
         return text
@@ -102,8 +107,17 @@ class ModelProfile:
         return self.slowdown is not None and self.slowdown > SLOWER_WARNING
 
 
-_REQUIRED = ("batch_size", "latency_p50_ms", "latency_p99_ms", "batch_latency_p50_ms",
-             "batch_latency_p99_ms", "rows_per_s", "model_bytes", "runs", "cpus")
+_REQUIRED = (
+    "batch_size",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "batch_latency_p50_ms",
+    "batch_latency_p99_ms",
+    "rows_per_s",
+    "model_bytes",
+    "runs",
+    "cpus",
+)
 _INTEGERS = ("batch_size", "model_bytes", "peak_memory_bytes", "runs", "cpus", "champion_version")
 
 
@@ -131,14 +145,20 @@ class Subject:
     batch: Mapping[str, np.ndarray]
 
 
-def subject(model: bytes, spec: Any, rows: Sequence[Mapping[str, Any]], batch_size: int,
-            fill_values: Mapping[str, float] | None = None,
-            input_features: Sequence[str] | None = None) -> Subject:
+def subject(
+    model: bytes,
+    spec: Any,
+    rows: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    fill_values: Mapping[str, float] | None = None,
+    input_features: Sequence[str] | None = None,
+) -> Subject:
     """Feeds built the way inference builds them (its :class:`~loopline.scoring.Scorer`)."""
     from loopline.scoring import Scorer
 
-    scorer = Scorer(model, spec, fill_values, label="profiled",
-                    input_features=input_features or None)
+    scorer = Scorer(
+        model, spec, fill_values, label="profiled", input_features=input_features or None
+    )
     batch = [rows[i % len(rows)] for i in range(batch_size)]
     return Subject(model, scorer.feeds(batch[:1]), scorer.feeds(batch))
 
@@ -152,14 +172,20 @@ def measure(subjects: Sequence[Subject], budget_s: float = BUDGET_S) -> list[dic
             path.with_suffix(".onnx").write_bytes(sub.model)
             for size, feeds in (("one", sub.one), ("batch", sub.batch)):
                 # Strings as fixed-width text: object arrays would need pickle to cross over.
-                np.savez(path.with_suffix(f".{size}.npz"),
-                         **{k: v.astype(str) if v.dtype == object else v for k, v in feeds.items()})
+                np.savez(
+                    path.with_suffix(f".{size}.npz"),
+                    **{k: v.astype(str) if v.dtype == object else v for k, v in feeds.items()},
+                )
             job.append(str(path))
         try:
-            done = subprocess.run([sys.executable, "-m", "loopline.model_profile"],
-                                  input=json.dumps({"models": job, "budget_s": budget_s}),
-                                  capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S,
-                                  check=False)
+            done = subprocess.run(
+                [sys.executable, "-m", "loopline.model_profile"],
+                input=json.dumps({"models": job, "budget_s": budget_s}),
+                capture_output=True,
+                text=True,
+                timeout=_CHILD_TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired as e:
             raise ProfileError(f"measuring took longer than {_CHILD_TIMEOUT_S:.0f}s") from e
     if done.returncode != 0:
@@ -168,8 +194,12 @@ def measure(subjects: Sequence[Subject], budget_s: float = BUDGET_S) -> list[dic
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
-def profile_of(measured: Sequence[dict[str, Any]], subjects: Sequence[Subject], batch_size: int,
-               champion_version: int | None = None) -> ModelProfile:
+def profile_of(
+    measured: Sequence[dict[str, Any]],
+    subjects: Sequence[Subject],
+    batch_size: int,
+    champion_version: int | None = None,
+) -> ModelProfile:
     """The first subject's profile; the second, if any, is the champion it is compared with."""
     mine = measured[0]
     other = measured[1] if len(measured) > 1 else None
@@ -177,19 +207,26 @@ def profile_of(measured: Sequence[dict[str, Any]], subjects: Sequence[Subject], 
     if other is not None:
         # At the batch size the median: a few dozen runs of a slow model leave its p99 to whichever
         # run the scheduler interrupted. At one row, thousands of runs make the p99 a fair judge.
-        ratio = max(mine["latency_p99_ms"] / max(other["latency_p99_ms"], 1e-9),
-                    mine["batch_latency_p50_ms"] / max(other["batch_latency_p50_ms"], 1e-9))
+        ratio = max(
+            mine["latency_p99_ms"] / max(other["latency_p99_ms"], 1e-9),
+            mine["batch_latency_p50_ms"] / max(other["batch_latency_p50_ms"], 1e-9),
+        )
     return ModelProfile(
-        batch_size=batch_size, latency_p50_ms=mine["latency_p50_ms"],
-        latency_p99_ms=mine["latency_p99_ms"], batch_latency_p50_ms=mine["batch_latency_p50_ms"],
+        batch_size=batch_size,
+        latency_p50_ms=mine["latency_p50_ms"],
+        latency_p99_ms=mine["latency_p99_ms"],
+        batch_latency_p50_ms=mine["batch_latency_p50_ms"],
         batch_latency_p99_ms=mine["batch_latency_p99_ms"],
         rows_per_s=batch_size / (mine["batch_latency_p50_ms"] / 1000),
-        model_bytes=len(subjects[0].model), peak_memory_bytes=mine["peak_memory_bytes"],
-        runs=mine["runs"], cpus=os.cpu_count() or 1,
+        model_bytes=len(subjects[0].model),
+        peak_memory_bytes=mine["peak_memory_bytes"],
+        runs=mine["runs"],
+        cpus=os.cpu_count() or 1,
         champion_version=champion_version if other is not None else None,
         champion_latency_p99_ms=other["latency_p99_ms"] if other else None,
         champion_batch_latency_p50_ms=other["batch_latency_p50_ms"] if other else None,
-        slowdown=ratio)
+        slowdown=ratio,
+    )
 
 
 def service_batch_size() -> int:
@@ -199,11 +236,17 @@ def service_batch_size() -> int:
     return ServiceSettings().batch_size
 
 
-def at_registration(model: bytes, spec: Any, rows: Sequence[Mapping[str, Any]] | None,
-                    fill_values: Mapping[str, float], input_features: Sequence[str],
-                    champion: Mapping[str, Any] | None, label: str,
-                    max_slowdown: float | None = None,
-                    read: Callable[[str, str], bytes] | None = None) -> dict[str, float]:
+def at_registration(
+    model: bytes,
+    spec: Any,
+    rows: Sequence[Mapping[str, Any]] | None,
+    fill_values: Mapping[str, float],
+    input_features: Sequence[str],
+    champion: Mapping[str, Any] | None,
+    label: str,
+    max_slowdown: float | None = None,
+    read: Callable[[str, str], bytes] | None = None,
+) -> dict[str, float]:
     """Measure a version being registered beside the champion; return its ``profile.*`` metrics.
 
     Logs a warning when it is more than :data:`SLOWER_WARNING` times slower than the champion, and
@@ -219,26 +262,46 @@ def at_registration(model: bytes, spec: Any, rows: Sequence[Mapping[str, Any]] |
     subjects = [subject(model, spec, batch, size, fill_values, input_features)]
     if champion is not None:
         try:
-            subjects.append(subject(read(champion["uri"], champion["sha256"]), spec, batch, size,
-                                    champion.get("fill_values") or {},
-                                    champion.get("input_features") or []))
+            subjects.append(
+                subject(
+                    read(champion["uri"], champion["sha256"]),
+                    spec,
+                    batch,
+                    size,
+                    champion.get("fill_values") or {},
+                    champion.get("input_features") or [],
+                )
+            )
         except Exception as e:  # noqa: BLE001 - an unloadable champion only loses the comparison
-            log.warning("profile_champion_unreadable",
-                        extra={"version": label, "error": str(e)[:300]})
+            log.warning(
+                "profile_champion_unreadable", extra={"version": label, "error": str(e)[:300]}
+            )
     try:
-        prof = profile_of(measure(subjects), subjects, size,
-                          int(champion["version"]) if champion is not None else None)
+        prof = profile_of(
+            measure(subjects),
+            subjects,
+            size,
+            int(champion["version"]) if champion is not None else None,
+        )
     except ProfileError as e:
         log.warning("profile_failed", extra={"version": label, "error": str(e)})
         return {}
     if prof.slow:
-        log.warning("profile_slower_than_champion", extra={
-            "version": label, "slowdown": round(prof.slowdown or 0, 2),
-            "p99_ms": prof.latency_p99_ms, "champion_p99_ms": prof.champion_latency_p99_ms})
+        log.warning(
+            "profile_slower_than_champion",
+            extra={
+                "version": label,
+                "slowdown": round(prof.slowdown or 0, 2),
+                "p99_ms": prof.latency_p99_ms,
+                "champion_p99_ms": prof.champion_latency_p99_ms,
+            },
+        )
     if max_slowdown is not None and prof.slowdown is not None and prof.slowdown > max_slowdown:
-        raise ProfileError(f"{label}: latency is {prof.slowdown:.1f}x the champion's "
-                           f"(v{prof.champion_version}) measured beside it, more than the "
-                           f"{max_slowdown:g}x allowed (rule: max_slowdown)")
+        raise ProfileError(
+            f"{label}: latency is {prof.slowdown:.1f}x the champion's "
+            f"(v{prof.champion_version}) measured beside it, more than the "
+            f"{max_slowdown:g}x allowed (rule: max_slowdown)"
+        )
     return prof.to_metrics()
 
 
@@ -264,8 +327,9 @@ def _reset_peak() -> bool:
 
 def _load(path: str) -> dict[str, np.ndarray]:
     with np.load(path) as data:
-        return {k: data[k].astype(object) if data[k].dtype.kind == "U" else data[k]
-                for k in data.files}
+        return {
+            k: data[k].astype(object) if data[k].dtype.kind == "U" else data[k] for k in data.files
+        }
 
 
 def _child(paths: Sequence[str], budget_s: float) -> list[dict[str, Any]]:
@@ -279,8 +343,9 @@ def _child(paths: Sequence[str], budget_s: float) -> list[dict[str, Any]]:
         one, batch = _load(path + ".one.npz"), _load(path + ".batch.npz")
         exact = _reset_peak()
         before = _resident_kib("VmRSS")
-        session = ort.InferenceSession(path + ".onnx", sess_options=session_options(1),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            path + ".onnx", sess_options=session_options(1), providers=["CPUExecutionProvider"]
+        )
         for _ in range(3):  # warm-up: the first runs allocate the arena and plan the graph
             session.run(None, one)
             session.run(None, batch)
@@ -301,11 +366,16 @@ def _child(paths: Sequence[str], budget_s: float) -> list[dict[str, Any]]:
             rounds += 1
     out = []
     for (_, _, _, peak), (single, batched) in zip(loaded, timings, strict=True):
-        out.append({"latency_p50_ms": float(np.percentile(single, 50)),
-                    "latency_p99_ms": float(np.percentile(single, 99)),
-                    "batch_latency_p50_ms": float(np.percentile(batched, 50)),
-                    "batch_latency_p99_ms": float(np.percentile(batched, 99)),
-                    "peak_memory_bytes": peak, "runs": len(single) + len(batched)})
+        out.append(
+            {
+                "latency_p50_ms": float(np.percentile(single, 50)),
+                "latency_p99_ms": float(np.percentile(single, 99)),
+                "batch_latency_p50_ms": float(np.percentile(batched, 50)),
+                "batch_latency_p99_ms": float(np.percentile(batched, 99)),
+                "peak_memory_bytes": peak,
+                "runs": len(single) + len(batched),
+            }
+        )
     return out
 
 

@@ -29,9 +29,15 @@ def onnx_of(model: Any, x: np.ndarray, y: np.ndarray) -> bytes:
 
 
 def test_register_measures_warns_on_a_slow_version_refuses_past_the_limit_and_lists(
-        kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_path: Path) -> None:
-    spec = parse_spec({"name": unique, "label": {"classes": ["0", "1"]},
-                       "features": [{"name": f"x{i}", "type": "float"} for i in range(3)]})
+    kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_path: Path
+) -> None:
+    spec = parse_spec(
+        {
+            "name": unique,
+            "label": {"classes": ["0", "1"]},
+            "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
+        }
+    )
     apply_spec(kafka, spec)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 3)).astype(np.float32)
@@ -40,22 +46,52 @@ def test_register_measures_warns_on_a_slow_version_refuses_past_the_limit_and_li
     fast.write_bytes(onnx_of(LogisticRegression(), x, y))
     forest = RandomForestClassifier(n_estimators=300, max_depth=14, random_state=0)
     slow.write_bytes(onnx_of(forest, x, y))
-    env = {"LOOPLINE_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
-           "LOOPLINE_KAFKA_PROFILE": settings.kafka_profile, "LOOPLINE_HOME": str(tmp_path),
-           "LOOPLINE_ARTIFACT_URI": str(tmp_path / "artifacts"), "COLUMNS": "250"}
+    env = {
+        "LOOPLINE_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
+        "LOOPLINE_KAFKA_PROFILE": settings.kafka_profile,
+        "LOOPLINE_HOME": str(tmp_path),
+        "LOOPLINE_ARTIFACT_URI": str(tmp_path / "artifacts"),
+        "COLUMNS": "250",
+    }
     runner = CliRunner()
 
     first = runner.invoke(cli, ["models", "register", unique, "--onnx", str(fast)], env=env)
     assert first.exit_code == 0, first.output
     assert "measured in ONNX Runtime: p50/p99" in first.output and "warning" not in first.output
 
-    second = runner.invoke(cli, ["models", "register", unique, "--onnx", str(slow), "--stage",
-                                 "challenger", "--traffic", "0.2"], env=env)
+    second = runner.invoke(
+        cli,
+        [
+            "models",
+            "register",
+            unique,
+            "--onnx",
+            str(slow),
+            "--stage",
+            "challenger",
+            "--traffic",
+            "0.2",
+        ],
+        env=env,
+    )
     assert second.exit_code == 0, second.output
     assert "warning:" in second.output and "slower than champion v1" in second.output
 
-    refused = runner.invoke(cli, ["models", "register", unique, "--onnx", str(slow), "--stage",
-                                  "shadow", "--max-slowdown", "3"], env=env)
+    refused = runner.invoke(
+        cli,
+        [
+            "models",
+            "register",
+            unique,
+            "--onnx",
+            str(slow),
+            "--stage",
+            "shadow",
+            "--max-slowdown",
+            "3",
+        ],
+        env=env,
+    )
     assert refused.exit_code == 2 and "(rule: max_slowdown)" in refused.output, refused.output
 
     state = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts"))).state()

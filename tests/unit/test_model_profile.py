@@ -10,18 +10,33 @@ from skl2onnx import to_onnx
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from loopline.model_profile import (PREFIX, SLOWER_WARNING, ModelProfile, ProfileError,
-                                    at_registration, measure, profile_of, subject)
+from loopline.model_profile import (
+    PREFIX,
+    SLOWER_WARNING,
+    ModelProfile,
+    ProfileError,
+    at_registration,
+    measure,
+    profile_of,
+    subject,
+)
 from loopline.spec import parse_spec
 
-SPEC = parse_spec({"name": "p", "features": [{"name": f"x{i}", "type": "float"} for i in range(4)]
-                   + [{"name": "opt", "type": "float", "required": False}],
-                   "label": {"classes": ["0", "1"]}})
+SPEC = parse_spec(
+    {
+        "name": "p",
+        "features": [{"name": f"x{i}", "type": "float"} for i in range(4)]
+        + [{"name": "opt", "type": "float", "required": False}],
+        "label": {"classes": ["0", "1"]},
+    }
+)
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(400, 5)).astype(np.float32)
 Y = (X[:, 0] + X[:, 1] > 0).astype(int)
-ROWS = [{**{f"x{i}": float(r[i]) for i in range(4)}, "opt": None if j % 5 == 0 else float(r[4])}
-        for j, r in enumerate(X)]
+ROWS = [
+    {**{f"x{i}": float(r[i]) for i in range(4)}, "opt": None if j % 5 == 0 else float(r[4])}
+    for j, r in enumerate(X)
+]
 
 
 def onnx_of(model: Any) -> bytes:
@@ -60,16 +75,38 @@ def test_a_far_slower_version_is_flagged_beside_the_champion_and_a_twin_is_not()
 
 
 def test_registration_measures_beside_the_champion_and_refuses_only_past_max_slowdown() -> None:
-    champion = {"version": 1, "uri": "file:///champion.onnx", "sha256": "c" * 64, "fill_values": {},
-                "input_features": []}
+    champion = {
+        "version": 1,
+        "uri": "file:///champion.onnx",
+        "sha256": "c" * 64,
+        "fill_values": {},
+        "input_features": [],
+    }
     stored = {("file:///champion.onnx", "c" * 64): FAST}
-    metrics = at_registration(SLOW, SPEC, ROWS, {"opt": 0.0}, [], champion, "p/p v2",
-                              read=lambda uri, sha: stored[(uri, sha)])
+    metrics = at_registration(
+        SLOW,
+        SPEC,
+        ROWS,
+        {"opt": 0.0},
+        [],
+        champion,
+        "p/p v2",
+        read=lambda uri, sha: stored[(uri, sha)],
+    )
     prof = ModelProfile.from_metrics(metrics)
     assert prof is not None and prof.slow and prof.champion_version == 1
     with pytest.raises(ProfileError, match=r"p/p v2: latency is .*x the champion's.*max_slowdown"):
-        at_registration(SLOW, SPEC, ROWS, {"opt": 0.0}, [], champion, "p/p v2", max_slowdown=2.0,
-                        read=lambda uri, sha: stored[(uri, sha)])
+        at_registration(
+            SLOW,
+            SPEC,
+            ROWS,
+            {"opt": 0.0},
+            [],
+            champion,
+            "p/p v2",
+            max_slowdown=2.0,
+            read=lambda uri, sha: stored[(uri, sha)],
+        )
 
 
 def test_an_unreadable_champion_loses_only_the_comparison() -> None:
@@ -77,6 +114,7 @@ def test_an_unreadable_champion_loses_only_the_comparison() -> None:
         raise OSError("artifact store unreachable")
 
     champion = {"version": 1, "uri": "s3://gone/x", "sha256": "c" * 64}
-    prof = ModelProfile.from_metrics(at_registration(FAST, SPEC, None, {}, [], champion, "p/p v2",
-                                                     max_slowdown=1.5, read=gone))
+    prof = ModelProfile.from_metrics(
+        at_registration(FAST, SPEC, None, {}, [], champion, "p/p v2", max_slowdown=1.5, read=gone)
+    )
     assert prof is not None and prof.slowdown is None and prof.champion_version is None
