@@ -172,10 +172,10 @@ def measure(subjects: Sequence[Subject], budget_s: float = BUDGET_S) -> list[dic
             path.with_suffix(".onnx").write_bytes(sub.model)
             for size, feeds in (("one", sub.one), ("batch", sub.batch)):
                 # Strings as fixed-width text: object arrays would need pickle to cross over.
-                np.savez(
-                    path.with_suffix(f".{size}.npz"),
-                    **{k: v.astype(str) if v.dtype == object else v for k, v in feeds.items()},
-                )
+                arrays: dict[str, Any] = {
+                    k: v.astype(str) if v.dtype == object else v for k, v in feeds.items()
+                }
+                np.savez(path.with_suffix(f".{size}.npz"), **arrays)
             job.append(str(path))
         try:
             done = subprocess.run(

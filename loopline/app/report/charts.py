@@ -206,7 +206,10 @@ def performance_chart(data: ReportData) -> Chart | None:
     regression = data.regression
     _layout(fig, data, "mean absolute error" if regression else "served accuracy", height=400)
     if not regression:
-        fig.layout.yaxis.update(range=[0, 1.05], tickformat=".0%")
+        # From a round tenth below the lowest bucket: a drop from 99% to 88% must be visible.
+        lowest = min(r["value"] for rows in by_model.values() for r in rows) if by_model else 0.0
+        floor = max(0.0, math.floor((lowest - 0.05) * 10) / 10)
+        fig.layout.yaxis.update(range=[floor, 1.02], tickformat=".0%")
     fig.update_layout(hovermode="x unified")
     what = (
         "mean absolute error of served values"

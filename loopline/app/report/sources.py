@@ -55,7 +55,7 @@ def read_alerts(kafka: KafkaConfig, pipeline: str, timeout_s: float = 30.0) -> l
                         raise LooplineError(f"reading {topics.ALERTS}: {err.str()}")
                     continue
                 got += 1
-                position[m.partition()] = m.offset()
+                position[m.partition()] = m.offset() or 0
                 try:
                     alert = codec.decode(m.value())
                 except SchemaError:

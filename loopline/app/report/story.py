@@ -158,7 +158,7 @@ def tell(data: ReportData) -> Story:
     elif data.drift:
         story.lines.append(
             f"No feature drifted from its version's reference (PSI stayed below {warn:g} in every "
-            "bucket)" + (": what changed was the concept, not the inputs." if onset else ".")
+            "comparison)" + (": what changed was the concept, not the inputs." if onset else ".")
         )
     if onset:
         story.facts["onset_at"] = onset[0]
