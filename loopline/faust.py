@@ -248,10 +248,10 @@ class AvroCodec(faust.Codec):
 
 
 class LooplineSchema(faust.Schema):
-    """Faust schema of a Loopline topic: str keys, records decoded with the message's position.
+    """Faust schema of a Loopline topic: str keys, records decoded with the message's metadata.
 
-    Decoding here rather than in the codec gives it the topic, partition, offset and timestamp,
-    which JSON feedback without a ``feedback_id`` needs (its id is derived from its position).
+    Decoding here rather than in the codec gives it the topic, partition and timestamp, which JSON
+    feedback without a ``feedback_id`` needs (its id is derived from them and its bytes).
     """
 
     def __init__(self, value_type: type[faust.Record], codec: AvroCodec, decode: Decode) -> None:
@@ -312,7 +312,7 @@ def pipeline_topics(app: AppT, spec: PipelineSpec,
 
     def read_feedback(m: Message) -> dict[str, Any]:
         ts = None if m.timestamp is None else round(m.timestamp * 1000)  # Faust: seconds
-        return feedback.decode(m.value, m.topic, m.partition, m.offset, ts, classes)
+        return feedback.decode(m.value, m.topic, m.partition, ts, classes)
 
     def topic(name: str, schema: LooplineSchema, partitions: int | None = spec.partitions
               ) -> LooplineTopic:

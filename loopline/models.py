@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from loopline import avro, topics
+from loopline import avro, model_profile, topics
 from loopline import profile as profiles
 from loopline.artifacts import ArtifactStore, sha256_hex
 from loopline.errors import LooplineError
@@ -70,6 +70,7 @@ class NewVersion:
     expected_sha256: str | None = None
     lineage: Lineage = field(default_factory=Lineage)
     library_versions: Mapping[str, str] = field(default_factory=dict)
+    max_slowdown: float | None = None  # refuse a version this many times slower than the champion
 
 
 @dataclass(frozen=True)
@@ -491,13 +492,16 @@ class ModelRegistry:
         self.last_trial = self._trial(state, pipeline, spec, label, stage, checked, reference)
         digest, uri = self.store.put(model)
         current = champion(state, pipeline)
+        measured = model_profile.at_registration(  # latency and memory beside the champion
+            model, spec, reference, checked.fill_values, checked.input_features, current,
+            f"{pipeline}/{name} v{version}", new.max_slowdown)
         parent = lineage.parent
         if parent is None and current is not None:
             parent = f"{current['name']}:{current['version']}"
         record = {"name": name, "version": version, "sha256": digest, "uri": uri, "stage": stage,
                   "traffic": traffic, "parent": parent, "created_at": now_ms(),
                   "library_versions": {**checked.library_versions, **new.library_versions},
-                  "metrics": dict(new.metrics),
+                  "metrics": {**new.metrics, **measured},
                   "reference_profile_json": orjson.dumps(checked.profile).decode() if checked.profile else None,
                   "training_ranges": [dict(r) for r in lineage.training_ranges], "trigger": lineage.trigger,
                   "scorecard_json": orjson.dumps(lineage.scorecard, option=orjson.OPT_SORT_KEYS).decode()

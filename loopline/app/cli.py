@@ -200,6 +200,33 @@ def demo(pipeline_file: Path, rate: float, before: int, after: int, keep: bool) 
     run_demo(_settings(), pipeline_file, keep, console, Plan(before=before, after=after, rate=rate))
 
 
+@main.command()
+@click.argument("pipeline")
+@click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
+@click.option("--until", help="End (exclusive), same forms as --since.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="The HTML file to write (default: loopline-report-PIPELINE.html here).")
+def report(pipeline: str, since: str | None, until: str | None, output: Path | None) -> None:
+    """Write one self-contained HTML report of PIPELINE: what happened, drift, accuracy, versions."""
+    from loopline.app.report import write_report
+    from loopline.kafka import KafkaConfig
+    from loopline.services.lineage.query import parse_time
+    from loopline.services.lineage.settings import LineageSettings
+    from loopline.services.lineage.store import LineageStore
+
+    settings = _settings()
+    start, end = (parse_time(since) if since else None), (parse_time(until) if until else None)
+    output = output or Path(f"loopline-report-{pipeline}.html")
+    store = LineageStore(LineageSettings().store_dir())
+    with console.status("report: starting...") as status:
+        built = write_report(KafkaConfig.from_settings(settings), store, pipeline, output, start, end,
+                             step=lambda what: status.update(f"report: {what}..."))
+    for line in built.story.lines:
+        console.print(f"  {line}", soft_wrap=True)
+    console.print(f"report written to [bold]{output.resolve()}[/] ({len(built.charts)} charts, "
+                  f"{output.stat().st_size / 1e6:.1f} MB, opens offline)")
+
+
 def _registry_state(kafka: Any) -> Any:
     from loopline.registry import RegistryReader
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from loopline.errors import LooplineError
+
+if TYPE_CHECKING:
+    from loopline.model_profile import ModelProfile
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -61,6 +65,24 @@ def print_rejected(out: Console, state: Any, shown: int = 5) -> None:
                        "registry_record_rejected log lines)", style="yellow"), soft_wrap=True)
 
 
+def _profile_cells(measured: ModelProfile | None) -> list[str | Text]:
+    """The profile columns of `models list`: latencies, rows/s, size, memory, champion ratio."""
+    from loopline.model_profile import human_bytes
+
+    if measured is None:
+        return ["-", "-", "-", "-", "-"]
+    m = measured
+    ratio: str | Text = "-"
+    if m.slowdown is not None:
+        ratio = Text(f"{m.slowdown:.1f}x v{m.champion_version}",
+                     style="bold yellow" if m.slow else "")
+    latency = (f"{m.latency_p50_ms:.3g}/{m.latency_p99_ms:.3g} ms | {m.batch_latency_p50_ms:.3g}/"
+               f"{m.batch_latency_p99_ms:.3g} ms @{m.batch_size}")
+    return [latency, f"{m.rows_per_s:,.0f}",
+            human_bytes(m.model_bytes),
+            human_bytes(m.peak_memory_bytes) if m.peak_memory_bytes is not None else "-", ratio]
+
+
 @click.group()
 def models() -> None:
     """Model versions: register, list, promote, roll back (all recorded in loopline.models)."""
@@ -78,10 +100,15 @@ def models() -> None:
 @click.option("--metrics", "metric_pairs", multiple=True, metavar="NAME=VALUE", help="Offline metrics; repeatable.")
 @click.option("--sha256", "expected_sha256", help="Refuse the file unless it has this sha256.")
 @click.option("--artifact-uri", help="Artifact store (default: LOOPLINE_ARTIFACT_URI, else $LOOPLINE_HOME/artifacts).")
-def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str, traffic: float | None,
-             name: str | None, metric_pairs: tuple[str, ...], expected_sha256: str | None,
-             artifact_uri: str | None) -> None:
-    """Validate an ONNX model for PIPELINE, store it and publish a new version."""
+@click.option("--max-slowdown", type=click.FloatRange(min=1.0, min_open=True), metavar="FACTOR",
+              help="Refuse the version if it is more than FACTOR times slower than the champion "
+                   "measured beside it (default: register it with a warning past 3x).")
+def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
+             traffic: float | None, name: str | None, metric_pairs: tuple[str, ...],
+             expected_sha256: str | None, artifact_uri: str | None,
+             max_slowdown: float | None) -> None:
+    """Validate an ONNX model for PIPELINE, measure it in ONNX Runtime, store it and publish it."""
+    from loopline.model_profile import ModelProfile
     from loopline.models import NewVersion, load_reference
     from loopline.topics import check_model_name, check_pipeline_name
 
@@ -89,13 +116,15 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
     if name is not None:
         check_model_name(name)
     registry = _registry(artifact_uri)
+    # This command prints the profile and its warning itself; the module's log line would repeat it.
+    logging.getLogger("loopline.model_profile").setLevel(logging.ERROR)
     state = registry.state()
     spec = state.specs.get(pipeline)
     ref = load_reference(reference, spec) if reference is not None and spec is not None else None
-    with console.status(f"validating {onnx_file.name} for {pipeline}..."):
+    with console.status(f"validating and measuring {onnx_file.name} for {pipeline}..."):
         record = registry.register(pipeline, onnx_file.read_bytes(), NewVersion(
             name=name, stage=stage, traffic=traffic, reference=ref, metrics=_metrics(metric_pairs),
-            expected_sha256=expected_sha256))
+            expected_sha256=expected_sha256, max_slowdown=max_slowdown))
     console.print(f"registered [bold]{record['name']} v{record['version']}[/] for {pipeline} as {record['stage']}"
                   + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
                   + f"; sha256 {record['sha256'][:12]}, {record['uri']}"
@@ -105,6 +134,23 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
         console.print(f"test batch of {registry.last_trial[0].rows} row(s) scored beside "
                       + ", ".join(f"{r.stage} {r.label}" + ("" if r.ok else f" (failed: {r.error})")
                                   for r in beside))
+    measured = ModelProfile.from_metrics(record["metrics"])
+    if measured is None:
+        console.print("[yellow]not measured in ONNX Runtime (see the log): no profile stored[/]")
+        return
+    console.print(f"measured in ONNX Runtime: {measured.summary()}")
+    if measured.slow:
+        m, v = measured, f"{record['name']} v{record['version']}"
+        where = (f"it serves as {record['stage']} now; `loopline models promote {pipeline} "
+                 f"{record['version']} --to retired` takes it out"
+                 if record["stage"] in ("champion", "challenger", "canary", "shadow")
+                 else "it takes no traffic yet")
+        console.print(f"[bold yellow]warning:[/] {v} is {m.slowdown:.1f}x slower than champion "
+                      f"v{m.champion_version} measured beside it (p99 at one row "
+                      f"{m.latency_p99_ms:.3g} vs {m.champion_latency_p99_ms:.3g} ms; median at "
+                      f"{m.batch_size:,} rows "
+                      f"{m.batch_latency_p50_ms:.3g} vs {m.champion_batch_latency_p50_ms:.3g} ms); "
+                      f"{where}; --max-slowdown refuses such versions", soft_wrap=True)
 
 
 @models.command("list")
@@ -112,6 +158,7 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
 @click.option("--history", is_flag=True, help="Show every stage change instead of the versions.")
 def list_(pipeline: str | None, history: bool) -> None:
     """List model versions (of PIPELINE, or of every pipeline)."""
+    from loopline.model_profile import PREFIX, ModelProfile
     from loopline.models import stage_history, versions_of
 
     from loopline.topics import check_pipeline_name
@@ -129,12 +176,16 @@ def list_(pipeline: str | None, history: bool) -> None:
                               c["to_stage"], f"{c['traffic']:g}", c["reason"], c["actor"])
         console.print(table)
         return
-    table = Table("pipeline", "model", "version", "stage", "traffic", "sha256", "parent", "created", "metrics")
+    table = Table("pipeline", "model", "version", "stage", "traffic", "sha256", "parent", "created",
+                  "metrics", "latency p50/p99 1 row | batch", "rows/s", "size", "memory",
+                  "vs champion")
     for p in pipelines:
         for v in versions_of(state, p):
-            table.add_row(p, v["name"], str(v["version"]), v["stage"], f"{v['traffic']:g}", v["sha256"][:12],
-                          v["parent"] or "-", _when(v["created_at"]),
-                          " ".join(f"{k}={x:g}" for k, x in sorted(v["metrics"].items())))
+            table.add_row(p, v["name"], str(v["version"]), v["stage"], f"{v['traffic']:g}",
+                          v["sha256"][:12], v["parent"] or "-", _when(v["created_at"]),
+                          " ".join(f"{k}={x:g}" for k, x in sorted(v["metrics"].items())
+                                   if not k.startswith(PREFIX)),
+                          *_profile_cells(ModelProfile.from_metrics(v["metrics"])))
     console.print(table)
 
 

@@ -221,7 +221,7 @@ def run_demo(settings: LooplineSettings, pipeline_file: Path, keep: bool, consol
                 time.sleep(0.5)
             lineage_done = _wait_lineage(settings, spec, produced, stop, watcher)
         console.print(f"[5/6] lineage store holds {lineage_done} served predictions")
-        _summary(settings, spec, plan, events, first, watcher, onnx_model, produced, console)
+        _summary(settings, spec, plan, events, first, watcher, onnx_model, produced, console, kafka)
         if keep:
             console.print("Ctrl-C stops the demo (services and broker).", style="dim")
             while not stop.wait(0.5):
@@ -283,20 +283,26 @@ def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int,
 
 def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
              events: list[tuple[dict[str, float], str]], first: dict[str, Any], watcher: Watcher,
-             onnx_model: bytes, produced: int, console: Console) -> None:
+             onnx_model: bytes, produced: int, console: Console, kafka: KafkaConfig) -> None:
+    from loopline.app.report import write_report
     from loopline.scoring import Scorer
     from loopline.services.lineage.query import connect
     from loopline.services.lineage.store import LineageStore
 
-    con = connect(LineageStore(settings.home / "lineage"), spec.name)
-    rows = con.execute("SELECT event_id, model_version, label, epoch_ms(scored_at) - epoch_ms(event_ts) AS ms "
-                       "FROM predictions WHERE served").fetchall()
+    store = LineageStore(settings.home / "lineage")
+    report_file = settings.home / f"report-{spec.name}.html"
+    with console.status("[6/6] writing the report...") as status:
+        report = write_report(kafka, store, spec.name, report_file,
+                              step=lambda what: status.update(f"[6/6] report: {what}..."))
+    con = connect(store, spec.name)
+    rows = con.execute("SELECT event_id, model_version, label FROM predictions WHERE served"
+                       ).fetchall()
     con.close()
-    served = {int(e[1:]): (v, label, ms) for e, v, label, ms in rows if e.startswith("e")}
-    latencies = sorted(ms for _, _, ms in served.values())
+    served = {int(e[1:]): (v, label) for e, v, label in rows if e.startswith("e")}
+    latency = report.data.latency_total  # the report's numbers, so the two never disagree
 
-    def pct(q: float) -> str:
-        return f"{latencies[min(len(latencies) - 1, int(q * len(latencies)))]:,.0f} ms" if latencies else "-"
+    def pct(key: str) -> str:
+        return "-" if latency[key] is None else f"{latency[key]:,.0f} ms"
 
     def accuracy(ids: list[int]) -> str:
         ids = [i for i in ids if i in served]
@@ -314,7 +320,7 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
     table = Table("", "value", title="[6/6] loopline demo: summary")
     table.add_row("events produced", f"{produced} (+{produced // plan.bad_every} malformed, dead-lettered)")
     table.add_row("served predictions in the lineage store", str(len(served)))
-    table.add_row("latency event -> prediction, p50 / p99", f"{pct(0.5)} / {pct(0.99)}")
+    table.add_row("latency event -> prediction, p50 / p99", f"{pct('p50')} / {pct('p99')}")
     table.add_row("true drift position", f"event {plan.before}")
     table.add_row("first alert (seen while producing)", f"event {first_alert[0]} ({first_alert[1]['signal']}, "
                   f"{first_alert[1]['detector']}; labels arrive {LABEL_DELAY} events late)" if first_alert else "none")
@@ -328,5 +334,7 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
         same = [f == events[i][1] for f, i in zip(frozen, after, strict=True) if i in chosen]
         table.add_row("  the frozen first model on those same events", f"{sum(same) / len(same):.3f}")
     console.print(table)
+    console.print(f"report: [bold]{report_file.resolve()}[/] ({len(report.charts)} charts; "
+                  "open it in a browser, it needs no network)")
     console.print(f"try: loopline lineage query {spec.name} --model {first['name']}@{first['version']}   "
                   f"(the lineage store stays in {settings.home / 'lineage'})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,6 +31,13 @@ def test_demo_detects_the_drift_retrains_and_promotes(tmp_path: Path) -> None:
     served = float(re.search(r"accuracy after the promotion \(served\)\s*│ ([0-9.]+)", out).group(1))
     frozen = float(re.search(r"the frozen first model on those same events\s*│ ([0-9.]+)", out).group(1))
     assert served > frozen + 0.05, (served, frozen)
+    # The demo's report: written where it says, with the lineage store's numbers and every chart.
+    written = re.search(r"report: (/\S+\.html) \((\d+) charts", out)
+    assert written and int(written.group(2)) == 7, out[-3000:]
+    page = Path(written.group(1)).read_text(encoding="utf-8")
+    start = page.index('id="loopline-report-data">') + len('id="loopline-report-data">')
+    data = json.loads(page[start:page.index("</script>", start)])
+    assert data["lineage_query"]["summary"]["served"] == 4500 and data["facts"]["promoted_at"]
     # The lineage store outlives the demo and answers queries.
     query = subprocess.run([sys.executable, "-m", "loopline.app.cli", "lineage", "query", "sea", "--format", "json"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -60,7 +60,10 @@ def test_register_with_reference_profile_and_fill(registry: ModelRegistry, uniqu
     ref = load_reference(reference_csv(tmp_path / "ref.csv"), state.specs[unique])
     rec = registry.register(unique, lr_model(4), NewVersion(reference=ref, metrics={"auc": 0.9}))
     stored = registry.state().versions[(unique, unique, 1)]
-    assert stored["stage"] == "champion" and stored["metrics"] == {"auc": 0.9}
+    assert stored["stage"] == "champion"
+    # The user's metrics, beside the profile measured at registration (loopline.model_profile).
+    user = {k: v for k, v in stored["metrics"].items() if not k.startswith("profile.")}
+    assert user == {"auc": 0.9} and "profile.latency_p99_ms" in stored["metrics"]
     assert stored["input_features"] == ["a", "b", "flag", "opt"]
     assert 0 < stored["fill_values"]["opt"] < 10
     assert {"onnxruntime", "numpy", "onnx"} <= set(stored["library_versions"])

@@ -79,7 +79,7 @@ def test_a_feature_named_like_a_keyword_or_record_member_keeps_its_name_on_the_w
     topics = lf.pipeline_topics(app, spec)
     event = {"event_id": "e1", "key": None, "ts": 1, "ingested_at": 2,
              "source": {"topic": "loopline.shop.raw", "partition": 0, "offset": 3},
-             "features": {"from": "DE", "from_": 4, "dumps": None}}
+             "features": {"from": "DE", "from_": 4, "dumps": None}, "content_hash": "c1"}
     codec = avro.Codec(spec.features_schema())
     record = topics.features.schema.loads_value(app, _message(codec.encode(event)))
     features = record.features
@@ -107,12 +107,13 @@ def test_features_of_an_older_spec_are_read_when_its_schema_is_given(app: faust.
     assert (record.features.amount, record.features.country) == (9.5, None)
 
 
-def test_json_feedback_without_an_id_gets_the_id_loopline_derives_from_its_position(
+def test_json_feedback_without_an_id_gets_the_id_loopline_derives_from_the_message(
         app: faust.App) -> None:
     topics = lf.pipeline_topics(app, _spec())
-    message = _message(b'{"prediction_id": "p1", "label": "yes"}', "loopline.shop.feedback", 2, 40)
+    value = b'{"prediction_id": "p1", "label": "yes"}'
+    message = _message(value, "loopline.shop.feedback", 2, 40)
     record = topics.feedback.schema.loads_value(app, message)
-    assert record.feedback_id == feedback.derived_id("loopline.shop.feedback", 2, 40)
+    assert record.feedback_id == feedback.derived_id("loopline.shop.feedback", 2, 1700000000500, value)
     assert (record.prediction_id, record.label, record.ts) == ("p1", "yes", 1700000000500)
     avro_message = _message(feedback.encode(dict(record.asdict())), "loopline.shop.feedback", 2, 41)
     assert topics.feedback.schema.loads_value(app, avro_message) == record
@@ -123,7 +124,7 @@ def test_feedback_is_written_as_avro_only_when_loopline_would_accept_it(app: fau
     good = topics.feedback_record(prediction_id="p1", verdict="reject")
     payload, _ = topics.feedback.schema.dumps_value(app, good, headers=None)
     assert payload[:2] == avro.MAGIC
-    assert feedback.decode(payload, "t", 0, 0, classes=["no", "yes"]) == good.asdict()
+    assert feedback.decode(payload, "t", 0, classes=["no", "yes"]) == good.asdict()
     with pytest.raises(FeedbackError, match="not one of the classes"):
         topics.feedback_record(prediction_id="p1", label="maybe")
     unchecked = topics.records.Feedback(feedback_id="f", ts=1, prediction_id="p1", label="maybe")
