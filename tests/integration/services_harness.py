@@ -138,13 +138,17 @@ class ServiceProcess:
 
     def errors(self) -> list[dict[str, Any]]:
         """Error-level JSON log lines (a killed process leaves none; a crashed one does)."""
+        return self.log_lines("error", "critical")
+
+    def log_lines(self, *levels: str) -> list[dict[str, Any]]:
+        """The JSON log lines of these levels."""
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 doc = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(doc, dict) and doc.get("level") in ("error", "critical"):
+            if isinstance(doc, dict) and doc.get("level") in levels:
                 out.append(doc)
         return out
 

@@ -95,7 +95,7 @@ def processes() -> Iterator[list[ServiceProcess]]:
 
 def rejections(process: ServiceProcess, needle: str) -> dict[str, str]:
     """key -> rule of the registry_record_rejected lines a service logged for keys with ``needle``."""
-    return {doc["key"]: doc["rule"] for doc in process.errors()
+    return {doc["key"]: doc["rule"] for doc in process.log_lines("warning", "error")
             if doc.get("event") == "registry_record_rejected" and needle in str(doc.get("key"))}
 
 
