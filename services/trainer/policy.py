@@ -2,7 +2,11 @@
 
 Counters run "since the last version" (accepted or rejected), so one trigger yields one
 candidate. A drift alert arms a trigger that fires once ``drift_settle_labels`` labels arrived
-after it, so the candidate has learned, and is validated on, data from after the drift.
+after it (default: three times ``trainer.min_holdout``), so the candidate has learned, and is
+validated on, data from after the drift. A short stream cannot wait for thousands of labels, so
+the first try comes early; if its candidate is rejected the episode stays armed and is tried
+again with twice the labels since the alert (and at least the first try's count of new labels),
+up to ``drift_retries`` times.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class RetrainPolicy:
     last_version_ms: int = 0
     drift_alert: str | None = None
     labels_since_drift: int = 0
+    retries: int = 0  # rejected candidates of the armed drift episode so far
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
@@ -51,10 +56,12 @@ class RetrainPolicy:
     def due(self, cfg: Trainer, now_ms: int) -> str | None:
         """The trigger that fires now, or None."""
         r = cfg.retrain
-        if r.on_drift and self.drift_alert is not None:
-            settle = r.drift_settle_labels if r.drift_settle_labels is not None else 2 * cfg.holdout
-            if self.labels_since_drift >= settle:
-                return f"drift_alert({self.drift_alert})"
+        if r.on_drift and self.drift_alert is not None and self.labels_since_drift >= self.settle(cfg) and (
+                self.retries == 0 or self.labels >= self.settle(cfg) // 2 ** self.retries):
+            # A retry also needs fresh labels since the candidate it retries (a long live trial can
+            # push the count since the alert past several thresholds at once).
+            retry = f",retry{self.retries}" if self.retries else ""
+            return f"drift_alert({self.drift_alert}{retry})"
         if r.every_n_labels is not None and self.labels >= r.every_n_labels:
             return f"every_n_labels({r.every_n_labels})"
         if (r.min_accepts is not None or r.min_rejects is not None) and (
@@ -65,9 +72,25 @@ class RetrainPolicy:
             return f"schedule({r.schedule_s:g}s)"
         return None
 
+    def settle(self, cfg: Trainer) -> int:
+        """Labels after the drift alert before the armed episode's next candidate."""
+        r = cfg.retrain
+        base = r.drift_settle_labels if r.drift_settle_labels is not None else \
+            3 * min(cfg.min_holdout, cfg.holdout)
+        return max(1, base) * 2 ** self.retries
+
     def reset(self, now_ms: int) -> None:
         """A version was recorded: start counting again."""
         self.labels = self.accepts = self.rejects = 0
         self.last_version_ms = now_ms
         self.drift_alert = None
         self.labels_since_drift = 0
+        self.retries = 0
+
+    def after_version(self, cfg: Trainer, now_ms: int, trigger: str, accepted: bool) -> None:
+        """A version was recorded: reset, but keep a drift episode armed for a retry if it was rejected."""
+        armed = (self.drift_alert, self.labels_since_drift, self.retries + 1)
+        self.reset(now_ms)
+        if not accepted and trigger.startswith("drift_alert(") and armed[0] is not None \
+                and armed[2] <= cfg.retrain.drift_retries:
+            self.drift_alert, self.labels_since_drift, self.retries = armed
