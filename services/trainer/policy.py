@@ -6,7 +6,9 @@ after it (default: three times ``trainer.min_holdout``), so the candidate has le
 validated on, data from after the drift. A short stream cannot wait for thousands of labels, so
 the first try comes early; if its candidate is rejected the episode stays armed and is tried
 again with twice the labels since the alert (and at least the first try's count of new labels),
-up to ``drift_retries`` times.
+up to ``drift_retries`` times. An accepted candidate that then loses its live trial, or is rolled
+back on probation, re-opens its episode the same way: an alert that came just before the drift
+(or a false one) must not use up the episode on a candidate that learned the old concept.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class RetrainPolicy:
     drift_alert: str | None = None
     labels_since_drift: int = 0
     retries: int = 0  # rejected candidates of the armed drift episode so far
+    episode: tuple[str, int] | None = None  # (drift alert, retries) of an accepted candidate on trial
+    deferred: int = 0  # labels to wait for before any trigger fires (the concept changed too recently)
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
@@ -46,6 +50,7 @@ class RetrainPolicy:
         """Count one joined feedback."""
         if labeled:
             self.labels += 1
+            self.deferred = max(0, self.deferred - 1)
             if self.drift_alert is not None:
                 self.labels_since_drift += 1
         if verdict == "accept":
@@ -56,6 +61,8 @@ class RetrainPolicy:
     def due(self, cfg: Trainer, now_ms: int) -> str | None:
         """The trigger that fires now, or None."""
         r = cfg.retrain
+        if self.deferred > 0:
+            return None
         if r.on_drift and self.drift_alert is not None and self.labels_since_drift >= self.settle(cfg) and (
                 self.retries == 0 or self.labels >= self.settle(cfg) // 2 ** self.retries):
             # A retry also needs fresh labels since the candidate it retries (a long live trial can
@@ -72,6 +79,10 @@ class RetrainPolicy:
             return f"schedule({r.schedule_s:g}s)"
         return None
 
+    def defer(self, labels: int) -> None:
+        """Let no trigger fire before ``labels`` more labels (the trigger itself stays due)."""
+        self.deferred = max(self.deferred, labels)
+
     def settle(self, cfg: Trainer) -> int:
         """Labels after the drift alert before the armed episode's next candidate."""
         r = cfg.retrain
@@ -86,11 +97,24 @@ class RetrainPolicy:
         self.drift_alert = None
         self.labels_since_drift = 0
         self.retries = 0
+        self.episode = None
+        self.deferred = 0
 
     def after_version(self, cfg: Trainer, now_ms: int, trigger: str, accepted: bool) -> None:
         """A version was recorded: reset, but keep a drift episode armed for a retry if it was rejected."""
         armed = (self.drift_alert, self.labels_since_drift, self.retries + 1)
         self.reset(now_ms)
-        if not accepted and trigger.startswith("drift_alert(") and armed[0] is not None \
-                and armed[2] <= cfg.retrain.drift_retries:
+        if not trigger.startswith("drift_alert(") or armed[0] is None:
+            return
+        if accepted:
+            self.episode = (armed[0], armed[2] - 1)
+        elif armed[2] <= cfg.retrain.drift_retries:
             self.drift_alert, self.labels_since_drift, self.retries = armed
+
+    def after_trial(self, cfg: Trainer, won: bool) -> None:
+        """A live trial or probation ended; a lost one re-opens its drift episode (see the docstring)."""
+        episode, self.episode = self.episode, None
+        if won or episode is None or self.drift_alert is not None or episode[1] + 1 > cfg.retrain.drift_retries:
+            return
+        # The trial's labels (all since the candidate) count as waited for: the retry may come at once.
+        self.drift_alert, self.retries, self.labels_since_drift = episode[0], episode[1] + 1, self.labels

@@ -269,6 +269,10 @@ class TrainerService:
                 continue
             try:
                 self.candidate(pipeline, spec, st, trigger)
+            except tournament.Deferred as e:
+                st.policy.defer(e.labels)
+                log.info("trainer_candidate_deferred", extra={"pipeline": pipeline, "trigger": trigger,
+                                                              "labels": e.labels})
             except LooplineError as e:
                 # A candidate that cannot be exported or registered must not stop learning; the
                 # counters restart so the next trigger tries again with more data.
@@ -363,6 +367,7 @@ class TrainerService:
             log.info("trainer_trial_ended", extra={"pipeline": pipeline, "reason": f"stage is now {chal['stage']}",
                                                    **trial.summary()})
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=True)  # a person decided: no automatic retry
             return
         if spec.deployment.promotion != "auto":
             return
@@ -382,14 +387,17 @@ class TrainerService:
         elif trial.phase == "trial":
             self.models.promote(pipeline, cver, name=cname, to_stage="rejected", reason=f"rolled back: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=False)
             action = "reject"
         elif decision == "incumbent":
             self.models.rollback(pipeline, reason=f"automatic rollback: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=False)
             action = "rollback"
         else:
             self.models.promote(pipeline, iver, name=iname, to_stage="retired", reason=f"probation passed: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=True)
             action = "probation_passed"
         self.metrics.stage_changes.labels(pipeline, action).inc()
         log.info("trainer_stage_change", extra={"pipeline": pipeline, "action": action, "reason": reason})

@@ -13,7 +13,8 @@ that is registered.
 Which labels. When the champion's errors over the window change significantly (a one-change
 likelihood-ratio scan, repeated on the newer side), the batch learners use only the labels after
 the change: a drift alert comes hundreds of events after the drift, and the labels in between are
-the most valuable ones a short stream has. A gradual drift hides in the noise or goes on after
+the most valuable ones a short stream has. If the change is so recent that fewer than
+``2 * min_holdout`` labels follow it, the tournament is deferred until they have arrived. A gradual drift hides in the noise or goes on after
 the change, so when there are enough labels each batch learner also competes on the newest half
 of the training labels. The
 holdout is the newest ``holdout_fraction`` of the usable labels, between ``min_holdout`` and
@@ -55,6 +56,14 @@ _RIVER_KINDS = ("logistic_regression", "linear_regression", "hoeffding_adaptive_
 
 class TournamentError(LooplineError):
     """No contender could be trained and exported."""
+
+
+class Deferred(LooplineError):
+    """The champion's errors changed too recently for a tournament on the new concept: wait."""
+
+    def __init__(self, pipeline: str, labels: int) -> None:
+        super().__init__(f"pipeline {pipeline}: the concept changed {labels} label(s) short of a tournament")
+        self.labels = labels
 
 
 @dataclass
@@ -147,8 +156,8 @@ def change_point(errors: np.ndarray, binary: bool, min_size: int = MIN_SEGMENT) 
     return None
 
 
-def current_concept(errors: np.ndarray, binary: bool, keep: int) -> tuple[int, list[dict[str, Any]]]:
-    """Index where the newest homogeneous stretch of ``errors`` starts (at most ``len - keep``)."""
+def current_concept(errors: np.ndarray, binary: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Index where the newest homogeneous stretch of ``errors`` starts, and the changes found."""
     start, found = 0, []
     for _ in range(3):  # the newest change wins; three scans find it behind older ones
         cp = change_point(errors[start:], binary)
@@ -158,7 +167,7 @@ def current_concept(errors: np.ndarray, binary: bool, keep: int) -> tuple[int, l
         found.append({"at": at, "statistic": round(cp[1], 2), "error_before": float(errors[start:at].mean()),
                       "error_after": float(errors[at:].mean())})
         start = at
-    return min(start, max(0, errors.size - keep)), found
+    return start, found
 
 
 # ---- the champion's family -----------------------------------------------------------------------
@@ -189,8 +198,10 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
     ops = {n.op_type for n in proto.graph.node}
     constants = {i.name for i in proto.graph.initializer} | {
         o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    products = any(n.op_type in ("Mul", "Pow") and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow")
-                   for n in proto.graph.node)
+    # Products of inputs: skl2onnx's PolynomialFeatures multiplies gathered columns (ReduceProd),
+    # hand-made graphs multiply two data tensors or raise one to a power.
+    products = any(n.op_type == "ReduceProd" or n.op_type in ("Mul", "Pow") and sum(
+        i not in constants for i in n.input) >= 2 - (n.op_type == "Pow") for n in proto.graph.node)
     if ops & _TREE_OPS:
         return ({"family": "tree ensemble", "from": f"operators {sorted(ops & _TREE_OPS)} ({producer})"},
                 BatchLearner(kind="hist_gradient_boosting"))
@@ -224,8 +235,12 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
     if champion is not None:
         errors = 1.0 - evaluate(spec, champion, window).rows if spec.label.task == "classification" \
             else -evaluate(spec, champion, window).rows
-        start, found = current_concept(errors, spec.label.task == "classification", 2 * min_holdout(spec))
+        start, found = current_concept(errors, spec.label.task == "classification")
         info["changes"] = found
+        short = 2 * min_holdout(spec) - (len(window) - start)
+        if start > 0 and short > 0:
+            # Learning the old concept to fill the gap would only make a candidate of the past.
+            raise Deferred(spec.name, short)
     usable = window[start:]
     h = holdout_size(spec, len(usable))
     test, train = usable[-h:], usable[:-h]
