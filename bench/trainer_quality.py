@@ -53,11 +53,11 @@ Row = tuple[dict[str, Any], str]
 
 
 # ---- streams -------------------------------------------------------------------------------------
-def circle(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
+def circle(n_before: int, n_after: int, seed: int, moves: bool = True) -> Iterator[Row]:
     """Points in the unit square, "in" inside a circle whose centre moves after ``n_before`` events."""
     rnd = random.Random(seed)
     for i in range(n_before + n_after):
-        cx, cy = (0.35, 0.4) if i < n_before else (0.6, 0.6)
+        cx, cy = (0.35, 0.4) if i < n_before or not moves else (0.6, 0.6)
         x, y = rnd.random(), rnd.random()
         yield {"x": x, "y": y}, "in" if (x - cx) ** 2 + (y - cy) ** 2 < 0.3 ** 2 else "out"
 
@@ -131,8 +131,14 @@ class Stream:
         return self.before + self.after
 
 
+def still(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
+    """The circle that does not move: a control, where the trainer must not make things worse."""
+    return circle(n_before, n_after, seed, moves=False)
+
+
 STREAMS = [
     Stream("circle", circle, 1000, 1000, "poly_logistic", 0),
+    Stream("no_drift", still, 1000, 2000, "poly_logistic", 1000),
     Stream("sine", sine, 1000, 2000, "boosting", 1000),
     Stream("agrawal", agrawal, 1000, 2000, "boosting", 1000),
     Stream("rbf_moving", rbf, 1000, 2000, "boosting", 1000),
@@ -386,18 +392,21 @@ def main() -> None:
     """Run every stream (or ``--stream``) and print one table row per stream."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stream", choices=[s.name for s in STREAMS])
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (runs per stream)")
+    parser.add_argument("--short", action="store_true", help="every stream 1000 + 1000 events, measured "
+                        "over the 1000 after the drift")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = []
-    for stream in STREAMS:
+    for stream, seed in [(s, args.seed + k) for s in STREAMS for k in range(args.seeds)]:
         if args.stream and stream.name != args.stream:
             continue
+        if args.short:
+            stream = Stream(stream.name, stream.make, 1000, 1000, stream.first, 0)
         with tempfile.TemporaryDirectory() as tmp:
-            r = report(stream, run_stream(stream, args.seed, Path(tmp)))
-        rows.append(r)
-        print(f"{r['stream']:<11} events {r['events']:<10} measured {r['measured']:<10} frozen {r['frozen']:.3f} "
+            r = report(stream, run_stream(stream, seed, Path(tmp)))
+        print(f"seed {seed} {r['stream']:<11} events {r['events']:<10} measured {r['measured']:<10} frozen {r['frozen']:.3f} "
               f"served {r['served']:.3f} ({r['gain_points']:+.1f} pts); trainer versions served "
               f"{r['served_by_trainer']} post-drift events at {r['trainer_acc']:.3f} vs frozen "
               f"{r['frozen_same_events']:.3f}; first alert {r['first_alert']}; first candidate from "
