@@ -54,38 +54,56 @@ Row = tuple[dict[str, Any], str]
 
 # ---- streams -------------------------------------------------------------------------------------
 def circle(n_before: int, n_after: int, seed: int, moves: bool = True) -> Iterator[Row]:
-    """Points in the unit square, "in" inside a circle whose centre moves after ``n_before`` events."""
+    """Points in the unit square, "in" inside a circle whose centre moves after ``n_before``."""
     rnd = random.Random(seed)
     for i in range(n_before + n_after):
         cx, cy = (0.35, 0.4) if i < n_before or not moves else (0.6, 0.6)
         x, y = rnd.random(), rnd.random()
-        yield {"x": x, "y": y}, "in" if (x - cx) ** 2 + (y - cy) ** 2 < 0.3 ** 2 else "out"
+        yield {"x": x, "y": y}, "in" if (x - cx) ** 2 + (y - cy) ** 2 < 0.3**2 else "out"
 
 
-def _river(make: Callable[[int, int], Any], n_before: int, n_after: int, seed: int,
-           names: list[str] | None = None) -> Iterator[Row]:
+def _river(
+    make: Callable[[int, int], Any],
+    n_before: int,
+    n_after: int,
+    seed: int,
+    names: list[str] | None = None,
+) -> Iterator[Row]:
     for phase, count in ((0, n_before), (1, n_after)):
         for x, y in make(phase, seed + phase).take(count):
-            yield {(names[k] if names else str(k)): float(v) for k, v in enumerate(x.values())}, str(y).lower()
+            yield (
+                {(names[k] if names else str(k)): float(v) for k, v in enumerate(x.values())},
+                str(y).lower(),
+            )
 
 
 def sine(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
     """River's Sine: y < sin(x), then y < 0.5 + 0.3 sin(3 pi x) (the boundary bends)."""
     from river.datasets import synth
 
-    return _river(lambda phase, s: synth.Sine(classification_function=2 * phase, seed=s), n_before, n_after,
-                  seed, ["x", "y"])
+    return _river(
+        lambda phase, s: synth.Sine(classification_function=2 * phase, seed=s),
+        n_before,
+        n_after,
+        seed,
+        ["x", "y"],
+    )
 
 
 AGRAWAL = ["salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan"]
 
 
 def agrawal(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
-    """River's Agrawal loan rules: function 1 (age and salary bands), then function 4 (with the loan)."""
+    """River's Agrawal loan rules: function 1 (age and salary bands), then 4 (with the loan)."""
     from river.datasets import synth
 
-    return _river(lambda phase, s: synth.Agrawal(classification_function=(1, 4)[phase], seed=s),
-                  n_before, n_after, seed, AGRAWAL)
+    return _river(
+        lambda phase, s: synth.Agrawal(classification_function=(1, 4)[phase], seed=s),
+        n_before,
+        n_after,
+        seed,
+        AGRAWAL,
+    )
 
 
 def rbf(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
@@ -97,13 +115,20 @@ def rbf(n_before: int, n_after: int, seed: int) -> Iterator[Row]:
     which would measure the stream rather than the trainer."""
     from river.datasets import synth
 
-    common = {"seed_model": 7, "seed_sample": seed, "n_classes": 2, "n_features": 2, "n_centroids": 4}
+    common = {
+        "seed_model": 7,
+        "seed_sample": seed,
+        "n_classes": 2,
+        "n_features": 2,
+        "n_centroids": 4,
+    }
     names = ["a", "b"]
     for x, y in synth.RandomRBF(**common).take(n_before):
         yield {names[k]: float(v) for k, v in enumerate(x.values())}, str(y)
     # Same seed_model: the moving generator starts from the static one's centroids.
-    moving = synth.RandomRBFDrift(**{**common, "seed_sample": seed + 1}, change_speed=RBF_SPEED,
-                                  n_drift_centroids=4)
+    moving = synth.RandomRBFDrift(
+        **{**common, "seed_sample": seed + 1}, change_speed=RBF_SPEED, n_drift_centroids=4
+    )
     for i, (x, y) in enumerate(moving.take(n_after)):
         if i == RBF_MOVING:
             moving.change_speed = 0.0  # river reads it on every sample
@@ -146,13 +171,18 @@ STREAMS = [
 
 
 def spec_for(name: str, rows: list[Row]) -> PipelineSpec:
-    """The stream's pipeline: float features, two classes, auto promotion, default trainer settings."""
+    """The stream's pipeline: float features, two classes, auto promotion, trainer defaults."""
     x0 = rows[0][0]
     classes = sorted({y for _, y in rows})
-    return parse_spec({"name": f"bench-{name.replace('_', '-')}", "partitions": 1,
-                       "features": [{"name": k, "type": "float"} for k in x0],
-                       "label": {"name": "y", "classes": classes, "positive": classes[-1]},
-                       "deployment": {"promotion": "auto"}})
+    return parse_spec(
+        {
+            "name": f"bench-{name.replace('_', '-')}",
+            "partitions": 1,
+            "features": [{"name": k, "type": "float"} for k in x0],
+            "label": {"name": "y", "classes": classes, "positive": classes[-1]},
+            "deployment": {"promotion": "auto"},
+        }
+    )
 
 
 def first_model(kind: str, spec: PipelineSpec, rows: list[Row]) -> bytes:
@@ -170,21 +200,30 @@ def first_model(kind: str, spec: PipelineSpec, rows: list[Row]) -> bytes:
     x = np.array([[r[n] for n in names] for r, _ in rows], dtype=np.float32)
     y = np.array([lab for _, lab in rows])
     if kind == "poly_logistic":
-        model = make_pipeline(PolynomialFeatures(2), StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
+        model = make_pipeline(
+            PolynomialFeatures(2), StandardScaler(), LogisticRegression(max_iter=1000)
+        ).fit(x, y)
         custom = None
     else:
         model = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(x, y)
-        custom = {HistGradientBoostingClassifier: _tree_converter("SklearnHistGradientBoostingClassifier")}
-    onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, len(names)]))],
-                          options={id(model): {"zipmap": False}} if kind != "poly_logistic" else
-                          {id(model.steps[-1][1]): {"zipmap": False}},
-                          target_opset={"": 17, "ai.onnx.ml": 3}, custom_conversion_functions=custom)
+        custom = {
+            HistGradientBoostingClassifier: _tree_converter("SklearnHistGradientBoostingClassifier")
+        }
+    onx = convert_sklearn(
+        model,
+        initial_types=[("input", FloatTensorType([None, len(names)]))],
+        options={id(model): {"zipmap": False}}
+        if kind != "poly_logistic"
+        else {id(model.steps[-1][1]): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+        custom_conversion_functions=custom,
+    )
     return onx.SerializeToString()  # type: ignore[no-any-return]
 
 
 # ---- the pieces around the trainer ---------------------------------------------------------------
 class InMemoryRegistry(ModelRegistry):
-    """The real ModelRegistry (validation, artifacts, stage rules) over a RegistryState in memory."""
+    """The real ModelRegistry (validation, artifacts, stage rules) over an in-memory state."""
 
     def __init__(self, store: ArtifactStore, state: RegistryState, actor: str) -> None:
         self.store, self._state, self.actor = store, state, actor
@@ -231,7 +270,9 @@ class Msg:
         return None
 
 
-def make_trainer(spec: PipelineSpec, state: RegistryState, store: ArtifactStore, home: Path) -> TrainerService:
+def make_trainer(
+    spec: PipelineSpec, state: RegistryState, store: ArtifactStore, home: Path
+) -> TrainerService:
     """A TrainerService with its decision code intact and no Kafka client (fed by ``handle``)."""
     svc = TrainerService.__new__(TrainerService)
     svc.settings = TrainerSettings(home=home, pipelines=[spec.name])
@@ -243,8 +284,12 @@ def make_trainer(spec: PipelineSpec, state: RegistryState, store: ArtifactStore,
     svc.codecs = {spec.name: avro.Codec(spec.features_schema())}
     svc.specs = {spec.name: spec}
     t = spec.topics
-    svc.topic_kind = {t.features: (spec.name, "features"), t.predictions: (spec.name, "predictions"),
-                      t.feedback: (spec.name, "feedback"), topics.ALERTS: (None, "alerts")}
+    svc.topic_kind = {
+        t.features: (spec.name, "features"),
+        t.predictions: (spec.name, "predictions"),
+        t.feedback: (spec.name, "feedback"),
+        topics.ALERTS: (None, "alerts"),
+    }
     svc._champions, svc._last_poll, svc._last_ckpt, svc._dirty = {}, 0.0, 0.0, False
     return svc
 
@@ -259,17 +304,24 @@ class Outcome:
     truth: list[str] = field(default_factory=list)
     alerts: list[tuple[int, str]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
-    stage_events: list[tuple[int, int, str, str]] = field(default_factory=list)  # (event, version, to, reason)
+    stage_events: list[tuple[int, int, str, str]] = field(
+        default_factory=list
+    )  # (event, version, to, reason)
 
 
-def run_stream(stream: Stream, seed: int, home: Path) -> Outcome:
+def run_stream(
+    stream: Stream,
+    seed: int,
+    home: Path,
+    label_fraction: float = 1.0,
+    label_delay: int = LABEL_DELAY,
+) -> Outcome:
     """Run one stream end to end; return what was served and decided."""
     rows = list(stream.make(stream.before, stream.after, seed))
     train = list(stream.make(2000, 0, seed + 1000))
     spec = spec_for(stream.name, rows + train)
     state = RegistryState()
-    key, event = spec_event(spec)
-    state.apply(event, 0)
+    state.apply(spec_event(spec)[1], 0)
     store = ArtifactStore(str(home / "artifacts"))
     user = InMemoryRegistry(store, state, "user")
     first = first_model(stream.first, spec, train)
@@ -309,43 +361,87 @@ def run_stream(stream: Stream, seed: int, home: Path) -> Outcome:
         events, preds = [], []
         ts = now_ms()
         for i in ids:
-            events.append({"event_id": f"e{i}", "key": f"k{i}", "ts": ts, "ingested_at": ts,
-                           "source": {"topic": "raw", "partition": 0, "offset": i}, "features": rows[i][0]})
+            events.append(
+                {
+                    "event_id": f"e{i}",
+                    "key": f"k{i}",
+                    "ts": ts,
+                    "ingested_at": ts,
+                    "source": {"topic": "raw", "partition": 0, "offset": i},
+                    "features": rows[i][0],
+                }
+            )
         route = plan.route([f"k{i}" for i in ids])
         for j, variant in enumerate([*plan.served, *plan.shadows]):
             result = variant.scorer.score(feats)
             served_variant = variant in plan.served
             for k, i in enumerate(ids):
-                if served_variant and (route[k] if route is not None else len(plan.served) - 1) != j:
+                if (
+                    served_variant
+                    and (route[k] if route is not None else len(plan.served) - 1) != j
+                ):
                     continue
                 name, version, sha = variant.ident
-                p = {"prediction_id": f"e{i}/{name}/{version}/{variant.variant}", "event_id": f"e{i}",
-                     "key": f"k{i}", "pipeline": spec.name, "model_name": name, "model_version": version,
-                     "model_sha256": sha, "variant": variant.variant, "served": served_variant,
-                     "label": (result.labels or [None] * len(ids))[k],
-                     "value": (result.values or [None] * len(ids))[k], "scores": {},
-                     "source": {"topic": t.features, "partition": 0, "offset": i}, "event_ts": ts,
-                     "scored_at": now_ms()}
+                p = {
+                    "prediction_id": f"e{i}/{name}/{version}/{variant.variant}",
+                    "event_id": f"e{i}",
+                    "key": f"k{i}",
+                    "pipeline": spec.name,
+                    "model_name": name,
+                    "model_version": version,
+                    "model_sha256": sha,
+                    "variant": variant.variant,
+                    "served": served_variant,
+                    "label": (result.labels or [None] * len(ids))[k],
+                    "value": (result.values or [None] * len(ids))[k],
+                    "scores": {},
+                    "source": {"topic": t.features, "partition": 0, "offset": i},
+                    "event_ts": ts,
+                    "scored_at": now_ms(),
+                }
                 preds.append(p)
                 predictions.setdefault(i, []).append(p)
                 if served_variant:
                     out.served[i] = (version, p["label"])
-        labeled = [i - LABEL_DELAY for i in ids if i - LABEL_DELAY >= 0]
-        fbs = [{"feedback_id": f"f{i}", "prediction_id": None, "event_id": f"e{i}", "label": rows[i][1],
-                "value": None, "verdict": None, "ts": ts} for i in labeled]
+        # Which events get a label is fixed per event (the same in every run of a seed).
+        labeled = [
+            i - label_delay
+            for i in ids
+            if i - label_delay >= 0
+            and random.Random(f"{seed}/{i - label_delay}").random() < label_fraction
+        ]
+        fbs = [
+            {
+                "feedback_id": f"f{i}",
+                "prediction_id": None,
+                "event_id": f"e{i}",
+                "label": rows[i][1],
+                "value": None,
+                "verdict": None,
+                "ts": ts,
+            }
+            for i in labeled
+        ]
         batch = [msg(t.features, fcodec.encode(e)) for e in events]
         batch += [msg(t.predictions, pcodec.encode(p)) for p in preds]
         batch += [msg(t.feedback, bcodec.encode(f)) for f in fbs]
         trainer.handle(batch)  # type: ignore[arg-type]
-        alerts = monitor.on_features(Batch(events, list(range(len(events))), [0] * len(events), t.features),
-                                     mmetrics, ts)
-        alerts += monitor.on_predictions(Batch(preds, list(range(len(preds))), [0] * len(preds), t.predictions),
-                                         mmetrics, ts)
-        alerts += monitor.on_feedback(Batch(fbs, list(range(len(fbs))), [0] * len(fbs), t.feedback), mmetrics, ts)
+        alerts = monitor.on_features(
+            Batch(events, list(range(len(events))), [0] * len(events), t.features), mmetrics, ts
+        )
+        alerts += monitor.on_predictions(
+            Batch(preds, list(range(len(preds))), [0] * len(preds), t.predictions), mmetrics, ts
+        )
+        alerts += monitor.on_feedback(
+            Batch(fbs, list(range(len(fbs))), [0] * len(fbs), t.feedback), mmetrics, ts
+        )
         if alerts:
-            out.alerts += [(ids[-1], f"{a['signal']}:{a['state']}:{a.get('detector') or a.get('feature')}")
-                           for a in alerts]
-            trainer.handle([msg(topics.ALERTS, acodec.encode(a)) for a in alerts])  # type: ignore[arg-type]
+            out.alerts += [
+                (ids[-1], f"{a['signal']}:{a['state']}:{a.get('detector') or a.get('feature')}")
+                for a in alerts
+            ]
+            encoded = [msg(topics.ALERTS, acodec.encode(a)) for a in alerts]
+            trainer.handle(encoded)  # type: ignore[arg-type]
         trainer.act()
         for c in state.stage_changes[stage_seen:]:
             out.stage_events.append((ids[-1], c["version"], c["to_stage"], c["reason"]))
@@ -374,18 +470,33 @@ def report(stream: Stream, o: Outcome) -> dict[str, Any]:
     frozen_same = _acc([(o.frozen[i], o.truth[i]) for i in trainer_events])
     first = o.versions[0] if o.versions else None
     card = orjson.loads(first["scorecard_json"]) if first else {}
-    winners = [(v["version"], orjson.loads(v["scorecard_json"])["winner"], v["stage"]) for v in o.versions]
-    return {"stream": stream.name, "events": f"{stream.before}+{stream.after}",
-            "measured": f"{measured.start}-{measured.stop}", "frozen": frozen, "served": served,
-            "gain_points": 100 * (served - frozen), "served_by_trainer": len(trainer_events),
-            "trainer_acc": promoted_acc, "frozen_same_events": frozen_same,
-            "first_alert": next((a for a in o.alerts if ":raised:" in a[1]), None),
-            "first_candidate_labels": (card.get("window") or {}).get("usable"),
-            "first_candidate_holdout": (card.get("evidence") or {}).get("holdout"),
-            "versions": winners, "stages": o.stage_events,
-            "first_scorecard": card.get("summary"),
-            "cards": [(v["version"], {k: orjson.loads(v["scorecard_json"]).get(k) for k in ("summary", "window")})
-                      for v in o.versions]}
+    winners = [
+        (v["version"], orjson.loads(v["scorecard_json"])["winner"], v["stage"]) for v in o.versions
+    ]
+    return {
+        "stream": stream.name,
+        "events": f"{stream.before}+{stream.after}",
+        "measured": f"{measured.start}-{measured.stop}",
+        "frozen": frozen,
+        "served": served,
+        "gain_points": 100 * (served - frozen),
+        "served_by_trainer": len(trainer_events),
+        "trainer_acc": promoted_acc,
+        "frozen_same_events": frozen_same,
+        "first_alert": next((a for a in o.alerts if ":raised:" in a[1]), None),
+        "first_candidate_labels": (card.get("window") or {}).get("usable"),
+        "first_candidate_holdout": (card.get("evidence") or {}).get("holdout"),
+        "versions": winners,
+        "stages": o.stage_events,
+        "first_scorecard": card.get("summary"),
+        "cards": [
+            (
+                v["version"],
+                {k: orjson.loads(v["scorecard_json"]).get(k) for k in ("summary", "window")},
+            )
+            for v in o.versions
+        ],
+    }
 
 
 def main() -> None:
@@ -394,8 +505,15 @@ def main() -> None:
     parser.add_argument("--stream", choices=[s.name for s in STREAMS])
     parser.add_argument("--seed", type=int, default=1, help="first seed")
     parser.add_argument("--seeds", type=int, default=1, help="how many seeds (runs per stream)")
-    parser.add_argument("--short", action="store_true", help="every stream 1000 + 1000 events, measured "
-                        "over the 1000 after the drift")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="every stream 1000 + 1000 events, measured over the 1000 after the drift",
+    )
+    parser.add_argument("--label-fraction", type=float, default=1.0, help="share of events labeled")
+    parser.add_argument(
+        "--label-delay", type=int, default=LABEL_DELAY, help="events until a label arrives"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -405,12 +523,18 @@ def main() -> None:
         if args.short:
             stream = Stream(stream.name, stream.make, 1000, 1000, stream.first, 0)
         with tempfile.TemporaryDirectory() as tmp:
-            r = report(stream, run_stream(stream, seed, Path(tmp)))
-        print(f"seed {seed} {r['stream']:<11} events {r['events']:<10} measured {r['measured']:<10} frozen {r['frozen']:.3f} "
-              f"served {r['served']:.3f} ({r['gain_points']:+.1f} pts); trainer versions served "
-              f"{r['served_by_trainer']} post-drift events at {r['trainer_acc']:.3f} vs frozen "
-              f"{r['frozen_same_events']:.3f}; first alert {r['first_alert']}; first candidate from "
-              f"{r['first_candidate_labels']} labels (holdout {r['first_candidate_holdout']})", flush=True)
+            r = report(
+                stream, run_stream(stream, seed, Path(tmp), args.label_fraction, args.label_delay)
+            )
+        print(
+            f"seed {seed} {r['stream']:<11} events {r['events']:<10} measured {r['measured']:<10} "
+            f"frozen {r['frozen']:.3f} "
+            f"served {r['served']:.3f} ({r['gain_points']:+.1f} pts); trainer versions served "
+            f"{r['served_by_trainer']} post-drift events at {r['trainer_acc']:.3f} vs frozen "
+            f"{r['frozen_same_events']:.3f}; first alert {r['first_alert']}; first candidate from "
+            f"{r['first_candidate_labels']} labels (holdout {r['first_candidate_holdout']})",
+            flush=True,
+        )
         print(f"    versions {r['versions']}", flush=True)
         if args.verbose:
             for s in r["stages"]:

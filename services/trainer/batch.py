@@ -6,7 +6,8 @@ The exported graph: the pipeline's inputs in the champion's float type (one ``in
 double, the fitted :class:`FeatureMap`, then the estimator as skl2onnx converts it (double for
 linear models, which is exact; float for boosted trees, whose ONNX operator computes in float),
 then a head that orders the probabilities as the Scorer will name them (see
-:attr:`BatchModel.out_classes`) and derives ``label`` from them. Regressors output ``variable`` ``[N, 1]``.
+:attr:`BatchModel.out_classes`) and derives ``label`` from them. Regressors output
+``variable`` ``[N, 1]``.
 :meth:`BatchModel.predict_proba` computes the same numbers in Python, which is what the parity
 test compares with ONNX Runtime.
 """
@@ -46,11 +47,14 @@ class Inputs:
     s: dict[str, list[str]]
 
 
-def model_inputs(spec: PipelineSpec, records: Sequence[Mapping[str, Any]], fills: Mapping[str, float],
-                 dtype: Any) -> Inputs:
-    """The numeric matrix and string columns of ``records``, exactly as the Scorer would feed them."""
+def model_inputs(
+    spec: PipelineSpec, records: Sequence[Mapping[str, Any]], fills: Mapping[str, float], dtype: Any
+) -> Inputs:
+    """The numeric matrix and string columns of ``records``, as the Scorer would feed them."""
     numeric = [f.name for f in spec.features if f.type != "string"]
-    optional = [j for j, f in enumerate(f for f in spec.features if f.type != "string") if not f.required]
+    optional = [
+        j for j, f in enumerate(f for f in spec.features if f.type != "string") if not f.required
+    ]
     get = operator.itemgetter(*numeric)
     rows = [get(r) if len(numeric) > 1 else (get(r),) for r in records]
     x = np.array(rows, dtype=dtype).reshape(len(records), len(numeric))
@@ -61,8 +65,11 @@ def model_inputs(spec: PipelineSpec, records: Sequence[Mapping[str, Any]], fills
         if nan.any():
             sub[nan] = np.broadcast_to(fill, sub.shape)[nan]
             x[:, optional] = sub
-    strings = {f.name: ["" if r.get(f.name) is None else str(r[f.name]) for r in records]
-               for f in spec.features if f.type == "string"}
+    strings = {
+        f.name: ["" if r.get(f.name) is None else str(r[f.name]) for r in records]
+        for f in spec.features
+        if f.type == "string"
+    }
     return Inputs(x.astype(np.float64), strings)
 
 
@@ -78,16 +85,24 @@ def one_thread() -> Any:
 
 
 def _estimator(cfg: BatchLearner, task: str, seed: int) -> Any:
-    from sklearn.ensemble import (HistGradientBoostingClassifier,  # noqa: PLC0415 - heavy import
-                                  HistGradientBoostingRegressor)
+    from sklearn.ensemble import (
+        HistGradientBoostingClassifier,  # noqa: PLC0415 - heavy import
+        HistGradientBoostingRegressor,
+    )
     from sklearn.linear_model import LogisticRegression, Ridge  # noqa: PLC0415
 
     if cfg.kind == "linear":
         if task == "regression":
             return Ridge(alpha=cfg.l2)
         return LogisticRegression(C=1.0 / cfg.l2, max_iter=2000)
-    common = {"max_iter": cfg.max_iter, "max_leaf_nodes": cfg.max_leaf_nodes, "learning_rate": cfg.learning_rate,
-              "min_samples_leaf": cfg.min_samples_leaf, "early_stopping": False, "random_state": seed}
+    common = {
+        "max_iter": cfg.max_iter,
+        "max_leaf_nodes": cfg.max_leaf_nodes,
+        "learning_rate": cfg.learning_rate,
+        "min_samples_leaf": cfg.min_samples_leaf,
+        "early_stopping": False,
+        "random_state": seed,
+    }
     if task == "regression":
         return HistGradientBoostingRegressor(**common)
     return HistGradientBoostingClassifier(**common)
@@ -123,18 +138,25 @@ class BatchModel:
         return z.astype(np.float32).astype(np.float64) if self._float_trees else z
 
     def fit(self, inputs: Inputs, targets: Sequence[Any]) -> BatchModel:
-        """Fit transforms and estimator on a training window; raise :class:`BatchError` if impossible."""
+        """Fit transforms and estimator on a window; raise :class:`BatchError` if impossible."""
         keep = ~np.isnan(inputs.x).any(axis=1)  # a required value that was missing: not learnable
         if not keep.all():
             idx = np.flatnonzero(keep)
             inputs = Inputs(inputs.x[idx], {k: [v[i] for i in idx] for k, v in inputs.s.items()})
             targets = [targets[i] for i in idx]
         if len(targets) < 2:
-            raise BatchError(f"{self.name}: {len(targets)} usable example(s) in the window (rule: min_examples)")
-        y = np.array([float(t) for t in targets]) if self.task == "regression" else np.array(
-            [str(t) for t in targets], dtype=object)
+            raise BatchError(
+                f"{self.name}: {len(targets)} usable example(s) in the window (rule: min_examples)"
+            )
+        y = (
+            np.array([float(t) for t in targets])
+            if self.task == "regression"
+            else np.array([str(t) for t in targets], dtype=object)
+        )
         if self.task == "classification" and len(set(y.tolist())) < 2:
-            raise BatchError(f"{self.name}: the window holds a single class {y[0]!r} (rule: two_classes)")
+            raise BatchError(
+                f"{self.name}: the window holds a single class {y[0]!r} (rule: two_classes)"
+            )
         self.fmap = FeatureMap.fit(self.spec, self.transforms, inputs.x, inputs.s)
         self.estimator = _estimator(self.cfg, self.task, self.spec.trainer.seed)
         with warnings.catch_warnings(), one_thread():
@@ -159,12 +181,14 @@ class BatchModel:
         return self.classes
 
     def _order(self) -> np.ndarray:
-        """Per output class, its column in the estimator's probabilities (the extra zero column if absent)."""
+        """Per output class, its column in the estimator's probabilities (absent: zero column)."""
         have = [str(c) for c in self.estimator.classes_]
-        return np.array([have.index(c) if c in have else len(have) for c in self.out_classes], dtype=np.int64)
+        return np.array(
+            [have.index(c) if c in have else len(have) for c in self.out_classes], dtype=np.int64
+        )
 
     def predict_proba(self, inputs: Inputs) -> np.ndarray:
-        """Class probabilities [N, C] in :attr:`out_classes` order, as the exported graph computes them."""
+        """Class probabilities [N, C] in :attr:`out_classes` order, as the exported graph does."""
         with one_thread():
             p = self.estimator.predict_proba(self._z(inputs))
         padded = np.concatenate([p, np.zeros((p.shape[0], 1))], axis=1)
@@ -190,8 +214,12 @@ class BatchModel:
         g = Graph("lp_")
         inputs, x, strings = self._inputs(g)
         z = self.fmap.graph(g, x, strings)
-        est = _convert(self.estimator, self.fmap.width, double=not self._float_trees,
-                       classification=self.task == "classification")
+        est = _convert(
+            self.estimator,
+            self.fmap.width,
+            double=not self._float_trees,
+            classification=self.task == "classification",
+        )
         if self._float_trees:
             z = g.op("Cast", [z], "z_float", to=TensorProto.FLOAT)
         g.op("Identity", [z], out="sk_Z")
@@ -206,20 +234,37 @@ class BatchModel:
 
             named = graph_class_labels(est.SerializeToString())
             if named is not None and named != self.out_classes:
-                raise BatchError(f"{self.name}: the graph names classes {named}, expected {self.out_classes}")
+                raise BatchError(
+                    f"{self.name}: the graph names classes {named}, expected {self.out_classes}"
+                )
             outputs = self._head(head, est.graph.output[1].name, taken)
-        graph = helper.make_graph([*g.nodes, *est.graph.node, *head.nodes], name, inputs, outputs,
-                                  initializer=[*g.inits, *est.graph.initializer, *head.inits])
+        graph = helper.make_graph(
+            [*g.nodes, *est.graph.node, *head.nodes],
+            name,
+            inputs,
+            outputs,
+            initializer=[*g.inits, *est.graph.initializer, *head.inits],
+        )
         opsets = {"": OPSET, "ai.onnx.ml": ML_OPSET}
         for o in est.opset_import:
             opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                                  producer_name="loopline-trainer", producer_version=_version("scikit-learn"))
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+            producer_name="loopline-trainer",
+            producer_version=_version("scikit-learn"),
+        )
         model.ir_version = 8
-        helper.set_model_props(model, {
-            "learner": self.name, "loopline.learner": orjson.dumps(self.cfg.model_dump(mode="json")).decode(),
-            "features": ",".join(self.fmap.numeric + self.fmap.strings), "classes": ",".join(self.classes),
-            "columns": ",".join(self.fmap.columns())})
+        helper.set_model_props(
+            model,
+            {
+                "learner": self.name,
+                "loopline.learner": orjson.dumps(self.cfg.model_dump(mode="json")).decode(),
+                "features": ",".join(self.fmap.numeric + self.fmap.strings),
+                "classes": ",".join(self.classes),
+                "columns": ",".join(self.fmap.columns()),
+            },
+        )
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
@@ -237,7 +282,9 @@ class BatchModel:
         for f in self.spec.features:
             if f.type == "string":
                 if f.name in self.fmap.strings:
-                    inputs.append(helper.make_tensor_value_info(f.name, TensorProto.STRING, ["N", 1]))
+                    inputs.append(
+                        helper.make_tensor_value_info(f.name, TensorProto.STRING, ["N", 1])
+                    )
                     strings[f.name] = f.name
                 continue
             inputs.append(helper.make_tensor_value_info(f.name, ftype, ["N", 1]))
@@ -248,16 +295,33 @@ class BatchModel:
     def _head(self, g: Graph, probs: str, taken: set[str]) -> list[Any]:
         """Probabilities in spec class order and the label of the most probable class."""
         p = g.op("Cast", [probs], "p64", to=TensorProto.DOUBLE)
-        padded = g.op("Pad", [p, g.const(np.array([0, 0, 0, 1], dtype=np.int64), "pads"),
-                              g.const(np.array(0.0), "pad_value")], "padded_p", mode="constant")
+        padded = g.op(
+            "Pad",
+            [
+                p,
+                g.const(np.array([0, 0, 0, 1], dtype=np.int64), "pads"),
+                g.const(np.array(0.0), "pad_value"),
+            ],
+            "padded_p",
+            mode="constant",
+        )
         prob_name, label_name = _free("probabilities", taken), _free("label", taken)
         g.op("Gather", [padded, g.const(self._order(), "class_order")], out=prob_name, axis=1)
         idx = g.op("ArgMax", [prob_name], "label_index", axis=1, keepdims=0)
         classes = self.out_classes
-        g.op("LabelEncoder", [idx], out=label_name, domain="ai.onnx.ml",
-             keys_int64s=list(range(len(classes))), values_strings=classes, default_string="")
-        return [helper.make_tensor_value_info(label_name, TensorProto.STRING, ["N"]),
-                helper.make_tensor_value_info(prob_name, TensorProto.DOUBLE, ["N", len(classes)])]
+        g.op(
+            "LabelEncoder",
+            [idx],
+            out=label_name,
+            domain="ai.onnx.ml",
+            keys_int64s=list(range(len(classes))),
+            values_strings=classes,
+            default_string="",
+        )
+        return [
+            helper.make_tensor_value_info(label_name, TensorProto.STRING, ["N"]),
+            helper.make_tensor_value_info(prob_name, TensorProto.DOUBLE, ["N", len(classes)]),
+        ]
 
 
 def _free(name: str, taken: set[str]) -> str:
@@ -274,9 +338,9 @@ def _version(dist: str) -> str:
         return ""
 
 
-# ---- skl2onnx -------------------------------------------------------------------------------------
+# ---- skl2onnx ----------------------------------------------------------------------------------
 def _int_list(v: Any) -> Any:
-    """A list of bools / numpy integers as plain ints (protobuf >= 7 refuses bools in int fields)."""
+    """A list of bools / numpy integers as plain ints (protobuf >= 7 refuses bools there)."""
     if isinstance(v, list) and v and all(isinstance(i, (bool, np.bool_, np.integer)) for i in v):
         return [int(i) for i in v]
     return v
@@ -318,9 +382,13 @@ def _convert(estimator: Any, width: int, *, double: bool, classification: bool) 
     if type(estimator).__name__.startswith("HistGradientBoosting"):
         custom = {type(estimator): _tree_converter(f"Sklearn{type(estimator).__name__}")}
     try:
-        model = convert_sklearn(estimator, initial_types=[("Z", tensor([None, width]))],
-                                target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET}, options=options,
-                                custom_conversion_functions=custom)
+        model = convert_sklearn(
+            estimator,
+            initial_types=[("Z", tensor([None, width]))],
+            target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
+            options=options,
+            custom_conversion_functions=custom,
+        )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many kinds
         raise BatchError(f"skl2onnx cannot convert {type(estimator).__name__}: {e}") from e
     _prefix(model.graph, "sk_")
@@ -328,7 +396,8 @@ def _convert(estimator: Any, width: int, *, double: bool, classification: bool) 
 
 
 def _prefix(graph: Any, prefix: str) -> None:
-    """Rename every value and node of ``graph`` with ``prefix`` (so it merges without collisions)."""
+    """Rename every value and node of ``graph`` with ``prefix`` (it merges without collisions)."""
+
     def ren(n: str) -> str:
         return prefix + n if n else n
 

@@ -2,7 +2,8 @@
 
 One input ``input`` of shape ``[N, k]`` holding the learner's features in spec order (see
 ``loopline.scoring``), in the float type of the pipeline's deployment (float32 when the champion
-takes float32, so shadows and champions are fed alike), cast to double as the graph's first step. Classifiers output ``label`` (string ``[N]``) and
+takes float32, so shadows and champions are fed alike), cast to double as the graph's first step.
+Classifiers output ``label`` (string ``[N]``) and
 ``probabilities`` (double ``[N, C]``, columns in the spec's class order); regressors output
 ``variable`` (double ``[N, 1]``). Linear models are exact: standard scaling, one MatMul, then
 sigmoid (binary), normalised one-vs-rest sigmoids (multiclass) or identity (regression). Double
@@ -100,7 +101,8 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
     return nodes, inits, outputs
 
 
-def to_onnx(learner: Learner, name: str = "loopline-trainer", input_dtype: Any = np.float64) -> bytes:
+def to_onnx(learner: Learner, name: str = "loopline-trainer",
+            input_dtype: Any = np.float64) -> bytes:
     """Serialise ``learner`` as an ONNX model (bytes); raise :class:`ExportError` if unsupported.
 
     ``input_dtype`` (float32 or float64) is the type of the model's input tensor.

@@ -4,7 +4,8 @@ River's adaptive tree answers with every leaf an input reaches: the main tree's 
 leaves of the alternate subtrees hanging on the path (summed class votes, normalised, for the
 classifier; the mean leaf value for the regressor). Each such (path, subtree) is flattened into
 leaves, and each leaf into the list of split literals on its path. The graph evaluates every
-split once (``x[f] <= t``, on the input cast to double), a leaf's indicator is the minimum of its 0/1 literals, and a MatMul
+split once (``x[f] <= t``, on the input cast to double), a leaf's indicator is the minimum of its
+0/1 literals, and a MatMul
 sums the reached leaves' votes: no TreeEnsemble operator, so thresholds keep double precision
 and ONNX Runtime agrees with river to rounding.
 """

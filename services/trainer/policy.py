@@ -32,8 +32,8 @@ class RetrainPolicy:
     drift_alert: str | None = None
     labels_since_drift: int = 0
     retries: int = 0  # rejected candidates of the armed drift episode so far
-    episode: tuple[str, int] | None = None  # (drift alert, retries) of an accepted candidate on trial
-    deferred: int = 0  # labels to wait for before any trigger fires (the concept changed too recently)
+    episode: tuple[str, int] | None = None  # (drift alert, retries) of a candidate on trial
+    deferred: int = 0  # labels to wait for before any trigger fires (the concept is too young)
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
@@ -63,7 +63,8 @@ class RetrainPolicy:
         r = cfg.retrain
         if self.deferred > 0:
             return None
-        if r.on_drift and self.drift_alert is not None and self.labels_since_drift >= self.settle(cfg) and (
+        settled = self.drift_alert is not None and self.labels_since_drift >= self.settle(cfg)
+        if r.on_drift and settled and (
                 self.retries == 0 or self.labels >= self.settle(cfg) // 2 ** self.retries):
             # A retry also needs fresh labels since the candidate it retries (a long live trial can
             # push the count since the alert past several thresholds at once).
@@ -101,7 +102,7 @@ class RetrainPolicy:
         self.deferred = 0
 
     def after_version(self, cfg: Trainer, now_ms: int, trigger: str, accepted: bool) -> None:
-        """A version was recorded: reset, but keep a drift episode armed for a retry if it was rejected."""
+        """A version was recorded: reset, but keep a rejected drift episode armed for a retry."""
         armed = (self.drift_alert, self.labels_since_drift, self.retries + 1)
         self.reset(now_ms)
         if not trigger.startswith("drift_alert(") or armed[0] is None:
@@ -112,9 +113,12 @@ class RetrainPolicy:
             self.drift_alert, self.labels_since_drift, self.retries = armed
 
     def after_trial(self, cfg: Trainer, won: bool) -> None:
-        """A live trial or probation ended; a lost one re-opens its drift episode (see the docstring)."""
+        """A live trial or probation ended; a lost one re-opens its drift episode (see above)."""
         episode, self.episode = self.episode, None
-        if won or episode is None or self.drift_alert is not None or episode[1] + 1 > cfg.retrain.drift_retries:
+        if won or episode is None or self.drift_alert is not None \
+                or episode[1] + 1 > cfg.retrain.drift_retries:
             return
-        # The trial's labels (all since the candidate) count as waited for: the retry may come at once.
-        self.drift_alert, self.retries, self.labels_since_drift = episode[0], episode[1] + 1, self.labels
+        # The trial's labels (all since the candidate) count as waited for: the retry may come
+        # at once.
+        self.drift_alert, self.retries = episode[0], episode[1] + 1
+        self.labels_since_drift = self.labels

@@ -108,7 +108,7 @@ class Trial:
         if n >= min_samples:
             if self.phase == "trial":
                 return "challenger" if cs >= is_ + margin - _EPS else "incumbent"
-            # Probation: the new champion (challenger) keeps its place unless it is worse by the margin.
+            # Probation: the new champion (challenger) stays unless it is worse by the margin.
             return "incumbent" if cs < is_ - margin - _EPS else "challenger"
         if p_value <= 0 or n < min(EARLY_FLOOR, min_samples):
             return None
@@ -135,9 +135,10 @@ class Trial:
         return float(stats.norm.sf(z)), float(stats.norm.cdf(z))
 
 
-def promote_on_probation(models: ModelRegistry, pipeline: str, challenger: Key, incumbent: Key, reason: str,
+def promote_on_probation(models: ModelRegistry, pipeline: str, challenger: Key, incumbent: Key,
+                         reason: str,
                          regression: bool) -> Trial:
-    """Make ``challenger`` champion and its predecessor a shadow; return the probation that watches them."""
+    """Make ``challenger`` champion and its predecessor a shadow; return the probation."""
     (cname, cver), (iname, iver) = challenger, incumbent
     models.promote(pipeline, cver, name=cname, to_stage="champion", reason=f"promoted: {reason}")
     models.promote(pipeline, iver, name=iname, to_stage="shadow",

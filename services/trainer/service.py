@@ -23,7 +23,7 @@ from loopline import avro, feedback, topics
 from loopline.artifacts import ArtifactStore, read_artifact
 from loopline.errors import LooplineError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
-from loopline.models import ModelRegistry, champion, fill_values
+from loopline.models import ModelRegistry, champion
 from loopline.observability import Health
 from loopline.registry import RegistryReader, now_ms
 from loopline.scoring import Scorer
@@ -271,8 +271,8 @@ class TrainerService:
                 self.candidate(pipeline, spec, st, trigger)
             except tournament.Deferred as e:
                 st.policy.defer(e.labels)
-                log.info("trainer_candidate_deferred", extra={"pipeline": pipeline, "trigger": trigger,
-                                                              "labels": e.labels})
+                log.info("trainer_candidate_deferred",
+                         extra={"pipeline": pipeline, "trigger": trigger, "labels": e.labels})
             except LooplineError as e:
                 # A candidate that cannot be exported or registered must not stop learning; the
                 # counters restart so the next trigger tries again with more data.
@@ -292,14 +292,14 @@ class TrainerService:
         return scorer
 
     def candidate(self, pipeline: str, spec: PipelineSpec, st: PipelineState, trigger: str) -> dict[str, Any]:
-        """Run the tournament, validate its winner against the champion, register it (accepted or not)."""
+        """Run the tournament, validate its winner against the champion, register it (or not)."""
         reference = list(st.recent)
         champ = champion(self.reader.state, pipeline)
         champ_scorer = self._champion_scorer(spec, champ) if champ is not None else None
         champ_model = read_artifact(champ["uri"], champ["sha256"]) if champ is not None else None
         champ_id = f"{champ['name']}:{champ['version']}" if champ is not None else None
-        result = tournament.run(spec, st.holdout, st.learner, st.trained, reference, champ_scorer, champ_model,
-                                name=f"{pipeline}-trainer")
+        result = tournament.run(spec, st.holdout, st.learner, st.trained, reference, champ_scorer,
+                                champ_model, name=f"{pipeline}-trainer")
         card = scorecard(spec, result, trigger, champ_id)
         model, ranges = result.registered.model, result.registered.ranges
         assert model is not None
@@ -312,8 +312,8 @@ class TrainerService:
         else:
             stage = "canary" if spec.deployment.canary_fraction > 0 and not direct else "shadow"
         card["stage"] = stage
-        card["decision"] = ("promote now, on probation" if direct else "live trial" if card["accepted"] and champ
-                            else stage)
+        card["decision"] = ("promote now, on probation" if direct
+                            else "live trial" if card["accepted"] and champ else stage)
         done = self._already_registered(pipeline, trigger, ranges.records())
         if done is not None:
             # Registered just before a crash that came before the checkpoint: adopt it, do not repeat it.
@@ -324,7 +324,8 @@ class TrainerService:
         record = register_version(
             self.models, pipeline, model, stage=stage, reference=reference,
             metrics=version_metrics(card), trigger=trigger, training_ranges=ranges.records(),
-            scorecard=card, library_versions={**library_versions(), "trainer.learner": result.winner.name})
+            scorecard=card,
+            library_versions={**library_versions(), "trainer.learner": result.winner.name})
         st.policy.after_version(spec.trainer, now_ms(), trigger, card["accepted"])
         st.history.append({"version": record["version"], "stage": stage, "trigger": trigger,
                            "accepted": card["accepted"], "training_count": ranges.count,
@@ -332,8 +333,10 @@ class TrainerService:
         outcome = "accepted" if card["accepted"] else "rejected"
         self.metrics.versions.labels(pipeline, outcome).inc()
         log.info("trainer_version", extra={"pipeline": pipeline, "version": record["version"], "stage": stage,
-                                           "trigger": trigger, "reason": card["reason"], "learner": result.winner.name,
-                                           "evidence": card["evidence"]["note"], "training_examples": ranges.count})
+                                           "trigger": trigger, "reason": card["reason"],
+                                           "learner": result.winner.name,
+                                           "evidence": card["evidence"]["note"],
+                                           "training_examples": ranges.count})
         if card["accepted"] and champ is not None:
             mine, theirs = (record["name"], record["version"]), (champ["name"], champ["version"])
             if direct:
@@ -342,7 +345,8 @@ class TrainerService:
                                                 regression=spec.label.task == "regression")
                 self.metrics.stage_changes.labels(pipeline, "promote").inc()
             else:
-                st.trial = Trial("trial", mine, theirs, record["created_at"], paired=stage == "shadow",
+                st.trial = Trial("trial", mine, theirs, record["created_at"],
+                                 paired=stage == "shadow",
                                  regression=spec.label.task == "regression")
         self.checkpoint()
         return record
@@ -371,7 +375,8 @@ class TrainerService:
             return
         if spec.deployment.promotion != "auto":
             return
-        decision = trial.decision(spec.trainer.min_live_samples, spec.trainer.margin, spec.trainer.live_p)
+        cfg = spec.trainer
+        decision = trial.decision(cfg.min_live_samples, cfg.margin, cfg.live_p)
         if decision is None:
             return
         summary = trial.summary()
@@ -381,8 +386,8 @@ class TrainerService:
                   f"{spec.trainer.margin:g}")
         (cname, cver), (iname, iver) = trial.challenger, trial.incumbent
         if trial.phase == "trial" and decision == "challenger":
-            st.trial = promote_on_probation(self.models, pipeline, trial.challenger, trial.incumbent, reason,
-                                            trial.regression)
+            st.trial = promote_on_probation(self.models, pipeline, trial.challenger,
+                                            trial.incumbent, reason, trial.regression)
             action = "promote"
         elif trial.phase == "trial":
             self.models.promote(pipeline, cver, name=cname, to_stage="rejected", reason=f"rolled back: {reason}")

@@ -14,10 +14,10 @@ Which labels. When the champion's errors over the window change significantly (a
 likelihood-ratio scan, repeated on the newer side), the batch learners use only the labels after
 the change: a drift alert comes hundreds of events after the drift, and the labels in between are
 the most valuable ones a short stream has. If the change is so recent that fewer than
-``2 * min_holdout`` labels follow it, the tournament is deferred until they have arrived. A gradual drift hides in the noise or goes on after
-the change, so when there are enough labels each batch learner also competes on the newest half
-of the training labels. The
-holdout is the newest ``holdout_fraction`` of the usable labels, between ``min_holdout`` and
+``2 * min_holdout`` labels follow it, the tournament is deferred until they have arrived. A
+gradual drift hides in the noise or goes on after the change, so when there are enough labels
+each batch learner also competes on the newest half of the training labels. The holdout is the
+newest ``holdout_fraction`` of the usable labels, between ``min_holdout`` and
 ``holdout``; the rest is the training set.
 """
 
@@ -62,13 +62,15 @@ class Deferred(LooplineError):
     """The champion's errors changed too recently for a tournament on the new concept: wait."""
 
     def __init__(self, pipeline: str, labels: int) -> None:
-        super().__init__(f"pipeline {pipeline}: the concept changed {labels} label(s) short of a tournament")
+        super().__init__(
+            f"pipeline {pipeline}: the concept changed {labels} label(s) short of a tournament"
+        )
         self.labels = labels
 
 
 @dataclass
 class Contender:
-    """One learner of a tournament: its exported model, where it learned from, its holdout result."""
+    """One learner of a tournament: its exported model, what it learned, its holdout result."""
 
     name: str
     ranges: Ranges
@@ -81,8 +83,14 @@ class Contender:
     def row(self, winner: bool) -> dict[str, Any]:
         """The contender's line in the scorecard."""
         m = self.evaluation.metrics if self.evaluation is not None else None
-        return {"learner": self.name, "score": m["score"] if m else None, "metrics": m,
-                "trained_on": self.trained_on, "winner": winner, "error": self.error}
+        return {
+            "learner": self.name,
+            "score": m["score"] if m else None,
+            "metrics": m,
+            "trained_on": self.trained_on,
+            "winner": winner,
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -102,31 +110,35 @@ class Tournament:
 
 # ---- sizes ---------------------------------------------------------------------------------------
 def min_holdout(spec: PipelineSpec) -> int:
-    """The smallest holdout of a tournament (``trainer.min_holdout``, at most ``trainer.holdout``)."""
+    """The smallest holdout of a tournament (``trainer.min_holdout``, at most ``holdout``)."""
     return min(spec.trainer.min_holdout, spec.trainer.holdout)
 
 
 def ready(spec: PipelineSpec, holdout: Holdout) -> bool:
-    """Whether the window holds enough labels for a tournament: a minimal holdout and as many to learn."""
+    """Whether the window holds enough labels for a tournament: a minimal holdout, twice."""
     return holdout.labeled >= 2 * min_holdout(spec)
 
 
 def holdout_size(spec: PipelineSpec, usable: int) -> int:
     """The holdout of a tournament over ``usable`` labels (see the module docstring)."""
     low = min_holdout(spec)
-    h = int(round(spec.trainer.holdout_fraction * usable))
+    h = round(spec.trainer.holdout_fraction * usable)
     return max(low, min(h, spec.trainer.holdout, usable - low))
 
 
 def input_dtype(champion: Scorer | None) -> np.dtype:
     """float32 when the champion takes float32 numbers (so shadows are fed alike), else float64."""
-    if champion is not None and any(i.type == "tensor(float)" for i in champion.session.get_inputs()):
+    if champion is not None and any(
+        i.type == "tensor(float)" for i in champion.session.get_inputs()
+    ):
         return np.dtype(np.float32)
     return np.dtype(np.float64)
 
 
-# ---- where the current concept starts --------------------------------------------------------------
-def change_point(errors: np.ndarray, binary: bool, min_size: int = MIN_SEGMENT) -> tuple[int, float] | None:
+# ---- where the current concept starts -----------------------------------------------------------
+def change_point(
+    errors: np.ndarray, binary: bool, min_size: int = MIN_SEGMENT
+) -> tuple[int, float] | None:
     """The most likely single change in the mean of ``errors`` and its statistic, if significant.
 
     Twice the log-likelihood ratio of "two segments" vs "one" (Bernoulli for 0/1 errors, Gaussian
@@ -141,9 +153,11 @@ def change_point(errors: np.ndarray, binary: bool, min_size: int = MIN_SEGMENT) 
     s1, n1 = cs[t - 1], t.astype(np.float64)
     s2, n2 = cs[-1] - s1, n - n1
     if binary:
+
         def ll(s: np.ndarray, m: np.ndarray) -> np.ndarray:
             p = np.clip(s / m, 1e-12, 1 - 1e-12)
             return np.asarray(s * np.log(p) + (m - s) * np.log(1 - p))
+
         stat = 2 * (ll(s1, n1) + ll(s2, n2) - ll(np.array(cs[-1]), np.array(float(n))))
     else:
         var = float(errors.var())
@@ -164,15 +178,21 @@ def current_concept(errors: np.ndarray, binary: bool) -> tuple[int, list[dict[st
         if cp is None:
             break
         at = start + cp[0]
-        found.append({"at": at, "statistic": round(cp[1], 2), "error_before": float(errors[start:at].mean()),
-                      "error_after": float(errors[at:].mean())})
+        found.append(
+            {
+                "at": at,
+                "statistic": round(cp[1], 2),
+                "error_before": float(errors[start:at].mean()),
+                "error_after": float(errors[at:].mean()),
+            }
+        )
         start = at
     return start, found
 
 
 # ---- the champion's family -----------------------------------------------------------------------
 def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, Any] | None, Any]:
-    """What family the champion belongs to and how to train one: a BatchLearner, a river kind, or None."""
+    """The champion's family and how to train one: a BatchLearner, a river kind, or None."""
     if model is None:
         return None, None
     try:
@@ -189,40 +209,70 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
             pass
     if props.get("learner") in _RIVER_KINDS and props.get("learner") != spec.trainer.learner:
         kind = props["learner"]
-        if spec.label.task == "regression" and kind == "logistic_regression" or \
-                spec.label.task == "classification" and kind == "linear_regression":
+        if (
+            spec.label.task == "regression"
+            and kind == "logistic_regression"
+            or spec.label.task == "classification"
+            and kind == "linear_regression"
+        ):
             return {"family": f"river.{kind}", "from": "recorded learner, other task"}, None
         return {"family": f"river.{kind}", "from": f"recorded learner ({producer})"}, kind
     if props.get("learner") in _RIVER_KINDS:
-        return {"family": f"river.{props['learner']}", "from": "recorded learner: the incremental one"}, None
+        return {
+            "family": f"river.{props['learner']}",
+            "from": "recorded learner: the incremental one",
+        }, None
     ops = {n.op_type for n in proto.graph.node}
     constants = {i.name for i in proto.graph.initializer} | {
-        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output
+    }
     # Products of inputs: skl2onnx's PolynomialFeatures multiplies gathered columns (ReduceProd),
     # hand-made graphs multiply two data tensors or raise one to a power.
-    products = any(n.op_type == "ReduceProd" or n.op_type in ("Mul", "Pow") and sum(
-        i not in constants for i in n.input) >= 2 - (n.op_type == "Pow") for n in proto.graph.node)
+    products = any(
+        n.op_type == "ReduceProd"
+        or n.op_type in ("Mul", "Pow")
+        and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow")
+        for n in proto.graph.node
+    )
     if ops & _TREE_OPS:
-        return ({"family": "tree ensemble", "from": f"operators {sorted(ops & _TREE_OPS)} ({producer})"},
-                BatchLearner(kind="hist_gradient_boosting"))
+        return (
+            {
+                "family": "tree ensemble",
+                "from": f"operators {sorted(ops & _TREE_OPS)} ({producer})",
+            },
+            BatchLearner(kind="hist_gradient_boosting"),
+        )
     if ops & _LINEAR_OPS and not ops & _HIDDEN_OPS:
         transforms = [Transform(kind="polynomial", degree=2)] if products else []
         what = "linear on products of inputs" if products else "linear"
-        return ({"family": what, "from": f"operators {sorted(ops & _LINEAR_OPS)} ({producer})"},
-                BatchLearner(kind="linear", transforms=transforms))
-    return {"family": None, "from": f"operators {sorted(ops)[:12]} ({producer}): no trainable family"}, None
+        return (
+            {"family": what, "from": f"operators {sorted(ops & _LINEAR_OPS)} ({producer})"},
+            BatchLearner(kind="linear", transforms=transforms),
+        )
+    return {
+        "family": None,
+        "from": f"operators {sorted(ops)[:12]} ({producer}): no trainable family",
+    }, None
 
 
 def _same_learner(a: BatchLearner, b: BatchLearner) -> bool:
     def key(x: BatchLearner) -> tuple[Any, ...]:
         return x.kind, tuple((t.kind, t.degree, t.interaction_only) for t in x.transforms)
+
     return key(a) == key(b)
 
 
 # ---- the tournament ------------------------------------------------------------------------------
-def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
-        reference: Sequence[Mapping[str, Any]], champion: Scorer | None, champion_model: bytes | None,
-        name: str) -> Tournament:
+def run(
+    spec: PipelineSpec,
+    holdout: Holdout,
+    learner: Learner,
+    trained: Ranges,
+    reference: Sequence[Mapping[str, Any]],
+    champion: Scorer | None,
+    champion_model: bytes | None,
+    name: str,
+) -> Tournament:
     """Train, export and score every contender on one holdout; raise if none can be scored."""
     cfg = spec.trainer
     topic = spec.topics.features
@@ -233,8 +283,11 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
     info: dict[str, Any] = {"labels": len(window)}
     start = 0
     if champion is not None:
-        errors = 1.0 - evaluate(spec, champion, window).rows if spec.label.task == "classification" \
+        errors = (
+            1.0 - evaluate(spec, champion, window).rows
+            if spec.label.task == "classification"
             else -evaluate(spec, champion, window).rows
+        )
         start, found = current_concept(errors, spec.label.task == "classification")
         info["changes"] = found
         short = 2 * min_holdout(spec) - (len(window) - start)
@@ -244,8 +297,17 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
     usable = window[start:]
     h = holdout_size(spec, len(usable))
     test, train = usable[-h:], usable[:-h]
-    info.update({"from": start, "usable": len(usable), "holdout": h, "train": len(train),
-                 "basis": "labels after the change in the champion's errors" if start else "the whole window"})
+    info.update(
+        {
+            "from": start,
+            "usable": len(usable),
+            "holdout": h,
+            "train": len(train),
+            "basis": "labels after the change in the champion's errors"
+            if start
+            else "the whole window",
+        }
+    )
     fills = fill_values(spec, reference)
     contenders: list[Contender] = []
 
@@ -268,8 +330,12 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
         more = copy.deepcopy(clone)
         for e in test:
             more.learn(e.features, e.target)
-        return Contender(river.name, river.ranges.merged(ranges_of(topic, test)), more.learned,
-                         to_onnx(more, name=name, input_dtype=dtype))
+        return Contender(
+            river.name,
+            river.ranges.merged(ranges_of(topic, test)),
+            more.learned,
+            to_onnx(more, name=name, input_dtype=dtype),
+        )
 
     river.refit = river_refit
     contenders.append(river)
@@ -287,7 +353,7 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
     if len(train) >= 4 * min_holdout(spec):
         # A concept that creeps (or kept moving after the change) is best learned from the newest
         # labels alone: the newest half competes too, and the holdout decides which is better.
-        windows.append(train[len(train) // 2:])
+        windows.append(train[len(train) // 2 :])
 
     def batch(b: BatchLearner, label: str, part: list[Example], inputs: Any = None) -> Contender:
         c = Contender(label, ranges_of(topic, part), len(part))
@@ -305,13 +371,19 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
     for part in windows:
         part_inputs = model_inputs(spec, [e.features for e in part], fills, dtype) if part else None
         for b, label in configs:
-            contenders.append(batch(b, label if part is train else f"{label}@newest{len(part)}", part,
-                                    part_inputs))
+            contenders.append(
+                batch(
+                    b, label if part is train else f"{label}@newest{len(part)}", part, part_inputs
+                )
+            )
     if isinstance(how, str):
+
         def fresh(part: list[Example]) -> Contender:
             c = Contender(f"river.{how} (champion's family)", ranges_of(topic, part), len(part))
             try:
-                learner = Learner(spec.model_copy(update={"trainer": cfg.model_copy(update={"learner": how})}))
+                learner = Learner(
+                    spec.model_copy(update={"trainer": cfg.model_copy(update={"learner": how})})
+                )
                 for e in part:
                     learner.learn(e.features, e.target)
                 c.model = to_onnx(learner, name=name, input_dtype=dtype)
@@ -326,13 +398,17 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
         if c.model is None:
             continue
         try:
-            c.evaluation = evaluate(spec, Scorer(c.model, spec, fills, label=f"{spec.name} {c.name}"), test)
+            c.evaluation = evaluate(
+                spec, Scorer(c.model, spec, fills, label=f"{spec.name} {c.name}"), test
+            )
         except Exception as e:  # noqa: BLE001 - one broken contender never stops the tournament
             c.error, c.model = f"{type(e).__name__}: {e}", None
     scored = [(i, c) for i, c in enumerate(contenders) if c.evaluation is not None]
     if not scored:
-        raise TournamentError(f"pipeline {spec.name}: no contender could be trained: "
-                              + "; ".join(f"{c.name}: {c.error}" for c in contenders))
+        raise TournamentError(
+            f"pipeline {spec.name}: no contender could be trained: "
+            + "; ".join(f"{c.name}: {c.error}" for c in contenders)
+        )
 
     def rank(item: tuple[int, Contender]) -> tuple[float, float, int]:
         i, c = item
@@ -353,12 +429,36 @@ def run(spec: PipelineSpec, holdout: Holdout, learner: Learner, trained: Ranges,
                 info["refit_error"] = again.error
         except Exception as e:  # noqa: BLE001 - the validated winner is registered instead
             info["refit_error"] = f"{type(e).__name__}: {e}"
-    info["registered"] = {"learner": registered.name, "trained_on": registered.trained_on,
-                          "refitted_with_holdout": registered is not winner}
+    info["registered"] = {
+        "learner": registered.name,
+        "trained_on": registered.trained_on,
+        "refitted_with_holdout": registered is not winner,
+    }
     champ = evaluate(spec, champion, test) if champion is not None else None
-    log.info("trainer_tournament", extra={
-        "pipeline": spec.name, "winner": winner.name, "holdout": h, "train": len(train), "from": start,
-        "scores": {c.name: (c.evaluation.metrics["score"] if c.evaluation else c.error) for c in contenders},
-        "champion": champ.metrics["score"] if champ else None, "registered_on": registered.trained_on})
-    return Tournament(contenders, winner, registered, champ, test, ranges_of(topic, test), dtype.name, info,
-                      family)
+    log.info(
+        "trainer_tournament",
+        extra={
+            "pipeline": spec.name,
+            "winner": winner.name,
+            "holdout": h,
+            "train": len(train),
+            "from": start,
+            "scores": {
+                c.name: (c.evaluation.metrics["score"] if c.evaluation else c.error)
+                for c in contenders
+            },
+            "champion": champ.metrics["score"] if champ else None,
+            "registered_on": registered.trained_on,
+        },
+    )
+    return Tournament(
+        contenders,
+        winner,
+        registered,
+        champ,
+        test,
+        ranges_of(topic, test),
+        dtype.name,
+        info,
+        family,
+    )

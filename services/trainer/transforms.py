@@ -54,18 +54,31 @@ class Graph:
         arr = np.asarray(value, dtype=dtype)
         n = self.name(hint)
         if arr.dtype.kind in "OUS":
-            self.inits.append(helper.make_tensor(n, TensorProto.STRING, arr.shape,
-                                                 [str(v).encode() for v in arr.ravel()]))
+            self.inits.append(
+                helper.make_tensor(
+                    n, TensorProto.STRING, arr.shape, [str(v).encode() for v in arr.ravel()]
+                )
+            )
         else:
             self.inits.append(numpy_helper.from_array(arr, n))
         return n
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str = "", out: str | None = None,
-           domain: str = "", **attrs: Any) -> str:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        hint: str = "",
+        out: str | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str:
         """Add a node with one output; return the output's name."""
         out = out or self.name(hint or op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(f"n_{op_type}"),
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), [out], name=self.name(f"n_{op_type}"), domain=domain, **attrs
+            )
+        )
         return out
 
 
@@ -87,7 +100,9 @@ class FeatureMap:
     numeric: list[str]
     strings: list[str] = field(default_factory=list)
     log: list[int] = field(default_factory=list)  # indices into ``numeric``
-    buckets: dict[int, list[float]] = field(default_factory=dict)  # numeric index -> ascending edges
+    buckets: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # numeric index -> ascending edges
     categories: dict[str, list[str]] = field(default_factory=dict)
     keep: list[int] = field(default_factory=list)  # numeric indices that form the numeric block
     mean: list[float] = field(default_factory=list)  # per block column (0 when not standardized)
@@ -96,29 +111,44 @@ class FeatureMap:
 
     # ---- fitting ------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, spec: PipelineSpec, transforms: Sequence[Transform], x: np.ndarray,
-            s: dict[str, list[str]] | None = None) -> FeatureMap:
-        """Fit the transforms on a training matrix ``x`` ([N, k], numeric features in spec order)."""
+    def fit(
+        cls,
+        spec: PipelineSpec,
+        transforms: Sequence[Transform],
+        x: np.ndarray,
+        s: dict[str, list[str]] | None = None,
+    ) -> FeatureMap:
+        """Fit the transforms on a training matrix ``x`` ([N, k], numeric features, spec order)."""
         numeric = [f.name for f in spec.features if f.type != "string"]
         types = {f.name: f for f in spec.features}
         if x.shape[1] != len(numeric):
-            raise TransformError(f"pipeline {spec.name}: expected {len(numeric)} numeric columns, got {x.shape[1]}")
+            raise TransformError(
+                f"pipeline {spec.name}: expected {len(numeric)} numeric columns, got {x.shape[1]}"
+            )
         by_kind: dict[str, list[Transform]] = {}
         for t in transforms:
             by_kind.setdefault(t.kind, []).append(t)
         fm = cls(numeric)
-        fm.log = sorted({numeric.index(n) for t in by_kind.get("log", []) for n in _features_of(t, [])})
+        fm.log = sorted(
+            {numeric.index(n) for t in by_kind.get("log", []) for n in _features_of(t, [])}
+        )
         work = fm._apply_log(x)
         for t in by_kind.get("bucketize", []):
             for n in _features_of(t, []):
                 j = numeric.index(n)
-                fm.buckets[j] = list(t.bounds) if t.bounds is not None else _quantile_edges(work[:, j], t.buckets)
+                fm.buckets[j] = (
+                    list(t.bounds)
+                    if t.bounds is not None
+                    else _quantile_edges(work[:, j], t.buckets)
+                )
         for t in by_kind.get("one_hot", []):
             for n in _features_of(t, []):
                 if n not in fm.strings:
                     fm.strings.append(n)
                     declared = types[n].values
-                    fm.categories[n] = list(declared) if declared else _top_categories((s or {}).get(n, []))
+                    fm.categories[n] = (
+                        list(declared) if declared else _top_categories((s or {}).get(n, []))
+                    )
         fm.strings.sort(key=[f.name for f in spec.features].index)
         fm.keep = [j for j in range(len(numeric)) if j not in fm.buckets]
         block = [numeric[j] for j in fm.keep]
@@ -138,15 +168,20 @@ class FeatureMap:
         for t in by_kind.get("polynomial", []):
             cols = [block.index(n) for n in _features_of(t, block) if n in block]
             for degree in range(2, t.degree + 1):
-                combos = (itertools.combinations(cols, degree) if t.interaction_only
-                          else itertools.combinations_with_replacement(cols, degree))
+                combos = (
+                    itertools.combinations(cols, degree)
+                    if t.interaction_only
+                    else itertools.combinations_with_replacement(cols, degree)
+                )
                 for term in combos:
                     if term not in seen:
                         seen.add(term)
                         fm.terms.append(term)
         if len(fm.terms) > MAX_TERMS:
-            raise TransformError(f"pipeline {spec.name}: polynomial transforms would add {len(fm.terms)} "
-                                 f"terms, more than {MAX_TERMS} (rule: max_terms)")
+            raise TransformError(
+                f"pipeline {spec.name}: polynomial transforms would add {len(fm.terms)} "
+                f"terms, more than {MAX_TERMS} (rule: max_terms)"
+            )
         return fm
 
     # ---- numpy --------------------------------------------------------------------------------
@@ -186,21 +221,25 @@ class FeatureMap:
                 prod = g if prod is None else prod * g
             parts.append(prod)
         for j, edges in sorted(self.buckets.items()):
-            above = (work[:, j:j + 1] >= np.array(edges)).astype(np.float64)
+            above = (work[:, j : j + 1] >= np.array(edges)).astype(np.float64)
             d, e = _bucket_matrices(len(edges))
             parts.append(above @ d + e)
         for n in self.strings:
-            values = np.array(["" if v is None else str(v) for v in (s or {}).get(n, [])], dtype=object)
+            values = np.array(
+                ["" if v is None else str(v) for v in (s or {}).get(n, [])], dtype=object
+            )
             cats = np.array(self.categories[n], dtype=object)
             parts.append((values[:, None] == cats[None, :]).astype(np.float64))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else block
 
     def _term_index(self) -> list[np.ndarray]:
-        """Per factor position, the block column of every term (the ones column pads short terms)."""
+        """Per factor position, the block column of every term (a ones column pads short ones)."""
         ones = len(self.keep)
         depth = max(len(t) for t in self.terms)
-        return [np.array([t[p] if p < len(t) else ones for t in self.terms], dtype=np.int64)
-                for p in range(depth)]
+        return [
+            np.array([t[p] if p < len(t) else ones for t in self.terms], dtype=np.int64)
+            for p in range(depth)
+        ]
 
     @property
     def width(self) -> int:
@@ -209,15 +248,22 @@ class FeatureMap:
 
     # ---- ONNX ---------------------------------------------------------------------------------
     def graph(self, g: Graph, x: str, s: dict[str, str]) -> str:
-        """Add the transform nodes reading double matrix ``x`` and string inputs ``s``; return Z's name."""
+        """Add the nodes reading double matrix ``x`` and string inputs ``s``; return Z's name."""
         work = x
         if self.log:
             mask = np.zeros(len(self.numeric), dtype=bool)
             mask[self.log] = True
             clipped = g.op("Max", [x, g.const(np.array([0.0]), "zero")], "clipped")
-            logged = g.op("Log", [g.op("Add", [clipped, g.const(np.array([1.0]), "one")], "plus1")], "logged")
+            logged = g.op(
+                "Log", [g.op("Add", [clipped, g.const(np.array([1.0]), "one")], "plus1")], "logged"
+            )
             work = g.op("Where", [g.const(mask, "logmask"), logged, x], "work")
-        block = g.op("Gather", [work, g.const(np.array(self.keep, dtype=np.int64), "keep")], "block_raw", axis=1)
+        block = g.op(
+            "Gather",
+            [work, g.const(np.array(self.keep, dtype=np.int64), "keep")],
+            "block_raw",
+            axis=1,
+        )
         block = g.op("Sub", [block, g.const(np.array(self.mean), "mean")], "centered")
         block = g.op("Mul", [block, g.const(np.array(self.inv_std), "inv_std")], "block")
         parts = [block]
@@ -230,17 +276,41 @@ class FeatureMap:
             assert prod is not None
             parts.append(prod)
         for j, edges in sorted(self.buckets.items()):
-            col = g.op("Gather", [work, g.const(np.array([j], dtype=np.int64), "bucket_col")], "bucket_x", axis=1)
-            ge = g.op("GreaterOrEqual", [col, g.const(np.array(edges, dtype=np.float64), "edges")], "ge")
+            col = g.op(
+                "Gather",
+                [work, g.const(np.array([j], dtype=np.int64), "bucket_col")],
+                "bucket_x",
+                axis=1,
+            )
+            ge = g.op(
+                "GreaterOrEqual", [col, g.const(np.array(edges, dtype=np.float64), "edges")], "ge"
+            )
             above = g.op("Cast", [ge], "above", to=TensorProto.DOUBLE)
             d, e = _bucket_matrices(len(edges))
-            parts.append(g.op("Add", [g.op("MatMul", [above, g.const(d, "bucket_d")], "diff"),
-                                      g.const(e, "bucket_e")], "buckets"))
+            parts.append(
+                g.op(
+                    "Add",
+                    [
+                        g.op("MatMul", [above, g.const(d, "bucket_d")], "diff"),
+                        g.const(e, "bucket_e"),
+                    ],
+                    "buckets",
+                )
+            )
         for n in self.strings:
             cats = self.categories[n]
-            idx = g.op("LabelEncoder", [s[n]], f"{n}_index", domain="ai.onnx.ml", keys_strings=cats,
-                       values_int64s=list(range(len(cats))), default_int64=-1)
-            hit = g.op("Equal", [idx, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit")
+            idx = g.op(
+                "LabelEncoder",
+                [s[n]],
+                f"{n}_index",
+                domain="ai.onnx.ml",
+                keys_strings=cats,
+                values_int64s=list(range(len(cats))),
+                default_int64=-1,
+            )
+            hit = g.op(
+                "Equal", [idx, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit"
+            )
             parts.append(g.op("Cast", [hit], f"{n}_onehot", to=TensorProto.DOUBLE))
         if len(parts) == 1:
             return block

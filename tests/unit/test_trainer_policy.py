@@ -59,7 +59,7 @@ def test_drift_alert_arms_then_fires_after_settle_labels() -> None:
     p.on_example(None, True)
     assert (p.due(cfg, 5) or "").startswith("drift_alert(performance:ddm:")
     assert Trainer(holdout=10).retrain.drift_settle_labels is None
-    assert RetrainPolicy().settle(Trainer()) == 150  # default: 3 x min_holdout, a short stream's budget
+    assert RetrainPolicy().settle(Trainer()) == 150  # default: 3 x min_holdout
     assert RetrainPolicy().settle(Trainer(holdout=20)) == 60  # min_holdout never exceeds holdout
 
 
@@ -103,7 +103,8 @@ def test_a_lost_live_trial_reopens_its_drift_episode_and_a_won_one_closes_it() -
         p.after_trial(cfg, won=won)
         assert (p.drift_alert is not None) == reopened and p.episode is None
         if reopened:
-            assert p.retries == 1 and (p.due(cfg, 7) or "").endswith(",retry1)")  # 25 labels waited: now
+            # The trial's 25 labels count as waited for: the retry is due at once.
+            assert p.retries == 1 and (p.due(cfg, 7) or "").endswith(",retry1)")
 
 
 def test_a_deferred_policy_fires_once_the_missing_labels_arrived() -> None:
@@ -173,7 +174,8 @@ def test_unpaired_canary_uses_a_two_sample_test() -> None:
     for i in range(60):
         t.observe(example("0", [("m", 1, None, 1)]))  # every version scores its own events
         t.observe(example("0", [("m", 2, None, 1)]))
-    t.stats = {("m", 1): [60, -60.0, 60.0], ("m", 2): [60, -6.0, 0.6]}  # MAE 1.0 vs 0.1, small spread
+    # MAE 1.0 vs 0.1, with a small spread
+    t.stats = {("m", 1): [60, -60.0, 60.0], ("m", 2): [60, -6.0, 0.6]}
     assert t.pairs is None and t.decision(200, 0.01, 0.01) == "challenger"
     t.stats[("m", 2)] = [60, -57.0, 60.0]  # MAE 0.95, as noisy as the champion: not yet
     assert t.decision(200, 0.01, 0.01) is None

@@ -1,5 +1,6 @@
-"""The candidate tournament: change points, holdout sizes, contenders, the champion's family, and the
-service's decision on a drifted stream (registration with the scorecard, promotion on probation)."""
+"""The candidate tournament: change points, holdout sizes, contenders, the champion's family, and
+the service's decision on a drifted stream (registration with the scorecard, promotion on
+probation)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ from loopline.spec import PipelineSpec, parse_spec
 
 
 def circle_spec(**trainer: Any) -> PipelineSpec:
-    return parse_spec({"name": "circle", "partitions": 1,
-                       "features": [{"name": "x", "type": "float"}, {"name": "y", "type": "float"}],
-                       "label": {"classes": ["in", "out"], "positive": "in"},
-                       "deployment": {"promotion": "auto"}, "trainer": trainer})
+    return parse_spec(
+        {
+            "name": "circle",
+            "partitions": 1,
+            "features": [{"name": "x", "type": "float"}, {"name": "y", "type": "float"}],
+            "label": {"classes": ["in", "out"], "positive": "in"},
+            "deployment": {"promotion": "auto"},
+            "trainer": trainer,
+        }
+    )
 
 
 def circle(n: int, seed: int, centre: tuple[float, float]) -> list[tuple[dict[str, float], str]]:
@@ -65,20 +72,35 @@ def sklearn_champion(spec: PipelineSpec, kind: str = "poly_logistic") -> bytes:
     x = np.array([[r["x"], r["y"]] for r, _ in rows], dtype=np.float32)
     y = np.array([lab for _, lab in rows])
     if kind == "poly_logistic":
-        model = make_pipeline(PolynomialFeatures(2), StandardScaler(), LogisticRegression()).fit(x, y)
+        model = make_pipeline(PolynomialFeatures(2), StandardScaler(), LogisticRegression()).fit(
+            x, y
+        )
         options, custom = {id(model.steps[-1][1]): {"zipmap": False}}, None
     else:
         model = HistGradientBoostingClassifier(max_iter=20).fit(x, y)
         options = {id(model): {"zipmap": False}}
-        custom = {HistGradientBoostingClassifier: _tree_converter("SklearnHistGradientBoostingClassifier")}
-    onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, 2]))], options=options,
-                          target_opset={"": 17, "ai.onnx.ml": 3}, custom_conversion_functions=custom)
+        custom = {
+            HistGradientBoostingClassifier: _tree_converter("SklearnHistGradientBoostingClassifier")
+        }
+    onx = convert_sklearn(
+        model,
+        initial_types=[("input", FloatTensorType([None, 2]))],
+        options=options,
+        target_opset={"": 17, "ai.onnx.ml": 3},
+        custom_conversion_functions=custom,
+    )
     return onx.SerializeToString()  # type: ignore[no-any-return]
 
 
-def window_of(spec: PipelineSpec, rows: list[tuple[dict[str, float], str]]) -> tuple[Holdout, Learner, Ranges]:
+def window_of(
+    spec: PipelineSpec, rows: list[tuple[dict[str, float], str]]
+) -> tuple[Holdout, Learner, Ranges]:
     """Labeled examples pushed the way the service pushes them: holdout, window, river learner."""
-    holdout, learner, trained = Holdout(spec.trainer.holdout), Learner(spec), Ranges(spec.topics.features)
+    holdout, learner, trained = (
+        Holdout(spec.trainer.holdout),
+        Learner(spec),
+        Ranges(spec.topics.features),
+    )
     for i, (x, y) in enumerate(rows):
         leaving = holdout.push(Example(f"e{i}", x, y, 0, i, i, None, []), keep=spec.trainer.window)
         if leaving is not None:
@@ -119,12 +141,24 @@ def test_tournament_learns_the_new_concept_from_the_labels_after_the_change() ->
     champion = Scorer(champion_model, spec, label="champion")
     rows = circle(800, 1, OLD) + circle(220, 2, NEW)
     holdout, learner, trained = window_of(spec, rows)
-    t = tournament.run(spec, holdout, learner, trained, [x for x, _ in rows[-500:]], champion, champion_model,
-                       name="circle-trainer")
+    t = tournament.run(
+        spec,
+        holdout,
+        learner,
+        trained,
+        [x for x, _ in rows[-500:]],
+        champion,
+        champion_model,
+        name="circle-trainer",
+    )
     assert t.window_info["from"] >= 780 and t.window_info["usable"] <= 240  # the new concept only
     names = [c.name for c in t.contenders]
-    assert names[:4] == ["river.logistic_regression", "sklearn.linear", "sklearn.linear+poly2",
-                         "sklearn.hist_gradient_boosting"]
+    assert names[:4] == [
+        "river.logistic_regression",
+        "sklearn.linear",
+        "sklearn.linear+poly2",
+        "sklearn.hist_gradient_boosting",
+    ]
     assert t.champion is not None and t.winner.evaluation is not None
     assert t.winner.evaluation.metrics["score"] >= t.champion.metrics["score"] + 0.15
     # The champion takes float32: so does every exported contender (shadows are fed alike).
@@ -151,13 +185,17 @@ def test_tournament_waits_when_the_concept_changed_too_recently() -> None:
     rows = circle(800, 1, OLD) + circle(60, 2, NEW)
     holdout, learner, trained = window_of(spec, rows)
     with pytest.raises(tournament.Deferred) as e:
-        tournament.run(spec, holdout, learner, trained, [], Scorer(champion_model, spec), champion_model, "c")
+        tournament.run(
+            spec, holdout, learner, trained, [], Scorer(champion_model, spec), champion_model, "c"
+        )
     assert 30 <= e.value.labels <= 50  # about 100 labels after the change are needed
 
 
 def test_a_contender_that_cannot_learn_is_listed_with_its_reason() -> None:
     spec = circle_spec(learner="hoeffding_adaptive_tree")
-    rows = [(x, "out") for x, _ in circle(300, 3, OLD)]  # one class only: the batch learners cannot fit
+    rows = [
+        (x, "out") for x, _ in circle(300, 3, OLD)
+    ]  # one class only: the batch learners cannot fit
     holdout, learner, trained = window_of(spec, rows)
     t = tournament.run(spec, holdout, learner, trained, [], None, None, "c")
     assert t.winner.name == "river.hoeffding_adaptive_tree" and t.champion is None
@@ -171,7 +209,11 @@ def test_a_contender_that_cannot_learn_is_listed_with_its_reason() -> None:
 def test_a_tree_champion_brings_boosting_and_a_river_champion_its_own_kind() -> None:
     spec = circle_spec(learners=[{"kind": "linear"}])
     family, how = tournament.champion_family(spec, sklearn_champion(spec, "boosting"))
-    assert family is not None and family["family"] == "tree ensemble" and how.kind == "hist_gradient_boosting"
+    assert (
+        family is not None
+        and family["family"] == "tree ensemble"
+        and how.kind == "hist_gradient_boosting"
+    )
     rows = circle(400, 4, NEW)
     tree_spec = circle_spec(learner="hoeffding_adaptive_tree")
     river_champion = Learner(tree_spec)
@@ -211,32 +253,59 @@ def trainer_for(spec: PipelineSpec, tmp_path: Path) -> tuple[TrainerService, _Re
     registry = _Registry(ArtifactStore(str(tmp_path / "artifacts")), state)
     svc = TrainerService.__new__(TrainerService)  # its decision methods, without Kafka clients
     svc.settings = TrainerSettings(home=tmp_path, pipelines=[spec.name])
-    svc.metrics, svc.reader, svc.models = TrainerMetrics(CollectorRegistry()), _Reader(state), registry
-    svc.path, svc.offsets, svc.states = tmp_path / "t.ckpt", {}, {spec.name: new_state(spec, svc.settings)}
+    svc.metrics, svc.reader, svc.models = (
+        TrainerMetrics(CollectorRegistry()),
+        _Reader(state),
+        registry,
+    )
+    svc.path, svc.offsets, svc.states = (
+        tmp_path / "t.ckpt",
+        {},
+        {spec.name: new_state(spec, svc.settings)},
+    )
     svc.specs, svc._champions = {spec.name: spec}, {}
     return svc, registry
 
 
-def test_a_decisive_winner_is_registered_with_its_scorecard_and_promoted_on_probation(tmp_path: Path) -> None:
+def test_a_decisive_winner_is_registered_with_its_scorecard_and_promoted_on_probation(
+    tmp_path: Path,
+) -> None:
     spec = circle_spec()
     svc, registry = trainer_for(spec, tmp_path)
     old = circle(1500, 5, OLD)
-    v1 = registry.register(spec.name, sklearn_champion(spec), stage="champion", reference=[x for x, _ in old[:300]])
+    v1 = registry.register(
+        spec.name, sklearn_champion(spec), stage="champion", reference=[x for x, _ in old[:300]]
+    )
     st = svc.states[spec.name]
     rows = circle(700, 6, OLD) + circle(250, 7, NEW)
     for i, (x, y) in enumerate(rows):
         pred = PredRow(f"e{i}", v1["name"], v1["version"], "champion", True, "out", None, 0, 0)
         svc._example(spec.name, st, Example(f"e{i}", x, y, 0, i, i, None, [pred]))
-    assert st.policy.on_alert({"alert_id": "a" * 32, "state": "raised", "signal": "performance",
-                               "severity": "alert", "feature": None, "detector": "ddm", "message": "m"})
-    st.policy.labels_since_drift = 1000  # the settle count is the policy's own business (tested there)
+    assert st.policy.on_alert(
+        {
+            "alert_id": "a" * 32,
+            "state": "raised",
+            "signal": "performance",
+            "severity": "alert",
+            "feature": None,
+            "detector": "ddm",
+            "message": "m",
+        }
+    )
+    st.policy.labels_since_drift = (
+        1000  # the settle count is the policy's own business (tested there)
+    )
     svc.act()
     state = registry.state()
     [v2] = [v for v in versions_of(state, spec.name) if v["version"] > v1["version"]]
     card = orjson.loads(v2["scorecard_json"])
     assert card["accepted"] and card["decision"] == "promote now, on probation"
-    assert {r["learner"] for r in card["contenders"]} >= {"river.logistic_regression", "sklearn.linear",
-                                                        "sklearn.linear+poly2", "sklearn.hist_gradient_boosting"}
+    assert {r["learner"] for r in card["contenders"]} >= {
+        "river.logistic_regression",
+        "sklearn.linear",
+        "sklearn.linear+poly2",
+        "sklearn.hist_gradient_boosting",
+    }
     assert v2["library_versions"]["trainer.learner"] == card["winner"]
     assert v2["trigger"].startswith("drift_alert(performance:ddm:")
     assert state.versions[(spec.name, v1["name"], v2["version"])]["stage"] == "champion"

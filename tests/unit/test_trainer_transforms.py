@@ -1,4 +1,4 @@
-"""Batch learners behind spec transforms: ONNX vs Python parity, the Scorer contract, input types."""
+"""Batch learners behind spec transforms: ONNX vs Python parity, Scorer contract, input types."""
 
 from __future__ import annotations
 
@@ -16,28 +16,46 @@ from loopline.services.trainer.batch import BatchModel, model_inputs
 from loopline.services.trainer.transforms import FeatureMap, TransformError
 from loopline.spec import PipelineSpec, parse_spec
 
-FEATURES = [{"name": "amount", "type": "float", "min": 0, "max": 1000},
-            {"name": "hour", "type": "int", "min": 0, "max": 23},
-            {"name": "card_present", "type": "bool"},
-            {"name": "device_age", "type": "float", "required": False},
-            {"name": "country", "type": "string", "values": ["DE", "FR", "GB"]}]
+FEATURES = [
+    {"name": "amount", "type": "float", "min": 0, "max": 1000},
+    {"name": "hour", "type": "int", "min": 0, "max": 23},
+    {"name": "card_present", "type": "bool"},
+    {"name": "device_age", "type": "float", "required": False},
+    {"name": "country", "type": "string", "values": ["DE", "FR", "GB"]},
+]
 
-ALL = [{"kind": "log", "features": ["amount"]}, {"kind": "bucketize", "features": ["hour"], "bounds": [6, 12, 18]},
-       {"kind": "one_hot", "features": ["country"]}, {"kind": "standardize"}, {"kind": "polynomial", "degree": 2}]
-TRANSFORMS = {"standardize": [{"kind": "standardize"}],
-              "cubic": [{"kind": "standardize"}, {"kind": "polynomial", "degree": 3}],
-              "all": ALL}
-LABELS = {"binary, positive first": {"classes": ["yes", "no"], "positive": "yes"},
-          "three classes, one never seen": {"classes": ["no", "maybe", "yes"]},
-          "regression": {"task": "regression"}}
+ALL = [
+    {"kind": "log", "features": ["amount"]},
+    {"kind": "bucketize", "features": ["hour"], "bounds": [6, 12, 18]},
+    {"kind": "one_hot", "features": ["country"]},
+    {"kind": "standardize"},
+    {"kind": "polynomial", "degree": 2},
+]
+TRANSFORMS = {
+    "standardize": [{"kind": "standardize"}],
+    "cubic": [{"kind": "standardize"}, {"kind": "polynomial", "degree": 3}],
+    "all": ALL,
+}
+LABELS = {
+    "binary, positive first": {"classes": ["yes", "no"], "positive": "yes"},
+    "three classes, one never seen": {"classes": ["no", "maybe", "yes"]},
+    "regression": {"task": "regression"},
+}
 
 
 def records(n: int, seed: int) -> list[dict[str, Any]]:
     rnd = random.Random(seed)
     # "XX" is a country the spec does not list: it must encode as all zeros, in Python and ONNX.
-    return [{"amount": rnd.uniform(0, 1000), "hour": rnd.randint(0, 23), "card_present": rnd.random() < 0.5,
-             "device_age": None if rnd.random() < 0.2 else rnd.uniform(-1, 5),
-             "country": rnd.choice(["DE", "FR", "GB", "XX"])} for _ in range(n)]
+    return [
+        {
+            "amount": rnd.uniform(0, 1000),
+            "hour": rnd.randint(0, 23),
+            "card_present": rnd.random() < 0.5,
+            "device_age": None if rnd.random() < 0.2 else rnd.uniform(-1, 5),
+            "country": rnd.choice(["DE", "FR", "GB", "XX"]),
+        }
+        for _ in range(n)
+    ]
 
 
 def target(r: dict[str, Any], task: str) -> Any:
@@ -49,21 +67,38 @@ def target(r: dict[str, Any], task: str) -> Any:
 
 
 def make_spec(label: dict[str, Any], transforms: list[dict[str, Any]], kind: str) -> PipelineSpec:
-    return parse_spec({"name": "p", "features": FEATURES, "label": label,
-                       "trainer": {"transforms": transforms, "learners": [{"kind": kind}]}})
+    return parse_spec(
+        {
+            "name": "p",
+            "features": FEATURES,
+            "label": label,
+            "trainer": {"transforms": transforms, "learners": [{"kind": kind}]},
+        }
+    )
 
 
 # Every transform set with both learner kinds and both input types on the hardest labels (positive
 # class listed first, so class order matters), and every label kind on the full transform set.
-CASES = [(label, transforms, kind, dtype)
-         for transforms in sorted(TRANSFORMS) for kind in ("linear", "hist_gradient_boosting")
-         for label, dtype in (("binary, positive first", np.float32), ("three classes, one never seen", np.float64))]
-CASES += [(label, "all", kind, np.float32) for label in ("regression",) for kind in ("linear", "hist_gradient_boosting")]
+CASES = [
+    (label, transforms, kind, dtype)
+    for transforms in sorted(TRANSFORMS)
+    for kind in ("linear", "hist_gradient_boosting")
+    for label, dtype in (
+        ("binary, positive first", np.float32),
+        ("three classes, one never seen", np.float64),
+    )
+]
+CASES += [
+    (label, "all", kind, np.float32)
+    for label in ("regression",)
+    for kind in ("linear", "hist_gradient_boosting")
+]
 
 
 @pytest.mark.parametrize(("label", "transforms", "kind", "dtype"), CASES)
-def test_onnx_scores_match_python_on_the_reference_rows(label: str, transforms: str, kind: str,
-                                                        dtype: Any) -> None:
+def test_onnx_scores_match_python_on_the_reference_rows(
+    label: str, transforms: str, kind: str, dtype: Any
+) -> None:
     spec = make_spec(LABELS[label], TRANSFORMS[transforms], kind)
     task = spec.label.task
     train = records(600, seed=1)
@@ -85,15 +120,21 @@ def test_onnx_scores_match_python_on_the_reference_rows(label: str, transforms: 
     if task == "regression":
         ours = np.array(model.predict(python))
         # Tree leaves are summed in float by ONNX Runtime's operator: relative, not absolute, 1e-5.
-        tol = 1e-5 * max(1.0, float(np.abs(ours).max())) if kind == "hist_gradient_boosting" else 1e-5
+        tol = (
+            1e-5 * max(1.0, float(np.abs(ours).max())) if kind == "hist_gradient_boosting" else 1e-5
+        )
         assert np.abs(np.array(result.values) - ours).max() < tol
         return
     onnx_scores, py_scores = result.scores or [], model.scores(python)
     classes = spec.label.classes or []
-    diff = max(abs(a.get(c, 0.0) - b.get(c, 0.0)) for a, b in zip(onnx_scores, py_scores) for c in classes)
+    diff = max(
+        abs(a.get(c, 0.0) - b.get(c, 0.0)) for a, b in zip(onnx_scores, py_scores) for c in classes
+    )
     assert diff < 1e-5
     assert result.labels == model.predict(python)
-    assert len(set(result.labels or [])) == 2  # both seen classes predicted: the test is not vacuous
+    assert (
+        len(set(result.labels or [])) == 2
+    )  # both seen classes predicted: the test is not vacuous
 
 
 def test_transforms_compute_what_they_say() -> None:
@@ -104,20 +145,35 @@ def test_transforms_compute_what_they_say() -> None:
     # amount, card_present, device_age stay numeric; hour becomes 4 buckets; country 3 indicators.
     block = ["amount", "card_present", "device_age"]
     assert fm.columns()[:3] == block and fm.multi_input
-    probe = model_inputs(spec, [{"amount": np.e - 1, "hour": 12, "card_present": True, "device_age": 2.0,
-                                 "country": "XX"}], {}, np.float64)
+    probe = model_inputs(
+        spec,
+        [
+            {
+                "amount": np.e - 1,
+                "hour": 12,
+                "card_present": True,
+                "device_age": 2.0,
+                "country": "XX",
+            }
+        ],
+        {},
+        np.float64,
+    )
     z = fm.transform(probe.x, probe.s)[0]
     assert z.size == fm.width == 3 + 6 + 4 + 3  # block, its 6 degree-2 products, buckets, countries
     amount_std = (1.0 - fm.mean[0]) * fm.inv_std[0]  # log(1 + (e - 1)) = 1, then standardized
     assert z[0] == pytest.approx(amount_std)
-    assert z[3] == pytest.approx(amount_std ** 2)  # the first product term is amount * amount
+    assert z[3] == pytest.approx(amount_std**2)  # the first product term is amount * amount
     assert list(z[9:13]) == [0.0, 0.0, 1.0, 0.0]  # hour 12 is in [12, 18)
     assert list(z[13:]) == [0.0, 0.0, 0.0]  # an unknown country is no category
 
 
 def test_constant_column_and_quantile_buckets() -> None:
-    spec = make_spec({"classes": ["no", "yes"]}, [{"kind": "bucketize", "features": ["amount"], "buckets": 4},
-                                                  {"kind": "standardize"}], "linear")
+    spec = make_spec(
+        {"classes": ["no", "yes"]},
+        [{"kind": "bucketize", "features": ["amount"], "buckets": 4}, {"kind": "standardize"}],
+        "linear",
+    )
     train = [dict(r, card_present=True) for r in records(400, seed=4)]
     x = model_inputs(spec, train, fill_values(spec, train), np.float64)
     fm = FeatureMap.fit(spec, spec.trainer.transforms, x.x, x.s)
@@ -127,20 +183,28 @@ def test_constant_column_and_quantile_buckets() -> None:
 
 
 def test_too_many_polynomial_terms_are_refused() -> None:
-    spec = parse_spec({"name": "p", "features": [{"name": f"x{i}", "type": "float"} for i in range(30)],
-                       "trainer": {"transforms": [{"kind": "polynomial", "degree": 3}]},
-                       "label": {"classes": ["a", "b"]}})
+    spec = parse_spec(
+        {
+            "name": "p",
+            "features": [{"name": f"x{i}", "type": "float"} for i in range(30)],
+            "trainer": {"transforms": [{"kind": "polynomial", "degree": 3}]},
+            "label": {"classes": ["a", "b"]},
+        }
+    )
     with pytest.raises(TransformError, match="max_terms"):
         FeatureMap.fit(spec, spec.trainer.transforms, np.zeros((5, 30)))
 
 
-@pytest.mark.parametrize(("transform", "rule"), [
-    ({"kind": "one_hot", "features": ["amount"]}, "one_hot needs string features"),
-    ({"kind": "log", "features": ["country"]}, "log needs numeric or bool features"),
-    ({"kind": "log"}, "a log transform needs `features`"),
-    ({"kind": "bucketize", "features": ["hour"], "bounds": [3, 1]}, "strictly ascending"),
-    ({"kind": "standardize", "features": ["nope"]}, "'nope', which is not a feature"),
-])
+@pytest.mark.parametrize(
+    ("transform", "rule"),
+    [
+        ({"kind": "one_hot", "features": ["amount"]}, "one_hot needs string features"),
+        ({"kind": "log", "features": ["country"]}, "log needs numeric or bool features"),
+        ({"kind": "log"}, "a log transform needs `features`"),
+        ({"kind": "bucketize", "features": ["hour"], "bounds": [3, 1]}, "strictly ascending"),
+        ({"kind": "standardize", "features": ["nope"]}, "'nope', which is not a feature"),
+    ],
+)
 def test_spec_rejects_transforms_that_do_not_fit(transform: dict[str, Any], rule: str) -> None:
     with pytest.raises(SpecError, match=rule):
         parse_spec({"name": "p", "features": FEATURES, "trainer": {"transforms": [transform]}})
@@ -149,8 +213,9 @@ def test_spec_rejects_transforms_that_do_not_fit(transform: dict[str, Any], rule
 def test_exported_model_records_its_learner_for_the_next_tournament() -> None:
     spec = make_spec({"classes": ["no", "yes"]}, TRANSFORMS["cubic"], "hist_gradient_boosting")
     train = records(200, seed=5)
-    model = BatchModel(spec, spec.trainer.learners[0]).fit(model_inputs(spec, train, {}, np.float64),
-                                                           [target(r, "classification") for r in train])
+    model = BatchModel(spec, spec.trainer.learners[0]).fit(
+        model_inputs(spec, train, {}, np.float64), [target(r, "classification") for r in train]
+    )
     props = {p.key: p.value for p in onnx.load_model_from_string(model.to_onnx()).metadata_props}
     assert props["learner"] == "sklearn.hist_gradient_boosting"
     assert '"kind":"hist_gradient_boosting"' in props["loopline.learner"]
