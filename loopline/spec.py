@@ -141,18 +141,140 @@ class Retrain(_Strict):
     schedule_s: float | None = Field(None, gt=0)
     warm_start: bool = False
     drift_settle_labels: int | None = Field(
-        None, ge=0, description="Labels to wait for after a drift alert before the candidate is built, so "
-        "it learned and is validated on post-drift data (default: twice trainer.holdout).")
+        None, ge=0,
+        description="Labels to wait for after a drift alert before the candidate is built, so it "
+        "learned and is validated on post-drift data (default: three times trainer.min_holdout; "
+        "each retry waits for twice as many).")
+    drift_retries: int = Field(
+        2, ge=0, le=10,
+        description="How often a rejected drift candidate is tried again, each time with twice the "
+        "labels since the alert: an early try on few labels is cheap, giving up is not.")
+
+
+TransformKind = Literal["standardize", "polynomial", "one_hot", "bucketize", "log"]
+#: Transforms that name the features they apply to (the others default to every numeric feature).
+_NAMED_TRANSFORMS = ("one_hot", "bucketize", "log")
+
+
+class Transform(_Strict):
+    """One feature transform of the batch learners, identical in training and in the exported graph.
+
+    Whatever their order in the list, transforms apply as: log, bucketize, one_hot, standardize,
+    polynomial (see ``services/trainer/transforms.py``).
+    """
+
+    kind: TransformKind = Field(
+        description="standardize (z-score), polynomial (products of numeric features), one_hot "
+        "(string categories), bucketize (numeric ranges as indicators), log (log(1 + max(x, 0))).")
+    features: list[str] | None = Field(
+        None, min_length=1,
+        description="Features it applies to (required for one_hot, bucketize and log; default: "
+        "every numeric feature).")
+    degree: int = Field(
+        2, ge=2, le=3, description="polynomial: highest degree of the product terms.")
+    interaction_only: bool = Field(
+        False, description="polynomial: only products of distinct features.")
+    bounds: list[float] | None = Field(
+        None, min_length=1,
+        description="bucketize: ascending bucket edges (default: the window's quantiles).")
+    buckets: int = Field(
+        4, ge=2, le=32, description="bucketize without bounds: number of quantile buckets.")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> Transform:
+        if self.kind in _NAMED_TRANSFORMS and not self.features:
+            raise ValueError(f"a {self.kind} transform needs `features`")
+        if self.bounds is not None:
+            if self.kind != "bucketize":
+                raise ValueError("bounds apply to bucketize only")
+            ascending = sorted(set(self.bounds)) == self.bounds
+            if not all(math.isfinite(b) for b in self.bounds) or not ascending:
+                raise ValueError("bounds must be finite and strictly ascending")
+        return self
+
+
+class BatchLearner(_Strict):
+    """A scikit-learn learner of the tournament, trained on the newest labeled window."""
+
+    kind: Literal["linear", "hist_gradient_boosting"] = Field(
+        description="linear: LogisticRegression (classification) or Ridge (regression); "
+        "hist_gradient_boosting: HistGradientBoostingClassifier / Regressor.")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.+-]{1,64}$",
+        description="Its name in the scorecard (default: kind and transforms).")
+    transforms: list[Transform] = Field(
+        default_factory=list, description="Applied with trainer.transforms.")
+    l2: float = Field(
+        1.0, gt=0, description="linear: L2 penalty (LogisticRegression C = 1 / l2, Ridge alpha).")
+    max_iter: int = Field(
+        100, ge=1, le=5000, description="hist_gradient_boosting: boosting rounds.")
+    max_leaf_nodes: int = Field(
+        15, ge=2, le=255, description="hist_gradient_boosting: leaves per tree.")
+    min_samples_leaf: int = Field(
+        10, ge=1, description="hist_gradient_boosting: fewest examples in a leaf.")
+    learning_rate: float = Field(
+        0.1, gt=0, le=1, description="hist_gradient_boosting: shrinkage.")
+
+    def label(self) -> str:
+        """The learner's name in scorecards: its ``name``, else kind plus its own transforms."""
+        if self.name:
+            return self.name
+        extra = [(f"inter{t.degree}" if t.interaction_only else f"poly{t.degree}")
+                 if t.kind == "polynomial" else t.kind for t in self.transforms]
+        return "+".join([f"sklearn.{self.kind}", *extra])
+
+
+def _default_learners() -> list[BatchLearner]:
+    # A linear model, the same on degree-2 terms (smooth curved boundaries from a few hundred
+    # labels) and boosted trees (thresholds, rules): between them they cover what a short stream
+    # can teach.
+    return [BatchLearner(kind="linear"),
+            BatchLearner(kind="linear", transforms=[Transform(kind="polynomial", degree=2)]),
+            BatchLearner(kind="hist_gradient_boosting")]
 
 
 class Trainer(_Strict):
-    """Incremental retraining, validation and promotion."""
+    """Retraining (an incremental learner and a tournament of batch learners), promotion."""
 
-    learner: Literal["logistic_regression", "linear_regression", "hoeffding_adaptive_tree"] = "logistic_regression"
+    learner: Literal["logistic_regression", "linear_regression", "hoeffding_adaptive_tree"] = Field(
+        "logistic_regression", description="The incremental river learner, learning every label.")
+    learners: list[BatchLearner] = Field(
+        default_factory=_default_learners,
+        description="Batch learners that compete with the incremental one (and the champion's own "
+        "family, when known) at every trigger; the best on the holdout is registered.")
+    transforms: list[Transform] = Field(
+        default_factory=lambda: [Transform(kind="standardize")],
+        description="Feature transforms of every batch learner (one_hot makes the model take one "
+        "input per feature, strings included).")
+    window: int = Field(
+        2000, ge=50, le=100_000,
+        description="Most recent labeled examples the batch learners train on; after a change in "
+        "the champion's error rate, only those after it.")
     retrain: Retrain = Field(default_factory=Retrain)
-    holdout: int = Field(500, ge=10, description="Most recent labeled examples held out for validation.")
+    holdout: int = Field(
+        500, ge=10,
+        description="Most labeled examples held out for validation (the newest; the incremental "
+        "learner learns them only after they leave the holdout).")
+    min_holdout: int = Field(
+        50, ge=10, description="Fewest labels a tournament validates on (at most holdout).")
+    holdout_fraction: float = Field(
+        0.3, gt=0, lt=1,
+        description="Share of the usable window held out, between min_holdout and holdout: short "
+        "streams get a candidate too.")
     margin: float = Field(0.01, ge=0, description="How much better a candidate must be.")
-    min_live_samples: int = Field(200, ge=1, description="Feedback needed before a live promotion decision.")
+    min_live_samples: int = Field(
+        200, ge=1,
+        description="Most live labels a trial or probation waits for; it decides earlier once a "
+        "paired test is conclusive at live_p.")
+    live_p: float = Field(
+        0.01, gt=0, lt=0.5,
+        description="Significance at which a live trial or probation decides before "
+        "min_live_samples labels (sign test on the events the two disagree on), after at least 30.")
+    direct_promotion_p: float | None = Field(
+        0.001, gt=0, lt=0.5,
+        description="Auto promotion: a winner whose holdout gain over the champion is at least "
+        "margin and significant at this level (sign test, Bonferroni over the contenders) becomes "
+        "champion at once, on probation; null: always a live trial first.")
     label_ttl_s: float = Field(86_400.0, gt=0, description="How long predictions wait for feedback.")
     seed: int = 42
     learning_rate: float = Field(0.01, gt=0, description="SGD step of the linear learners (weights and intercept).")
@@ -252,6 +374,25 @@ class PipelineSpec(_Strict):
     def _key_is_a_feature(self) -> PipelineSpec:
         if self.key is not None and self.key not in {f.name for f in self.features}:
             raise ValueError(f"key {self.key!r} is not one of the features")
+        return self
+
+    @model_validator(mode="after")
+    def _transforms_fit_features(self) -> PipelineSpec:
+        types = {f.name: f.type for f in self.features}
+        groups = [("trainer.transforms", self.trainer.transforms)]
+        groups += [(f"trainer.learners[{i}].transforms", b.transforms)
+                   for i, b in enumerate(self.trainer.learners)]
+        for where, transforms in groups:
+            for t in transforms:
+                for name in t.features or []:
+                    ftype = types.get(name)
+                    if ftype is None:
+                        raise ValueError(
+                            f"{where}: {t.kind} names {name!r}, which is not a feature")
+                    if (t.kind == "one_hot") != (ftype == "string"):
+                        need = "string" if t.kind == "one_hot" else "numeric or bool"
+                        raise ValueError(
+                            f"{where}: {t.kind} needs {need} features; {name!r} is {ftype}")
         return self
 
     @property

@@ -1,7 +1,9 @@
 """Where the learner's examples came from: the holdout window and the exact offset ranges learned.
 
-The newest ``trainer.holdout`` labeled examples are held back from the learner, so a candidate
-is always validated on recent data it never saw; an example is learned when it leaves the window.
+The newest ``trainer.holdout`` labeled examples are held back from the incremental learner, so a
+candidate is always validated on recent data it never saw; an example is learned when it leaves
+the holdout, and then kept (features and target only) in the labeled window that the batch
+learners of the tournament train on (``trainer.window`` examples in all, holdout included).
 :class:`Ranges` records, per features-topic partition, the first and last offset and the count of
 the examples learned (an example is one labeled feature event), plus their event-time span.
 """
@@ -9,7 +11,8 @@ the examples learned (an example is one labeled feature event), plus their event
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loopline.services.trainer.join import Example
@@ -63,26 +66,57 @@ class Ranges:
 
 @dataclass
 class Holdout:
-    """The newest labeled examples, held back from the learner."""
+    """The newest labeled examples, held back from the incremental learner, and the older window."""
 
     size: int
     items: deque[Example] = field(default_factory=deque)
+    past: deque[Example] = field(default_factory=deque)  # left the holdout; oldest first
 
-    def push(self, example: Example) -> Example | None:
-        """Add the newest example; return the one that leaves the window (to be learned), if any."""
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints written before the window existed have no ``past``: start it empty.
+        state.setdefault("past", deque())
+        self.__dict__.update(state)
+
+    def push(self, example: Example, keep: int = 0) -> Example | None:
+        """Add the newest example; return the one that leaves the holdout (to be learned), if any.
+
+        The leaving example stays in the window while it is among the newest ``keep`` overall.
+        """
         self.items.append(example)
-        if len(self.items) > self.size:
-            return self.items.popleft()
-        return None
+        if len(self.items) <= self.size:
+            return None
+        out = self.items.popleft()
+        room = keep - len(self.items)
+        if room > 0:
+            # The window only needs what a batch learner trains on: the predictions stay behind.
+            self.past.append(replace(out, predictions=[]))
+        while len(self.past) > max(room, 0):
+            self.past.popleft()
+        return out
 
     @property
     def full(self) -> bool:
-        """Whether the window holds ``size`` examples."""
+        """Whether the holdout holds ``size`` examples."""
         return len(self.items) >= self.size
+
+    @property
+    def labeled(self) -> int:
+        """Labeled examples in the window, holdout included."""
+        return len(self.past) + len(self.items)
+
+    def window(self, n: int | None = None) -> list[Example]:
+        """The newest ``n`` labeled examples (all by default), oldest first."""
+        out = [*self.past, *self.items]
+        return out if n is None else out[-n:] if n > 0 else []
 
     def ranges(self, topic: str) -> Ranges:
         """The offset ranges of the held-out examples."""
-        r = Ranges(topic)
-        for e in self.items:
-            r.add(e.partition, e.offset, e.ts)
-        return r
+        return ranges_of(topic, self.items)
+
+
+def ranges_of(topic: str, examples: Iterable[Example]) -> Ranges:
+    """The offset ranges of some examples."""
+    r = Ranges(topic)
+    for e in examples:
+        r.add(e.partition, e.offset, e.ts)
+    return r

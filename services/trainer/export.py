@@ -1,7 +1,9 @@
 """Export a trainer learner to ONNX under the inference service's model contract.
 
-One input ``input`` of shape ``[N, k]`` (double) holding the learner's features in spec order
-(see ``loopline.scoring``). Classifiers output ``label`` (string ``[N]``) and
+One input ``input`` of shape ``[N, k]`` holding the learner's features in spec order (see
+``loopline.scoring``), in the float type of the pipeline's deployment (float32 when the champion
+takes float32, so shadows and champions are fed alike), cast to double as the graph's first step.
+Classifiers output ``label`` (string ``[N]``) and
 ``probabilities`` (double ``[N, C]``, columns in the spec's class order); regressors output
 ``variable`` (double ``[N, 1]``). Linear models are exact: standard scaling, one MatMul, then
 sigmoid (binary), normalised one-vs-rest sigmoids (multiclass) or identity (regression). Double
@@ -24,6 +26,7 @@ from loopline.services.trainer.learner import Learner
 OPSET = 17
 ML_OPSET = 3
 INPUT = "input"
+X = "x64"  # the input as double: what every node of the graph reads
 
 
 class ExportError(LooplineError):
@@ -51,7 +54,7 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
     features = learner.features
     means, inv_std = _scaler_arrays(scaler, features)
     inits = [numpy_helper.from_array(means, "mean"), numpy_helper.from_array(inv_std, "inv_std")]
-    nodes = [helper.make_node("Sub", [INPUT, "mean"], ["centered"]),
+    nodes = [helper.make_node("Sub", [X, "mean"], ["centered"]),
              helper.make_node("Mul", ["centered", "inv_std"], ["scaled"])]
     outputs = []
     if learner.task == "regression":
@@ -98,15 +101,21 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
     return nodes, inits, outputs
 
 
-def to_onnx(learner: Learner, name: str = "loopline-trainer") -> bytes:
-    """Serialise ``learner`` as an ONNX model (bytes); raise :class:`ExportError` if unsupported."""
+def to_onnx(learner: Learner, name: str = "loopline-trainer",
+            input_dtype: Any = np.float64) -> bytes:
+    """Serialise ``learner`` as an ONNX model (bytes); raise :class:`ExportError` if unsupported.
+
+    ``input_dtype`` (float32 or float64) is the type of the model's input tensor.
+    """
     if learner.kind == "hoeffding_adaptive_tree":
         from loopline.services.trainer.export_tree import tree_graph  # noqa: PLC0415
 
         nodes, inits, outputs = tree_graph(learner)
     else:
         nodes, inits, outputs = _graph_linear(learner)
-    inputs = [helper.make_tensor_value_info(INPUT, TensorProto.DOUBLE, ["N", len(learner.features)])]
+    in_type = TensorProto.FLOAT if np.dtype(input_dtype) == np.float32 else TensorProto.DOUBLE
+    nodes = [helper.make_node("Cast", [INPUT], [X], to=TensorProto.DOUBLE), *nodes]
+    inputs = [helper.make_tensor_value_info(INPUT, in_type, ["N", len(learner.features)])]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("ai.onnx.ml", ML_OPSET)],

@@ -4,7 +4,8 @@ River's adaptive tree answers with every leaf an input reaches: the main tree's 
 leaves of the alternate subtrees hanging on the path (summed class votes, normalised, for the
 classifier; the mean leaf value for the regressor). Each such (path, subtree) is flattened into
 leaves, and each leaf into the list of split literals on its path. The graph evaluates every
-split once (``x[f] <= t``), a leaf's indicator is the minimum of its 0/1 literals, and a MatMul
+split once (``x[f] <= t``, on the input cast to double), a leaf's indicator is the minimum of its
+0/1 literals, and a MatMul
 sums the reached leaves' votes: no TreeEnsemble operator, so thresholds keep double precision
 and ONNX Runtime agrees with river to rounding.
 """
@@ -85,13 +86,13 @@ def tree_graph(learner: Any) -> tuple[list[Any], list[Any], list[Any]]:
     inits = [numpy_helper.from_array(idx, "leaf_literals"), numpy_helper.from_array(values, "leaf_values"),
              numpy_helper.from_array(np.array([0], dtype=np.int64), "col0"),
              numpy_helper.from_array(np.array([0.0]), "zero"), numpy_helper.from_array(np.array([1.0]), "one")]
-    nodes = [helper.make_node("Gather", ["input", "col0"], ["first_col"], axis=1),
+    nodes = [helper.make_node("Gather", ["x64", "col0"], ["first_col"], axis=1),
              helper.make_node("Mul", ["first_col", "zero"], ["zeros_col"]),
              helper.make_node("Add", ["zeros_col", "one"], ["ones_col"])]
     if n_splits:
         inits += [numpy_helper.from_array(np.array([f for f, _ in flat.splits], dtype=np.int64), "split_feature"),
                   numpy_helper.from_array(np.array([t for _, t in flat.splits]), "split_threshold")]
-        nodes += [helper.make_node("Gather", ["input", "split_feature"], ["split_x"], axis=1),
+        nodes += [helper.make_node("Gather", ["x64", "split_feature"], ["split_x"], axis=1),
                   helper.make_node("LessOrEqual", ["split_x", "split_threshold"], ["goes_left"]),
                   helper.make_node("Cast", ["goes_left"], ["left"], to=TensorProto.DOUBLE),
                   helper.make_node("Sub", ["one", "left"], ["right"]),

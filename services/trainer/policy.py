@@ -2,7 +2,13 @@
 
 Counters run "since the last version" (accepted or rejected), so one trigger yields one
 candidate. A drift alert arms a trigger that fires once ``drift_settle_labels`` labels arrived
-after it, so the candidate has learned, and is validated on, data from after the drift.
+after it (default: three times ``trainer.min_holdout``), so the candidate has learned, and is
+validated on, data from after the drift. A short stream cannot wait for thousands of labels, so
+the first try comes early; if its candidate is rejected the episode stays armed and is tried
+again with twice the labels since the alert (and at least the first try's count of new labels),
+up to ``drift_retries`` times. An accepted candidate that then loses its live trial, or is rolled
+back on probation, re-opens its episode the same way: an alert that came just before the drift
+(or a false one) must not use up the episode on a candidate that learned the old concept.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ class RetrainPolicy:
     last_version_ms: int = 0
     drift_alert: str | None = None
     labels_since_drift: int = 0
+    retries: int = 0  # rejected candidates of the armed drift episode so far
+    episode: tuple[str, int] | None = None  # (drift alert, retries) of a candidate on trial
+    deferred: int = 0  # labels to wait for before any trigger fires (the concept is too young)
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
@@ -41,6 +50,7 @@ class RetrainPolicy:
         """Count one joined feedback."""
         if labeled:
             self.labels += 1
+            self.deferred = max(0, self.deferred - 1)
             if self.drift_alert is not None:
                 self.labels_since_drift += 1
         if verdict == "accept":
@@ -51,10 +61,15 @@ class RetrainPolicy:
     def due(self, cfg: Trainer, now_ms: int) -> str | None:
         """The trigger that fires now, or None."""
         r = cfg.retrain
-        if r.on_drift and self.drift_alert is not None:
-            settle = r.drift_settle_labels if r.drift_settle_labels is not None else 2 * cfg.holdout
-            if self.labels_since_drift >= settle:
-                return f"drift_alert({self.drift_alert})"
+        if self.deferred > 0:
+            return None
+        settled = self.drift_alert is not None and self.labels_since_drift >= self.settle(cfg)
+        if r.on_drift and settled and (
+                self.retries == 0 or self.labels >= self.settle(cfg) // 2 ** self.retries):
+            # A retry also needs fresh labels since the candidate it retries (a long live trial can
+            # push the count since the alert past several thresholds at once).
+            retry = f",retry{self.retries}" if self.retries else ""
+            return f"drift_alert({self.drift_alert}{retry})"
         if r.every_n_labels is not None and self.labels >= r.every_n_labels:
             return f"every_n_labels({r.every_n_labels})"
         if (r.min_accepts is not None or r.min_rejects is not None) and (
@@ -65,9 +80,45 @@ class RetrainPolicy:
             return f"schedule({r.schedule_s:g}s)"
         return None
 
+    def defer(self, labels: int) -> None:
+        """Let no trigger fire before ``labels`` more labels (the trigger itself stays due)."""
+        self.deferred = max(self.deferred, labels)
+
+    def settle(self, cfg: Trainer) -> int:
+        """Labels after the drift alert before the armed episode's next candidate."""
+        r = cfg.retrain
+        base = r.drift_settle_labels if r.drift_settle_labels is not None else \
+            3 * min(cfg.min_holdout, cfg.holdout)
+        return max(1, base) * 2 ** self.retries
+
     def reset(self, now_ms: int) -> None:
         """A version was recorded: start counting again."""
         self.labels = self.accepts = self.rejects = 0
         self.last_version_ms = now_ms
         self.drift_alert = None
         self.labels_since_drift = 0
+        self.retries = 0
+        self.episode = None
+        self.deferred = 0
+
+    def after_version(self, cfg: Trainer, now_ms: int, trigger: str, accepted: bool) -> None:
+        """A version was recorded: reset, but keep a rejected drift episode armed for a retry."""
+        armed = (self.drift_alert, self.labels_since_drift, self.retries + 1)
+        self.reset(now_ms)
+        if not trigger.startswith("drift_alert(") or armed[0] is None:
+            return
+        if accepted:
+            self.episode = (armed[0], armed[2] - 1)
+        elif armed[2] <= cfg.retrain.drift_retries:
+            self.drift_alert, self.labels_since_drift, self.retries = armed
+
+    def after_trial(self, cfg: Trainer, won: bool) -> None:
+        """A live trial or probation ended; a lost one re-opens its drift episode (see above)."""
+        episode, self.episode = self.episode, None
+        if won or episode is None or self.drift_alert is not None \
+                or episode[1] + 1 > cfg.retrain.drift_retries:
+            return
+        # The trial's labels (all since the candidate) count as waited for: the retry may come
+        # at once.
+        self.drift_alert, self.retries = episode[0], episode[1] + 1
+        self.labels_since_drift = self.labels

@@ -22,9 +22,9 @@ from confluent_kafka import Message
 from loopline import avro, feedback, topics
 from loopline.artifacts import ArtifactStore
 from loopline.errors import LooplineError, SchemaError
-from loopline.models import ModelRegistry, champion, fill_values
+from loopline.models import ModelRegistry, champion
 from loopline.observability import bounded
-from loopline.registry import RegistryReader, RegistryState, now_ms
+from loopline.registry import RegistryReader, now_ms
 from loopline.runtime.incarnation import TopicIds
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
@@ -32,12 +32,13 @@ from loopline.runtime.state import Changelog
 from loopline.runtime.units import Input, Units, UnitsMetrics
 from loopline.scoring import Scorer
 from loopline.services.trainer.data import Holdout, Ranges
-from loopline.services.trainer.export import library_versions, to_onnx
+from loopline.services.trainer import tournament
+from loopline.services.trainer.export import library_versions
 from loopline.services.trainer.join import Example, FeedbackJoin
 from loopline.services.trainer.learner import Learner, input_features
 from loopline.services.trainer.metrics import TrainerMetrics
 from loopline.services.trainer.policy import RetrainPolicy
-from loopline.services.trainer.promotion import Trial
+from loopline.services.trainer.promotion import Trial, promote_on_probation
 from loopline.services.trainer.registration import register_version
 from loopline.services.trainer.settings import TrainerSettings
 from loopline.services.trainer.validation import scorecard, version_metrics
@@ -233,7 +234,7 @@ class TrainerService:
         if st.trial is not None:
             st.trial.observe(example)
         st.recent.append(example.features)
-        leaving = st.holdout.push(example)
+        leaving = st.holdout.push(example, keep=self.specs[pipeline].trainer.window)
         if leaving is not None:
             st.learner.learn(leaving.features, leaving.target)
             st.trained.add(leaving.partition, leaving.offset, leaving.ts)
@@ -249,13 +250,17 @@ class TrainerService:
             if st.trial is not None:
                 self._check_trial(pipeline, spec, st)
                 continue
-            if not st.holdout.full or st.learner.learned == 0:
+            if not tournament.ready(spec, st.holdout):
                 continue
             trigger = st.policy.due(spec.trainer, now_ms())
             if trigger is None:
                 continue
             try:
                 self.candidate(pipeline, spec, st, trigger)
+            except tournament.Deferred as e:
+                st.policy.defer(e.labels)
+                log.info("trainer_candidate_deferred",
+                         extra={"pipeline": pipeline, "trigger": trigger, "labels": e.labels})
             except LooplineError as e:
                 # A candidate that cannot be exported or registered must not stop learning; the
                 # counters restart so the next trigger tries again with more data.
@@ -275,25 +280,29 @@ class TrainerService:
         return scorer
 
     def candidate(self, pipeline: str, spec: PipelineSpec, st: PipelineState, trigger: str) -> dict[str, Any]:
-        """Export, validate against the champion, register (accepted or rejected); return the record."""
-        model = to_onnx(st.learner, name=f"{pipeline}-trainer")
+        """Run the tournament, validate its winner against the champion, register it (or not)."""
         reference = list(st.recent)
-        cand = Scorer(model, spec, fill_values(spec, reference), label=f"{pipeline} candidate")
         champ = champion(self.reader.state, pipeline)
         champ_scorer = self._champion_scorer(spec, champ) if champ is not None else None
+        champ_model = self.models.store.read(champ["sha256"]) if champ is not None else None
         champ_id = f"{champ['name']}:{champ['version']}" if champ is not None else None
-        holdout = list(st.holdout.items)
-        card = scorecard(spec, cand, champ_scorer, holdout, st.holdout.ranges(spec.topics.features),
-                         st.trained, trigger, champ_id)
+        result = tournament.run(spec, st.holdout, st.learner, st.trained, reference, champ_scorer,
+                                champ_model, name=f"{pipeline}-trainer")
+        card = scorecard(spec, result, trigger, champ_id)
+        model, ranges = result.registered.model, result.registered.ranges
+        assert model is not None
         auto = spec.deployment.promotion == "auto"
+        direct = card["accepted"] and champ is not None and auto and card["evidence"]["direct"]
         if not card["accepted"]:
             stage = "rejected"
         elif champ is None:
             stage = "champion" if auto else "candidate"
         else:
-            stage = "canary" if spec.deployment.canary_fraction > 0 else "shadow"
+            stage = "canary" if spec.deployment.canary_fraction > 0 and not direct else "shadow"
         card["stage"] = stage
-        done = self._already_registered(pipeline, trigger, st.trained.records())
+        card["decision"] = ("promote now, on probation" if direct
+                            else "live trial" if card["accepted"] and champ else stage)
+        done = self._already_registered(pipeline, trigger, ranges.records())
         if done is not None:
             # Registered just before a crash that came before the checkpoint: adopt it, do not repeat it.
             log.warning("trainer_version_adopted", extra={"pipeline": pipeline, "version": done["version"]})
@@ -302,20 +311,31 @@ class TrainerService:
             return done
         record = register_version(
             self.models, pipeline, model, stage=stage, reference=reference,
-            metrics=version_metrics(card), trigger=trigger, training_ranges=st.trained.records(),
-            scorecard=card, library_versions=library_versions())
-        st.policy.reset(now_ms())
+            metrics=version_metrics(card), trigger=trigger, training_ranges=ranges.records(),
+            scorecard=card,
+            library_versions={**library_versions(), "trainer.learner": result.winner.name})
+        st.policy.after_version(spec.trainer, now_ms(), trigger, card["accepted"])
         st.history.append({"version": record["version"], "stage": stage, "trigger": trigger,
-                           "accepted": card["accepted"], "training_count": st.trained.count})
+                           "accepted": card["accepted"], "training_count": ranges.count,
+                           "learner": result.winner.name})
         outcome = "accepted" if card["accepted"] else "rejected"
         self.metrics.versions.labels(pipeline, outcome).inc()
         log.info("trainer_version", extra={"pipeline": pipeline, "version": record["version"], "stage": stage,
                                            "trigger": trigger, "reason": card["reason"],
-                                           "training_examples": st.trained.count})
+                                           "learner": result.winner.name,
+                                           "evidence": card["evidence"]["note"],
+                                           "training_examples": ranges.count})
         if card["accepted"] and champ is not None:
-            st.trial = Trial("trial", (record["name"], record["version"]), (champ["name"], champ["version"]),
-                             record["created_at"], paired=stage == "shadow",
-                             regression=spec.label.task == "regression")
+            mine, theirs = (record["name"], record["version"]), (champ["name"], champ["version"])
+            if direct:
+                st.trial = promote_on_probation(self.models, pipeline, mine, theirs,
+                                                f"holdout: {card['evidence']['note']}",
+                                                regression=spec.label.task == "regression")
+                self.metrics.stage_changes.labels(pipeline, "promote").inc()
+            else:
+                st.trial = Trial("trial", mine, theirs, record["created_at"],
+                                 paired=stage == "shadow",
+                                 regression=spec.label.task == "regression")
         self._checkpoint_soon(pipeline)
         return record
 
@@ -339,10 +359,12 @@ class TrainerService:
             log.info("trainer_trial_ended", extra={"pipeline": pipeline, "reason": f"stage is now {chal['stage']}",
                                                    **trial.summary()})
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=True)  # a person decided: no automatic retry
             return
         if spec.deployment.promotion != "auto":
             return
-        decision = trial.decision(spec.trainer.min_live_samples, spec.trainer.margin)
+        cfg = spec.trainer
+        decision = trial.decision(cfg.min_live_samples, cfg.margin, cfg.live_p)
         if decision is None:
             return
         summary = trial.summary()
@@ -352,23 +374,23 @@ class TrainerService:
                   f"{spec.trainer.margin:g}")
         (cname, cver), (iname, iver) = trial.challenger, trial.incumbent
         if trial.phase == "trial" and decision == "challenger":
-            self.models.promote(pipeline, cver, name=cname, to_stage="champion", reason=f"promoted: {reason}")
-            self.models.promote(pipeline, iver, name=iname, to_stage="shadow",
-                                reason="probation: the predecessor keeps scoring beside the new champion")
-            st.trial = Trial("probation", trial.challenger, trial.incumbent, now_ms(), paired=True,
-                             regression=trial.regression)
+            st.trial = promote_on_probation(self.models, pipeline, trial.challenger,
+                                            trial.incumbent, reason, trial.regression)
             action = "promote"
         elif trial.phase == "trial":
             self.models.promote(pipeline, cver, name=cname, to_stage="rejected", reason=f"rolled back: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=False)
             action = "reject"
         elif decision == "incumbent":
             self.models.rollback(pipeline, reason=f"automatic rollback: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=False)
             action = "rollback"
         else:
             self.models.promote(pipeline, iver, name=iname, to_stage="retired", reason=f"probation passed: {reason}")
             st.trial = None
+            st.policy.after_trial(spec.trainer, won=True)
             action = "probation_passed"
         self.metrics.stage_changes.labels(pipeline, action).inc()
         log.info("trainer_stage_change", extra={"pipeline": pipeline, "action": action, "reason": reason})

@@ -234,10 +234,12 @@ def test_versions_registered_with_lineage_scorecard_and_rejection(kafka: KafkaCo
     assert first["trigger"] == "every_n_labels(400)"
     ranges = first["training_ranges"]
     assert {rg["topic"] for rg in ranges} == {spec.topics.features}
-    assert sum(rg["count"] for rg in ranges) == 300  # 400 labels, 100 held out
+    # 400 labels, 100 held out to pick the winner, which is then refitted on all 400.
+    assert sum(rg["count"] for rg in ranges) == 400
     card = orjson.loads(first["scorecard_json"])
     assert card["accepted"] and card["champion"] is None and card["holdout"]["count"] == 100
-    assert card["candidate"]["n"] == 100 and card["training"]["count"] == 300
+    assert card["candidate"]["n"] == 100 and card["training"]["count"] == 400
+    assert {c["learner"] for c in card["contenders"]} >= {"river.logistic_regression", "sklearn.linear"}
     assert first["library_versions"]["trainer.river"] and first["reference_profile_json"]
     assert first["input_features"] == ["x0", "x1", "x2"]
     # The same concept again: the candidate cannot beat the champion by 0.5 and is recorded as rejected.
@@ -249,7 +251,7 @@ def test_versions_registered_with_lineage_scorecard_and_rejection(kafka: KafkaCo
     assert second["stage"] == "rejected" and not card2["accepted"]
     assert card2["champion_version"] == f"{first['name']}:{first['version']}"
     assert card2["champion"]["n"] == 100 and "does not beat" in card2["reason"]
-    assert sum(rg["count"] for rg in second["training_ranges"]) == 700
+    assert sum(rg["count"] for rg in second["training_ranges"]) == 800
     assert second["parent"] == f"{first['name']}:{first['version']}"
     r.close()
 
@@ -342,7 +344,7 @@ def test_concept_drift_is_learned_promoted_and_served_better(kafka: KafkaConfig,
         assert new["trigger"].startswith("drift_alert(")
         card = orjson.loads(new["scorecard_json"])
         assert card["accepted"] and card["champion_version"] == f"{v1['name']}:{v1['version']}"
-        assert card["holdout"]["count"] == 200 and card["training"]["ranges"]
+        assert 50 <= card["holdout"]["count"] <= 200 and card["training"]["ranges"]
         assert new["training_ranges"] and new["parent"] == f"{v1['name']}:{v1['version']}"
         # Served accuracy of the promoted version vs the frozen first champion on the same events.
         events = sorted(i for i, p in served.items() if p["model_version"] == new["version"])
@@ -373,8 +375,9 @@ def test_live_trial_promotes_then_probation_rolls_back(kafka: KafkaConfig, uniqu
     from loopline.services.trainer.export import to_onnx  # noqa: PLC0415
     from loopline.services.trainer.learner import Learner  # noqa: PLC0415
 
+    # No promotion on holdout evidence alone: this test is about the live trial.
     spec = sea_spec(unique, holdout=50, margin=0.01, learning_rate=0.05, min_live_samples=30,
-                    retrain={"on_drift": False, "every_n_labels": 200})
+                    direct_promotion_p=None, retrain={"on_drift": False, "every_n_labels": 200})
     apply_spec(kafka, spec)
     # A poor first champion (trained on another concept), registered the way a user would.
     old = Learner(spec)
