@@ -119,6 +119,9 @@ class Monitor(_Strict):
         0.02, gt=0, description="Effect size of a performance alert: accuracy this many points "
         "below the version's baseline (regression: MAE this much higher, relatively).")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
+    stalled_after_s: float = Field(
+        60.0, gt=0, description="Feature events keep arriving but no prediction came for this long: "
+        "serving has stalled (an alert until predictions flow again).")
     readers: list[str] = Field(default_factory=list, description="Consumer groups whose committed offsets on the "
                                "predictions topic count as reading them (default: any group except Loopline's "
                                "own, loopline-*).")

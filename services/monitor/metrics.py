@@ -34,6 +34,8 @@ class MonitorMetrics:
         self.unread = Gauge("loopline_monitor_model_unread_seconds",
                             "Age of a deployed version's oldest prediction no reader group has consumed",
                             ["pipeline", "model", "version", "stage"], registry=registry)
+        self.stalled = Gauge("loopline_monitor_stalled", "1 while feature events arrive and no prediction has "
+                             "come for spec.monitor.stalled_after_s", ["pipeline"], registry=registry)
         self.zombie = Gauge("loopline_monitor_zombie", "1 if a deployed version has had no traffic or no readers "
                             "too long",
                             ["pipeline", "model", "version", "stage"], registry=registry)

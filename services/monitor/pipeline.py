@@ -142,7 +142,8 @@ class PipelineMonitor:
         self._retire(retired, at)
         champion = max(champions, key=lambda k: k[1]) if champions else None
         self.quality.spec = spec
-        if champion != self.champion or {f.name for f in spec.features} != set(self.features):
+        if champion != self.champion or {f.name for f in spec.features} != getattr(
+                self, "built_for", set(self.features)):
             log.info(
                 "monitor_reference_changed", extra={"pipeline": spec.name, "champion": champion}
             )
@@ -226,6 +227,9 @@ class PipelineMonitor:
     def _build_features(self, profile: dict[str, Any] | None, note: str) -> None:
         m = self.spec.monitor
         refs = (profile or {}).get("features", {})
+        self.built_for = {f.name for f in self.spec.features}
+        self.not_drift_tested = sorted(f.name for f in self.spec.features
+                                       if not drift_tested(self.spec, f.name, refs.get(f.name)))
         self.features = {
             f.name: ColumnWatch(
                 f.name,
@@ -239,6 +243,7 @@ class PipelineMonitor:
                 note,
             )
             for f in self.spec.features
+            if f.name not in self.not_drift_tested
         }
 
     def _outputs_of(self, key: tuple[str, int]) -> dict[str, ColumnWatch]:
@@ -268,6 +273,7 @@ class PipelineMonitor:
     def on_features(self, batch: Batch, metrics: MonitorMetrics, at: int) -> list[Alert]:
         """Quality and drift of one batch of feature events."""
         alerts = self._drain()
+        self.features_seen_s = at / 1000
         columns = Columns.of_events(batch.records, self.spec.features)
         alerts += self._quality(self.quality.add_features(columns, batch.offsets), metrics, at)
         model = self.champion
@@ -289,6 +295,7 @@ class PipelineMonitor:
     ) -> list[Alert]:
         """Output drift per model version, traffic for zombie checks, joins with feedback."""
         alerts = self._drain()
+        self.predictions_seen_s = now_s or at / 1000
         for key, sub in _by_version(batch).items():
             # Traffic is when the monitor saw it: immune to clock skew between hosts and backlogs.
             self.zombies.traffic(key[0], key[1], now_s or at / 1000, _spans(sub))
@@ -310,6 +317,7 @@ class PipelineMonitor:
     def tick(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
         """Periodic work: zombie checks, closing a partial quality window when the stream paused."""
         alerts = self._drain() + self.check_zombies(now_s, watching_since_s, metrics)
+        alerts += self.check_stalled(now_s, watching_since_s, metrics)
         pending = self.quality.events
         if pending and pending == self.quality_at_last_tick:
             reports = self.quality.flush(max(MIN_QUALITY_EVENTS, self.window // 4))
@@ -324,6 +332,28 @@ class PipelineMonitor:
     def readers(self, committed: dict[int, int]) -> None:
         """How far the groups reading this pipeline's predictions have committed, per partition."""
         self.zombies.read(committed)
+
+    def check_stalled(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
+        """Serving stalled: feature events keep arriving, yet no prediction for stalled_after_s."""
+        limit = self.spec.monitor.stalled_after_s
+        features = getattr(self, "features_seen_s", None)
+        predictions = getattr(self, "predictions_seen_s", None)
+        last_served = predictions if predictions is not None else watching_since_s
+        stalled = (self.champion is not None and features is not None and now_s - features < limit
+                   and now_s - last_served > limit and features > last_served)
+        metrics.stalled.labels(self.spec.name).set(1.0 if stalled else 0.0)
+        key = EpisodeKey("stalled", detector="no_predictions")
+        if stalled:
+            since = now_s - last_served
+            msg = (f"Serving of pipeline {self.spec.name} has stalled: feature events keep arriving on "
+                   f"{self.spec.topics.features} but no prediction came on {self.spec.topics.predictions} "
+                   f"for {since:.0f}s (stalled after {limit:.0f}s). Check the inference service: its "
+                   "readiness says why (broker, a pipeline without a working version, a stuck batch).")
+            return _some(self.episodes.observe(key, "alert", msg, at=int(now_s * 1000), statistic=since,
+                                               threshold=limit))
+        if key in self.episodes.open:
+            return _some(self.episodes.observe(key, None, "Predictions flow again.", at=int(now_s * 1000)))
+        return []
 
     def check_zombies(
         self, now_s: float, watching_since_s: float, metrics: MonitorMetrics
@@ -641,6 +671,26 @@ class PipelineMonitor:
                 },
             )
         return alerts
+
+
+#: A string feature whose reference has at least this share of distinct values is an identifier.
+ID_LIKE_DISTINCT = 0.5
+
+
+def drift_tested(spec: PipelineSpec, name: str, reference: dict[str, Any] | None) -> bool:
+    """Whether a feature's distribution is watched for drift: keys and id-like features are not.
+
+    The key feature names entities, and a string whose reference values are mostly distinct (a
+    customer or device id) has no distribution to drift: new ids are the norm. Their data quality
+    (missing values, type errors) is still checked.
+    """
+    if name == spec.key:
+        return False
+    feature = next(f for f in spec.features if f.name == name)
+    if feature.type != "string" or feature.values is not None or not reference:
+        return True
+    fractions, count = reference.get("fractions") or {}, reference.get("count") or 0
+    return not (count >= 20 and len(fractions) >= ID_LIKE_DISTINCT * count)
 
 
 def _output(prediction: dict[str, Any], name: str) -> Any:

@@ -313,3 +313,54 @@ def test_interleaved_versions_feed_their_own_outputs_and_traffic_spans() -> None
     assert pm.zombies.newest[("m", 1)] == {1: (111, 50.0), 0: (110, 50.0)}
     assert pm.zombies.oldest_unread[("m", 2)] == {0: (100, 50.0), 1: (103, 50.0)}
     assert pm.zombies.newest[("m", 2)] == {0: (106, 50.0), 1: (109, 50.0)}
+
+
+def test_serving_stalled_while_features_arrive_and_no_prediction_comes() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    limit = SPEC.monitor.stalled_after_s
+    batches = feature_batches()
+    pm.on_features(batches[0], metrics, at=1_000_000)  # t = 1000 s
+    pm.on_predictions(predictions(range(0, 250), 0), metrics, at=1_000_000, now_s=1000.0)
+    assert pm.check_stalled(1000.0 + limit / 2, 0.0, metrics) == []
+    pm.on_features(batches[1], metrics, at=int((1000 + limit) * 1000))  # features go on, nothing served
+    raised = pm.check_stalled(1000.0 + limit + 5, 0.0, metrics)
+    assert [(a["state"], a["signal"]) for a in raised] == [("raised", "stalled")]
+    assert "no prediction came" in raised[0]["message"] and raised[0]["statistic"] > limit
+    assert pm.check_stalled(1000.0 + limit + 6, 0.0, metrics) == []  # once per episode
+    pm.on_predictions(predictions(range(250, 500), 0), metrics, at=0, now_s=1000.0 + limit + 7)
+    assert [a["state"] for a in pm.check_stalled(1000.0 + limit + 8, 0.0, metrics)] == ["resolved"]
+
+
+def test_a_quiet_pipeline_is_not_stalled() -> None:
+    pm, metrics = monitor(), MonitorMetrics(CollectorRegistry())
+    pm.on_features(feature_batches()[0], metrics, at=1_000_000)
+    pm.on_predictions(predictions(range(0, 250), 0), metrics, at=1_000_000, now_s=1000.0)
+    # Neither features nor predictions for a long time: nothing to serve, nothing stalled.
+    assert pm.check_stalled(1000.0 + 10 * SPEC.monitor.stalled_after_s, 0.0, metrics) == []
+
+
+def test_keys_and_id_like_features_are_not_drift_tested() -> None:
+    spec = parse_spec({"name": "ids", "key": "customer",
+                       "features": [{"name": "customer", "type": "string"},
+                                    {"name": "device", "type": "string"},
+                                    {"name": "country", "type": "string"},
+                                    {"name": "amount", "type": "float"}]})
+    rng = np.random.default_rng(1)
+    profile = build_profile({"customer": [f"c{i}" for i in range(500)],
+                             "device": [f"d{i}" for i in rng.integers(0, 10**6, 500)],
+                             "country": rng.choice(["DE", "FR"], 500).tolist(),
+                             "amount": rng.normal(0, 1, 500)},
+                            {"customer": "string", "device": "string", "country": "string",
+                             "amount": "float"})
+    state = RegistryState()
+    state.apply(spec_event(spec)[1], 0)
+    state.apply({"kind": "model_version", "pipeline": spec.name, "at": 0, "spec": None, "stage_change": None,
+                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u", "stage": "champion",
+                           "traffic": 1.0, "created_at": 0,
+                           "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
+    pm = PipelineMonitor(spec, Tuning())
+    pm.refresh(state)
+    assert set(pm.features) == {"country", "amount"}
+    assert pm.not_drift_tested == ["customer", "device"]
+    pm.refresh(state)  # a refresh with the same spec keeps the watches (no rebuild loop)
+    assert set(pm.features) == {"country", "amount"}
