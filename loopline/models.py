@@ -510,7 +510,11 @@ class ModelRegistry:
         events = [(model_version_key(pipeline, name, version),
                    {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"], "spec": None,
                     "model": record, "stage_change": None})]
-        events.append(_stage_event(pipeline, name, version, None, stage, traffic, "registered", self.actor))
+        # A trained version's registration says why it was made and how it was judged, so that
+        # `models list --history` tells the whole story (the full scorecard is on the version).
+        summary = (lineage.scorecard or {}).get("summary")
+        reason = f"registered: {summary}"[:1000] if summary else "registered"
+        events.append(_stage_event(pipeline, name, version, None, stage, traffic, reason, self.actor))
         if stage == "champion" and current is not None:
             events.append(_stage_event(pipeline, current["name"], current["version"], "champion", "retired",
                                        0.0, f"replaced by {name} v{version}", self.actor))
