@@ -161,14 +161,15 @@ class FeedbackJoin:
         elif eid is None:
             self._wait(fb, pid)  # only a prediction id: wait for that prediction
             return None
+        verdict = fb.get("verdict")
         if eid in self.labeled:
             self.counts.relabels += 1
-            return None
+            # Already learned; a verdict still reaches the business rules (the latest one counts).
+            return Example(eid, {}, None, -1, -1, 0, verdict, []) if verdict else None
         row = self.events.get(eid)
         if row is None:
             self._wait(fb, eid)
             return None
-        verdict = fb.get("verdict")
         if pred is None and verdict in ("accept", "reject"):
             pred = self._served(eid)
             if pred is None:

@@ -20,7 +20,10 @@ class TrainerMetrics:
                                 ["pipeline", "outcome"], registry=registry)
         self.stage_changes = Counter("loopline_trainer_stage_changes", "Promotions, rejections, rollbacks",
                                      ["pipeline", "action"], registry=registry)
-        self.checkpoints = Counter("loopline_trainer_checkpoints", "Checkpoints written", registry=registry)
+        self.repeated_verdicts = Counter(
+            "loopline_trainer_repeated_verdicts", "Verdicts on an event that already had one (counted once "
+            "by the business rules: the latest wins); a flood from one client shows here",
+            ["pipeline"], registry=registry)
         self.bad_messages = Counter("loopline_trainer_bad_messages", "Undecodable input messages skipped",
                                     ["topic"], registry=registry)
 

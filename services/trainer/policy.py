@@ -13,7 +13,7 @@ back on probation, re-opens its episode the same way: an alert that came just be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loopline.spec import Trainer
@@ -34,6 +34,8 @@ class RetrainPolicy:
     retries: int = 0  # rejected candidates of the armed drift episode so far
     episode: tuple[str, int] | None = None  # (drift alert, retries) of a candidate on trial
     deferred: int = 0  # labels to wait for before any trigger fires (the concept is too young)
+    #: The latest verdict per event since the last version: business rules count one per event.
+    verdicts: dict[str, str] = field(default_factory=dict)
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
@@ -46,17 +48,35 @@ class RetrainPolicy:
             return True
         return False
 
-    def on_example(self, verdict: str | None, labeled: bool) -> None:
-        """Count one joined feedback."""
+    def on_example(self, verdict: str | None, labeled: bool, event_id: str | None = None) -> bool:
+        """Count one joined feedback; return whether it repeated a verdict already counted.
+
+        Business rules count at most one verdict per event, the latest: a client sending the same
+        verdict 300 times counts once, and one changing its mind moves its count (the feedback
+        history itself stays in the lineage store).
+        """
         if labeled:
             self.labels += 1
             self.deferred = max(0, self.deferred - 1)
             if self.drift_alert is not None:
                 self.labels_since_drift += 1
+        if verdict not in ("accept", "reject"):
+            return False
+        previous = self.verdicts.get(event_id) if event_id is not None else None
+        if previous == verdict:
+            return True
+        if previous is not None:
+            if previous == "accept":
+                self.accepts -= 1
+            else:
+                self.rejects -= 1
+        if event_id is not None:
+            self.verdicts[event_id] = verdict
         if verdict == "accept":
             self.accepts += 1
-        elif verdict == "reject":
+        else:
             self.rejects += 1
+        return previous is not None
 
     def due(self, cfg: Trainer, now_ms: int) -> str | None:
         """The trigger that fires now, or None."""
@@ -94,6 +114,7 @@ class RetrainPolicy:
     def reset(self, now_ms: int) -> None:
         """A version was recorded: start counting again."""
         self.labels = self.accepts = self.rejects = 0
+        self.verdicts = {}
         self.last_version_ms = now_ms
         self.drift_alert = None
         self.labels_since_drift = 0

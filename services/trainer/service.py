@@ -81,7 +81,8 @@ class TrainerService:
     """See the module docstring; :func:`serve` wires it to Kafka."""
 
     #: The shape of a pipeline's checkpointed state (PipelineState and what it holds).
-    state_version = 1
+    #: 2: the candidate tournament's window and policy, one verdict per event.
+    state_version = 2
 
     def __init__(self, settings: TrainerSettings, models: ModelRegistry, metrics: TrainerMetrics,
                  reader: RegistryReader) -> None:
@@ -95,6 +96,7 @@ class TrainerService:
         self.units: Units | None = None  # set by serve(); tests may drive the service without it
         self._champions: dict[str, Scorer] = {}
         self._last_data = time.monotonic()
+        self._next_counts = 0.0
 
     # ---- units --------------------------------------------------------------------------------
     def known_units(self) -> list[str]:
@@ -173,6 +175,11 @@ class TrainerService:
             for st in self.states.values():
                 st.join.advance(now_ms() - int(_IDLE_S * 1000))
         self.act()
+        now = time.monotonic()
+        if now >= self._next_counts:
+            self._next_counts = now + 1.0
+            for pipeline, st in self.states.items():
+                self.metrics.join_counts(pipeline, st.join.counts)
 
     # ---- batches ------------------------------------------------------------------------------
     def handle(self, batch: list[Message]) -> None:
@@ -228,7 +235,8 @@ class TrainerService:
                 st.trained = Ranges(spec.topics.features)
 
     def _example(self, pipeline: str, st: PipelineState, example: Example) -> None:
-        st.policy.on_example(example.verdict, example.target is not None)
+        if st.policy.on_example(example.verdict, example.target is not None, example.event_id):
+            self.metrics.repeated_verdicts.labels(pipeline).inc()
         if example.target is None:
             return
         if st.trial is not None:

@@ -242,3 +242,18 @@ def test_a_holdout_checkpointed_before_the_window_existed_restores_empty() -> No
     old = Holdout.__new__(Holdout)
     old.__setstate__(state)
     assert old.labeled == 1 and old.push(Example("e1", {}, "y", 0, 1, 1, None, []), keep=5) is None
+
+
+def test_business_rules_count_one_verdict_per_event_the_latest() -> None:
+    p = RetrainPolicy()
+    cfg = Trainer(retrain={"on_drift": False, "min_rejects": 20})
+    repeats = [p.on_example("reject", False, "e1") for _ in range(300)]  # a flood on one prediction
+    assert repeats.count(True) == 299 and (p.accepts, p.rejects) == (0, 1)
+    assert p.due(cfg, 0) is None
+    assert p.on_example("accept", False, "e1") is True  # a change of mind moves the count
+    assert (p.accepts, p.rejects) == (1, 0)
+    for i in range(2, 22):
+        p.on_example("reject", False, f"e{i}")
+    assert p.rejects == 20 and p.due(cfg, 0) is not None
+    p.reset(1)
+    assert (p.accepts, p.rejects, p.verdicts) == (0, 0, {})
