@@ -21,6 +21,7 @@ from confluent_kafka import KafkaException, Message
 
 from loopline import avro, feedback, topics
 from loopline.errors import LooplineError
+from loopline.alerts import alert_event
 from loopline.observability import bounded
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.runtime.incarnation import TopicIds
@@ -35,6 +36,10 @@ from loopline.services.monitor.settings import MonitorSettings
 from loopline.topics import PipelineTopics, pipeline_of
 
 log = logging.getLogger(__name__)
+
+SERVICE = "monitor"
+#: The unit that owns the registry's invalid records (not a pipeline name: those start with a letter).
+REGISTRY_UNIT = "_registry"
 
 KIND_ORDER = ("deadletter", "features", "predictions", "feedback")  # feedback after the predictions it joins
 # The fields the monitor reads of each kind, as an Avro reader would project them: the others are
@@ -238,30 +243,70 @@ class _Handler:
         self.service = service
         self.registry = RegistryReader(rt.kafka, f"{rt.group_id}-registry")
         self.units: Units | None = None
+        self.judged: set[str] | None = None  # idents of invalid registry records already reported
+        self._pending_rejects: list[Any] = []
         now = time.monotonic()
         self._next = {"registry": now, "zombies": now + settings.zombie_check_s, "readers": now}
 
-    # UnitHandler
+    # UnitHandler: every pipeline is a unit, and so is the registry (its invalid records are
+    # dead-lettered and alerted once, by whichever replica owns that unit).
     def known_units(self) -> list[str]:
-        """The pipelines this monitor serves."""
-        return self.service.wanted(self.registry.state)
+        """The pipelines this monitor serves, and the registry."""
+        return [*self.service.wanted(self.registry.state), REGISTRY_UNIT]
 
     def inputs(self, unit: str) -> list[Input]:
         """The topics of a pipeline the monitor reads, from the beginning for a fresh start."""
+        if unit == REGISTRY_UNIT:
+            return []  # the registry is read by every replica anyway
         return [Input(t) for t in MonitorService.inputs(unit)]
 
     def install(self, unit: str, state: Any | None) -> None:
         """Hold a pipeline with its restored state (or a fresh one)."""
+        if unit == REGISTRY_UNIT:
+            self.judged = set(state) if isinstance(state, (set, frozenset)) else set()
+            # Everything the registry rejected so far is judged now (or was by a predecessor).
+            self._pending_rejects = list(self.registry.state.rejected)
+            return
         restored = state if isinstance(state, PipelineMonitor) else None
         self.service.adopt(unit, restored)
 
     def snapshot(self, unit: str) -> Any:
-        """The pipeline's monitor, to checkpoint."""
+        """The pipeline's monitor (or the registry's judged records), to checkpoint."""
+        if unit == REGISTRY_UNIT:
+            return set(self.judged)
         return self.service.pipelines[unit]
 
     def remove(self, unit: str) -> None:
         """Stop holding a pipeline."""
+        if unit == REGISTRY_UNIT:
+            self.judged = None
+            return
         self.service.release(unit)
+
+    def _judge_registry(self, out: Outputs) -> None:
+        """Dead-letter and alert invalid registry records once (only the registry unit's owner)."""
+        assert self.units is not None
+        records = self._pending_rejects + self.registry.take_rejected()
+        self._pending_rejects = []
+        if self.judged is None:
+            return  # another replica owns the registry unit
+        codec = avro.codec("deadletter")
+        for record in records:
+            if record.ident in self.judged:
+                continue
+            self.judged.add(record.ident)
+            letter = dict(record.deadletter(SERVICE), deadletter_id=record.ident)
+            topic = PipelineTopics(record.pipeline).deadletter if record.pipeline and \
+                record.pipeline in self.registry.state.specs else topics.DEADLETTER
+            out.send(topic, codec.encode(letter), key=record.key)
+            event = alert_event(
+                record.pipeline or REGISTRY_UNIT, "registry_record",
+                f"an invalid record on {record.topic} was skipped by every service ({record.summary()}); "
+                f"its original is kept on {topic}. Fix or re-publish it with `loopline apply` / "
+                "`loopline models`; a record any client wrote there is untrusted input.",
+                severity="warning", episode=record.ident, first_offset=record.offset)
+            self.service.emit([event], out)
+            self.units.touch(REGISTRY_UNIT)
 
     # Handler
     def process(self, batch: list[Message], out: Outputs) -> None:
@@ -281,6 +326,7 @@ class _Handler:
             if self.registry.poll(0):
                 self.service.sync(self.registry.state)
                 self.units.sync()
+            self._judge_registry(out)
         if now >= self._next["readers"]:
             self._next["readers"] = now + s.readers_check_s
             self.service.check_readers()

@@ -7,6 +7,7 @@ services run as `python -m loopline.app.cli run <service>` processes.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,55 @@ def test_fifo_and_oversized_artifacts_are_refused_while_serving_continues(
     alerted = [r["model_version"] for r in alerts.until(lambda r: True, "alerts")
                if r["pipeline"] == a.name and r["signal"] == "model_load"]
     assert sorted(alerted) == [2, 3, 4], "a refusal was alerted more than once"
+
+
+def test_the_monitor_dead_letters_and_alerts_an_invalid_registry_record_once(
+        settings: LooplineSettings, kafka: KafkaConfig, unique: str, tmp_path: Path,
+        readers: list[TopicReader], processes: list[ServiceProcess]) -> None:
+    spec = make_spec(unique, partitions=1)
+    apply_spec(kafka, spec)
+    garbage = f"not a registry record {unique}".encode()
+    produce_raw(foreign_producer(settings), topics.MODELS,
+                [(f"garbage/{unique}".encode(), garbage),
+                 (f"pipeline/{unique}/model/{unique}/7".encode(), b"\xc3\x01broken " + unique.encode())])
+    env = service_env(settings, tmp_path, unique)
+
+    def monitor(label: str) -> ServiceProcess:
+        p = ServiceProcess("monitor", dict(env, LOOPLINE_GROUP_ID=f"{unique}-monitor",
+                                           LOOPLINE_INSTANCE_ID=label), tmp_path / f"{label}.log", label)
+        processes.append(p)
+        p.start()
+        return p
+
+    first = monitor("monitor-a")
+    first.wait_ready(90)
+    letters = TopicReader(kafka, topics.DEADLETTER, 1, "deadletter")
+    alerts = TopicReader(kafka, topics.ALERTS, 1, "alert")
+    readers.extend([letters, alerts])
+
+    def mine(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in records if unique.encode() in (r.get("original") or b"")
+                or unique in str(r.get("message", ""))]
+
+    letters.until(lambda r: len(mine(r)) >= 1, "the random bytes dead-lettered on loopline.deadletter")
+    pipeline_letters = TopicReader(kafka, spec.topics.deadletter, 1, "deadletter")
+    readers.append(pipeline_letters)
+    pipeline_letters.until(lambda r: len(r) >= 1, "the broken model record dead-lettered on its pipeline")
+    alerts.until(lambda r: len([a for a in r if a["signal"] == "registry_record"
+                                and (a["pipeline"] == unique or unique in a["message"])]) >= 2,
+                 "one alert per invalid record")
+    first.stop()  # a restart (and a second replica) replays the registry: nothing is reported twice
+    second = monitor("monitor-b")
+    second.wait_ready(90)
+    third = monitor("monitor-c")
+    third.wait_ready(90)
+    time.sleep(8)  # the registry unit's new owner has restored its judged records and re-read all
+    letters.until(lambda r: True, "read to now", 5)
+    pipeline_letters.until(lambda r: True, "read to now", 5)
+    alerts.until(lambda r: True, "read to now", 5)
+    assert len(mine(letters.records)) == 1 and len(pipeline_letters.records) == 1
+    reported = [a for a in alerts.records if a["signal"] == "registry_record"
+                and (a["pipeline"] == unique or unique in a["message"])]
+    assert len(reported) == 2 and len({a["alert_id"] for a in reported}) == 2
+    assert pipeline_letters.records[0]["original"].startswith(b"\xc3\x01broken")
+    assert all(not p.errors() for p in (second, third)), [p.errors()[:2] for p in (second, third)]
