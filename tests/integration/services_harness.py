@@ -329,8 +329,13 @@ class ServiceThread:
         return self.rt.stop
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from the service's registry (0 when absent)."""
-        return self.rt.registry.get_sample_value(name, labels) or 0.0
+        """The sum of the samples named ``name`` whose labels include ``labels`` (0 when none)."""
+        total = 0.0
+        for family in self.rt.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until readiness is true (fails fast if the thread died)."""

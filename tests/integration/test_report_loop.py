@@ -126,7 +126,7 @@ def services(
         ServiceThread("lineage", lineage),
     ]
     try:
-        yield spec, LineageStore(lineage.store_dir())
+        yield spec, LineageStore(lineage.store_dir()), threads[1]
     finally:
         for t in threads:
             t.stop.set()
@@ -135,13 +135,13 @@ def services(
 
 
 def test_report_of_a_real_loop_equals_lineage_query_and_draws_in_chromium(
-    services: tuple[PipelineSpec, LineageStore],
+    services: tuple[PipelineSpec, LineageStore, ServiceThread],
     kafka: KafkaConfig,
     settings: LooplineSettings,
     tmp_path: Path,
     record_property: Callable[[str, Any], None],
 ) -> None:
-    spec, store = services
+    spec, store, inference = services
     name = spec.name
     rng = np.random.default_rng(3)
     data = rows(0, TOTAL, rng)
@@ -157,6 +157,10 @@ def test_report_of_a_real_loop_equals_lineage_query_and_draws_in_chromium(
                 model(data[DRIFT:CHALLENGER]),
                 NewVersion(stage="challenger", traffic=0.5, reference=features[DRIFT:CHALLENGER]),
             )
+            # Versions load in the background: the challenger takes its keys once it is warm.
+            wait_for(lambda: inference.metric("loopline_inference_model_info", pipeline=name,
+                                              variant="challenger", model_version="2") == 1,
+                     "the challenger loaded and taking traffic")
         if start == PROMOTION:
             registry.promote(name, 2, reason="the challenger wins on live feedback")
         for i in range(start, start + CHUNK):
