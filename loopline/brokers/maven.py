@@ -113,10 +113,11 @@ def _fetch(pom: Path, version: str, target: Path, say: Progress) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            # "Downloaded from central: https://.../kafka_2.13-4.3.2.jar (6.5 MB at 3 MB/s)"
             if line.startswith("Downloaded from") and ".jar " in line:
                 jars += 1
-                name = line.split("/")[-1].split(" ")[0]
-                say(f"maven: downloaded {name}")
+                url = line.split(": ", 1)[-1].split()[0]
+                say(f"maven: downloaded {url.rsplit('/', 1)[-1]}")
     if proc.returncode != 0:
         kept = target.parent / f"maven-failed-{version}.log"
         shutil.copy(log_path, kept)
