@@ -1,4 +1,4 @@
-"""How `loopline up` finds its broker and watches it: restart a Kafka one, give up on a Tansu one."""
+"""How `loopline up` finds its broker and watches it: restarts a Kafka one, not a Tansu one."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ class BrokerWatch:
         self.deaths = [t for t in self.deaths if now - t < self._DEATH_WINDOW_S] + [now]
         if len(self.deaths) > self.MAX_DEATHS:
             self.say(f"It died {len(self.deaths)} times in {self._DEATH_WINDOW_S / 60:.0f} "
-                     f"minutes; not restarting it again. Its data is safe in {self.home / 'kafka'}; "
-                     "stopping the services.")
+                     "minutes; not restarting it again. Its data is safe in "
+                     f"{self.home / 'kafka'}; stopping the services.")
             return 3
         self.say(f"Nothing is lost: its data is on disk in {self.home / 'kafka'}. Restarting it...")
         try:

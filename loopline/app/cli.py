@@ -55,11 +55,12 @@ _ENGINE = click.option(
 
 
 @main.command()
-@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: a free one).")
+@click.option("--port", type=int, default=0, show_default=True,
+              help="Port to listen on (0: a free one; the kafka engine reuses its last one).")
 @_ENGINE
 def broker(port: int, engine: str | None) -> None:
     """Run a broker (Tansu in memory, or Apache Kafka on disk) until Ctrl-C."""
-    from loopline.app.up import Stopper, StopRequested
+    from loopline.app.up import Stopper, StopRequested, progress_to
     from loopline.apply import ensure_global_topics
     from loopline.brokers import STATE_FILE, KafkaBroker, make_broker
     from loopline.kafka import KafkaConfig
@@ -70,8 +71,8 @@ def broker(port: int, engine: str | None) -> None:
     process = None
     try:
         with console.status(f"starting the {settings.engine} broker...") as status:
-            process = make_broker(settings.engine, settings.home, port, progress=lambda line: (
-                console.print(line, style="dim"), status.update(line)))
+            process = make_broker(settings.engine, settings.home, port,
+                                  progress=progress_to(console, status))
             address = process.start()
         ensure_global_topics(KafkaConfig.from_settings(settings))
         if isinstance(process, KafkaBroker):
@@ -152,7 +153,8 @@ def run(service: str) -> None:
 
 
 @main.command()
-@click.option("--pipelines", "pipelines_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+@click.option("--pipelines", "pipelines_dir",
+              type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Apply every *.yaml pipeline spec in this folder first.")
 @click.option("--services", default=None, help="Comma-separated services to run (default: all).")
 @_ENGINE
@@ -167,11 +169,13 @@ def up(pipelines_dir: Path | None, services: str | None, engine: str | None) -> 
 
     settings = _settings(engine=engine)
     if read_up(settings.home) is not None:
-        raise LooplineError(f"`loopline up` already runs (see {settings.home / UP_FILE}); `loopline down` stops it")
+        raise LooplineError(f"`loopline up` already runs (see {settings.home / UP_FILE}); "
+                            "`loopline down` stops it")
     names = tuple(s.strip() for s in services.split(",")) if services else available_services()
     unknown = set(names) - set(SERVICES)
     if unknown:
-        raise LooplineError(f"unknown service(s) {sorted(unknown)}; choose from {', '.join(SERVICES)}")
+        raise LooplineError(f"unknown service(s) {sorted(unknown)}; "
+                            f"choose from {', '.join(SERVICES)}")
     specs = [load_spec(f) for f in sorted(pipelines_dir.glob("*.yaml"))] if pipelines_dir else []
     code = run_up(settings, names, specs, console)
     if code:

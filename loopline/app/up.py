@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import IO
 
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from loopline.app.broker_watch import BrokerHandle, BrokerWatch, broker_for
-from loopline.brokers import die_with_parent, free_port, pid_alive
+from loopline.brokers import Progress, die_with_parent, free_port, pid_alive
 from loopline.errors import LooplineError
 from loopline.service import SERVICES
 from loopline.settings import LooplineSettings
@@ -64,7 +65,8 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=self.env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=self.env,
+            stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=self._log, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
@@ -73,7 +75,7 @@ class ServiceProcess:
         return self.process is not None and self.process.poll() is None
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether ``/readyz`` answers 200, and its reason (``down`` or ``starting`` when it cannot say)."""
+        """Whether ``/readyz`` answers 200, and why (``down`` or ``starting`` if it cannot say)."""
         if not self.alive():
             return False, "down"
         try:
@@ -164,8 +166,9 @@ class Supervisor:
             if s.restart_at == 0.0:
                 code = s.process.returncode if s.process else None
                 s.restart_at = now + s.backoff_s
-                log.warning("service_exited", extra={"service": s.name, "returncode": code,
-                                                     "restart_in_s": s.backoff_s, "log": str(s.log_path)})
+                log.warning("service_exited", extra={
+                    "service": s.name, "returncode": code, "restart_in_s": s.backoff_s,
+                    "log": str(s.log_path)})
             elif now >= s.restart_at:
                 s.stop()
                 s.start()
@@ -225,7 +228,8 @@ def available_services() -> tuple[str, ...]:
     """The services whose code is installed (``loopline.services.<name>.main`` exists)."""
     import importlib.util
 
-    return tuple(n for n in SERVICES if importlib.util.find_spec(f"loopline.services.{n}.main") is not None)
+    return tuple(n for n in SERVICES
+                 if importlib.util.find_spec(f"loopline.services.{n}.main") is not None)
 
 
 def read_up(home: Path) -> dict[str, object] | None:
@@ -238,7 +242,7 @@ def read_up(home: Path) -> dict[str, object] | None:
 
 
 class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
-    """SIGINT or SIGTERM reached `loopline up`; raised where it was, like Ctrl-C's KeyboardInterrupt."""
+    """SIGINT or SIGTERM reached `loopline up`; raised where `up` was, like KeyboardInterrupt."""
 
 
 class Stopper:
@@ -279,7 +283,7 @@ def down(settings: LooplineSettings, timeout_s: float = 120.0) -> int:
     state = read_up(settings.home)
     if state is None:
         raise LooplineError(f"no running `loopline up` is recorded in {settings.home / UP_FILE}")
-    pid = int(state["pid"])  # type: ignore[arg-type]
+    pid = int(state["pid"])  # type: ignore[call-overload]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid):
@@ -303,13 +307,13 @@ def run_up(settings: LooplineSettings, names: tuple[str, ...], specs: list[Pipel
     try:
         with contextlib.ExitStack() as stack:
             with console.status("starting the broker...") as status:
-                handle = stack.enter_context(broker_for(settings, progress=lambda line: (
-                    console.print(line, style="dim"), status.update(line))))
+                handle = stack.enter_context(broker_for(settings, progress_to(console, status)))
             try:
                 _apply(settings, handle, specs, console)
                 supervisor = Supervisor(settings, handle.bootstrap_servers, handle.embedded, names)
                 supervisor.start()
-                watch = BrokerWatch(handle, home, lambda line: console.print(line, style="bold red"))
+                watch = BrokerWatch(handle, home,
+                                    lambda line: console.print(line, style="bold red"))
                 with console.status("starting services...") as status:
                     ready = supervisor.wait_ready(120, lambda states: status.update(
                         "starting services: " + ", ".join(f"{n} {h}" for n, h in states)),
@@ -330,14 +334,24 @@ def run_up(settings: LooplineSettings, names: tuple[str, ...], specs: list[Pipel
                     supervisor.stop()
                     console.print("all services stopped")
                 if handle.owned is not None:
-                    console.print("stopping the broker" + (
-                        f" (its data stays in {home / 'kafka'})" if handle.engine == "kafka" else ""))
+                    kept = (f" (its data stays in {home / 'kafka'})"
+                            if handle.engine == "kafka" else "")
+                    console.print(f"stopping the broker{kept}")
     except StopRequested as e:
         console.print(f"stopped by {e}")
         return 0
     finally:
         stopper.disarm()
         (home / UP_FILE).unlink(missing_ok=True)
+
+
+def progress_to(console: Console, status: Status) -> Progress:
+    """A progress callback: print each line (dim) and show it beside the spinner."""
+    def say(line: str) -> None:
+        console.print(line, style="dim")
+        status.update(line)
+
+    return say
 
 
 def _apply(settings: LooplineSettings, handle: BrokerHandle, specs: list[PipelineSpec],

@@ -1,4 +1,4 @@
-"""`python -m loopline.brokers`: check Java and fetch the kafka engine's jars ahead (CI, `make kafka`)."""
+"""`python -m loopline.brokers`: check Java, fetch the kafka engine's jars ahead (`make kafka`)."""
 
 from __future__ import annotations
 

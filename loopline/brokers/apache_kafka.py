@@ -245,7 +245,8 @@ class KafkaBroker(BrokerProcess):
         except KafkaException as e:
             self._check_alive()
             raise BrokerError(f"the transaction coordinator of {self.bootstrap_servers} did not "
-                              f"answer within {self.ready_timeout_s:.0f}s: {e.args[0].str()}") from e
+                              f"answer within {self.ready_timeout_s:.0f}s: "
+                              f"{e.args[0].str()}") from e
 
     def _check_alive(self) -> None:
         if not self.running():

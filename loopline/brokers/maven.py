@@ -100,7 +100,8 @@ def _fetch(pom: Path, version: str, target: Path, say: Progress) -> None:
     work = target.parent / f".{target.name}.{os.getpid()}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shutil.copy(pom, work / "pom.xml")  # Maven may write beside its pom; the package may be read-only
+    # Maven may write beside its pom, and the installed package may be read-only.
+    shutil.copy(pom, work / "pom.xml")
     say(f"fetching Apache Kafka {version} with Maven into {target} (first start only; "
         "later starts reuse it)")
     log_path = work / "maven.log"

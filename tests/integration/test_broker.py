@@ -74,9 +74,9 @@ def cli_env(home: Path) -> dict[str, str]:
 
 
 def spawn_cli(home: Path, engine: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "broker", "--engine", engine],
-                            env=cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "broker",
+                             "--engine", engine], env=cli_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def read_address(proc: subprocess.Popen[str]) -> str:

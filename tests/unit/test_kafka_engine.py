@@ -22,21 +22,25 @@ def fake_tool(folder: Path, name: str, script: str) -> None:
     path.chmod(0o755)
 
 
-def test_missing_java_names_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_java_names_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrokerError, match=r"no `java` was found.*apt-get install openjdk-17"):
         java_binary()
 
 
-def test_java_older_than_17_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fake_tool(tmp_path / "jdk" / "bin", "java", "echo 'openjdk version \"11.0.22\" 2024-01-16' >&2\n")
+def test_java_older_than_17_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                                       ) -> None:
+    fake_tool(tmp_path / "jdk" / "bin", "java",
+              "echo 'openjdk version \"11.0.22\" 2024-01-16' >&2\n")
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
     with pytest.raises(BrokerError, match=r"needs Java 17 or newer.*version 11"):
         java_binary()
 
 
-def test_missing_maven_names_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_maven_names_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing fetched yet
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(BrokerError, match=r"`mvn` is not on PATH.*apt-get install maven"):
@@ -48,7 +52,9 @@ def test_fetch_runs_maven_once_and_reports_progress(monkeypatch: pytest.MonkeyPa
     calls = tmp_path / "calls"
     # A stand-in for Maven: copies "a jar" where copy-dependencies would, prints what it did.
     fake_tool(tmp_path / "bin", "mvn", f"""echo run >> {calls}
-for arg in "$@"; do case "$arg" in -DoutputDirectory=*) out="${{arg#-DoutputDirectory=}}";; esac; done
+for arg in "$@"; do
+  case "$arg" in -DoutputDirectory=*) out="${{arg#-DoutputDirectory=}}";; esac
+done
 mkdir -p "$out" && echo jar > "$out/kafka_2.13-x.jar"
 echo "Downloaded from central: https://repo/org/apache/kafka/kafka_2.13-x.jar (6 MB at 1 MB/s)"
 """)
@@ -87,7 +93,8 @@ def test_single_node_settings_let_groups_and_transactions_work(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("engine", "embedded"), [("tansu", True), ("kafka", False)])
-def test_auto_profile_follows_the_recorded_engine(tmp_path: Path, engine: str, embedded: bool) -> None:
+def test_auto_profile_follows_the_recorded_engine(tmp_path: Path, engine: str,
+                                                  embedded: bool) -> None:
     write_state(tmp_path, "127.0.0.1:1234", os.getpid(), engine)  # type: ignore[arg-type]
     address = resolve_broker(LooplineSettings(home=tmp_path, bootstrap_servers=None))
     assert address == BrokerAddress("127.0.0.1:1234", embedded=embedded)
