@@ -58,9 +58,11 @@ def broker_for(settings: LooplineSettings, progress: Progress | None = None
         yield BrokerHandle(address.bootstrap_servers, address.embedded, state_engine(state),
                            pid=int(state["pid"]))  # type: ignore[call-overload]
         return
+    embedded = (settings.engine == "tansu" if settings.kafka_profile == "auto"
+                else settings.kafka_profile == "embedded")
     with make_broker(settings.engine, settings.home, progress=progress) as broker:
-        yield BrokerHandle(broker.bootstrap_servers, settings.engine == "tansu", settings.engine,
-                           owned=broker, pid=broker.pid)
+        yield BrokerHandle(broker.bootstrap_servers, embedded, settings.engine, owned=broker,
+                           pid=broker.pid)
 
 
 class BrokerWatch:
