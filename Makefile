@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test clean
+.PHONY: help install kafka demo test test-kafka clean
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install Loopline with its test tools
 
+kafka: $(STAMP) ## Fetch the kafka engine's Apache Kafka once (needs Java 17+ and Maven)
+	$(BIN)/python -m loopline.brokers
+
 demo: $(STAMP) ## The main job: embedded broker, example pipeline, ready
 	$(BIN)/loopline demo
 
-test: $(STAMP) ## The whole test suite (starts its own embedded broker)
+test: $(STAMP) ## The whole test suite on the embedded Tansu broker it starts itself
 	$(BIN)/python -m pytest
+
+test-kafka: kafka ## The whole test suite again, on an Apache Kafka broker it starts itself
+	LOOPLINE_TEST_ENGINE=kafka $(BIN)/python -m pytest
 
 clean: ## Remove the virtual environment and local state
 	rm -rf $(VENV) .loopline .pytest_cache

@@ -27,8 +27,14 @@ class LooplineSettings(BaseSettings):
     )
     bootstrap_servers: str | None = Field(
         None,
-        description="Kafka bootstrap servers (host:port,...). Unset: use the embedded broker "
-        "recorded in LOOPLINE_HOME by `loopline broker`.",
+        description="Kafka bootstrap servers (host:port,...). Unset: use the broker recorded in "
+        "LOOPLINE_HOME by `loopline broker` or `loopline up`.",
+    )
+    engine: Literal["tansu", "kafka"] = Field(
+        "tansu",
+        description="Broker `loopline broker` and `loopline up` start when no cluster is set: "
+        "'tansu' (embedded, memory storage, nothing to install) or 'kafka' (Apache Kafka from "
+        "Maven artifacts, durable in LOOPLINE_HOME/kafka; needs Java 17+, Maven once).",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security.protocol."
@@ -40,7 +46,7 @@ class LooplineSettings(BaseSettings):
     kafka_profile: Literal["auto", "embedded", "kafka"] = Field(
         "auto",
         description="Client tuning: 'embedded' for the Tansu broker, 'kafka' for Apache Kafka and "
-        "compatibles; 'auto' picks 'embedded' when the broker came from LOOPLINE_HOME.",
+        "compatibles; 'auto' follows the engine of the broker recorded in LOOPLINE_HOME.",
     )
     session_timeout_ms: int = Field(
         10_000, ge=1_000, description="Consumer group session timeout (the embedded broker joins in ~half of it)."

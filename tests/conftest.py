@@ -1,19 +1,46 @@
-"""Shared fixtures: one real broker per test session, unique names per test."""
+"""Shared fixtures: one real broker per test session, unique names per test.
+
+The session broker is chosen by environment variables:
+
+- ``LOOPLINE_TEST_BOOTSTRAP_SERVERS``: an external cluster (Apache Kafka or compatible);
+- else ``LOOPLINE_TEST_ENGINE``: ``tansu`` (default, `make test`) or ``kafka`` (`make
+  test-kafka`), started here on a free loopback port and stopped at the end.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from loopline.broker import EmbeddedBroker
+from loopline.brokers import Engine, make_broker
 from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics
 from loopline.settings import LooplineSettings
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _engine() -> Engine:
+    value = os.environ.get("LOOPLINE_TEST_ENGINE", "tansu")
+    if value not in ("tansu", "kafka"):
+        raise pytest.UsageError(f"LOOPLINE_TEST_ENGINE={value!r}: choose tansu or kafka")
+    return value  # type: ignore[return-value]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which broker the session runs against."""
+    external = os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS")
+    return f"loopline broker: {f'external cluster {external}' if external else _engine()}"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """The engine of the session broker: tansu or kafka (an external cluster counts as kafka)."""
+    return "kafka" if os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") else _engine()
 
 
 @pytest.fixture(scope="session")
@@ -24,21 +51,24 @@ def broker_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bootstrap_servers(broker_home: Path) -> Iterator[str]:
-    """The session's broker: LOOPLINE_TEST_BOOTSTRAP_SERVERS if set, else the embedded one."""
+    """The session's broker: LOOPLINE_TEST_BOOTSTRAP_SERVERS if set, else one of our engines."""
     external = os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS")
     if external:
         yield external
         return
-    with EmbeddedBroker(home=broker_home) as broker:
+    # Progress (the first Maven fetch of Kafka) goes to the real terminal: pytest captures
+    # the rest, and a silent minute would look like a hang.
+    with make_broker(_engine(), broker_home,
+                     progress=lambda line: print(line, file=sys.__stderr__, flush=True)) as broker:
         yield broker.bootstrap_servers
 
 
 @pytest.fixture(scope="session")
-def settings(bootstrap_servers: str, broker_home: Path) -> LooplineSettings:
+def settings(bootstrap_servers: str, broker_home: Path, engine: Engine) -> LooplineSettings:
     """Settings pointing at the session broker, with a short session timeout for fast joins."""
-    profile = "kafka" if os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") else "embedded"
-    return LooplineSettings(bootstrap_servers=bootstrap_servers, kafka_profile=profile,
-                            session_timeout_ms=6000, home=broker_home)
+    return LooplineSettings(bootstrap_servers=bootstrap_servers,
+                            kafka_profile="embedded" if engine == "tansu" else "kafka",
+                            session_timeout_ms=6000, home=broker_home, engine=engine)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loopline.errors import LooplineError
+from loopline.errors import BrokerError, LooplineError
 from loopline.runtime.service import SERVICES
 from loopline.settings import LooplineSettings
 
@@ -47,34 +47,61 @@ def main() -> None:
     """Loopline: streaming MLOps on Kafka (ingest, inference, monitor, trainer, lineage)."""
 
 
-@main.command()
-@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0: a free one).")
-def broker(port: int) -> None:
-    """Run the embedded Kafka-protocol broker (Tansu, memory storage) until Ctrl-C."""
-    from loopline.apply import ensure_global_topics
-    from loopline.broker import STATE_FILE, EmbeddedBroker
-    from loopline.kafka import KafkaConfig, StopFlag
+_ENGINE = click.option(
+    "--engine", type=click.Choice(["tansu", "kafka"]), default=None,
+    help="Broker engine (default: LOOPLINE_ENGINE, else tansu): tansu keeps everything in memory "
+         "and needs nothing installed; kafka is Apache Kafka, durable in LOOPLINE_HOME/kafka "
+         "(needs Java 17+, and Maven for its first start).")
 
-    settings = _settings()
-    stop = StopFlag()
-    signal.signal(signal.SIGINT, stop.set)
-    signal.signal(signal.SIGTERM, stop.set)
-    with console.status("starting the embedded broker..."):
-        embedded = EmbeddedBroker(home=settings.home, port=port)
-        address = embedded.start()
+
+@main.command()
+@click.option("--port", type=int, default=0, show_default=True,
+              help="Port to listen on (0: a free one; the kafka engine reuses its last one).")
+@_ENGINE
+def broker(port: int, engine: str | None) -> None:
+    """Run a broker (Tansu in memory, or Apache Kafka on disk) until Ctrl-C."""
+    from loopline.app.up import Stopper, StopRequested, progress_to
+    from loopline.apply import ensure_global_topics
+    from loopline.brokers import STATE_FILE, KafkaBroker, make_broker
+    from loopline.kafka import KafkaConfig
+
+    settings = _settings(engine=engine)
+    stopper = Stopper()
+    stopper.install()
+    process = None
     try:
+        with console.status(f"starting the {settings.engine} broker...") as status:
+            process = make_broker(settings.engine, settings.home, port,
+                                  progress=progress_to(console, status))
+            address = process.start()
         ensure_global_topics(KafkaConfig.from_settings(settings))
-        console.print(f"Kafka-protocol broker ready at [bold]{address}[/] (pid {embedded.pid}, memory storage)")
+        if isinstance(process, KafkaBroker):
+            console.print(f"Apache Kafka {process.version} broker ready at [bold]{address}[/] "
+                          f"(pid {process.pid}, cluster id {process.cluster_id}, "
+                          f"data in {process.dir})")
+            kept = f"its data stays in {process.data_dir} for the next start"
+        else:
+            console.print(f"Kafka-protocol broker ready at [bold]{address}[/] "
+                          f"(pid {process.pid}, tansu, memory storage)")
+            kept = "all data is in memory and goes with it"
         console.print(f"state: {settings.home / STATE_FILE} — other loopline commands use it; "
                       f"try: kcat -b {address} -L")
-        console.print("Ctrl-C stops it (all data is in memory and goes with it).", style="dim")
+        console.print(f"Ctrl-C stops it ({kept}).", style="dim")
         sys.stdout.flush()
-        while not stop.wait(0.5):
-            if not embedded.running():
-                raise LooplineError(f"the broker exited unexpectedly; see {settings.home / 'broker.log'}")
+        while True:
+            time.sleep(0.5)
+            if not process.running():
+                raise LooplineError(f"the broker exited unexpectedly (exit code "
+                                    f"{process.returncode()}); see {process.log_path}")
+    except StopRequested:
+        pass
     finally:
-        embedded.stop()
-        console.print("broker stopped")
+        stopper.disarm()
+        if process is not None:
+            started = process.pid is not None
+            process.stop()
+            if started:
+                console.print("broker stopped")
 
 
 @main.command()
@@ -126,59 +153,38 @@ def run(service: str) -> None:
 
 
 @main.command()
-@click.option("--pipelines", "pipelines_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+@click.option("--pipelines", "pipelines_dir",
+              type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Apply every *.yaml pipeline spec in this folder first.")
 @click.option("--services", default=None, help="Comma-separated services to run (default: all).")
-def up(pipelines_dir: Path | None, services: str | None) -> None:
-    """Start the broker (embedded unless LOOPLINE_BOOTSTRAP_SERVERS) and every service; Ctrl-C stops all."""
-    from loopline.apply import apply_spec, ensure_global_topics
-    from loopline.broker import BrokerAddress
-    from loopline.kafka import KafkaConfig, StopFlag
-    from loopline.spec import load_spec
-    from loopline.app.up import UP_FILE, Supervisor, available_services, broker_for, install_stop, read_up
+@_ENGINE
+def up(pipelines_dir: Path | None, services: str | None, engine: str | None) -> None:
+    """Start the broker (unless LOOPLINE_BOOTSTRAP_SERVERS) and every service, all supervised.
 
-    settings = _settings()
+    Ctrl-C or `loopline down` stops everything. If the broker dies, a Kafka-engine broker is
+    restarted (nothing is lost); a Tansu one lost every topic, so `up` stops and exits with 3.
+    """
+    from loopline.app.up import UP_FILE, available_services, read_up, run_up
+    from loopline.spec import load_spec
+
+    settings = _settings(engine=engine)
     if read_up(settings.home) is not None:
-        raise LooplineError(f"`loopline up` already runs (see {settings.home / UP_FILE}); `loopline down` stops it")
+        raise LooplineError(f"`loopline up` already runs (see {settings.home / UP_FILE}); "
+                            "`loopline down` stops it")
     names = tuple(s.strip() for s in services.split(",")) if services else available_services()
     unknown = set(names) - set(SERVICES)
     if unknown:
-        raise LooplineError(f"unknown service(s) {sorted(unknown)}; choose from {', '.join(SERVICES)}")
+        raise LooplineError(f"unknown service(s) {sorted(unknown)}; "
+                            f"choose from {', '.join(SERVICES)}")
     specs = [load_spec(f) for f in sorted(pipelines_dir.glob("*.yaml"))] if pipelines_dir else []
-    stop = StopFlag()
-    install_stop(stop)
-    with broker_for(settings) as (bootstrap, embedded):
-        console.print(f"broker: {bootstrap} ({'embedded' if embedded else 'external'})")
-        kafka = KafkaConfig(settings, BrokerAddress(bootstrap, embedded))
-        ensure_global_topics(kafka)
-        for spec in specs:
-            apply_spec(kafka, spec)
-            console.print(f"pipeline {spec.name} applied")
-        supervisor = Supervisor(settings, bootstrap, embedded, names)
-        supervisor.start()
-        try:
-            with console.status("starting services...") as status:
-                ready = supervisor.wait_ready(120, lambda states: status.update(
-                    "starting services: " + ", ".join(f"{n} {h}" for n, h in states)))
-            table = Table("service", "pid", "metrics and health", "state", title="loopline is up" if ready
-                          else "loopline is up, but not every service is ready")
-            for s in supervisor.services:
-                table.add_row(s.name, str(s.process.pid if s.process else "-"),
-                              f"{s.metrics}/metrics  {s.metrics}/readyz", s.health())
-            console.print(table)
-            console.print(f"logs: {supervisor.home / 'logs'}; Ctrl-C or `loopline down` stops everything")
-            while not stop.wait(1.0):
-                for name in supervisor.supervise_once():
-                    console.print(f"restarted {name} (it had exited; see its log)")
-        finally:
-            supervisor.stop()
-            (supervisor.home / UP_FILE).unlink(missing_ok=True)
-            console.print("all services stopped")
+    code = run_up(settings, names, specs, console)
+    if code:
+        sys.exit(code)
 
 
 @main.command()
 def down() -> None:
-    """Stop a running `loopline up` (its services and, if it started one, the embedded broker)."""
+    """Stop a running `loopline up` (its services and, if it started one, its broker)."""
     from loopline.app.up import down as stop_up
 
     pid = stop_up(_settings())
@@ -225,6 +231,41 @@ def report(pipeline: str, since: str | None, until: str | None, output: Path | N
         console.print(f"  {line}", soft_wrap=True)
     console.print(f"report written to [bold]{output.resolve()}[/] ({len(built.charts)} charts, "
                   f"{output.stat().st_size / 1e6:.1f} MB, opens offline)")
+
+
+def _reachable(settings: LooplineSettings) -> Any:
+    """Client settings for the broker, once it answered a metadata request; else say it is down."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from loopline.app.up import read_up
+    from loopline.brokers import read_state, state_engine
+    from loopline.kafka import KafkaConfig
+
+    up = read_up(settings.home) if not settings.bootstrap_servers else None
+    try:
+        kafka = KafkaConfig.from_settings(settings)
+    except BrokerError as e:
+        state = read_state(settings.home, check_alive=False)
+        if up is None or state is None:
+            raise
+        # `up` is still running, so its own supervision decides what happens next.
+        then = ("it is restarting it (nothing is lost)" if state_engine(state) == "kafka" else
+                "the broker kept everything in memory, so its topics and registry are gone and "
+                "`up` is stopping")
+        raise BrokerError(f"the broker at {state['bootstrap_servers']} is unreachable: its "
+                          f"process (pid {state['pid']}) is not running; `loopline up` (pid "
+                          f"{up['pid']}) supervises it: {then}") from e
+    # log_level 0: a refused connection is reported once, below, not as librdkafka lines.
+    admin = AdminClient(dict(kafka.common("loopline-status"), log_level=0))
+    try:
+        admin.list_topics(timeout=5)
+        return kafka
+    except KafkaException as e:
+        state = read_state(settings.home) if not settings.bootstrap_servers else None
+        pid = f" (pid {state['pid']} runs but does not answer)" if state else ""
+        raise BrokerError(f"the broker at {kafka.broker.bootstrap_servers} is unreachable{pid}: "
+                          f"{e.args[0].str()}") from None
 
 
 def _registry_state(kafka: Any) -> Any:
@@ -351,12 +392,11 @@ def status(pipeline: str | None) -> None:
     """Versions and stages, traffic split, events/s, consumer lag per service, open alerts, last retrain."""
     from datetime import UTC, datetime
 
-    from loopline.kafka import KafkaConfig
     from loopline.app.status import collect
 
     from loopline.app.cli_models import print_rejected
 
-    kafka = KafkaConfig.from_settings(_settings())
+    kafka = _reachable(_settings())
     state = _registry_state(kafka)
     print_rejected(console, state)  # invalid records were skipped; say so, never fail on them
     names = [_pipeline(state, pipeline).name] if pipeline else sorted(state.specs)

@@ -1,4 +1,10 @@
-"""``loopline up`` / ``loopline down``: the broker and all five services as supervised processes."""
+"""``loopline up`` / ``loopline down``: the broker and all five services as supervised processes.
+
+``up`` supervises the broker as well as the services: a Kafka-engine broker that dies is
+restarted (its data is on disk) and the services reconnect; a Tansu broker that dies took every
+topic with it, so ``up`` says so, stops the services and exits with code 3. ``down`` (SIGTERM)
+stops ``up`` at any moment, even while it is still starting the broker or waiting for services.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from loopline.broker import EmbeddedBroker, die_with_parent, free_port, pid_alive, read_state, resolve_broker
+from rich.console import Console
+from rich.status import Status
+from rich.table import Table
+
+from loopline.app.broker_watch import BrokerHandle, BrokerWatch, broker_for
+from loopline.brokers import Progress, die_with_parent, free_port, pid_alive
 from loopline.errors import LooplineError
-from loopline.kafka import StopFlag
-from loopline.runtime.service import SERVICES
+from loopline.runtime.service import RESTARTS_ENV, SERVICES
 from loopline.settings import LooplineSettings
+from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +64,11 @@ class ServiceProcess:
         """Spawn ``loopline run <name>`` with its log appended to its log file."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # The service exposes how often it was restarted (loopline_service_restarts).
+        env = dict(self.env, **{RESTARTS_ENV: str(self.restarts)})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=self.env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=env,
+            stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=self._log, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
@@ -63,7 +77,7 @@ class ServiceProcess:
         return self.process is not None and self.process.poll() is None
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether ``/readyz`` answers 200, and its reason (``down`` or ``starting`` when it cannot say)."""
+        """Whether ``/readyz`` answers 200, and why (``down`` or ``starting`` if it cannot say)."""
         if not self.alive():
             return False, "down"
         try:
@@ -101,12 +115,21 @@ class Supervisor:
         self.settings = settings
         self.bootstrap_servers = bootstrap_servers
         self.home = settings.home.resolve()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_METRICS_PORT")}
-        env.update({"LOOPLINE_BOOTSTRAP_SERVERS": bootstrap_servers, "LOOPLINE_HOME": str(self.home),
-                    "LOOPLINE_KAFKA_PROFILE": "embedded" if embedded else settings.kafka_profile})
+        self.embedded = embedded
+        self.phase = "starting services"
         self.services = [
-            ServiceProcess(name, port, dict(env, LOOPLINE_METRICS_PORT=str(port)), self.home / "logs" / f"{name}.log")
+            ServiceProcess(name, port, self._env(port), self.home / "logs" / f"{name}.log")
             for name, port in ((n, free_port()) for n in services)]
+
+    def _env(self, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_METRICS_PORT")}
+        profile = self.settings.kafka_profile
+        if profile == "auto":  # services get the address, so say which tuning it needs
+            profile = "embedded" if self.embedded else "kafka"
+        env.update({"LOOPLINE_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+                    "LOOPLINE_HOME": str(self.home), "LOOPLINE_KAFKA_PROFILE": profile,
+                    "LOOPLINE_METRICS_PORT": str(port)})
+        return env
 
     def start(self) -> None:
         """Start every service and record them."""
@@ -115,8 +138,12 @@ class Supervisor:
         self.write_state()
 
     def wait_ready(self, timeout_s: float,
-                   on_tick: Callable[[list[tuple[str, str]]], None] | None = None) -> bool:
-        """Poll readiness (restarting any that dies) until all are ready or ``timeout_s`` passes."""
+                   on_tick: Callable[[list[tuple[str, str]]], None] | None = None,
+                   interrupt: Callable[[], bool] | None = None) -> bool:
+        """Poll readiness (restarting any that dies) until all are ready or ``timeout_s`` passes.
+
+        ``interrupt`` ends the wait early (returning False) when it returns True.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             self.supervise_once()
@@ -125,6 +152,8 @@ class Supervisor:
                 on_tick(states)
             if all(h == "ok" for _, h in states) or time.monotonic() > deadline:
                 return all(h == "ok" for _, h in states)
+            if interrupt is not None and interrupt():
+                return False
             time.sleep(0.3)
 
     def supervise_once(self) -> list[str]:
@@ -139,18 +168,36 @@ class Supervisor:
             if s.restart_at == 0.0:
                 code = s.process.returncode if s.process else None
                 s.restart_at = now + s.backoff_s
-                log.warning("service_exited", extra={"service": s.name, "returncode": code,
-                                                     "restart_in_s": s.backoff_s, "log": str(s.log_path)})
+                log.warning("service_exited", extra={
+                    "service": s.name, "returncode": code, "restart_in_s": s.backoff_s,
+                    "log": str(s.log_path)})
             elif now >= s.restart_at:
                 s.stop()
-                s.start()
                 s.restarts += 1
+                s.start()
                 s.restart_at = 0.0
                 s.backoff_s = min(s.backoff_s * 2, _MAX_BACKOFF_S)
                 restarted.append(s.name)
         if restarted:
             self.write_state()
         return restarted
+
+    def forgive(self) -> None:
+        """Restart services that died without waiting out their backoff (the broker is back)."""
+        for s in self.services:
+            s.backoff_s = 1.0
+            if s.restart_at:
+                s.restart_at = time.monotonic()
+
+    def rebase(self, bootstrap_servers: str) -> None:
+        """Restart every service against a broker that came back on another address."""
+        self.stop()
+        self.bootstrap_servers = bootstrap_servers
+        for s in self.services:
+            s.env = self._env(s.port)
+            s.restart_at, s.backoff_s = 0.0, 1.0
+            s.start()
+        self.write_state()
 
     def stop(self) -> None:
         """Stop every service (in parallel: SIGTERM all, then wait)."""
@@ -162,19 +209,29 @@ class Supervisor:
 
     def write_state(self) -> None:
         """Record this run in LOOPLINE_HOME for `loopline down` and `loopline status`."""
-        state = {"pid": os.getpid(), "bootstrap_servers": self.bootstrap_servers,
-                 "services": {s.name: {"pid": s.process.pid if s.process else None, "metrics": s.metrics,
-                                       "log": str(s.log_path)} for s in self.services}}
-        tmp = self.home / f".{UP_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.home / UP_FILE)
+        write_up(self.home, self.phase, self.bootstrap_servers,
+                 {s.name: {"pid": s.process.pid if s.process else None, "metrics": s.metrics,
+                           "log": str(s.log_path)} for s in self.services})
+
+
+def write_up(home: Path, phase: str, bootstrap_servers: str | None = None,
+             services: dict[str, object] | None = None) -> None:
+    """Record this `loopline up` in LOOPLINE_HOME (from its first moment, so `down` finds it)."""
+    home.mkdir(parents=True, exist_ok=True)
+    state = {"pid": os.getpid(), "phase": phase, "bootstrap_servers": bootstrap_servers,
+             "services": services or {}}
+    tmp = home / f".{UP_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, home / UP_FILE)
+
 
 
 def available_services() -> tuple[str, ...]:
     """The services whose code is installed (``loopline.services.<name>.main`` exists)."""
     import importlib.util
 
-    return tuple(n for n in SERVICES if importlib.util.find_spec(f"loopline.services.{n}.main") is not None)
+    return tuple(n for n in SERVICES
+                 if importlib.util.find_spec(f"loopline.services.{n}.main") is not None)
 
 
 def read_up(home: Path) -> dict[str, object] | None:
@@ -186,23 +243,49 @@ def read_up(home: Path) -> dict[str, object] | None:
     return state if pid_alive(int(state.get("pid", 0))) else None  # type: ignore[no-any-return]
 
 
-@contextlib.contextmanager
-def broker_for(settings: LooplineSettings):  # type: ignore[no-untyped-def]
-    """Yield (bootstrap, embedded): an external cluster, a running embedded broker, or a new one."""
-    if settings.bootstrap_servers or read_state(settings.home) is not None:
-        address = resolve_broker(settings)
-        yield address.bootstrap_servers, address.embedded
-        return
-    with EmbeddedBroker(home=settings.home) as broker:
-        yield broker.bootstrap_servers, True
+class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """SIGINT or SIGTERM reached `loopline up`; raised where `up` was, like KeyboardInterrupt."""
 
 
-def down(settings: LooplineSettings, timeout_s: float = 60.0) -> int:
+class Stopper:
+    """SIGINT/SIGTERM handling of `up`: the first signal interrupts whatever `up` is doing.
+
+    Raising (rather than setting a flag the loops poll) is what lets `loopline down` stop `up`
+    at any moment: while Maven fetches Kafka, while the broker starts, while services start.
+    Cleanup code calls :meth:`disarm` first, so a second signal cannot cut it short.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._armed = True
+
+    def install(self) -> None:
+        """Route SIGINT and SIGTERM to this stopper."""
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def disarm(self) -> None:
+        """From now on a signal only records the request (cleanup is under way)."""
+        self._armed = False
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+        if self._armed:
+            self._armed = False
+            raise StopRequested(self.signal_name)
+
+
+def down(settings: LooplineSettings, timeout_s: float = 120.0) -> int:
     """Stop a running `loopline up` (SIGTERM to its supervisor); return its pid."""
     state = read_up(settings.home)
     if state is None:
         raise LooplineError(f"no running `loopline up` is recorded in {settings.home / UP_FILE}")
-    pid = int(state["pid"])  # type: ignore[arg-type]
+    pid = int(state["pid"])  # type: ignore[call-overload]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid):
@@ -212,7 +295,87 @@ def down(settings: LooplineSettings, timeout_s: float = 60.0) -> int:
     return pid
 
 
-def install_stop(stop: StopFlag) -> None:
-    """Route SIGINT and SIGTERM to ``stop``."""
-    signal.signal(signal.SIGINT, stop.set)
-    signal.signal(signal.SIGTERM, stop.set)
+def run_up(settings: LooplineSettings, names: tuple[str, ...], specs: list[PipelineSpec],
+           console: Console) -> int:
+    """Start the broker (unless one is configured or running), apply ``specs``, run ``names``.
+
+    Returns the exit code: 0 after a stop request, 3 when the broker was lost for good.
+    """
+    home = settings.home.resolve()
+    stopper = Stopper()
+    stopper.install()
+    write_up(home, f"starting the {settings.engine} broker")
+    supervisor: Supervisor | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            with console.status("starting the broker...") as status:
+                handle = stack.enter_context(broker_for(settings, progress_to(console, status)))
+            try:
+                _apply(settings, handle, specs, console)
+                supervisor = Supervisor(settings, handle.bootstrap_servers, handle.embedded, names)
+                supervisor.start()
+                watch = BrokerWatch(handle, home,
+                                    lambda line: console.print(line, style="bold red"))
+                with console.status("starting services...") as status:
+                    ready = supervisor.wait_ready(120, lambda states: status.update(
+                        "starting services: " + ", ".join(f"{n} {h}" for n, h in states)),
+                        interrupt=lambda: not watch.alive())
+                _print_services(console, supervisor, ready)
+                supervisor.phase = "running"
+                supervisor.write_state()
+                while True:
+                    code = watch.check(supervisor)
+                    if code is not None:
+                        return code
+                    for name in supervisor.supervise_once():
+                        console.print(f"restarted {name} (it had exited; see its log)")
+                    time.sleep(1.0)
+            finally:
+                stopper.disarm()
+                if supervisor is not None:
+                    supervisor.stop()
+                    console.print("all services stopped")
+                if handle.owned is not None:
+                    kept = (f" (its data stays in {home / 'kafka'})"
+                            if handle.engine == "kafka" else "")
+                    console.print(f"stopping the broker{kept}")
+    except StopRequested as e:
+        console.print(f"stopped by {e}")
+        return 0
+    finally:
+        stopper.disarm()
+        (home / UP_FILE).unlink(missing_ok=True)
+
+
+def progress_to(console: Console, status: Status) -> Progress:
+    """A progress callback: print each line (dim) and show it beside the spinner."""
+    def say(line: str) -> None:
+        console.print(line, style="dim")
+        status.update(line)
+
+    return say
+
+
+def _apply(settings: LooplineSettings, handle: BrokerHandle, specs: list[PipelineSpec],
+           console: Console) -> None:
+    from loopline.apply import apply_spec, ensure_global_topics
+    from loopline.brokers import BrokerAddress
+    from loopline.kafka import KafkaConfig
+
+    console.print(f"broker: {handle.describe()}")
+    write_up(settings.home.resolve(), "applying pipelines", handle.bootstrap_servers)
+    kafka = KafkaConfig(settings, BrokerAddress(handle.bootstrap_servers, handle.embedded))
+    ensure_global_topics(kafka)
+    for spec in specs:
+        apply_spec(kafka, spec)
+        console.print(f"pipeline {spec.name} applied")
+
+
+def _print_services(console: Console, supervisor: Supervisor, ready: bool) -> None:
+    table = Table("service", "pid", "metrics and health", "state", title="loopline is up" if ready
+                  else "loopline is up, but not every service is ready")
+    for s in supervisor.services:
+        table.add_row(s.name, str(s.process.pid if s.process else "-"),
+                      f"{s.metrics}/metrics  {s.metrics}/readyz", s.health())
+    console.print(table)
+    console.print(f"logs: {supervisor.home / 'logs'}; Ctrl-C or `loopline down` stops everything")
