@@ -32,3 +32,12 @@ class BrokerError(LooplineError):
 
 class DeliveryError(LooplineError):
     """Kafka did not acknowledge a produced message."""
+
+
+class ClientStuck(LooplineError):
+    """A Kafka client call did not return within its timeout; the process must start over.
+
+    librdkafka can block in a transactional call past its timeout when a coordinator went away
+    (librdkafka#5456). The state of such a client is unknown, so the service exits non-zero and its
+    supervisor starts it again; a restarted replica aborts what this one left open.
+    """

@@ -37,6 +37,16 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"loopline broker: {f'external cluster {external}' if external else _engine()}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`."""
+    if os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka":
+        return
+    keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     """The engine of the session broker: tansu or kafka (an external cluster counts as kafka)."""

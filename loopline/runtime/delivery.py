@@ -15,12 +15,13 @@ The loop calls :meth:`Delivery.commit` once per batch (stateless services) or pe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from loopline.errors import DeliveryError
+from loopline.errors import ClientStuck, DeliveryError
 from loopline.runtime.outputs import Out
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class ExactlyOnce(Delivery):
             if outs:
                 self._produce(outs)
             if offsets and consumer is not None:
-                self.producer.send_offsets_to_transaction(list(offsets), consumer.consumer_group_metadata(),
-                                                          self.timeout_s)
+                self._bounded("send_offsets_to_transaction", self.producer.send_offsets_to_transaction,
+                              list(offsets), consumer.consumer_group_metadata(), self.timeout_s)
             self._commit_retrying()
         except KafkaException as e:
             err = e.args[0]
@@ -132,10 +133,30 @@ class ExactlyOnce(Delivery):
         if failures:  # cannot happen after a successful commit; kept as a guard
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
+    def _bounded(self, what: str, call: Callable[..., Any], *args: Any) -> None:
+        """``call(*args)`` on a helper thread; raise :class:`ClientStuck` if it outlives its timeout."""
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                error.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"txn-{what}", daemon=True).start()
+        if not done.wait(self.timeout_s + 10):
+            raise ClientStuck(f"{what} did not return within {self.timeout_s:.0f}s (librdkafka#5456, "
+                              "after the group or transaction coordinator went away); starting over")
+        if error:
+            raise error[0]
+
     def _commit_retrying(self) -> None:
         while True:
             try:
-                self.producer.commit_transaction(self.timeout_s)
+                self._bounded("commit_transaction", self.producer.commit_transaction, self.timeout_s)
                 self._open = False
                 return
             except KafkaException as e:

@@ -31,7 +31,7 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from loopline.errors import LooplineError
+from loopline.errors import ClientStuck, LooplineError
 from loopline.kafka import StopFlag
 from loopline.observability import Health
 from loopline.runtime.delivery import Delivery, RetryBatch
@@ -157,6 +157,7 @@ class Loop:
         self.max_deadletter_bytes = max_deadletter_bytes
         self.pending = self.outputs()
         self._closing = False
+        self._stuck = False
 
     def outputs(self) -> Outputs:
         """A fresh output buffer for this service."""
@@ -191,6 +192,9 @@ class Loop:
                 self.health.idle()
                 if not batch and not self.pending:
                     self.delivery.poll()
+        except ClientStuck:
+            failed = self._stuck = True
+            raise
         except BaseException:
             failed = True
             raise
@@ -286,6 +290,8 @@ class Loop:
             self.consumer.seek(tp)
 
     def _close(self, failed: bool) -> None:
+        if self._stuck:
+            return  # a client that hung cannot be trusted to close either: the process exits now
         try:
             if not failed and not self.stop_unclean():
                 try:

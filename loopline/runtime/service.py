@@ -11,6 +11,7 @@ from types import TracebackType
 from confluent_kafka import Consumer
 from prometheus_client import CollectorRegistry, Gauge
 
+from loopline.errors import ClientStuck
 from loopline.kafka import KafkaConfig, StopFlag
 from loopline.observability import Health, MetricsServer, configure_logging
 from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 SERVICES = ("ingest", "inference", "monitor", "trainer", "lineage")
 #: Set by the supervisor (`loopline up`) on every start: how often it restarted this service.
 RESTARTS_ENV = "LOOPLINE_SERVICE_RESTARTS"
+#: Exit code of a service whose Kafka client hung (see :class:`loopline.errors.ClientStuck`).
+EXIT_STUCK = 75
 
 
 class ServiceRuntime:
@@ -41,6 +44,7 @@ class ServiceRuntime:
         self.kafka = KafkaConfig.from_settings(settings).with_error_callback(self.health.broker_error)
         self.registry = CollectorRegistry()
         self.stop = StopFlag()
+        self._owns_process = install_signals  # a process of its own (not a service on a test thread)
         if install_signals:
             signal.signal(signal.SIGINT, self.stop.set)
             signal.signal(signal.SIGTERM, self.stop.set)
@@ -90,5 +94,9 @@ class ServiceRuntime:
         if exc is not None:
             self.log.error("service_failed", exc_info=(exc_type, exc, tb),  # type: ignore[arg-type]
                            extra={"service": self.name})
+        if isinstance(exc, ClientStuck) and self._owns_process:
+            # Its clients' threads may never return: exit at once, the supervisor starts it again.
+            logging.shutdown()
+            os._exit(EXIT_STUCK)
         self.metrics.stop()
         self.log.info("service_stopped", extra={"service": self.name})
