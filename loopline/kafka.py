@@ -212,6 +212,21 @@ class AckedProducer:
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
 
+def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> tuple[int, int]:
+    """(low, high) offsets of a partition; a retriable answer (a broker that just started, or a
+    partition whose leader moves: "not leader") is asked again until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=max(0.5, deadline - time.monotonic()))
+            return int(low), int(high)
+        except KafkaException as e:
+            if not e.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 class StopFlag:
     """A stop request shared by signal handlers and the loop (a thin threading.Event)."""
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException, OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from loopline import avro, topics
 from loopline.errors import LooplineError, SchemaError
-from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec
+from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, watermarks
 from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
                                      check_common, check_model, check_rebaseline, check_spec,
                                      check_stage_change, model_version_key, rebaseline_key, spec_key,
@@ -327,16 +327,7 @@ class RegistryReader:
     def catch_up(self, timeout_s: float = 30.0) -> RegistryState:
         """Read until the end of the topic as it was when called; return the state."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(topics.MODELS, 0),
-                                                               timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except KafkaException as e:
-                # A broker that just started (or moved the partition) answers "not leader" for a moment.
-                if not e.args[0].retriable() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        _, high = watermarks(self._consumer, topics.MODELS, 0, timeout_s)
         # Tansu reports the high watermark as the last batch's base offset + 1, so reaching it is not
         # the end: read on until a poll brings nothing more (on Kafka that costs one short poll).
         while True:

@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from loopline import topics
 from loopline.errors import LooplineError
-from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics
+from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics, watermarks
 from loopline.runtime.outputs import Out
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class Changelog:
         raw: dict[str, tuple[bytes | None, int, int]] = {}
         try:
             reader.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in wanted])
-            ends = {p: reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in wanted}
+            ends = {p: watermarks(reader, self.topic, p)[1] for p in wanted}
             done = {p for p, end in ends.items() if end == 0}
             deadline = time.monotonic() + timeout_s
             read = 0

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from loopline import avro, feedback, topics
 from loopline.errors import SchemaError
+from loopline.kafka import watermarks
 from loopline.observability import bounded
 from loopline.registry import RegistryReader
 from loopline.runtime.delivery import Delivery
@@ -181,7 +182,7 @@ class LineageService:
         """The partition's end offset where the broker reports it exactly (Kafka), else None."""
         if self.rt.kafka.embedded:
             return None  # Tansu reports the last batch's base offset + 1: not an end to compare with
-        _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        _, high = watermarks(self.consumer, topic, partition)
         return int(high)
 
     def _buffer(self, pipeline: str, table: str, key: tuple[str, int], messages: list[Message],
