@@ -85,6 +85,9 @@ def count_rows(store: LineageStore, pipeline: str) -> dict[str, tuple[int, int]]
     return out
 
 
+EXPECTED_ROWS = {"features": (500, 500), "predictions": (1000, 1000), "feedback": (125, 125)}
+
+
 def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -106,13 +109,15 @@ def test_kill_9_and_restart_loses_and_duplicates_nothing(settings: LooplineSetti
         proc.wait(10)
         send_traffic(kafka, spec, 300, 200, t0)
         proc = run_lineage(settings, tmp_path, unique)
-        wait_until(lambda: count_rows(store, unique)["predictions"][1] >= 1000)
+        # Each table is its own topic, consumed at its own pace: wait for all three.
+        wait_until(lambda: all(count_rows(store, unique)[table][1] >= distinct
+                               for table, (_, distinct) in EXPECTED_ROWS.items()), timeout_s=120.0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         proc.kill()
     counts = count_rows(store, unique)
-    assert counts == {"features": (500, 500), "predictions": (1000, 1000), "feedback": (125, 125)}
+    assert counts == EXPECTED_ROWS
 
     result = q.query_predictions(store, unique, "m", 1)
     assert result.summary["predictions"] == 500 and result.summary["served"] == 500
