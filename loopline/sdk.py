@@ -4,13 +4,16 @@ Every client finds the broker as the CLI does (``LOOPLINE_*`` variables, else th
 ``loopline broker``/``up`` recorded in ``LOOPLINE_HOME``); pass ``settings`` to choose another.
 With ``examples/fraud.yaml`` applied, a champion registered and ``loopline up`` running::
 
+    import uuid
+
     from loopline.sdk import EventProducer, FeedbackSender, PredictionReader
 
-    with EventProducer("fraud") as events:   # validation errors are raised here, naming field and rule
+    event_id = f"sdk-{uuid.uuid4()}"   # the idempotency key: an event sent twice counts once
+    with EventProducer("fraud") as events:   # invalid events raise here, naming field and rule
         events.publish({"customer_id": "c42", "amount": 12.5, "merchant_risk": 0.7, "hour": 3,
-                        "country": "NL", "card_present": False}, key="c42", event_id="sdk-c42-1")
+                        "country": "NL", "card_present": False}, key="c42", event_id=event_id)
     with PredictionReader("fraud", group_id="billing") as reader:   # served ones, at-least-once
-        prediction = next(p for p in reader if p["event_id"] == "sdk-c42-1")
+        prediction = next(p for p in reader if p["event_id"] == event_id)
     with FeedbackSender("fraud") as fb:
         fb.send(prediction_id=prediction["prediction_id"], label="1")
 """
@@ -23,11 +26,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import orjson
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError
 
 from loopline import avro, feedback
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.kafka import AckedProducer, KafkaConfig, release_producer
 from loopline.registry import RegistryReader
 from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
@@ -55,19 +58,6 @@ def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
         known = ", ".join(sorted(state.specs)) or "none"
         raise LooplineError(f"pipeline {pipeline!r} is not in the registry (known: {known}); `loopline apply` it first")
     return state.specs[pipeline]
-
-
-def release_producer(producer: Producer) -> None:
-    """Drop whatever a producer still has queued and close it now.
-
-    A producer left to the garbage collector keeps reconnecting (and logging refused
-    connections) after its broker is gone; closing ends its threads at once. Confirm what
-    must be delivered before (``AckedProducer.confirm``).
-    """
-    producer.purge()
-    close = getattr(producer, "close", None)  # confluent-kafka >= 2.12; older ones close on GC
-    if close is not None:
-        close()
 
 
 class _Client:

@@ -29,11 +29,10 @@ from loopline.apply import apply_spec, ensure_global_topics
 from loopline.artifacts import ArtifactStore
 from loopline.broker import BrokerAddress, EmbeddedBroker, read_state
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.kafka import AckedProducer, KafkaConfig, release_producer
 from loopline.model_ref import version_id
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
-from loopline.sdk import release_producer
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
 from loopline.app.up import ServiceProcess, Stopper, StopRequested, Supervisor
@@ -128,14 +127,15 @@ class Watcher:
                 self.story.versions[version] = record
                 if record.get("scorecard_json"):
                     card = orjson.loads(record["scorecard_json"])
-                    self.console.print(f"  [cyan]new version[/] {version_id(record['name'], version)} at "
-                                       f"event {position} (trigger {record['trigger']}): "
-                                       f"{card.get('reason', '')}")
+                    self.console.print(
+                        f"  [cyan]new version[/] {version_id(record['name'], version)} at event "
+                        f"{position} (trigger {record['trigger']}): {card.get('reason', '')}")
         for change in state.stage_changes[self._seen_changes:]:
             if change["pipeline"] == self.spec.name:
                 self.story.stages.append((position, change))
-                self.console.print(f"  [green]stage[/] {version_id(change['name'], change['version'])} -> "
-                                   f"{change['to_stage']} at event {position}: {change['reason']}")
+                self.console.print(
+                    f"  [green]stage[/] {version_id(change['name'], change['version'])} -> "
+                    f"{change['to_stage']} at event {position}: {change['reason']}")
         self._seen_changes = len(state.stage_changes)
 
     def promoted(self, first_version: int) -> dict[str, Any] | None:
@@ -164,7 +164,7 @@ def _fresh_state(home: Path, pipeline: str) -> None:
 
 def run_demo(settings: LooplineSettings, pipeline_file: Path, keep: bool, console: Console,
              plan: Plan | None = None) -> None:
-    """Run the whole demo and print its summary; Ctrl-C stops it (and everything it started) at once."""
+    """Run the whole demo and print its summary; Ctrl-C stops it and all it started at once."""
     plan = plan or Plan()
     spec = load_spec(pipeline_file)
     # Like `loopline up`: the first Ctrl-C interrupts whatever runs (a wait, training, streaming);
@@ -196,13 +196,14 @@ def _steps(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: 
         console.print(f"[1/6] using the Kafka cluster at {address.bootstrap_servers}")
     else:
         if read_state(settings.home) is not None:
-            raise LooplineError(f"a broker already runs from {settings.home}; the demo starts its own: stop "
-                                "that one or run the demo with another LOOPLINE_HOME")
+            raise LooplineError(f"a broker already runs from {settings.home}; the demo starts its "
+                                "own: stop that one or run the demo with another LOOPLINE_HOME")
         _fresh_state(settings.home, spec.name)
         with console.status("[1/6] starting the embedded broker..."):
             broker = stack.enter_context(EmbeddedBroker(home=settings.home))
         address = BrokerAddress(broker.bootstrap_servers, True)
-        console.print(f"[1/6] embedded Kafka-protocol broker at [bold]{address.bootstrap_servers}[/]")
+        console.print("[1/6] embedded Kafka-protocol broker at "
+                      f"[bold]{address.bootstrap_servers}[/]")
     kafka = KafkaConfig(settings, address)
     ensure_global_topics(kafka)
     apply_spec(kafka, spec)
@@ -212,7 +213,8 @@ def _steps(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: 
     supervisor.start()
     with console.status("[2/6] starting ingest, inference, monitor, trainer and lineage..."):
         if not supervisor.wait_ready(120):
-            raise LooplineError("services did not become ready; see " + str(supervisor.home / "logs"))
+            raise LooplineError("services did not become ready; see "
+                                + str(supervisor.home / "logs"))
     console.print(f"[2/6] pipeline [bold]{spec.name}[/] applied; 5 services ready "
                   f"(logs in {supervisor.home / 'logs'})")
 
@@ -225,16 +227,18 @@ def _steps(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: 
         deadline = time.monotonic() + 60
         while not _serves(inference, spec.name):
             if time.monotonic() > deadline:
-                raise LooplineError(f"inference did not start serving {spec.name}: {inference.health()}")
+                raise LooplineError(f"inference did not start serving {spec.name}: "
+                                    f"{inference.health()}")
             time.sleep(0.2)
     console.print(f"[3/6] registered {version_id(first['name'], first['version'])} as champion "
-                  f"(sha256 {first['sha256'][:12]}, validated in ONNX Runtime); inference serves it")
+                  f"(sha256 {first['sha256'][:12]}, validated in ONNX Runtime); "
+                  "inference serves it")
 
     watcher = Watcher(kafka, spec, console)
     stack.callback(watcher.close)
     events = list(sea_stream(plan))
-    console.print(f"[4/6] streaming {plan.total} SEA events at {plan.rate:.0f}/s; the concept drifts at event "
-                  f"{plan.before}; labels come back {LABEL_DELAY} events late")
+    console.print(f"[4/6] streaming {plan.total} SEA events at {plan.rate:.0f}/s; the concept "
+                  f"drifts at event {plan.before}; labels come back {LABEL_DELAY} events late")
     watcher.supervisor = supervisor
     produced = _stream(kafka, spec, plan, events, watcher, console)
     with console.status("[5/6] waiting for the promotion and for lineage to catch up..."):
