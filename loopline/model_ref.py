@@ -100,9 +100,9 @@ def resolve(ref: ModelRef, state: RegistryState, pipeline: str) -> dict[str, Any
     if ref.version is not None:
         found = next((v for v in mine if v["version"] == ref.version), None)
         if found is None:
-            raise ModelRefError(f"pipeline {pipeline}: no version {ref} "
-                                f"({'versions: ' + stages if mine else 'no versions of ' + ref.name})"
-                                " (rule: version_exists)")
+            known = f"versions: {stages}" if mine else f"no versions of {ref.name}"
+            raise ModelRefError(f"pipeline {pipeline}: no version {ref} ({known}) "
+                                "(rule: version_exists)")
         return found
     if ref.alias is None:
         raise ModelRefError(f"{ref.name}: which version? write {ref.name}/VERSION or "

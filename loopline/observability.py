@@ -129,7 +129,7 @@ class RateCapFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send the root logger's records to stderr, one line each (librdkafka's: warnings, de-duplicated).
+    """Send the root logger's records to stderr, one line each (librdkafka's: warnings, deduped).
 
     Info lines are capped per kind (:class:`RateCapFilter`), so a log stays readable.
     """

@@ -405,7 +405,8 @@ def status(pipeline: str | None) -> None:
         table = Table("version", "origin", "stage", "traffic served", "sha256",
                       title=f"pipeline {p.name}")
         for v in p.versions:
-            served = f"{v['share']:.0%}" + (" (scores every event)" if v["stage"] == "shadow" else "")
+            served = f"{v['share']:.0%}" + (" (scores every event)" if v["stage"] == "shadow"
+                                            else "")
             table.add_row(version_id(v["name"], v["version"]), origin(v), v["stage"], served,
                           v["sha256"][:12])
         if not p.versions:

@@ -294,5 +294,5 @@ def rollback(pipeline: str, reason: str) -> None:
         raise LooplineError(f"rollback takes back the champion: write {pipeline} or "
                             f"{pipeline}@champion, not {ref} (rule: model_ref)")
     current, previous = _registry().rollback(pipeline, reason=reason)
-    console.print(f"{pipeline}: rolled back {version_id(current['name'], current['version'])} "
-                  f"-> champion is now [bold]{version_id(previous['name'], previous['version'])}[/]")
+    back, now = (version_id(v["name"], v["version"]) for v in (current, previous))
+    console.print(f"{pipeline}: rolled back {back} -> champion is now [bold]{now}[/]")

@@ -123,9 +123,10 @@ def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], samp
         lag = {svc: group_lag(kafka, f"loopline-{svc}",
                               {t: second[t] for k in CONSUMES[svc] for t in [getattr(spec.topics, k)] if t in second})
                for svc in SERVICES}
-        versions = served_shares(
-            sorted((v for (vp, _, _), v in state.versions.items() if vp == p and v["stage"] in _STAGES),
-                   key=lambda v: (_STAGES.index(v["stage"]), v["name"], v["version"])))
+        deployed = (v for (vp, _, _), v in state.versions.items()
+                    if vp == p and v["stage"] in _STAGES)
+        versions = served_shares(sorted(
+            deployed, key=lambda v: (_STAGES.index(v["stage"]), v["name"], v["version"])))
         trained = [v for (vp, _, _), v in state.versions.items() if vp == p and v.get("trigger")]
         last = max(trained, key=lambda v: v["created_at"]) if trained else None
         out.append(PipelineStatus(p, versions, rates, lag, [a for a in alerts if a["pipeline"] == p], last))

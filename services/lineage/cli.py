@@ -123,7 +123,8 @@ def trace_cmd(event_id: str, fmt: str) -> None:
         console.print(f"  raw      {f['raw_topic']}[{f['raw_partition']}]@{f['raw_offset']}  key={f['key']}")
         console.print(f"  features {f['_topic']}[{f['_partition']}]@{f['_offset']}  {f['features']}")
     for p in chain["predictions"]:
-        console.print(f"  predicted {version_id(p['model_name'], p['model_version'])} {p['variant']:10} "
+        console.print(f"  predicted {version_id(p['model_name'], p['model_version'])} "
+                      f"{p['variant']:10} "
                       f"{'served' if p['served'] else 'not served'}  label={p['label']} value={_fmt(p['value'])}"
                       f"  ({p['_topic']}[{p['_partition']}]@{p['_offset']})")
     for fb in chain["feedback"]:

@@ -195,7 +195,8 @@ def served_at(state: RegistryState, pipeline: str, when: datetime) -> list[dict[
         raise LooplineError(f"pipeline {pipeline!r} is not in the registry")
     plan = state.deployment_at(pipeline, int(when.timestamp() * 1000))
     order = {"champion": 0, "canary": 1, "challenger": 2, "shadow": 3}
-    return sorted(({"model": version_id(n, v), "stage": s, "traffic": t} for (n, v), (s, t) in plan.items()),
+    return sorted(({"model": version_id(n, v), "stage": s, "traffic": t}
+                   for (n, v), (s, t) in plan.items()),
                   key=lambda d: (order.get(d["stage"], 9), d["model"]))
 
 

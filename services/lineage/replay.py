@@ -34,12 +34,14 @@ def load_scorer(state: RegistryState, pipeline: str, name: str, version: int,
     """
     record = state.versions.get((pipeline, name, version))
     if record is None:
-        known = ", ".join(version_id(n, v) for p, n, v in sorted(state.versions) if p == pipeline) or "none"
+        known = ", ".join(version_id(n, v) for p, n, v in sorted(state.versions)
+                          if p == pipeline) or "none"
         raise LooplineError(f"{version_id(name, version)} is not a version of pipeline {pipeline} "
                             f"(known: {known})")
     model = artifacts.read(record["sha256"]) if artifacts is not None else read_artifact(record["uri"],
                                                                                         record["sha256"])
-    return Scorer(model, state.specs[pipeline], record.get("fill_values"), label=version_id(name, version),
+    return Scorer(model, state.specs[pipeline], record.get("fill_values"),
+                  label=version_id(name, version),
                   input_features=record.get("input_features") or None)
 
 

@@ -1,4 +1,4 @@
-"""Naming versions on the command line (PIPELINE/2, PIPELINE@challenger), origins, --force, status."""
+"""Naming versions on the command line (PIPELINE/2, PIPELINE@challenger), origins, --force."""
 
 from __future__ import annotations
 
@@ -33,16 +33,18 @@ def run(runner: CliRunner, *args: str, code: int = 0) -> Any:
     return result
 
 
-def trained(registry: ModelRegistry, pipeline: str, stage: str, seed: int) -> dict[str, Any]:  # noqa: F811
+def trained(registry: ModelRegistry, pipeline: str, stage: str,  # noqa: F811
+            seed: int) -> dict[str, Any]:
     """A version registered the way the trainer registers one: with a trigger and a scorecard."""
-    card = {"accepted": stage != "rejected", "summary": f"{'rejected' if stage == 'rejected' else 'accepted'}"
-            " sklearn.linear: score 0.61 vs champion 0.74"}
+    verdict = "rejected" if stage == "rejected" else "accepted"
+    card = {"accepted": stage != "rejected",
+            "summary": f"{verdict} sklearn.linear: score 0.61 vs champion 0.74"}
     return registry.register(pipeline, lr_model(4, seed), NewVersion(stage=stage, lineage=Lineage(
         trigger="every_n_labels(2000)", scorecard=card)))
 
 
-def test_versions_by_number_and_alias_origins_and_force(runner: CliRunner, unique: str,
-                                                        registry: ModelRegistry) -> None:  # noqa: F811
+def test_versions_by_number_and_alias_origins_and_force(
+        runner: CliRunner, unique: str, registry: ModelRegistry) -> None:  # noqa: F811
     registry.register(unique, lr_model(4, 1))                                           # 1 user
     registry.register(unique, lr_model(4, 2), NewVersion(stage="challenger", traffic=0.2))  # 2 user
     trained(registry, unique, "rejected", 3)                                            # 3 trainer

@@ -127,9 +127,9 @@ def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaC
     assert feedback.check(fb["value"])
 
 
-def test_clients_find_the_broker_as_the_docs_show_and_close(settings: LooplineSettings, kafka: KafkaConfig,
-                                                            unique: str, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clients_find_the_broker_as_the_docs_show_and_close(
+        settings: LooplineSettings, kafka: KafkaConfig, unique: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     spec = parse_spec({"name": unique, "label": {"name": "is_fraud", "classes": ["0", "1"]},
                        "features": [{"name": "amount", "type": "float"}]})
     apply_spec(kafka, spec)
@@ -150,8 +150,9 @@ def test_clients_find_the_broker_as_the_docs_show_and_close(settings: LooplineSe
     # feedback --file: the label column is named like the spec's label.
     labels = tmp_path / "labels.csv"
     labels.write_text("event_id,is_fraud\ne4,0\ne5,1\n")
-    sent = subprocess.run([sys.executable, "-m", "loopline.app.cli", "feedback", unique, "--file", str(labels)],
-                          env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    sent = subprocess.run([sys.executable, "-m", "loopline.app.cli", "feedback", unique,
+                           "--file", str(labels)], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=120)
     assert sent.returncode == 0 and "2 feedback message(s) sent" in sent.stdout, sent.stderr
     got = read_all(kafka, spec.topics.feedback, "feedback", spec, 3)
     assert sorted((m["value"]["event_id"], m["value"]["label"]) for m in got) == [

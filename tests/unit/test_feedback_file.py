@@ -19,7 +19,8 @@ PRICE = parse_spec({"name": "price", "features": [{"name": "m2", "type": "float"
 def test_csv_uses_the_spec_label_name_and_keeps_label(tmp_path: Path) -> None:
     f = tmp_path / "labels.csv"
     f.write_text("event_id,is_fraud\ne1,1\ne2,0\n")
-    assert [(r["event_id"], r["label"]) for r in read_feedback(f, FRAUD)] == [("e1", "1"), ("e2", "0")]
+    rows = read_feedback(f, FRAUD)
+    assert [(r["event_id"], r["label"]) for r in rows] == [("e1", "1"), ("e2", "0")]
     f.write_text("prediction_id,label,verdict\np1,1,\np2,,reject\n")
     rows = read_feedback(f, FRAUD)
     assert [(r["prediction_id"], r["label"], r["verdict"]) for r in rows] == [

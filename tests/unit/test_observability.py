@@ -66,7 +66,8 @@ def test_json_log_line_carries_extras() -> None:
     assert out["level"] == "info"
 
 
-def _records(n: int, event: str = "batch_scored", level: int = logging.INFO) -> list[logging.LogRecord]:
+def _records(n: int, event: str = "batch_scored",
+             level: int = logging.INFO) -> list[logging.LogRecord]:
     return [logging.LogRecord("svc", level, __file__, 1, event, None, None) for _ in range(n)]
 
 
