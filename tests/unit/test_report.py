@@ -297,3 +297,24 @@ def test_a_regression_pipeline_reports_mean_absolute_error(tmp_path: Path) -> No
     [hist] = built.data.histograms
     assert sum(hist["counts"]) == 400
     assert "mean absolute error" in built.html and "No model version registered" in built.html
+
+
+def test_keys_and_id_like_features_get_no_drift_chart_as_in_the_monitor() -> None:
+    from loopline.app.report.data import drift_features
+    from loopline.profile import build_profile
+    from loopline.services.monitor.pipeline import drift_tested
+    from loopline.spec import parse_spec
+
+    spec = parse_spec({"name": "fraud", "key": "customer_id", "label": {"classes": ["0", "1"]},
+                       "features": [{"name": "customer_id", "type": "string"},
+                                    {"name": "device_id", "type": "string"},
+                                    {"name": "country", "type": "string"},
+                                    {"name": "amount", "type": "float"}]})
+    columns = {"customer_id": [f"c{i}" for i in range(300)],
+               "device_id": [f"d{i}" for i in range(300)],  # an id: every value distinct
+               "country": ["DE" if i % 3 else "FR" for i in range(300)],
+               "amount": [float(i % 17) for i in range(300)]}
+    reference = build_profile(columns, {f.name: f.type for f in spec.features})["features"]
+    assert drift_features(spec, reference) == ["country", "amount"]
+    assert drift_features(spec, reference) == [
+        f.name for f in spec.features if drift_tested(spec, f.name, reference[f.name])]

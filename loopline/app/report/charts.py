@@ -300,7 +300,8 @@ def drift_charts(data: ReportData) -> list[Chart]:
                 f"Population stability index of the last {data.spec.monitor.window:,} values "
                 f"of each feature that {model} scored (the monitor's window), every "
                 f"{data.bucket_ms / 1000:g} s, against the reference profile registered with "
-                "it; the monitor's PSI and the spec's levels. Keys are not drift-tested.",
+                "it; the monitor's PSI and the spec's levels. Keys and id-like features are not "
+                "drift-tested, as in the monitor.",
                 fig,
             )
         )

@@ -216,6 +216,16 @@ def _psi_categorical(reference: Mapping[str, Any], values: Sequence[str]) -> flo
     return psi(np.asarray(ref, dtype=float), counts / max(1, len(values)))
 
 
+def drift_features(spec: PipelineSpec, reference: Mapping[str, Any]) -> list[str]:
+    """The features the report charts drift for: those with a reference, but no key or id.
+
+    The monitor's own rule (keys and id-like strings identify entities, they have no
+    distribution to drift), so the report never shows a drift the alerts would not.
+    """
+    return [f.name for f in spec.features
+            if f.name in reference and drift_tested(spec, f.name, reference[f.name])]
+
+
 def _drift(
     con: Any,
     spec: PipelineSpec,
@@ -237,10 +247,7 @@ def _drift(
     out: list[dict[str, Any]] = []
     for v in versions:
         ref = (v.reference or {}).get("features") or {}
-        # Keys and id-like features identify entities; the monitor does not drift-test them
-        # (its own rule, so the report and the alerts agree).
-        names = [f.name for f in spec.features
-                 if f.name in ref and drift_tested(spec, f.name, ref[f.name])]
+        names = drift_features(spec, ref)
         if not names:
             continue
         select = ", ".join(f'f.features."{n}" AS "{n}"' for n in names)
