@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install kafka demo test test-kafka clean
+.PHONY: help install shell kafka demo test test-kafka clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install Loopline with its test tools
+
+shell: $(STAMP) ## A shell with `loopline` on PATH (.venv active); `exit` leaves it
+	@echo "loopline is on PATH in this shell ($(CURDIR)/$(BIN)); exit leaves it"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)" $${SHELL:-/bin/sh} -i
 
 kafka: $(STAMP) ## Fetch the kafka engine's Apache Kafka once (needs Java 17+ and Maven)
 	$(BIN)/python -m loopline.brokers

@@ -227,6 +227,18 @@ def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float 
             time.sleep(0.1)
 
 
+def release_producer(producer: Producer) -> None:
+    """Drop whatever a producer still has queued and close it now (confirm what matters first).
+
+    A producer left to the garbage collector keeps reconnecting, and logging refused
+    connections, after its broker is gone; a cycle through a callback may keep it forever.
+    """
+    producer.purge()
+    close = getattr(producer, "close", None)  # confluent-kafka >= 2.12; older ones close on GC
+    if close is not None:
+        close()
+
+
 class StopFlag:
     """A stop request shared by signal handlers and the loop (a thin threading.Event)."""
 

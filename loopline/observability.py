@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -88,10 +89,53 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+class RateCapFilter(logging.Filter):
+    """Lets at most ``burst`` info (or debug) lines of one kind through per ``window_s``.
+
+    A kind is the logger and the event name. A line that repeats per batch would otherwise write
+    many lines a second: a person reading the log (or ``tail -f``) sees the first ``burst`` of a
+    window, and the next line let through carries ``suppressed``, how many were left out since.
+    Warnings and errors always pass.
+    """
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window_s, self._clock = burst, window_s, clock
+        # kind -> [window start, lines let through in it, lines left out not yet reported]
+        self._kinds: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to emit ``record``; a capped one is counted into the next emitted line."""
+        if record.levelno >= logging.WARNING:
+            return True
+        kind = (record.name, str(record.msg)[:200])
+        now = self._clock()
+        state = self._kinds.get(kind)
+        if state is None:
+            if len(self._kinds) > 1000:
+                self._kinds.clear()
+            state = self._kinds[kind] = [now, 0, 0]
+        if now - state[0] >= self.window_s:
+            state[0], state[1] = now, 0
+        if state[1] >= self.burst:
+            state[2] += 1
+            return False
+        if state[2]:
+            record.suppressed = int(state[2])
+            state[2] = 0
+        state[1] += 1
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send the root logger's records to stderr, one line each (librdkafka's: warnings, de-duplicated)."""
+    """Send the root logger's records to stderr, one line each (librdkafka's: warnings, deduped).
+
+    Info lines are capped per kind (:class:`RateCapFilter`), so a log stays readable.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    handler.addFilter(RateCapFilter())
     handler.set_name("loopline")
     root = logging.getLogger()
     # Replace only our own handler, so calling this twice (or under pytest) keeps other handlers.
@@ -196,6 +240,23 @@ class Health:
             return self._ready, self._reason
 
 
+#: A client that hangs up before reading its answer (a health probe with a short timeout, a
+#: port scan at start-up) is normal for a metrics endpoint, not an error worth a traceback.
+_HUNG_UP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that ignores clients hanging up and logs other errors as one line."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Instead of socketserver's traceback on stderr: nothing for a hang-up, else a log line."""
+        error = sys.exc_info()[1]
+        if isinstance(error, _HUNG_UP):
+            return
+        logging.getLogger(__name__).warning("metrics_request_failed", exc_info=True,
+                                            extra={"client": str(client_address)})
+
+
 class MetricsServer:
     """HTTP server on its own thread: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``."""
 
@@ -228,7 +289,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # scrapes every few seconds are not events worth a log line
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _QuietHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
 

@@ -1,13 +1,21 @@
 """Python SDK for the people around a pipeline: producers, prediction consumers, feedback senders.
 
-    from loopline.sdk import EventProducer, PredictionReader, FeedbackSender
+Every client finds the broker as the CLI does (``LOOPLINE_*`` variables, else the broker that
+``loopline broker``/``up`` recorded in ``LOOPLINE_HOME``); pass ``settings`` to choose another.
+With ``examples/fraud.yaml`` applied, a champion registered and ``loopline up`` running::
 
-    with EventProducer("fraud") as producer:            # validation errors are raised here, locally
-        producer.publish({"amount": 12.5, ...}, key="customer-42")
-    for prediction in PredictionReader("fraud", group_id="billing"):   # served predictions only
-        ...
+    import uuid
+
+    from loopline.sdk import EventProducer, FeedbackSender, PredictionReader
+
+    event_id = f"sdk-{uuid.uuid4()}"   # the idempotency key: an event sent twice counts once
+    with EventProducer("fraud") as events:   # invalid events raise here, naming field and rule
+        events.publish({"customer_id": "c42", "amount": 12.5, "merchant_risk": 0.7, "hour": 3,
+                        "country": "NL", "card_present": False}, key="c42", event_id=event_id)
+    with PredictionReader("fraud", group_id="billing") as reader:   # served ones, at-least-once
+        prediction = next(p for p in reader if p["event_id"] == event_id)
     with FeedbackSender("fraud") as fb:
-        fb.send(prediction_id=p["prediction_id"], label="1")
+        fb.send(prediction_id=prediction["prediction_id"], label="1")
 """
 
 from __future__ import annotations
@@ -15,14 +23,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from confluent_kafka import KafkaError
 
 from loopline import avro, feedback
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.kafka import AckedProducer, KafkaConfig, release_producer
 from loopline.registry import RegistryReader
 from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
@@ -53,22 +61,35 @@ def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
 
 
 class _Client:
-    def __init__(self, pipeline: str, settings: LooplineSettings | None) -> None:
+    """A producing client: ``with`` it, or call :meth:`close` (which flushes) when done."""
+
+    def __init__(self, pipeline: str, settings: LooplineSettings | None = None) -> None:
         self.kafka = KafkaConfig.from_settings(settings or LooplineSettings())
         self.spec = load_spec(self.kafka, pipeline)
         self._producer = AckedProducer(self.kafka.producer(f"loopline-sdk-{pipeline}"))
+        self._closed = False
 
     def flush(self) -> None:
         """Wait until everything sent is acknowledged by Kafka (raises if anything failed)."""
         self._producer.confirm()
 
-    def __enter__(self) -> _Client:
+    def close(self, *, discard: bool = False) -> None:
+        """Flush (or, with ``discard``, drop what is still queued) and release the client."""
+        if self._closed:
+            return
+        try:
+            if not discard:
+                self.flush()
+        finally:
+            self._closed = True
+            release_producer(self._producer.producer)
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc is None:
-            self.flush()
+        self.close(discard=exc is not None)
 
 
 class EventProducer(_Client):
@@ -126,6 +147,7 @@ class PredictionReader:
         # prediction_id; a reader should see each once. Bounded: the retry window is short.
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_max = seen_max
+        self._closed = False
 
     def poll(self, max_messages: int = 500) -> list[dict[str, Any]]:
         """The predictions that arrived within the poll timeout (possibly none).
@@ -155,11 +177,24 @@ class PredictionReader:
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Every served prediction, as it arrives (endless: break out, or ``next`` one)."""
         while True:
             yield from self.poll()
 
     def close(self) -> None:
         """Store the last batch as handled, commit and leave the group."""
-        for m in self._handed_out:
-            self._consumer.store_offsets(m)
-        self._consumer.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for m in self._handed_out:
+                self._consumer.store_offsets(m)
+        finally:
+            self._consumer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

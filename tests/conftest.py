@@ -9,13 +9,17 @@ The session broker is chosen by environment variables:
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, Producer
 
 from loopline.brokers import Engine, make_broker
 from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics
@@ -59,6 +63,45 @@ def broker_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loopline-home")
 
 
+#: Kafka clients the tests left open, closed before the session broker stopped (by kind).
+_LEFT_OPEN: Counter[str] = Counter()
+
+
+def close_open_clients() -> Counter[str]:
+    """Close every producer and consumer still open; how many of each kind there were.
+
+    A client nobody closed (a test's helper, an object kept alive by a callback cycle) keeps
+    reconnecting once the broker is gone, and librdkafka prints `Connection refused` after the
+    test summary. Closed here, while the broker still answers, it goes quietly.
+    """
+    found: Counter[str] = Counter()
+    gc.collect()
+    for client in [o for o in gc.get_objects() if isinstance(o, (Producer, Consumer))]:
+        try:
+            _close(client)
+        except RuntimeError:  # closed already: "Producer has been closed", "Consumer closed"
+            continue
+        found[type(client).__name__] += 1
+    return found
+
+
+def _close(client: Any) -> None:
+    if isinstance(client, Producer):
+        client.poll(0)  # raises RuntimeError when closed
+        client.purge()
+        client.close()
+    else:
+        client.assignment()  # raises RuntimeError when closed
+        client.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say which Kafka clients the tests left open (they were closed before the broker stopped)."""
+    if _LEFT_OPEN:
+        counts = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(_LEFT_OPEN.items()))
+        terminalreporter.write_line(f"loopline: closed Kafka clients the tests left open: {counts}")
+
+
 @pytest.fixture(scope="session")
 def bootstrap_servers(broker_home: Path) -> Iterator[str]:
     """The session's broker: LOOPLINE_TEST_BOOTSTRAP_SERVERS if set, else one of our engines."""
@@ -70,7 +113,10 @@ def bootstrap_servers(broker_home: Path) -> Iterator[str]:
     # the rest, and a silent minute would look like a hang.
     with make_broker(_engine(), broker_home,
                      progress=lambda line: print(line, file=sys.__stderr__, flush=True)) as broker:
-        yield broker.bootstrap_servers
+        try:
+            yield broker.bootstrap_servers
+        finally:
+            _LEFT_OPEN.update(close_open_clients())
 
 
 @pytest.fixture(scope="session")

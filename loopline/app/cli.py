@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from loopline.errors import BrokerError, LooplineError
 from loopline.runtime.service import SERVICES
 from loopline.settings import LooplineSettings
+from loopline.terminal import make_console
 
-console = Console(stderr=False, highlight=False)
-errors = Console(stderr=True, highlight=False)
+console = make_console()
+errors = make_console(stderr=True)
 
 
 class LooplineGroup(click.Group):
@@ -356,31 +356,22 @@ def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | Non
 @click.option("--value", type=float, help="The true value (regression).")
 @click.option("--verdict", type=click.Choice(["accept", "reject", "correct"]), help="A verdict on the prediction.")
 @click.option("--file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="CSV or JSON-lines with those columns, one feedback per row.")
+              help="CSV or JSON-lines, one feedback per row: prediction_id or event_id, the true "
+                   "label in a column named like the spec's label (or 'label'), value, verdict.")
 def feedback(pipeline: str, prediction_id: str | None, event_id: str | None, label: str | None,
              value: float | None, verdict: str | None, file: Path | None) -> None:
     """Send labels or verdicts for predictions to the pipeline's feedback topic."""
-    import csv
-
-    import orjson
-
+    from loopline.app.tools import read_feedback
     from loopline.sdk import FeedbackSender
 
-    rows: list[dict[str, Any]]
-    if file is None:
-        rows = [{"prediction_id": prediction_id, "event_id": event_id, "label": label, "value": value,
-                 "verdict": verdict}]
-    elif file.suffix.lower() == ".csv":
-        with file.open(newline="") as f:
-            rows = [{k: (float(v) if k == "value" and v else v or None) for k, v in r.items()}
-                    for r in csv.DictReader(f)]
-    else:
-        rows = [orjson.loads(line) for line in file.read_bytes().splitlines() if line.strip()]
     with FeedbackSender(pipeline, _settings()) as sender:
+        rows: list[dict[str, Any]] = (
+            read_feedback(file, sender.spec) if file is not None else
+            [{"prediction_id": prediction_id, "event_id": event_id, "label": label, "value": value,
+              "verdict": verdict}])
         for number, row in enumerate(rows, 1):
             try:
-                sender.send(**{k: row.get(k) for k in ("prediction_id", "event_id", "label", "value", "verdict",
-                                                       "feedback_id")})
+                sender.send(**row)
             except LooplineError as e:
                 raise LooplineError(f"feedback {number}: {e}") from None
     console.print(f"{len(rows)} feedback message(s) sent to {sender.spec.topics.feedback}")
@@ -394,7 +385,8 @@ def status(pipeline: str | None) -> None:
 
     from loopline.app.status import collect
 
-    from loopline.app.cli_models import print_rejected
+    from loopline.app.cli_models import origin, print_rejected
+    from loopline.model_ref import version_id
 
     kafka = _reachable(_settings())
     state = _registry_state(kafka)
@@ -405,14 +397,23 @@ def status(pipeline: str | None) -> None:
         return
     with console.status("measuring rates and lag..."):
         report = collect(kafka, state, names)
+    # Tansu reports a partition's end as its last batch's base offset + 1, so rates and lag move
+    # in steps of a producer batch there; Apache Kafka reports them exactly.
+    approximate = (" (approximate: the embedded broker reports offsets per batch; exact on Kafka)"
+                   if kafka.embedded else "")
     for p in report:
-        table = Table("model", "stage", "traffic", "sha256", title=f"pipeline {p.name}")
+        table = Table("version", "origin", "stage", "traffic served", "sha256",
+                      title=f"pipeline {p.name}")
         for v in p.versions:
-            table.add_row(f"{v['name']}@{v['version']}", v["stage"], f"{v['traffic']:.0%}", v["sha256"][:12])
+            served = f"{v['share']:.0%}" + (" (scores every event)" if v["stage"] == "shadow"
+                                            else "")
+            table.add_row(version_id(v["name"], v["version"]), origin(v), v["stage"], served,
+                          v["sha256"][:12])
         if not p.versions:
-            table.add_row("(no model deployed)", "", "", "")
+            table.add_row("(no model deployed)", "", "", "", "")
         console.print(table)
-        console.print("events/s: " + ", ".join(f"{k} {r:,.0f}" for k, r in p.rates.items()))
+        console.print(f"events/s over the last second{approximate}: "
+                      + ", ".join(f"{k} {r:,.0f}" for k, r in p.rates.items()), soft_wrap=True)
         console.print("consumer lag: " + ", ".join(f"{s} {'-' if lag is None else f'{lag:,}'}"
                                                    for s, lag in p.lag.items()))
         if p.open_alerts:
@@ -424,7 +425,8 @@ def status(pipeline: str | None) -> None:
         if p.last_retrain:
             r = p.last_retrain
             when = datetime.fromtimestamp(r["created_at"] / 1000, UTC).isoformat(timespec="seconds")
-            console.print(f"last retrain: {r['name']}@{r['version']} at {when} (trigger: {r['trigger']}, "
+            console.print(f"last retrain: {version_id(r['name'], r['version'])} at {when} "
+                          f"(trigger: {r['trigger']}, "
                           f"stage now {r['stage']})")
         else:
             console.print("last retrain: none yet")

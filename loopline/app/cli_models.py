@@ -12,12 +12,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from loopline.terminal import make_console
 from loopline.errors import LooplineError
+from loopline.model_ref import ModelRef, parse_ref, resolve, version_id
 
 if TYPE_CHECKING:
     from loopline.model_profile import ModelProfile
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console(soft_wrap=True)
+notes = make_console(stderr=True)
 
 _STAGES = click.Choice(["champion", "challenger", "shadow", "canary", "candidate"])
 
@@ -45,6 +48,45 @@ def _metrics(pairs: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             raise LooplineError(f"--metrics {pair!r}: expected NAME=NUMBER (rule: metric_format)") from None
     return out
+
+
+def version_ref(text: str, version: int | None = None, name: str | None = None,
+                what: str = "PIPELINE") -> tuple[str, ModelRef]:
+    """(pipeline, model ref) from ``PIPELINE``, ``PIPELINE/2`` or ``PIPELINE@ALIAS`` (+ --name)."""
+    from loopline.topics import check_model_name
+
+    ref = parse_ref(text, what=what, version=version)
+    if ref.note:
+        notes.print(ref.note, style="yellow", soft_wrap=True)
+    model = check_model_name(name) if name else ref.name
+    return ref.name, ModelRef(model, ref.version, ref.alias)
+
+
+def origin(record: dict[str, Any]) -> str:
+    """Who made a version: ``trainer`` (its record carries a trigger or scorecard) or ``user``."""
+    return "trainer" if record.get("trigger") or record.get("scorecard_json") else "user"
+
+
+#: Stages a version must not reach without --force when it was rejected or never validated.
+_TAKES_TRAFFIC = ("champion", "challenger", "canary")
+
+
+def _force_needed(state: Any, pipeline: str, record: dict[str, Any], to_stage: str) -> str | None:
+    """Why promoting ``record`` to ``to_stage`` needs --force, or None when it does not."""
+    from loopline.models import stage_history
+
+    if to_stage not in _TAKES_TRAFFIC or record["stage"] not in ("rejected", "candidate"):
+        return None
+    vid = version_id(record["name"], record["version"])
+    made = f"a {origin(record)} upload" if origin(record) == "user" else "made by the trainer"
+    if record["stage"] == "rejected":
+        last = next((c for c in reversed(stage_history(state, pipeline))
+                     if (c["name"], c["version"]) == (record["name"], record["version"])
+                     and c["to_stage"] == "rejected"), None)
+        why = f" by {last['actor']}: {last['reason']}" if last else ""
+        return f"{vid} ({made}) was rejected{why}"
+    return (f"{vid} ({made}) is a candidate: it was never validated against the champion; "
+            f"`--to shadow` compares it live first")
 
 
 def _when(ms: int) -> str:
@@ -125,7 +167,8 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
         record = registry.register(pipeline, onnx_file.read_bytes(), NewVersion(
             name=name, stage=stage, traffic=traffic, reference=ref, metrics=_metrics(metric_pairs),
             expected_sha256=expected_sha256, max_slowdown=max_slowdown))
-    console.print(f"registered [bold]{record['name']} v{record['version']}[/] for {pipeline} as {record['stage']}"
+    console.print(f"registered [bold]{version_id(record['name'], record['version'])}[/] for "
+                  f"{pipeline} as {record['stage']}"
                   + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
                   + f"; sha256 {record['sha256'][:12]}, {record['uri']}"
                   + ("; reference profile stored" if record["reference_profile_json"] else ""))
@@ -140,9 +183,9 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
         return
     console.print(f"measured in ONNX Runtime: {measured.summary()}")
     if measured.slow:
-        m, v = measured, f"{record['name']} v{record['version']}"
-        where = (f"it serves as {record['stage']} now; `loopline models promote {pipeline} "
-                 f"{record['version']} --to retired` takes it out"
+        m, v = measured, version_id(record["name"], record["version"])
+        where = (f"it serves as {record['stage']} now; `loopline models promote "
+                 f"{pipeline}/{record['version']} --to retired` takes it out"
                  if record["stage"] in ("champion", "challenger", "canary", "shadow")
                  else "it takes no traffic yet")
         console.print(f"[bold yellow]warning:[/] {v} is {m.slowdown:.1f}x slower than champion "
@@ -154,35 +197,46 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
 
 
 @models.command("list")
-@click.argument("pipeline", required=False)
+@click.argument("pipeline", required=False, metavar="[PIPELINE[/VERSION|@ALIAS]]")
 @click.option("--history", is_flag=True, help="Show every stage change instead of the versions.")
 def list_(pipeline: str | None, history: bool) -> None:
-    """List model versions (of PIPELINE, or of every pipeline)."""
+    """List model versions (of PIPELINE, one version of it, or of every pipeline).
+
+    The origin column tells the trainer's versions (registered with a trigger and a scorecard)
+    from user uploads: both share one sequence of version numbers.
+    """
     from loopline.model_profile import PREFIX, ModelProfile
     from loopline.models import stage_history, versions_of
 
-    from loopline.topics import check_pipeline_name
-
-    if pipeline is not None:
-        check_pipeline_name(pipeline)
+    ref = version_ref(pipeline)[1] if pipeline is not None else None
     state = _registry().state()
     print_rejected(console, state)
-    pipelines = [pipeline] if pipeline else sorted({p for p, _, _ in state.versions})
+    pipelines = [ref.name] if ref else sorted({p for p, _, _ in state.versions})
+    only = resolve(ref, state, ref.name) if ref and (ref.version or ref.alias) else None
+
+    def shown(name: str, version: int) -> bool:
+        return only is None or (only["name"], only["version"]) == (name, version)
+
     if history:
-        table = Table("at", "pipeline", "model", "version", "from", "to", "traffic", "reason", "actor")
+        table = Table("at", "pipeline", "version", "from", "to", "traffic", "reason", "actor")
         for p in pipelines:
             for c in stage_history(state, p):
-                table.add_row(_when(c["at"]), p, c["name"], str(c["version"]), c["from_stage"] or "-",
-                              c["to_stage"], f"{c['traffic']:g}", c["reason"], c["actor"])
+                if shown(c["name"], c["version"]):
+                    table.add_row(_when(c["at"]), p, version_id(c["name"], c["version"]),
+                                  c["from_stage"] or "-", c["to_stage"], f"{c['traffic']:g}",
+                                  c["reason"], c["actor"])
         console.print(table)
         return
-    table = Table("pipeline", "model", "version", "stage", "traffic", "sha256", "parent", "created",
-                  "metrics", "latency p50/p99 1 row | batch", "rows/s", "size", "memory",
-                  "vs champion")
+    table = Table("pipeline", "version", "origin", "stage", "traffic", "sha256", "parent",
+                  "created", "metrics", "latency p50/p99 1 row | batch", "rows/s", "size",
+                  "memory", "vs champion")
     for p in pipelines:
         for v in versions_of(state, p):
-            table.add_row(p, v["name"], str(v["version"]), v["stage"], f"{v['traffic']:g}",
-                          v["sha256"][:12], v["parent"] or "-", _when(v["created_at"]),
+            if not shown(v["name"], v["version"]):
+                continue
+            table.add_row(p, version_id(v["name"], v["version"]), origin(v), v["stage"],
+                          f"{v['traffic']:g}", v["sha256"][:12],
+                          (v["parent"] or "-").replace(":", "/"), _when(v["created_at"]),
                           " ".join(f"{k}={x:g}" for k, x in sorted(v["metrics"].items())
                                    if not k.startswith(PREFIX)),
                           *_profile_cells(ModelProfile.from_metrics(v["metrics"])))
@@ -190,26 +244,55 @@ def list_(pipeline: str | None, history: bool) -> None:
 
 
 @models.command()
-@click.argument("pipeline")
-@click.argument("version", type=int)
+@click.argument("pipeline", metavar="PIPELINE[/VERSION|@ALIAS]")
+@click.argument("version", type=int, required=False)
+@click.option("--version", "version_option", type=int, metavar="N",
+              help="The version (same as PIPELINE/N).")
 @click.option("--name", help="Model name (default: the pipeline's name).")
 @click.option("--to", "to_stage", type=click.Choice(["champion", "challenger", "shadow", "canary", "retired"]),
               default="champion", show_default=True)
 @click.option("--traffic", type=float, help="Share of keys for a challenger or canary.")
 @click.option("--reason", default="promoted", show_default=True)
-def promote(pipeline: str, version: int, name: str | None, to_stage: str, traffic: float | None,
-            reason: str) -> None:
-    """Move VERSION of PIPELINE's model to a stage (a new champion retires the old one)."""
-    change = _registry().promote(pipeline, version, name=name, to_stage=to_stage, traffic=traffic, reason=reason)
-    console.print(f"{pipeline}: {change['name']} v{change['version']} {change['from_stage']} -> "
-                  f"[bold]{change['to_stage']}[/]")
+@click.option("--force", is_flag=True,
+              help="Give traffic to a rejected or never-validated (candidate) version anyway.")
+def promote(pipeline: str, version: int | None, version_option: int | None, name: str | None,
+            to_stage: str, traffic: float | None, reason: str, force: bool) -> None:
+    """Move a version to a stage (a new champion retires the old one).
+
+    Name it PIPELINE/2 (or PIPELINE 2, --version 2) or by its stage: PIPELINE@challenger.
+    """
+    if version is not None and version_option is not None and version != version_option:
+        raise LooplineError(f"version {version} and --version {version_option} differ; give one "
+                            "(rule: model_ref)")
+    pipeline, ref = version_ref(pipeline, version if version is not None else version_option,
+                                name)
+    registry = _registry()
+    state = registry.state()
+    if pipeline not in state.specs:
+        raise LooplineError(f"pipeline {pipeline!r} is not in the registry; `loopline apply` it "
+                            "first (rule: pipeline_exists)")
+    record = resolve(ref, state, pipeline)
+    why = _force_needed(state, pipeline, record, to_stage)
+    if why is not None and not force:
+        raise LooplineError(f"{why}. It would take traffic as {to_stage}: `--force` promotes it "
+                            "anyway (rule: force_needed)")
+    if why is not None:
+        notes.print(f"warning: {why}; promoted anyway (--force)", style="yellow", soft_wrap=True)
+    change = registry.promote(pipeline, record["version"], name=record["name"], to_stage=to_stage,
+                              traffic=traffic, reason=reason)
+    console.print(f"{pipeline}: {version_id(change['name'], change['version'])} "
+                  f"{change['from_stage']} -> [bold]{change['to_stage']}[/]")
 
 
 @models.command()
-@click.argument("pipeline")
+@click.argument("pipeline", metavar="PIPELINE[@champion]")
 @click.option("--reason", default="rolled back", show_default=True)
 def rollback(pipeline: str, reason: str) -> None:
     """Make PIPELINE's previous champion champion again; the current one is rejected."""
+    pipeline, ref = version_ref(pipeline)
+    if ref.version is not None or ref.alias not in (None, "champion"):
+        raise LooplineError(f"rollback takes back the champion: write {pipeline} or "
+                            f"{pipeline}@champion, not {ref} (rule: model_ref)")
     current, previous = _registry().rollback(pipeline, reason=reason)
-    console.print(f"{pipeline}: rolled back {current['name']} v{current['version']} -> champion is now "
-                  f"[bold]{previous['name']} v{previous['version']}[/]")
+    back, now = (version_id(v["name"], v["version"]) for v in (current, previous))
+    console.print(f"{pipeline}: rolled back {back} -> champion is now [bold]{now}[/]")

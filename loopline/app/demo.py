@@ -10,7 +10,7 @@ would have scored on the same events.
 from __future__ import annotations
 
 import shutil
-import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,12 +29,13 @@ from loopline.apply import apply_spec, ensure_global_topics
 from loopline.artifacts import ArtifactStore
 from loopline.broker import BrokerAddress, EmbeddedBroker, read_state
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig, StopFlag
+from loopline.kafka import AckedProducer, KafkaConfig, release_producer
+from loopline.model_ref import version_id
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
-from loopline.app.up import ServiceProcess, Supervisor
+from loopline.app.up import ServiceProcess, Stopper, StopRequested, Supervisor
 
 LABEL_DELAY = 200  # labels come back this many events after their event
 
@@ -126,13 +127,15 @@ class Watcher:
                 self.story.versions[version] = record
                 if record.get("scorecard_json"):
                     card = orjson.loads(record["scorecard_json"])
-                    self.console.print(f"  [cyan]new version[/] {record['name']}@{version} at event {position} "
-                                       f"(trigger {record['trigger']}): {card.get('reason', '')}")
+                    self.console.print(
+                        f"  [cyan]new version[/] {version_id(record['name'], version)} at event "
+                        f"{position} (trigger {record['trigger']}): {card.get('reason', '')}")
         for change in state.stage_changes[self._seen_changes:]:
             if change["pipeline"] == self.spec.name:
                 self.story.stages.append((position, change))
-                self.console.print(f"  [green]stage[/] {change['name']}@{change['version']} -> "
-                                   f"{change['to_stage']} at event {position}: {change['reason']}")
+                self.console.print(
+                    f"  [green]stage[/] {version_id(change['name'], change['version'])} -> "
+                    f"{change['to_stage']} at event {position}: {change['reason']}")
         self._seen_changes = len(state.stage_changes)
 
     def promoted(self, first_version: int) -> dict[str, Any] | None:
@@ -161,84 +164,118 @@ def _fresh_state(home: Path, pipeline: str) -> None:
 
 def run_demo(settings: LooplineSettings, pipeline_file: Path, keep: bool, console: Console,
              plan: Plan | None = None) -> None:
-    """Run the whole demo and print its summary."""
+    """Run the whole demo and print its summary; Ctrl-C stops it and all it started at once."""
     plan = plan or Plan()
     spec = load_spec(pipeline_file)
-    stop = StopFlag()
-    signal.signal(signal.SIGINT, stop.set)
-    signal.signal(signal.SIGTERM, stop.set)
+    # Like `loopline up`: the first Ctrl-C interrupts whatever runs (a wait, training, streaming);
+    # the services and the broker run in their own sessions, so the terminal's SIGINT reaches
+    # only this process, which stops the services while the broker is still there, then the broker.
+    stopper = Stopper()
+    stopper.install()
+    try:
+        _run(settings, spec, keep, console, plan, stopper)
+    except StopRequested as e:
+        console.print(f"demo stopped by {e}; services and broker stopped", style="dim")
+    finally:
+        stopper.disarm()
+
+
+def _run(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: Console,
+         plan: Plan, stopper: Stopper) -> None:
     with ExitStack() as stack:
-        if settings.bootstrap_servers:
-            address = BrokerAddress(settings.bootstrap_servers, settings.kafka_profile == "embedded")
-            console.print(f"[1/6] using the Kafka cluster at {address.bootstrap_servers}")
-        else:
-            if read_state(settings.home) is not None:
-                raise LooplineError(f"a broker already runs from {settings.home}; the demo starts its own: stop "
-                                    "that one or run the demo with another LOOPLINE_HOME")
-            _fresh_state(settings.home, spec.name)
-            with console.status("[1/6] starting the embedded broker..."):
-                broker = stack.enter_context(EmbeddedBroker(home=settings.home))
-            address = BrokerAddress(broker.bootstrap_servers, True)
-            console.print(f"[1/6] embedded Kafka-protocol broker at [bold]{address.bootstrap_servers}[/]")
-        kafka = KafkaConfig(settings, address)
-        ensure_global_topics(kafka)
-        apply_spec(kafka, spec)
+        try:
+            _steps(settings, spec, keep, console, plan, stack)
+        finally:
+            stopper.disarm()  # before the stack unwinds: a second Ctrl-C must not cut it short
 
-        supervisor = Supervisor(settings, address.bootstrap_servers, address.embedded)
-        stack.callback(supervisor.stop)
-        supervisor.start()
-        with console.status("[2/6] starting ingest, inference, monitor, trainer and lineage..."):
-            if not supervisor.wait_ready(120):
-                raise LooplineError("services did not become ready; see " + str(supervisor.home / "logs"))
-        console.print(f"[2/6] pipeline [bold]{spec.name}[/] applied; 5 services ready "
-                      f"(logs in {supervisor.home / 'logs'})")
 
-        with console.status("[3/6] training the first model on pre-drift data..."):
-            onnx_model, reference = first_model(spec, plan.seed)
-            registry = ModelRegistry(kafka, ArtifactStore.from_settings(settings), actor="demo")
-            first = registry.register(spec.name, onnx_model, NewVersion(reference=reference))
-            # Inference subscribes once the pipeline has a champion; wait until it joined its group.
-            inference = next(s for s in supervisor.services if s.name == "inference")
-            deadline = time.monotonic() + 60
-            while not _serves(inference, spec.name):
-                if time.monotonic() > deadline:
-                    raise LooplineError(f"inference did not start serving {spec.name}: {inference.health()}")
-                time.sleep(0.2)
-        console.print(f"[3/6] registered {first['name']}@{first['version']} as champion "
-                      f"(sha256 {first['sha256'][:12]}, validated in ONNX Runtime); inference serves it")
+def _steps(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: Console,
+           plan: Plan, stack: ExitStack) -> None:
+    if settings.bootstrap_servers:
+        address = BrokerAddress(settings.bootstrap_servers, settings.kafka_profile == "embedded")
+        console.print(f"[1/6] using the Kafka cluster at {address.bootstrap_servers}")
+    else:
+        if read_state(settings.home) is not None:
+            raise LooplineError(f"a broker already runs from {settings.home}; the demo starts its "
+                                "own: stop that one or run the demo with another LOOPLINE_HOME")
+        _fresh_state(settings.home, spec.name)
+        with console.status("[1/6] starting the embedded broker..."):
+            broker = stack.enter_context(EmbeddedBroker(home=settings.home))
+        address = BrokerAddress(broker.bootstrap_servers, True)
+        console.print("[1/6] embedded Kafka-protocol broker at "
+                      f"[bold]{address.bootstrap_servers}[/]")
+    kafka = KafkaConfig(settings, address)
+    ensure_global_topics(kafka)
+    apply_spec(kafka, spec)
 
-        watcher = Watcher(kafka, spec, console)
-        stack.callback(watcher.close)
-        events = list(sea_stream(plan))
-        console.print(f"[4/6] streaming {plan.total} SEA events at {plan.rate:.0f}/s; the concept drifts at event "
-                      f"{plan.before}; labels come back {LABEL_DELAY} events late")
-        watcher.supervisor = supervisor
-        produced = _stream(kafka, spec, plan, events, watcher, stop, console)
-        with console.status("[5/6] waiting for the promotion and for lineage to catch up..."):
-            deadline = time.monotonic() + 120
-            while not stop.is_set() and time.monotonic() < deadline and watcher.promoted(first["version"]) is None:
-                watcher.poll(produced)
-                time.sleep(0.5)
-            lineage_done = _wait_lineage(settings, spec, produced, stop, watcher)
-        console.print(f"[5/6] lineage store holds {lineage_done} served predictions")
-        _summary(settings, spec, plan, events, first, watcher, onnx_model, produced, console, kafka)
-        if keep:
-            console.print("Ctrl-C stops the demo (services and broker).", style="dim")
-            while not stop.wait(0.5):
-                supervisor.supervise_once()
+    supervisor = Supervisor(settings, address.bootstrap_servers, address.embedded)
+    stack.callback(supervisor.stop)
+    supervisor.start()
+    with console.status("[2/6] starting ingest, inference, monitor, trainer and lineage..."):
+        if not supervisor.wait_ready(120):
+            raise LooplineError("services did not become ready; see "
+                                + str(supervisor.home / "logs"))
+    console.print(f"[2/6] pipeline [bold]{spec.name}[/] applied; 5 services ready "
+                  f"(logs in {supervisor.home / 'logs'})")
+
+    with console.status("[3/6] training the first model on pre-drift data..."):
+        onnx_model, reference = first_model(spec, plan.seed)
+        registry = ModelRegistry(kafka, ArtifactStore.from_settings(settings), actor="demo")
+        first = registry.register(spec.name, onnx_model, NewVersion(reference=reference))
+        # Inference subscribes once the pipeline has a champion; wait until it joined its group.
+        inference = next(s for s in supervisor.services if s.name == "inference")
+        deadline = time.monotonic() + 60
+        while not _serves(inference, spec.name):
+            if time.monotonic() > deadline:
+                raise LooplineError(f"inference did not start serving {spec.name}: "
+                                    f"{inference.health()}")
+            time.sleep(0.2)
+    console.print(f"[3/6] registered {version_id(first['name'], first['version'])} as champion "
+                  f"(sha256 {first['sha256'][:12]}, validated in ONNX Runtime); "
+                  "inference serves it")
+
+    watcher = Watcher(kafka, spec, console)
+    stack.callback(watcher.close)
+    events = list(sea_stream(plan))
+    console.print(f"[4/6] streaming {plan.total} SEA events at {plan.rate:.0f}/s; the concept "
+                  f"drifts at event {plan.before}; labels come back {LABEL_DELAY} events late")
+    watcher.supervisor = supervisor
+    produced = _stream(kafka, spec, plan, events, watcher, console)
+    with console.status("[5/6] waiting for the promotion and for lineage to catch up..."):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and watcher.promoted(first["version"]) is None:
+            watcher.poll(produced)
+            time.sleep(0.5)
+        lineage_done = _wait_lineage(settings, spec, produced, watcher)
+    console.print(f"[5/6] lineage store holds {lineage_done} served predictions")
+    _summary(settings, spec, plan, events, first, watcher, onnx_model, produced, console, kafka)
+    if keep:
+        console.print("Ctrl-C stops the demo (services and broker).", style="dim")
+        while True:
+            time.sleep(0.5)
+            supervisor.supervise_once()
 
 
 def _stream(kafka: KafkaConfig, spec: PipelineSpec, plan: Plan, events: list[tuple[dict[str, float], str]],
-            watcher: Watcher, stop: StopFlag, console: Console) -> int:
+            watcher: Watcher, console: Console) -> int:
     producer = AckedProducer(kafka.producer("loopline-demo"))
+    try:
+        return _produce(producer, spec, plan, events, watcher, console)
+    finally:
+        # Interrupted, nothing queued is worth waiting for: drop it, so closing never blocks and
+        # no client outlives the broker (it would log refused connections until it is collected).
+        release_producer(producer.producer)
+
+
+def _produce(producer: AckedProducer, spec: PipelineSpec, plan: Plan,
+             events: list[tuple[dict[str, float], str]], watcher: Watcher,
+             console: Console) -> int:
     start, bad = time.monotonic(), 0
     columns = (TextColumn("  events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[note]}"))
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("stream", total=len(events), note="")
         for i, (x, _) in enumerate(events):
-            if stop.is_set():
-                break
             producer.send(spec.topics.raw, orjson.dumps({"event_id": f"e{i}", "key": f"k{i % 500}",
                                                          "features": x}), key=f"k{i % 500}")
             if i % plan.bad_every == plan.bad_every - 1:  # malformed input: dead-lettered, never lost
@@ -262,14 +299,14 @@ def _stream(kafka: KafkaConfig, spec: PipelineSpec, plan: Plan, events: list[tup
     return len(events)
 
 
-def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int, stop: StopFlag,
+def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int,
                   watcher: Watcher) -> int:
     from loopline.services.lineage.query import connect
     from loopline.services.lineage.store import LineageStore
 
     store = LineageStore(settings.home / "lineage")
     deadline, served = time.monotonic() + 60, 0
-    while not stop.is_set() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         if spec.name in store.pipelines():
             con = connect(store, spec.name)
             served = con.execute("SELECT count(DISTINCT event_id) FROM predictions WHERE served").fetchall()[0][0]
@@ -324,8 +361,10 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
     table.add_row("true drift position", f"event {plan.before}")
     table.add_row("first alert (seen while producing)", f"event {first_alert[0]} ({first_alert[1]['signal']}, "
                   f"{first_alert[1]['detector']}; labels arrive {LABEL_DELAY} events late)" if first_alert else "none")
-    table.add_row("versions", ", ".join(f"@{v} {r['stage']}" for v, r in sorted(watcher.story.versions.items())))
-    table.add_row("promoted", f"{promoted['name']}@{promoted['version']}" if promoted else "no promotion yet")
+    table.add_row("versions", ", ".join(f"{version_id(r['name'], v)} {r['stage']}"
+                                        for v, r in sorted(watcher.story.versions.items())))
+    table.add_row("promoted", version_id(promoted["name"], promoted["version"]) if promoted
+                  else "no promotion yet")
     table.add_row("accuracy before the drift (served)", accuracy(list(range(plan.before))))
     table.add_row("accuracy after the drift, frozen first model", f"{frozen_acc:.3f} ({len(after)} events)")
     table.add_row("accuracy after the promotion (served)", accuracy(after_promotion))
@@ -336,5 +375,19 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
     console.print(table)
     console.print(f"report: [bold]{report_file.resolve()}[/] ({len(report.charts)} charts; "
                   "open it in a browser, it needs no network)")
-    console.print(f"try: loopline lineage query {spec.name} --model {first['name']}@{first['version']}   "
+    console.print(f"try: loopline lineage query {spec.name} --model "
+                  f"{version_id(first['name'], first['version'])}   "
                   f"(the lineage store stays in {settings.home / 'lineage'})")
+    hint = path_hint()
+    if hint:
+        console.print(hint, style="dim")
+
+
+def path_hint() -> str | None:
+    """How to put ``loopline`` on PATH when the shell would not find it, else None."""
+    here = Path(sys.executable).parent
+    found = shutil.which("loopline")
+    if found is not None and Path(found).resolve().parent == here.resolve():
+        return None
+    return (f"`loopline` is in {here}, not on your PATH: run `source {here / 'activate'}` "
+            "(or `make shell`) first, or call it as " + str(here / "loopline"))

@@ -26,6 +26,7 @@ class PipelineStatus:
 
     name: str
     versions: list[dict[str, Any]]
+    #: Messages per second over the sample, per topic kind (approximate on the embedded broker).
     rates: dict[str, float]
     lag: dict[str, int | None]
     open_alerts: list[dict[str, Any]]
@@ -95,6 +96,17 @@ def open_alerts(kafka: KafkaConfig) -> list[dict[str, Any]]:
     return sorted(episodes.values(), key=lambda a: a["at"])
 
 
+def served_shares(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The versions, each with ``share``: the part of the keys it serves, as inference routes them.
+
+    Challengers and canaries serve their ``traffic``; the champion serves the rest (a record says
+    1.0 for it whatever the others take); shadows score every event and serve none.
+    """
+    sliced = sum(v["traffic"] for v in versions if v["stage"] in ("challenger", "canary"))
+    shares = {"champion": max(0.0, 1.0 - sliced), "shadow": 0.0}
+    return [dict(v, share=shares.get(v["stage"], v["traffic"])) for v in versions]
+
+
 def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], sample_s: float = 1.0) -> list[PipelineStatus]:
     """Gather every pipeline's status; events/s come from two watermark samples ``sample_s`` apart."""
     names = [t for p in pipelines for t in state.specs[p].topics.all()]
@@ -111,8 +123,10 @@ def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], samp
         lag = {svc: group_lag(kafka, f"loopline-{svc}",
                               {t: second[t] for k in CONSUMES[svc] for t in [getattr(spec.topics, k)] if t in second})
                for svc in SERVICES}
-        versions = sorted((v for (vp, _, _), v in state.versions.items() if vp == p and v["stage"] in _STAGES),
-                          key=lambda v: (_STAGES.index(v["stage"]), v["name"], v["version"]))
+        deployed = (v for (vp, _, _), v in state.versions.items()
+                    if vp == p and v["stage"] in _STAGES)
+        versions = served_shares(sorted(
+            deployed, key=lambda v: (_STAGES.index(v["stage"]), v["name"], v["version"])))
         trained = [v for (vp, _, _), v in state.versions.items() if vp == p and v.get("trigger")]
         last = max(trained, key=lambda v: v["created_at"]) if trained else None
         out.append(PipelineStatus(p, versions, rates, lag, [a for a in alerts if a["pipeline"] == p], last))

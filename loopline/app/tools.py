@@ -61,6 +61,76 @@ def read_events(path: Path, spec: PipelineSpec) -> Iterator[dict[str, Any]]:
         raise LooplineError(f"{path}: use a .csv or .jsonl file")
 
 
+#: The columns of a feedback file besides the label (under the spec's label name, or ``label``).
+FEEDBACK_COLUMNS = ("prediction_id", "event_id", "value", "verdict", "feedback_id")
+
+
+def read_feedback(path: Path, spec: PipelineSpec) -> list[dict[str, Any]]:
+    """Feedback rows of a CSV or JSON-lines file, as keyword arguments of ``FeedbackSender.send``.
+
+    The true label is in the column named like the spec's label (``is_fraud``), or ``label``;
+    for a regression pipeline that column holds the true value. Other columns:
+    :data:`FEEDBACK_COLUMNS`. An unknown column is an error naming it (a typo would otherwise
+    drop every label silently).
+    """
+    target = spec.label.name
+    known = {*FEEDBACK_COLUMNS, "label", target}
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            raw: list[dict[str, Any]] = [dict(r) for r in reader]
+            columns = list(reader.fieldnames or [])
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        raw = []
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise LooplineError(f"{path}:{number}: not valid JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise LooplineError(f"{path}:{number}: a feedback line must be a JSON object")
+            raw.append(doc)
+        columns = sorted({k for r in raw for k in r})
+    else:
+        raise LooplineError(f"{path}: use a .csv or .jsonl file")
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise LooplineError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))}; feedback "
+                            f"columns are {target!r} (or 'label'), {', '.join(FEEDBACK_COLUMNS)} "
+                            "(rule: feedback_columns)")
+    rows = []
+    for number, r in enumerate(raw, 1):
+        cells = {k: (None if v == "" else v) for k, v in r.items()}
+        truth = [c for c in dict.fromkeys((target, "label")) if cells.get(c) is not None]
+        if len(truth) > 1 and cells[target] != cells["label"]:
+            raise LooplineError(f"{path}: row {number}: {target}={cells[target]!r} and "
+                                f"label={cells['label']!r} disagree; give one (rule: one_label)")
+        row = {k: cells.get(k) for k in FEEDBACK_COLUMNS}
+        given = cells[truth[0]] if truth else None
+        if spec.label.task == "regression":
+            row["value"] = row["value"] if given is None else given
+            row["label"] = None
+        else:
+            row["label"] = None if given is None else _label_text(given)
+        if row["value"] is not None:
+            try:
+                row["value"] = float(row["value"])
+            except (TypeError, ValueError):
+                raise LooplineError(f"{path}: row {number}: value {row['value']!r} is not a number "
+                                    "(rule: value_type)") from None
+        rows.append(row)
+    return rows
+
+
+def _label_text(value: Any) -> str:
+    """A label cell as the class name: JSON ``1`` and ``true`` are the classes "1" and "true"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def count_lines(path: Path) -> int:
     """Events in a file, for the progress bar."""
     with path.open("rb") as f:

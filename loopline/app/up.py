@@ -69,7 +69,10 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loopline.app.cli", "run", self.name], env=env,
             stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=self._log, preexec_fn=die_with_parent)
+            stdout=self._log, stderr=self._log, preexec_fn=die_with_parent,
+            # Its own session: a Ctrl-C at the terminal reaches only the supervisor, which stops
+            # the services in order (while the broker still runs) instead of all at once.
+            start_new_session=True)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:

@@ -201,7 +201,8 @@ class KafkaBroker(BrokerProcess):
                    "-cp", f"{self._lib}/*", "kafka.Kafka", str(props)]
         out = self._output()
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         cwd=self.dir, preexec_fn=die_with_parent)
+                                         cwd=self.dir, preexec_fn=die_with_parent,
+                                         start_new_session=True)  # Ctrl-C: its owner stops it
         self.progress(f"started Apache Kafka {self.version} (pid {self._process.pid}) on "
                       f"{self.bootstrap_servers}; waiting until it answers")
 

@@ -55,8 +55,10 @@ class TansuBroker(BrokerProcess):
         internal = free_port(self.host)
         public_url = f"tcp://{self.host}:{port}"
         out = self._output()
+        # start_new_session: a Ctrl-C at the terminal reaches only the owner, which stops its
+        # clients and services first and the broker last.
         common = {"stdin": subprocess.DEVNULL, "stdout": out, "stderr": out,
-                  "preexec_fn": die_with_parent}
+                  "preexec_fn": die_with_parent, "start_new_session": True}
         self._process = subprocess.Popen(
             [self._binary, "broker", "--listener-url", f"tcp://{self.host}:{internal}",
              "--advertised-listener-url", public_url, "--storage-engine", "memory://tansu/",

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from loopline.errors import ClientStuck, DeliveryError
+from loopline.kafka import release_producer
 from loopline.runtime.outputs import Out
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class Delivery:
         self.producer.poll(0)
 
     def close(self) -> None:
-        """Flush what is left (an open transaction is aborted)."""
+        """Flush what is left (an open transaction is aborted), then close the producer."""
         self.producer.flush(10)
+        release_producer(self.producer)  # a Loop outlives its run (its consumer's callbacks)
 
 
 class AtLeastOnce(Delivery):

@@ -9,17 +9,19 @@ from typing import Any
 
 import click
 import orjson
-from rich.console import Console
 from rich.table import Table
 
 from loopline.artifacts import ArtifactStore
 from loopline.kafka import KafkaConfig
+from loopline.model_ref import ModelRef, parse_ref, resolve, version_id
 from loopline.registry import RegistryReader, RegistryState
 from loopline.services.lineage import query as q
 from loopline.services.lineage.settings import LineageSettings
 from loopline.services.lineage.store import LineageStore
+from loopline.terminal import make_console
 
-console = Console(highlight=False)
+console = make_console()
+notes = make_console(stderr=True)
 
 
 def _store(settings: LineageSettings) -> LineageStore:
@@ -32,6 +34,18 @@ def _registry(settings: LineageSettings) -> RegistryState:
         return reader.catch_up()
     finally:
         reader.close()
+
+
+def _model(settings: LineageSettings, pipeline: str, text: str, what: str,
+           need_version: bool) -> tuple[str, int | None]:
+    """(model name, version) from NAME, NAME/VERSION or NAME@ALIAS (an alias: via the registry)."""
+    ref: ModelRef = parse_ref(text, what=what)
+    if ref.note:
+        notes.print(ref.note, style="yellow", soft_wrap=True)
+    if ref.alias is not None or (need_version and ref.version is None):
+        record = resolve(ref, _registry(settings), pipeline)
+        return str(record["name"]), int(record["version"])
+    return ref.name, ref.version
 
 
 def _fmt(value: Any) -> str:
@@ -68,15 +82,18 @@ def lineage() -> None:
 
 @lineage.command("query")
 @click.argument("pipeline")
-@click.option("--model", help="NAME@VERSION (or NAME) to restrict to.")
+@click.option("--model", help="NAME/VERSION, NAME@ALIAS (champion, challenger, shadow, canary: "
+                               "the version holding it now) or NAME, to restrict to.")
 @click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
 @click.option("--limit", type=int, default=50, show_default=True, help="Rows listed (the summary counts all).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query_cmd(pipeline: str, model: str | None, since: str | None, until: str | None, limit: int, fmt: str) -> None:
     """What the model output in a time window, for whom: counts, output distribution, rows."""
-    name, version = q.parse_model(model) if model else (None, None)
-    result = q.query_predictions(_store(LineageSettings()), pipeline, name, version,
+    settings = LineageSettings()
+    name, version = (_model(settings, pipeline, model, "--model", need_version=False) if model
+                     else (None, None))
+    result = q.query_predictions(_store(settings), pipeline, name, version,
                                  q.parse_time(since) if since else None, q.parse_time(until) if until else None,
                                  limit)
     if fmt == "json":
@@ -106,7 +123,8 @@ def trace_cmd(event_id: str, fmt: str) -> None:
         console.print(f"  raw      {f['raw_topic']}[{f['raw_partition']}]@{f['raw_offset']}  key={f['key']}")
         console.print(f"  features {f['_topic']}[{f['_partition']}]@{f['_offset']}  {f['features']}")
     for p in chain["predictions"]:
-        console.print(f"  predicted {p['model_name']}@{p['model_version']} {p['variant']:10} "
+        console.print(f"  predicted {version_id(p['model_name'], p['model_version'])} "
+                      f"{p['variant']:10} "
                       f"{'served' if p['served'] else 'not served'}  label={p['label']} value={_fmt(p['value'])}"
                       f"  ({p['_topic']}[{p['_partition']}]@{p['_offset']})")
     for fb in chain["feedback"]:
@@ -202,8 +220,10 @@ def forget_cmd(pipeline: str, key: str, tombstones: bool, block: bool, dry_run: 
 
 @click.command("replay")
 @click.argument("pipeline")
-@click.option("--model", required=True, help="NAME@VERSION to re-score the window with.")
-@click.option("--against", help="NAME@VERSION to compare with.")
+@click.option("--model", required=True,
+              help="NAME/VERSION (or NAME@ALIAS: champion, challenger, shadow, canary) to re-score "
+                   "the window with.")
+@click.option("--against", help="NAME/VERSION or NAME@ALIAS to compare with.")
 @click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -212,22 +232,23 @@ def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None
     """Re-score a logged window with model versions: agreement, metric deltas, reproducibility audit."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from loopline.errors import LooplineError
     from loopline.services.lineage.replay import replay
 
     settings = LineageSettings()
 
-    def version(text: str) -> tuple[str, int]:
-        name, number = q.parse_model(text)
-        if number is None:
-            raise LooplineError(f"give the version too: {name}@VERSION")
+    def version(text: str, what: str) -> tuple[str, int]:
+        name, number = _model(settings, pipeline, text, what, need_version=True)
+        assert number is not None  # need_version: resolved, or an error naming the forms
         return name, number
+
+    chosen = version(model, "--model")
+    other = version(against, "--against") if against else None
 
     with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), console=console,
                   disable=fmt == "json") as progress:
         task = progress.add_task("replay", total=None)
-        report = replay(_store(settings), _registry(settings), pipeline, version(model),
-                        version(against) if against else None, q.parse_time(since) if since else None,
+        report = replay(_store(settings), _registry(settings), pipeline, chosen,
+                        other, q.parse_time(since) if since else None,
                         q.parse_time(until) if until else None,
                         progress=lambda done, total: progress.update(task, completed=done, total=total),
                         artifacts=ArtifactStore.from_settings(settings))

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loopline.errors import LooplineError
+from loopline.model_ref import version_id
 from loopline.registry import RegistryState
 from loopline.services.lineage import forgotten as forgotten_list
 from loopline.services.lineage import rows
@@ -38,14 +39,6 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         raise LooplineError(f"cannot read time {text!r}: use ISO-8601 (2026-11-25T10:00), epoch ms, "
                             "or a duration back from now (30m, 1h, 2d)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def parse_model(text: str) -> tuple[str, int | None]:
-    """Parse ``NAME@VERSION`` (or just ``NAME``)."""
-    name, _, version = text.partition("@")
-    if not name or (version and not version.isdigit()):
-        raise LooplineError(f"model must be NAME@VERSION, e.g. fraud-lr@2; got {text!r}")
-    return name, int(version) if version else None
 
 
 # What makes a row unique in each view. The store never holds one offset twice, but a service that
@@ -171,7 +164,7 @@ def _trained_on(state: RegistryState, pipeline: str, hits: list[tuple[str, int, 
         for r in v.get("training_ranges", []):
             if any(t == r["topic"] and part == r["partition"] and r["first_offset"] <= off <= r["last_offset"]
                    for t, part, off in hits):
-                found.append(f"{name}@{version}")
+                found.append(version_id(name, version))
                 break
     return found
 
@@ -202,7 +195,8 @@ def served_at(state: RegistryState, pipeline: str, when: datetime) -> list[dict[
         raise LooplineError(f"pipeline {pipeline!r} is not in the registry")
     plan = state.deployment_at(pipeline, int(when.timestamp() * 1000))
     order = {"champion": 0, "canary": 1, "challenger": 2, "shadow": 3}
-    return sorted(({"model": f"{n}@{v}", "stage": s, "traffic": t} for (n, v), (s, t) in plan.items()),
+    return sorted(({"model": version_id(n, v), "stage": s, "traffic": t}
+                   for (n, v), (s, t) in plan.items()),
                   key=lambda d: (order.get(d["stage"], 9), d["model"]))
 
 

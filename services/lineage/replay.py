@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from loopline.artifacts import ArtifactStore, read_artifact
 from loopline.errors import LooplineError
+from loopline.model_ref import version_id
 from loopline.registry import RegistryState
 from loopline.scoring import Scorer, ScoreResult
 from loopline.services.lineage.query import connect
@@ -33,11 +34,14 @@ def load_scorer(state: RegistryState, pipeline: str, name: str, version: int,
     """
     record = state.versions.get((pipeline, name, version))
     if record is None:
-        known = ", ".join(f"{n}@{v}" for p, n, v in sorted(state.versions) if p == pipeline) or "none"
-        raise LooplineError(f"{name}@{version} is not a version of pipeline {pipeline} (known: {known})")
+        known = ", ".join(version_id(n, v) for p, n, v in sorted(state.versions)
+                          if p == pipeline) or "none"
+        raise LooplineError(f"{version_id(name, version)} is not a version of pipeline {pipeline} "
+                            f"(known: {known})")
     model = artifacts.read(record["sha256"]) if artifacts is not None else read_artifact(record["uri"],
                                                                                         record["sha256"])
-    return Scorer(model, state.specs[pipeline], record.get("fill_values"), label=f"{name}@{version}",
+    return Scorer(model, state.specs[pipeline], record.get("fill_values"),
+                  label=version_id(name, version),
                   input_features=record.get("input_features") or None)
 
 
@@ -132,7 +136,7 @@ def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tupl
     started = time.perf_counter()
     params = [since, until, model[0], model[1], other[0], other[1]]
     reader = con.sql(_ROWS_SQL, params=params).to_arrow_reader(BATCH)
-    sides = [Side(f"{n}@{v}") for n, v in versions]
+    sides = [Side(version_id(n, v)) for n, v in versions]
     rows = labeled = agree = 0
     classification = spec.label.task == "classification"
     for chunk in reader:

@@ -661,8 +661,8 @@ class PipelineMonitor:
             watch = tracker.watches.get((s.model_name, s.model_version, s.variant))
             if watch is not None:
                 watch.degraded = self.episodes.is_open(key)
-        if scored:
-            log.info(
+        if scored:  # per batch: debug (the metrics and alerts carry it at a readable rate)
+            log.debug(
                 "performance_side_by_side",
                 extra={
                     "pipeline": self.spec.name,

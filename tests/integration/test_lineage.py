@@ -166,10 +166,10 @@ def test_trace_served_at_and_forget(settings: LooplineSettings, kafka: KafkaConf
     assert chain["features"][0]["raw_offset"] == 8
     assert [(p["variant"], p["served"]) for p in chain["predictions"]] == [("champion", True), ("shadow", False)]
     assert [f["feedback_id"] for f in chain["feedback"]] == ["f8"]
-    assert chain["trained_on"] == (["m@1"] if chain["features"][0]["_partition"] == 0 else [])
+    assert chain["trained_on"] == (["m/1"] if chain["features"][0]["_partition"] == 0 else [])
 
     at_registration = datetime.fromtimestamp(registered / 1000 + 0.001, UTC)
-    assert q.served_at(state, unique, at_registration) == [{"model": "m@1", "stage": "champion", "traffic": 1.0}]
+    assert q.served_at(state, unique, at_registration) == [{"model": "m/1", "stage": "champion", "traffic": 1.0}]
     assert q.served_at(state, unique, datetime.now(UTC))[0]["stage"] == "retired"
 
     result = q.forget(store, state, unique, "u1")

@@ -129,7 +129,7 @@ def test_cli_register_list_promote(settings: LooplineSettings, registry: ModelRe
     r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--reference", str(ref),
                             "--metrics", "auc=0.8"])
     assert r.exit_code == 0, r.output
-    assert "v1" in r.output and "reference profile stored" in r.output
+    assert f"registered {unique}/1 " in r.output and "reference profile stored" in r.output
     r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--stage", "shadow"])
     assert r.exit_code == 0, r.output
     assert f"scored beside champion {unique}/{unique} v1" in r.output
@@ -143,7 +143,7 @@ def test_cli_register_list_promote(settings: LooplineSettings, registry: ModelRe
     r = runner.invoke(cli, ["models", "promote", unique, "2"])
     assert r.exit_code == 0 and "shadow -> champion" in r.output, r.output
     r = runner.invoke(cli, ["models", "rollback", unique])
-    assert r.exit_code == 0 and "v1" in r.output, r.output
+    assert r.exit_code == 0 and f"champion is now {unique}/1" in r.output, r.output
     r = runner.invoke(cli, ["models", "list", unique, "--history"])
     assert r.exit_code == 0 and r.output.count("champion") >= 3
 

@@ -164,7 +164,7 @@ def test_garbage_registry_records_are_skipped_by_services_and_cli(
         assert r.exit_code == 0, (args, r.output)
         assert "invalid record(s) on loopline.models skipped (not applied)" in r.output, r.output
         assert "Traceback" not in r.output
-    assert f"{unique}@1" in runner.invoke(cli, ["status", unique]).output
+    assert f"{unique}/1" in runner.invoke(cli, ["status", unique]).output
 
 
 def test_fifo_and_oversized_artifacts_are_refused_while_serving_continues(

@@ -208,16 +208,16 @@ def test_report_of_a_real_loop_equals_lineage_query_and_draws_in_chromium(
     ] == [(r["model_version"], r["variant"], r["label"], r["n"]) for r in theirs["distribution"]]
     # Served performance per version: v1 clearly worse after the drift than v2, both labeled.
     served = {r["model"]: r for r in mine["served"]}
-    assert set(served) == {f"{name}@1", f"{name}@2"}
+    assert set(served) == {f"{name}/1", f"{name}/2"}
     assert sum(r["labeled"] for r in served.values()) == TOTAL
-    assert served[f"{name}@2"]["value"] > served[f"{name}@1"]["value"]
+    assert served[f"{name}/2"]["value"] > served[f"{name}/1"]["value"]
     # Both versions were measured beside the champion at registration; the report carries that.
     profiles = {v["model"]: v["profile"] for v in mine["versions"]}
-    assert profiles[f"{name}@1"] and profiles[f"{name}@2"]["profile.champion_version"] == 1.0
+    assert profiles[f"{name}/1"] and profiles[f"{name}/2"]["profile.champion_version"] == 1.0
     assert mine["charts"] == [
         "performance",
-        f"drift-{name}@1",
-        f"drift-{name}@2",
+        f"drift-{name}/1",
+        f"drift-{name}/2",
         "traffic",
         "latency",
         "distribution",
@@ -252,7 +252,7 @@ def test_report_of_a_real_loop_equals_lineage_query_and_draws_in_chromium(
         assert chart["drawn"] == "true" and chart["svgs"] >= 1, chart
         assert chart["given"] > 0 and chart["painted"] == chart["given"], chart
     legend = next(c["legend"] for c in shown.charts if c["id"] == "plot-performance")
-    assert {f"{name}@1", f"{name}@2", "alert raised", "stage change"} <= set(legend)
+    assert {f"{name}/1", f"{name}/2", "alert raised", "stage change"} <= set(legend)
 
 
 def _event_ms(store: LineageStore, pipeline: str, event_id: str) -> int:

@@ -125,3 +125,35 @@ def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaC
     (fb,) = read_all(kafka, spec.topics.feedback, "feedback", spec, 1)
     assert fb["value"]["verdict"] == "accept"
     assert feedback.check(fb["value"])
+
+
+def test_clients_find_the_broker_as_the_docs_show_and_close(
+        settings: LooplineSettings, kafka: KafkaConfig, unique: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_spec({"name": unique, "label": {"name": "is_fraud", "classes": ["0", "1"]},
+                       "features": [{"name": "amount", "type": "float"}]})
+    apply_spec(kafka, spec)
+    # As the README and the SDK docstring write them: no settings argument, LOOPLINE_* variables.
+    monkeypatch.setenv("LOOPLINE_BOOTSTRAP_SERVERS", settings.bootstrap_servers or "")
+    monkeypatch.setenv("LOOPLINE_KAFKA_PROFILE", settings.kafka_profile)
+    with FeedbackSender(unique) as fb:
+        fb.send(event_id="e1", label="1")
+    assert fb._closed
+    with pytest.raises(ValidationError), FeedbackSender(unique) as failing:
+        failing.send(event_id="e2", label="maybe")
+    assert failing._closed  # closed (queue dropped) on the way out of the error too
+    with EventProducer(unique) as events:
+        events.publish({"amount": 3.0}, event_id="e3")
+    with PredictionReader(unique, group_id=f"{unique}-g", poll_timeout_s=0.2) as reader:
+        assert reader.poll() == []
+    assert reader._closed
+    # feedback --file: the label column is named like the spec's label.
+    labels = tmp_path / "labels.csv"
+    labels.write_text("event_id,is_fraud\ne4,0\ne5,1\n")
+    sent = subprocess.run([sys.executable, "-m", "loopline.app.cli", "feedback", unique,
+                           "--file", str(labels)], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=120)
+    assert sent.returncode == 0 and "2 feedback message(s) sent" in sent.stdout, sent.stderr
+    got = read_all(kafka, spec.topics.feedback, "feedback", spec, 3)
+    assert sorted((m["value"]["event_id"], m["value"]["label"]) for m in got) == [
+        ("e1", "1"), ("e4", "0"), ("e5", "1")]

@@ -308,7 +308,7 @@ def build(root: Path) -> Scenario:
             )
             offset += 1
             if is_served:
-                served.append((i, f"{PIPELINE}@{version}", label))
+                served.append((i, f"{PIPELINE}/{version}", label))
                 fb = {
                     "feedback_id": f"f{i}",
                     "prediction_id": None,

@@ -53,5 +53,5 @@ def test_retried_copies_are_read_once_and_still_count_for_trained_on(tmp_path: P
                                                           "first_offset": 2, "last_offset": 2, "count": 1}]}
     chain = q.trace(store, state, "e1")
     assert len(chain["features"]) == 1 and len(chain["predictions"]) == 1
-    assert chain["trained_on"] == ["m@1"]
-    assert q.forget(store, state, "p", "u1")["trained_on"] == ["m@1"]
+    assert chain["trained_on"] == ["m/1"]
+    assert q.forget(store, state, "p", "u1")["trained_on"] == ["m/1"]

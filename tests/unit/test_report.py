@@ -111,7 +111,7 @@ def test_feature_drift_is_the_monitors_psi_against_each_versions_reference(
         "x2",
         "flag",
     }  # the key `user` is not drift-tested
-    v1 = [r for r in drift if r["model"] == "shop@1" and r["feature"] == "x1"]
+    v1 = [r for r in drift if r["model"] == "shop/1" and r["feature"] == "x1"]
     # Recompute the last comparison by hand: v1's last 1000 scored x1 values against its reference.
     con = connect(scenario.store, sc.PIPELINE)
     values = np.array(
@@ -132,10 +132,10 @@ def test_feature_drift_is_the_monitors_psi_against_each_versions_reference(
     assert v1[-1]["psi"] == pytest.approx(want) and v1[-1]["n"] == 1000
     drifted_at = sc.T0 + sc.DRIFT_AT * sc.EVERY_MS
     warn = sc.SPEC.monitor.psi_warning
-    assert all(r["psi"] < warn for r in drift if r["model"] == "shop@1" and r["at"] < drifted_at)
+    assert all(r["psi"] < warn for r in drift if r["model"] == "shop/1" and r["at"] < drifted_at)
     assert max(r["psi"] for r in v1) > sc.SPEC.monitor.psi_alert
     # v2's reference is the drifted data: against it, x1 is where it should be by the end.
-    assert [r for r in drift if r["model"] == "shop@2" and r["feature"] == "x1"][-1]["psi"] < warn
+    assert [r for r in drift if r["model"] == "shop/2" and r["feature"] == "x1"][-1]["psi"] < warn
 
 
 def test_latency_traffic_and_timeline(scenario: sc.Scenario, report: Report) -> None:
@@ -156,14 +156,14 @@ def test_latency_traffic_and_timeline(scenario: sc.Scenario, report: Report) -> 
     by_model: dict[str, int] = {}
     for r in report.data.traffic:
         by_model[r["model"]] = by_model.get(r["model"], 0) + r["served"]
-    assert by_model == {"shop@1": 2000, "shop@2": 1000}
+    assert by_model == {"shop/1": 2000, "shop/2": 1000}
     spans = [(s["model"], s["stage"], s["start"], s["end"]) for s in report.data.timeline]
     end = int(NOW.timestamp() * 1000)
     assert spans == [
-        ("shop@1", "champion", sc.T0 - 5000, sc.PROMOTED_AT),
-        ("shop@2", "shadow", sc.REGISTERED_AT, sc.PROMOTED_AT),
-        ("shop@2", "champion", sc.PROMOTED_AT, end),
-        ("shop@1", "retired", sc.PROMOTED_AT, end),
+        ("shop/1", "champion", sc.T0 - 5000, sc.PROMOTED_AT),
+        ("shop/2", "shadow", sc.REGISTERED_AT, sc.PROMOTED_AT),
+        ("shop/2", "champion", sc.PROMOTED_AT, end),
+        ("shop/1", "retired", sc.PROMOTED_AT, end),
     ]
 
 
@@ -182,11 +182,11 @@ def test_the_story_tells_change_alert_registration_promotion_and_accuracy(report
     for expected in (
         "First alert at 10:02:20",
         "[drift, psi, x1]",
-        "shop@2 registered at 10:02:50 (trigger drift)",
+        "shop/2 registered at 10:02:50 (trigger drift)",
         "scorecard accepted",
-        "shop@2 became champion at 10:03:20",
+        "shop/2 became champion at 10:03:20",
         "+60 s after the first alert",
-        "shop@2 measured 465.0x slower than champion v1",
+        "shop/2 measured 465.0x slower than champion v1",
     ):
         assert expected in text, text
     assert [t[0] for t in report.story.tiles][:2] == ["served predictions", "served accuracy"]
@@ -220,8 +220,8 @@ def test_the_page_is_self_contained(report: Report) -> None:
     keys = [c.key for c in report.charts]
     assert keys == [
         "performance",
-        "drift-shop@1",
-        "drift-shop@2",
+        "drift-shop/1",
+        "drift-shop/2",
         "traffic",
         "latency",
         "distribution",
@@ -297,3 +297,24 @@ def test_a_regression_pipeline_reports_mean_absolute_error(tmp_path: Path) -> No
     [hist] = built.data.histograms
     assert sum(hist["counts"]) == 400
     assert "mean absolute error" in built.html and "No model version registered" in built.html
+
+
+def test_keys_and_id_like_features_get_no_drift_chart_as_in_the_monitor() -> None:
+    from loopline.app.report.data import drift_features
+    from loopline.profile import build_profile
+    from loopline.services.monitor.pipeline import drift_tested
+    from loopline.spec import parse_spec
+
+    spec = parse_spec({"name": "fraud", "key": "customer_id", "label": {"classes": ["0", "1"]},
+                       "features": [{"name": "customer_id", "type": "string"},
+                                    {"name": "device_id", "type": "string"},
+                                    {"name": "country", "type": "string"},
+                                    {"name": "amount", "type": "float"}]})
+    columns = {"customer_id": [f"c{i}" for i in range(300)],
+               "device_id": [f"d{i}" for i in range(300)],  # an id: every value distinct
+               "country": ["DE" if i % 3 else "FR" for i in range(300)],
+               "amount": [float(i % 17) for i in range(300)]}
+    reference = build_profile(columns, {f.name: f.type for f in spec.features})["features"]
+    assert drift_features(spec, reference) == ["country", "amount"]
+    assert drift_features(spec, reference) == [
+        f.name for f in spec.features if drift_tested(spec, f.name, reference[f.name])]

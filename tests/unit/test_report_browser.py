@@ -44,9 +44,9 @@ def test_every_chart_draws_offline_without_a_script_error(
     assert shown.requests == [page.resolve().as_uri()]  # the page itself and nothing else
     check_drawn(shown.charts, [c.key for c in report.charts])
     legends = {c["id"]: c["legend"] for c in shown.charts}
-    assert {"shop@1", "shop@2", "alert raised", "stage change"} <= set(legends["plot-performance"])
+    assert {"shop/1", "shop/2", "alert raised", "stage change"} <= set(legends["plot-performance"])
     assert {"x1", "x2", "flag", "warning level 0.1", "alert level 0.25"} <= set(
-        legends["plot-drift-shop@1"]
+        legends["plot-drift-shop/1"]
     )
     png = shown.screenshot.read_bytes() if shown.screenshot else b""
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

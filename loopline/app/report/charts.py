@@ -15,7 +15,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from loopline.app.report.data import ReportData
+from loopline.app.report.data import ReportData, model_id
 
 #: Colour-blind-safe (Okabe-Ito, without its yellow), then two neutral extras.
 VERSION_COLOURS = (
@@ -300,7 +300,8 @@ def drift_charts(data: ReportData) -> list[Chart]:
                 f"Population stability index of the last {data.spec.monitor.window:,} values "
                 f"of each feature that {model} scored (the monitor's window), every "
                 f"{data.bucket_ms / 1000:g} s, against the reference profile registered with "
-                "it; the monitor's PSI and the spec's levels. Keys are not drift-tested.",
+                "it; the monitor's PSI and the spec's levels. Keys and id-like features are not "
+                "drift-tested, as in the monitor.",
                 fig,
             )
         )
@@ -414,7 +415,7 @@ def distribution_chart(data: ReportData) -> Chart | None:
         columns = []
         totals: dict[str, int] = defaultdict(int)
         for r in rows:
-            col = f"{r['model_name']}@{r['model_version']} · {r['variant']}"
+            col = f"{model_id(r['model_name'], r['model_version'])} · {r['variant']}"
             if col not in columns:
                 columns.append(col)
             totals[col] += r["n"]
@@ -424,7 +425,7 @@ def distribution_chart(data: ReportData) -> Chart | None:
         labels = [lab for lab in labels if any(r["label"] == lab for r in rows)]
         for i, lab in enumerate(labels):
             counts = {
-                f"{r['model_name']}@{r['model_version']} · {r['variant']}": r["n"]
+                f"{model_id(r['model_name'], r['model_version'])} · {r['variant']}": r["n"]
                 for r in rows
                 if r["label"] == lab
             }

@@ -24,11 +24,13 @@ import orjson
 
 from loopline.errors import LooplineError
 from loopline.model_profile import PREFIX, ModelProfile
+from loopline.model_ref import version_id
 from loopline.models import versions_of
 from loopline.profile import bin_fractions
 from loopline.registry import RegistryState
 from loopline.services.lineage.query import QueryResult, connect, query_predictions
 from loopline.services.lineage.store import LineageStore
+from loopline.services.monitor.pipeline import drift_tested
 from loopline.services.monitor.windowed import MIN_EXPECTED, psi
 from loopline.spec import PipelineSpec
 
@@ -68,8 +70,8 @@ MIN_LABELED = 10
 
 
 def model_id(name: str, version: int) -> str:
-    """How the report names a version: ``NAME@VERSION``, as ``lineage query --model`` takes it."""
-    return f"{name}@{version}"
+    """How the report names a version: ``NAME/VERSION``, as ``lineage query --model`` takes it."""
+    return version_id(name, version)
 
 
 @dataclass
@@ -214,6 +216,16 @@ def _psi_categorical(reference: Mapping[str, Any], values: Sequence[str]) -> flo
     return psi(np.asarray(ref, dtype=float), counts / max(1, len(values)))
 
 
+def drift_features(spec: PipelineSpec, reference: Mapping[str, Any]) -> list[str]:
+    """The features the report charts drift for: those with a reference, but no key or id.
+
+    The monitor's own rule (keys and id-like strings identify entities, they have no
+    distribution to drift), so the report never shows a drift the alerts would not.
+    """
+    return [f.name for f in spec.features
+            if f.name in reference and drift_tested(spec, f.name, reference[f.name])]
+
+
 def _drift(
     con: Any,
     spec: PipelineSpec,
@@ -235,8 +247,7 @@ def _drift(
     out: list[dict[str, Any]] = []
     for v in versions:
         ref = (v.reference or {}).get("features") or {}
-        # Keys identify entities; they are not features whose distribution means anything.
-        names = [f.name for f in spec.features if f.name in ref and f.name != spec.key]
+        names = drift_features(spec, ref)
         if not names:
             continue
         select = ", ".join(f'f.features."{n}" AS "{n}"' for n in names)
