@@ -4,6 +4,12 @@ A message is accepted (:class:`Accepted`) or rejected (:class:`Rejection`) with 
 failing field in spec order (top-level fields, then features in the spec's order, then unknown
 fields), the rule it breaks and a message for a person that also counts the other problems.
 Nothing here touches Kafka, so every rule is unit-tested without a broker.
+
+The common case, a plainly valid JSON event, is decided by msgspec alone: :func:`event_type`
+derives a typed ``Event`` struct from the spec and :attr:`Validator.decode_fast` parses the raw
+bytes straight into it. It accepts only what :meth:`Validator.validate` accepts unchanged (no
+dropped fields, ``ts`` already epoch milliseconds); everything else, including whatever msgspec
+cannot express exactly, goes to :meth:`Validator.validate`, which judges and explains.
 """
 
 from __future__ import annotations
@@ -11,17 +17,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
+import msgspec
 import orjson
 
 from loopline import avro
 from loopline.errors import SchemaError
-from loopline.spec import PipelineSpec
-
-from loopline.validation_fastpath import compile_fast_accept
+from loopline.spec import Feature, PipelineSpec
 
 #: Top-level fields of a raw JSON event; anything else is an unknown field.
 TOP_LEVEL = ("event_id", "key", "ts", "features")
@@ -34,6 +41,7 @@ _TS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: anything later is not
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _NONFINITE = re.compile(rb"NaN|Infinity")
+_FLOAT_MAX = sys.float_info.max
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
                dict: "object", type(None): "null"}
 
@@ -109,17 +117,22 @@ class Validator:
             for f in spec.features
         ]
         self.raw_codec = avro.Codec(spec.raw_schema())
-        self._fast_accept = compile_fast_accept(spec)
+        self.event_type = event_type(spec)
+        #: Attribute of each feature (by name) on the ``features`` struct of :attr:`event_type`.
+        self.attributes = feature_attributes(spec)
+        #: msgspec's decoder into :attr:`event_type`: raises :class:`msgspec.MsgspecError` for
+        #: anything but a plainly valid JSON event (then call :meth:`validate`). It does not check
+        #: the size: a message over ``max_bytes`` must go to :meth:`validate` even if it decodes.
+        self.decode_fast: Callable[[bytes], Any] = msgspec.json.Decoder(self.event_type).decode
 
-    def fast(self, value: bytes | None) -> dict[str, Any] | None:
-        """The parsed event if it is plainly valid JSON (the common case), else None: call validate()."""
-        if value is None or len(value) > self.max_bytes or value[:2] == avro.MAGIC:
+    def fast(self, value: bytes | None) -> Any | None:
+        """The event struct if ``value`` is a plainly valid JSON event, else None: call validate()."""
+        if value is None or len(value) > self.max_bytes:
             return None
         try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:
+            return self.decode_fast(value)
+        except msgspec.MsgspecError:
             return None
-        return doc if type(doc) is dict and self._fast_accept(doc) else None
 
     def validate(self, value: bytes | None) -> Accepted | Rejection:
         """Accept or reject one raw message value (JSON object or Avro single-object encoding)."""
@@ -139,8 +152,6 @@ class Validator:
         if type(doc) is not dict:
             return Rejection(None, "type", f"expected a JSON object like {{\"features\": {{...}}}}, "
                              f"got a JSON {json_type(doc)}")
-        if self._fast_accept(doc):  # the common case: valid, nothing to explain
-            return Accepted(doc.get("event_id"), doc.get("key"), doc.get("ts"), doc["features"])
         return self.check(doc)
 
     def _avro(self, value: bytes) -> Accepted | Rejection:
@@ -281,6 +292,62 @@ class Validator:
 
 
 _KIND_NAMES = {"float": "a number (float)", "int": "an integer", "string": "a string", "bool": "a boolean"}
+
+
+# --- the fast path: a msgspec struct per spec -------------------------------------------------
+
+def feature_attributes(spec: PipelineSpec) -> dict[str, str]:
+    """The attribute of each feature on the generated features struct (``f0``, ``f1``, ... in spec
+    order): feature names may be Python keywords or dunders, which a struct cannot use as such."""
+    return {f.name: f"f{i}" for i, f in enumerate(spec.features)}
+
+
+def _ints(lo: float | None, hi: float | None) -> Any:
+    """Integers the full check accepts for bounds [lo, hi], limited to int64.
+
+    Beyond 64 bits orjson reads an integer as a float (and msgspec exactly), so those take the
+    full path, which sees what orjson sees.
+    """
+    ge = _INT64_MIN if lo is None else max(_INT64_MIN, math.ceil(lo))
+    le = _INT64_MAX if hi is None else min(_INT64_MAX, math.floor(hi))
+    return Annotated[int, msgspec.Meta(ge=ge, le=le)]
+
+
+def _fast_type(f: Feature) -> Any:
+    """The msgspec type of one feature's value (before optionality)."""
+    if f.type == "float":
+        # An int stays an int (as orjson reads it), so values, and a key made of one, are exactly
+        # those of the full path. Floats: the bounds, or the largest finite double (no inf; JSON
+        # has no NaN, and msgspec refuses 1e400 rather than reading it as inf).
+        lo = -_FLOAT_MAX if f.min is None else f.min
+        hi = _FLOAT_MAX if f.max is None else f.max
+        return Union[_ints(f.min, f.max), Annotated[float, msgspec.Meta(ge=lo, le=hi)]]  # noqa: UP007
+    if f.type == "int":
+        return _ints(f.min, f.max)
+    if f.type == "string":
+        return str if f.values is None else Literal[tuple(f.values)]
+    return bool
+
+
+def event_type(spec: PipelineSpec) -> type[msgspec.Struct]:
+    """The ``Event`` struct of ``spec``: what the fast path accepts (see the module docstring).
+
+    ``msgspec.json.schema(event_type(spec))`` prints it as JSON Schema, for inspection.
+    """
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f, attr in zip(spec.features, feature_attributes(spec).values()):
+        t = _fast_type(f)
+        fields.append((attr, t) if f.required else (attr, Optional[t], None))  # noqa: UP007
+    # gc=False: the structs hold only scalars (and one struct), so the collector can skip them.
+    features = msgspec.defstruct(
+        f"Features_{spec.name}", fields, kw_only=True, forbid_unknown_fields=True, gc=False,
+        rename={attr: name for name, attr in feature_attributes(spec).items()})
+    return msgspec.defstruct(f"Event_{spec.name}", [
+        ("features", features),
+        ("event_id", Optional[Annotated[str, msgspec.Meta(min_length=1)]], None),  # noqa: UP007
+        ("key", Optional[str], None),  # noqa: UP007
+        ("ts", Optional[Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]], None),  # noqa: UP007
+    ], kw_only=True, forbid_unknown_fields=True, gc=False)
 
 
 def _bound(value: float | None) -> str:

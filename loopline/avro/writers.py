@@ -9,7 +9,7 @@ the bytes ``Codec(features_schema).encode`` writes (tests compare them);
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from loopline.avro.codecs import MAGIC, Codec
@@ -62,11 +62,24 @@ def _feature_fields(schema: dict[str, Any]) -> list[tuple[str, str, bool]]:
     raise ValueError(f"schema {schema.get('name')} has no 'features' record")
 
 
-def features_encoder_source(schema: dict[str, Any]) -> str:
-    """Python source of the generated ``encode_features(f)`` of a features (or raw) schema."""
-    lines = ["def encode_features(f):", "    g = f.get", "    out = []", "    a = out.append"]
+def features_encoder_source(schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> str:
+    """Python source of the generated ``encode_features(f)`` of a features (or raw) schema.
+
+    ``f`` is a dict by feature name, or with ``attributes`` (feature name -> attribute) an object
+    such as the fast path's msgspec struct, whose features are read as attributes.
+    """
+    if attributes is None:
+        lines = ["def encode_features(f):", "    g = f.get", "    out = []", "    a = out.append"]
+    else:
+        lines = ["def encode_features(f):", "    out = []", "    a = out.append"]
     for name, kind, required in _feature_fields(schema):
-        lines.append(f"    v = g({name!r})")
+        if attributes is None:
+            lines.append(f"    v = g({name!r})")
+        else:
+            attr = attributes[name]
+            if not attr.isidentifier():
+                raise ValueError(f"attribute {attr!r} of feature {name!r} is not an identifier")
+            lines.append(f"    v = f.{attr}")
         indent = "    "
         if not required:
             lines += ["    if v is None:", "        a(b'\\x00')", "    else:", "        a(b'\\x02')"]
@@ -83,15 +96,23 @@ def features_encoder_source(schema: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _compile(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> Callable[[Any], bytes]:
+    env: dict[str, Any] = {"_varint": varint, "_double": _pack_double, "_join": b"".join}
+    source = features_encoder_source(schema, attributes)
+    exec(compile(source, "<encode_features>", "exec"), env)  # noqa: S102 - generated above
+    return env["encode_features"]  # type: ignore[no-any-return]
+
+
 class FeaturesEncoder:
     """Writes ``FeatureEvent`` records of one features schema in single-object encoding, fast."""
 
-    def __init__(self, schema: dict[str, Any]) -> None:
+    def __init__(self, schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> None:
         self.header = MAGIC + Codec(schema).fingerprint
-        env: dict[str, Any] = {"_varint": varint, "_double": _pack_double, "_join": b"".join}
-        source = features_encoder_source(schema)
-        exec(compile(source, "<encode_features>", "exec"), env)  # noqa: S102 - generated above
-        self.encode_features: Callable[[dict[str, Any]], bytes] = env["encode_features"]
+        #: Features by name (a dict) to their Avro body.
+        self.encode_features: Callable[[dict[str, Any]], bytes] = _compile(schema, None)
+        #: The same from an object with the features as ``attributes`` (the fast path's struct).
+        self.encode_struct: Callable[[Any], bytes] | None = (
+            _compile(schema, attributes) if attributes is not None else None)
         self._topics: dict[str, bytes] = {}
 
     def source_prefix(self, topic: str) -> bytes:

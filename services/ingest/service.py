@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, Message
+from msgspec import MsgspecError
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram
 
 from loopline.avro.writers import FeaturesEncoder, long_bytes
@@ -89,7 +90,9 @@ class _Pipeline:
 
     @classmethod
     def build(cls, spec: PipelineSpec, index: EventIndex) -> _Pipeline:
-        return cls(spec, spec.topics, Validator(spec), FeaturesEncoder(spec.features_schema()), index)
+        validator = Validator(spec)
+        encoder = FeaturesEncoder(spec.features_schema(), validator.attributes)
+        return cls(spec, spec.topics, validator, encoder, index)
 
 
 @dataclass
@@ -211,16 +214,22 @@ class IngestService:
                 last_topic, tally = topic, tallies.get(p.spec.name)
                 if tally is None:
                     tally = tallies[p.spec.name] = _Tally()
-                fast, validate, encoder = p.validator.fast, p.validator.validate, p.encoder
+                decode, validate, encoder = p.validator.decode_fast, p.validator.validate, p.encoder
+                max_bytes, encode_struct = p.validator.max_bytes, encoder.encode_struct
                 out_topic, topic_bytes, spec_key = p.topics.features, encoder.source_prefix(topic), p.spec.key
+                key_attr = p.validator.attributes[spec_key] if spec_key is not None else None
                 index = p.index
                 pending = {}
             assert p is not None and tally is not None
             value = m.value()
-            doc = fast(value)
-            if doc is not None:  # plainly valid JSON: no verdict object needed
-                features, event_id, key, ts, dropped = doc["features"], doc.get("event_id"), doc.get("key"), \
-                    doc.get("ts"), 0
+            try:  # msgspec takes plainly valid JSON events; it raises for anything else
+                event = decode(value) if len(value) <= max_bytes else None
+            except (MsgspecError, TypeError):  # TypeError: a tombstone (None) has no length
+                event = None
+            if event is not None:  # no verdict object needed
+                features, event_id, key, ts, dropped = event.features, event.event_id, event.key, event.ts, 0
+                encode = encode_struct
+                key_value = getattr(features, key_attr) if key is None and key_attr is not None else None
             else:
                 try:
                     verdict = validate(value)
@@ -234,12 +243,13 @@ class IngestService:
                     continue
                 features, event_id, key, ts, dropped = verdict.features, verdict.event_id, verdict.key, \
                     verdict.ts, verdict.dropped
+                encode = encoder.encode_features
+                key_value = features.get(spec_key) if key is None and spec_key is not None else None
             partition, offset = m.partition(), m.offset()
             supplied = event_id is not None
             if event_id is None:
                 event_id = derived_event_id(topic, partition, offset)
             if key is None:
-                key_value = features.get(spec_key) if spec_key is not None else None
                 if key_value is not None:
                     key = str(key_value)
                 else:
@@ -250,7 +260,7 @@ class IngestService:
                 if ts is None:
                     ts = now_ms()
             try:
-                body = encoder.encode_features(features)
+                body = encode(features)
                 content = content_hash(key, body)
                 if supplied:
                     seen = pending.get(event_id) or index.get(event_id)
