@@ -8,7 +8,9 @@ the bytes ``Codec(features_schema).encode`` writes (tests compare them);
 
 from __future__ import annotations
 
+import hashlib
 import struct
+from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +19,6 @@ from loopline.avro.codecs import MAGIC, Codec
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
 _LOW = [bytes([(n & 0x7F) | 0x80, (n >> 7) | 0x80]) for n in range(1 << 14)]
-_pack_double = struct.Struct("<d").pack
 
 
 def varint(n: int) -> bytes:
@@ -62,45 +63,113 @@ def _feature_fields(schema: dict[str, Any]) -> list[tuple[str, str, bool]]:
     raise ValueError(f"schema {schema.get('name')} has no 'features' record")
 
 
-def features_encoder_source(schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> str:
-    """Python source of the generated ``encode_features(f)`` of a features (or raw) schema.
+def _varint_expr(n: str) -> str:
+    """An expression for the varint of the (zig-zagged) int named ``n``: a table look-up when small."""
+    return f"(_SMALL[{n}] if {n} < 16384 else _varint({n}))"
 
-    ``f`` is a dict by feature name, or with ``attributes`` (feature name -> attribute) an object
-    such as the fast path's msgspec struct, whose features are read as attributes.
-    """
-    if attributes is None:
-        lines = ["def encode_features(f):", "    g = f.get", "    out = []", "    a = out.append"]
-    else:
-        lines = ["def encode_features(f):", "    out = []", "    a = out.append"]
-    for name, kind, required in _feature_fields(schema):
+
+def _body(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> tuple[list[str], str]:
+    """Statements and the expression of the ``features`` body (see :func:`features_encoder_source`)."""
+    lines = [] if attributes is not None else ["    g = f.get"]
+    parts: list[str] = []
+    doubles: list[str] = []  # a run of required doubles, packed together
+
+    def flush_doubles() -> None:
+        if doubles:
+            parts.append(f"_pack{len(doubles)}({', '.join(doubles)})")
+            doubles.clear()
+
+    for i, (name, kind, required) in enumerate(_feature_fields(schema)):
         if attributes is None:
-            lines.append(f"    v = g({name!r})")
+            read = f"g({name!r})"
         else:
             attr = attributes[name]
             if not attr.isidentifier():
                 raise ValueError(f"attribute {attr!r} of feature {name!r} is not an identifier")
-            lines.append(f"    v = f.{attr}")
-        indent = "    "
-        if not required:
-            lines += ["    if v is None:", "        a(b'\\x00')", "    else:", "        a(b'\\x02')"]
-            indent = "        "
+            read = f"f.{attr}"
+        if kind == "float" and required:
+            doubles.append(read)
+            continue
+        flush_doubles()
+        v, z = f"v{i}", f"z{i}"
+        if required:
+            if kind == "int":
+                lines += [f"    {v} = {read}", f"    {z} = ({v} << 1) ^ ({v} >> 63)"]
+                parts.append(_varint_expr(z))
+            elif kind == "string":
+                lines += [f"    {v} = {read}.encode()", f"    {z} = len({v}) << 1"]
+                parts += [_varint_expr(z), v]
+            else:
+                parts.append(f"(b'\\x01' if {read} else b'\\x00')")
+            continue
+        # Optional: the union's branch (0: null, 1: the value), then the value.
+        lines += [f"    {v} = {read}", f"    if {v} is None:", f"        {v} = b'\\x00'", "    else:"]
         if kind == "float":
-            lines.append(f"{indent}a(_double(v))")
+            lines.append(f"        {v} = b'\\x02' + _pack1({v})")
         elif kind == "int":
-            lines.append(f"{indent}a(_varint((v << 1) ^ (v >> 63)))")
+            lines += [f"        {z} = ({v} << 1) ^ ({v} >> 63)", f"        {v} = b'\\x02' + {_varint_expr(z)}"]
         elif kind == "string":
-            lines += [f"{indent}v = v.encode()", f"{indent}a(_varint(len(v) << 1))", f"{indent}a(v)"]
+            lines += [f"        {v} = {v}.encode()", f"        {z} = len({v}) << 1",
+                      f"        {v} = b'\\x02' + {_varint_expr(z)} + {v}"]
         else:
-            lines.append(f"{indent}a(b'\\x01' if v else b'\\x00')")
-    lines.append("    return _join(out)")
-    return "\n".join(lines)
+            lines.append(f"        {v} = b'\\x02\\x01' if {v} else b'\\x02\\x00'")
+        parts.append(v)
+    flush_doubles()
+    return lines, f"_join(({', '.join(parts)},))" if parts else "b''"
 
 
-def _compile(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> Callable[[Any], bytes]:
-    env: dict[str, Any] = {"_varint": varint, "_double": _pack_double, "_join": b"".join}
+def features_encoder_source(schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> str:
+    """Python source of the generated ``encode_features(f)`` and ``encode_event(f, ...)`` of a schema.
+
+    ``f`` is a dict by feature name, or with ``attributes`` (feature name -> attribute) an object
+    such as the fast path's msgspec struct, whose features are read as attributes. The body is
+    one ``b"".join`` of a tuple: varints of small numbers are table look-ups, runs of required
+    doubles one ``struct.pack`` (a call per value would cost as much as the rest).
+    ``encode_event`` writes the whole ``FeatureEvent`` (see :meth:`FeaturesEncoder.event`).
+    """
+    lines, body = _body(schema, attributes)
+    return "\n".join([
+        "def encode_features(f):", *lines, f"    return {body}", "",
+        "def encode_event(f, event_id, key, ts, middle, partition, offset):", *lines,
+        f"    body = {body}",
+        "    h = _blake()",
+        "    h.update((key or b'') + b'\\x00' + body)",
+        "    c = _hexlify(h.digest())",
+        "    n = len(event_id) << 1",
+        "    if key is None:",
+        "        key = b'\\x00'",
+        "    else:",
+        "        k = len(key) << 1",
+        f"        key = b'\\x02' + {_varint_expr('k')} + key",
+        "    partition <<= 1",
+        "    offset <<= 1",
+        # The content hash is 24 hex digits: union branch 1, then the length 24 (0x30).
+        "    return _join((_header, " + _varint_expr("n") + ", event_id, key, _varint((ts << 1) ^ (ts >> 63)), "
+        "middle, " + _varint_expr("partition") + ", " + _varint_expr("offset") + ", body, b'\\x02\\x30', c)), c",
+    ])
+
+
+def content_digest(key: bytes, features: bytes) -> bytes:
+    """The ``content_hash`` of a feature event, as ASCII: blake2b-96 of the UTF-8 key (empty if
+    none), a zero byte and the encoded features, in hex."""
+    h = _BLAKE.copy()
+    h.update(key + b"\0" + features)
+    return hexlify(h.digest())
+
+
+# Copying a prepared hash skips blake2b's parameter parsing, a third of its cost on tiny inputs.
+_BLAKE = hashlib.blake2b(digest_size=12)
+
+
+def _compile(schema: dict[str, Any], attributes: Mapping[str, str] | None,
+             header: bytes) -> tuple[Callable[..., bytes], Callable[..., tuple[bytes, bytes]]]:
+    fields = _feature_fields(schema)
+    env: dict[str, Any] = {"_varint": varint, "_SMALL": _SMALL, "_join": b"".join, "_header": header,
+                           "_blake": _BLAKE.copy, "_hexlify": hexlify}
+    env.update({f"_pack{n}": struct.Struct("<" + "d" * n).pack for n in range(1, len(fields) + 1)})
     source = features_encoder_source(schema, attributes)
     exec(compile(source, "<encode_features>", "exec"), env)  # noqa: S102 - generated above
-    return env["encode_features"]  # type: ignore[no-any-return]
+    return env["encode_features"], env["encode_event"]
 
 
 class FeaturesEncoder:
@@ -109,10 +178,15 @@ class FeaturesEncoder:
     def __init__(self, schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> None:
         self.header = MAGIC + Codec(schema).fingerprint
         #: Features by name (a dict) to their Avro body.
-        self.encode_features: Callable[[dict[str, Any]], bytes] = _compile(schema, None)
-        #: The same from an object with the features as ``attributes`` (the fast path's struct).
-        self.encode_struct: Callable[[Any], bytes] | None = (
-            _compile(schema, attributes) if attributes is not None else None)
+        self.encode_features: Callable[[dict[str, Any]], bytes]
+        #: The whole record and its content hash from features by name (see :meth:`event`).
+        self.event: Callable[..., tuple[bytes, bytes]]
+        self.encode_features, self.event = _compile(schema, None, self.header)
+        #: The same two from an object with the features as ``attributes`` (the fast path's struct).
+        self.encode_struct: Callable[[Any], bytes] | None = None
+        self.struct_event: Callable[..., tuple[bytes, bytes]] | None = None
+        if attributes is not None:
+            self.encode_struct, self.struct_event = _compile(schema, attributes, self.header)
         self._topics: dict[str, bytes] = {}
 
     def source_prefix(self, topic: str) -> bytes:
@@ -125,13 +199,20 @@ class FeaturesEncoder:
     def encode(self, event_id: str, key: str | None, ts: int, ingested_at: bytes, topic: bytes,
                partition: int, offset: int, features: bytes, content_hash: str) -> bytes:
         """One record from its parts; ``ingested_at``, ``topic`` and ``features`` come pre-encoded."""
-        eid = event_id.encode()
-        if key is None:
-            key_part = b"\x00"
-        else:
-            k = key.encode()
-            key_part = b"\x02" + varint(len(k) << 1) + k
-        content = content_hash.encode()
-        return b"".join((self.header, varint(len(eid) << 1), eid, key_part, varint((ts << 1) ^ (ts >> 63)),
-                         ingested_at, topic, varint(partition << 1), varint(offset << 1), features,
-                         b"\x02", varint(len(content) << 1), content))
+        return self.record(event_id.encode(), None if key is None else key.encode(), ts, ingested_at + topic,
+                           partition, offset, features, content_hash.encode())
+
+    def record(self, event_id: bytes, key: bytes | None, ts: int, middle: bytes, partition: int, offset: int,
+               features: bytes, content_hash: bytes) -> bytes:
+        """:meth:`encode` from UTF-8 parts; ``middle`` is ``ingested_at`` and ``topic`` pre-encoded."""
+        n = len(event_id) << 1
+        if key is not None:
+            key = b"\x02" + varint(len(key) << 1) + key
+        return b"".join((self.header, varint(n), event_id, key or b"\x00", varint((ts << 1) ^ (ts >> 63)), middle,
+                         varint(partition << 1), varint(offset << 1), features, b"\x02",
+                         varint(len(content_hash) << 1), content_hash))
+
+    # ``event(features, event_id, key, ts, middle, partition, offset) -> (record, content_hash)``:
+    # the generated whole-record writer. ``event_id`` and ``key`` (or None) are UTF-8 bytes,
+    # ``middle`` is ``ingested_at`` and the source topic pre-encoded (see :meth:`source_prefix`),
+    # the content hash (:func:`content_digest`) is computed from the key and the encoded features.

@@ -31,8 +31,8 @@ from loopline.registry import RegistryReader, now_ms
 from loopline.runtime.delivery import Delivery
 from loopline.runtime.outputs import DEADLETTER_OVERHEAD, Outputs, kafka_timestamp
 from loopline.runtime.service import ServiceRuntime
-from loopline.services.ingest.idempotency import EventIndex, Seen, content_hash, rebuild
-from loopline.services.ingest.ids import fast_uuid5
+from loopline.services.ingest.idempotency import EventIndex, Seen, rebuild
+from loopline.services.ingest.ids import DerivedIds, fast_uuid5, uuid5_of
 from loopline.services.ingest.settings import IngestSettings
 from loopline.spec import PipelineSpec
 from loopline.topics import PipelineTopics, pipeline_of
@@ -117,8 +117,11 @@ class IngestService:
         self.metrics = IngestMetrics(rt.registry)
         self.wanted = set(settings.pipelines)
         # A large rejected message is dead-lettered whole: the producer must accept that size.
+        # Only failed deliveries are reported: flush() already proves the rest acknowledged, and
+        # a report per event (a Python callback each) would cost a third of validating it.
         self.delivery = delivery or rt.delivery(
-            **{"message.max.bytes": settings.deadletter_max_bytes + DEADLETTER_OVERHEAD})
+            **{"message.max.bytes": settings.deadletter_max_bytes + DEADLETTER_OVERHEAD,
+               "delivery.report.only.error": True})
         self.pipelines: dict[str, _Pipeline] = {}  # by raw topic
         self._reader: RegistryReader | None = None
         self._consumer: Consumer | None = None
@@ -215,9 +218,11 @@ class IngestService:
                 if tally is None:
                     tally = tallies[p.spec.name] = _Tally()
                 decode, validate, encoder = p.validator.decode_fast, p.validator.validate, p.encoder
-                max_bytes, encode_struct = p.validator.max_bytes, encoder.encode_struct
-                out_topic, topic_bytes, spec_key = p.topics.features, encoder.source_prefix(topic), p.spec.key
+                max_bytes, struct_event = p.validator.max_bytes, encoder.struct_event
+                out_topic, spec_key = p.topics.features, p.spec.key
+                middle = at_bytes + encoder.source_prefix(topic)  # ingested_at and source topic
                 key_attr = p.validator.attributes[spec_key] if spec_key is not None else None
+                id_prefixes = DerivedIds(_NAMESPACE_BYTES, topic)
                 index = p.index
                 pending = {}
             assert p is not None and tally is not None
@@ -228,7 +233,7 @@ class IngestService:
                 event = None
             if event is not None:  # no verdict object needed
                 features, event_id, key, ts, dropped = event.features, event.event_id, event.key, event.ts, 0
-                encode = encode_struct
+                encode = struct_event
                 key_value = getattr(features, key_attr) if key is None and key_attr is not None else None
             else:
                 try:
@@ -243,12 +248,12 @@ class IngestService:
                     continue
                 features, event_id, key, ts, dropped = verdict.features, verdict.event_id, verdict.key, \
                     verdict.ts, verdict.dropped
-                encode = encoder.encode_features
+                encode = encoder.event
                 key_value = features.get(spec_key) if key is None and spec_key is not None else None
             partition, offset = m.partition(), m.offset()
             supplied = event_id is not None
             if event_id is None:
-                event_id = derived_event_id(topic, partition, offset)
+                event_id = uuid5_of(id_prefixes[partition] + str(offset).encode())
             if key is None:
                 if key_value is not None:
                     key = str(key_value)
@@ -260,20 +265,20 @@ class IngestService:
                 if ts is None:
                     ts = now_ms()
             try:
-                body = encode(features)
-                content = content_hash(key, body)
+                record, content = encode(features, event_id.encode(), key.encode() if key is not None else None,
+                                         ts, middle, partition, offset)
                 if supplied:
+                    text = content.decode()
                     seen = pending.get(event_id) or index.get(event_id)
                     if seen is not None:
-                        if seen.content == content:
+                        if seen.content == text:
                             tally.duplicates += 1
                             continue
                         self._dead(m, out, Rejection("event_id", "conflict", self._conflict(
-                            p.spec, event_id, seen, content)), tally)
+                            p.spec, event_id, seen, text)), tally)
                         continue
-                    pending[event_id] = Seen(content, partition, offset)
+                    pending[event_id] = Seen(text, partition, offset)
                     tally.seen.append((event_id, pending[event_id]))
-                record = encoder.encode(event_id, key, ts, at_bytes, topic_bytes, partition, offset, body, content)
             except (TypeError, ValueError, OverflowError, AttributeError, struct.error) as e:
                 # Validation makes this unreachable; if it ever is, the event is dead-lettered, not lost.
                 self._dead(m, out, Rejection(None, "schema", f"valid event could not be encoded: "
