@@ -38,27 +38,36 @@ class Delivery:
     def __init__(self, producer: Producer, timeout_s: float = 30.0) -> None:
         self.producer = producer
         self.timeout_s = timeout_s
-        self.delivered = 0
         self._failures: list[str] = []
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        # Only failures matter: flush() tells that nothing is left unacknowledged. A producer
+        # configured with delivery.report.only.error (ingest's) reports nothing else.
         if err is not None:
             self._failures.append(f"{msg.topic()}: {err.str()}")
-        else:
-            self.delivered += 1
 
     def _produce(self, outs: Sequence[Out]) -> None:
         produce, on_delivery = self.producer.produce, self._on_delivery
         for o in outs:
-            kwargs: dict[str, Any] = {"key": o.key, "headers": o.headers, "on_delivery": on_delivery}
-            if o.partition is not None:
-                kwargs["partition"] = o.partition
-            while True:
-                try:
-                    produce(o.topic, o.value, **kwargs)
-                    break
-                except BufferError:  # librdkafka's queue is full: let it drain
-                    self.producer.poll(0.05)
+            try:  # the common case without a dict of arguments per message
+                if o.headers is None and o.partition is None:
+                    produce(o.topic, o.value, o.key, on_delivery=on_delivery)
+                else:
+                    self._produce_one(o)
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self.producer.poll(0.05)
+                self._produce_one(o)
+
+    def _produce_one(self, o: Out) -> None:
+        kwargs: dict[str, Any] = {"key": o.key, "headers": o.headers, "on_delivery": self._on_delivery}
+        if o.partition is not None:
+            kwargs["partition"] = o.partition
+        while True:
+            try:
+                self.producer.produce(o.topic, o.value, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
 
     def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
                consumer: Consumer | None) -> None:

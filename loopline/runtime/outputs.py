@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
 from loopline import avro, topics
@@ -26,9 +27,13 @@ DEADLETTER_OVERHEAD = 4096
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(slots=True)
-class Out:
-    """One message to produce."""
+class Out(msgspec.Struct, gc=False):
+    """One message to produce.
+
+    A msgspec struct, not a dataclass: ingest queues one per event, and its constructor runs in
+    C (a fifth of a dataclass's cost). ``gc=False``: an Out never takes part in a reference
+    cycle, so the collector need not track the thousands a batch holds.
+    """
 
     topic: str
     value: bytes | None
