@@ -14,7 +14,9 @@ from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from loopline.avro.codecs import MAGIC, Codec
+import fastavro
+
+from loopline.avro.codecs import MAGIC, Codec, named_types
 
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
@@ -216,3 +218,94 @@ class FeaturesEncoder:
     # the generated whole-record writer. ``event_id`` and ``key`` (or None) are UTF-8 bytes,
     # ``middle`` is ``ingested_at`` and the source topic pre-encoded (see :meth:`source_prefix`),
     # the content hash (:func:`content_digest`) is computed from the key and the encoded features.
+
+
+# --- compiled writers of whole records (dead letters) -----------------------------------------
+
+class Unsupported(Exception):  # noqa: N818 - like readers.Unsupported: a reason to keep fastavro
+    """The schema uses something :func:`writer_source` does not generate code for."""
+
+
+_ZERO, _ONE = b"\x00", b"\x02"
+_WRITABLE = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")
+
+
+def writer_source(schema: dict[str, Any]) -> str:
+    """Python source of ``write(r) -> bytes``: the Avro body of a record of ``schema``, as fastavro
+    writes it. ``schema`` is expanded (named types inlined, fastavro.parse_schema(expand=True));
+    primitives, records and unions of null with one other type only, else :class:`Unsupported`."""
+    lines = ["def write(r):", "    out = []", "    a = out.append"]
+    count = 0
+
+    def value(depth: int, kind: Any, read: str) -> None:
+        nonlocal count, lines
+        pad = "    " * depth
+        if isinstance(kind, dict) and kind.get("logicalType"):
+            raise Unsupported(f"logical type {kind['logicalType']}")
+        if isinstance(kind, dict) and kind["type"] in _WRITABLE:
+            kind = kind["type"]
+        if isinstance(kind, list):
+            if len(kind) != 2 or "null" not in kind:
+                raise Unsupported(f"union {kind}")
+            count += 1
+            v, null_first = f"u{count}", kind[0] == "null"
+            other = kind[1] if null_first else kind[0]
+            null, some = (_ZERO, _ONE) if null_first else (_ONE, _ZERO)  # the branch index, zig-zagged
+            lines.extend([f"{pad}{v} = {read}", f"{pad}if {v} is None:", f"{pad}    a({null!r})", f"{pad}else:",
+                          f"{pad}    a({some!r})"])
+            value(depth + 1, other, v)
+        elif kind == "null":
+            pass
+        elif kind == "boolean":
+            lines.append(f"{pad}a(b'\\x01' if {read} else b'\\x00')")
+        elif kind in ("int", "long"):
+            count += 1
+            n = f"n{count}"
+            lines += [f"{pad}{n} = {read}",  # fastavro refuses what does not fit 64 bits: let it say so
+                      f"{pad}if not -9223372036854775808 <= {n} <= 9223372036854775807: raise OverflowError",
+                      f"{pad}a(_varint(({n} << 1) ^ ({n} >> 63)))"]
+        elif kind in ("float", "double"):
+            lines.append(f"{pad}a(_pack{'F' if kind == 'float' else '1'}({read}))")
+        elif kind in ("bytes", "string"):
+            count += 1
+            b = f"b{count}"
+            lines += [f"{pad}{b} = {read}" + (".encode()" if kind == "string" else ""),
+                      f"{pad}a(_varint(len({b}) << 1))", f"{pad}a({b})"]
+        elif isinstance(kind, dict) and kind["type"] == "record":
+            count += 1
+            r = f"r{count}"
+            lines.append(f"{pad}{r} = {read}")
+            for f in kind["fields"]:
+                value(depth, f["type"], f"{r}[{f['name']!r}]")
+        else:
+            raise Unsupported(f"type {kind if isinstance(kind, str) else kind.get('type')}")
+
+    value(1, schema, "r")
+    lines.append("    return _join(out)")
+    return "\n".join(lines)
+
+
+def compile_writer(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+    """The generated ``write(r)`` of an expanded schema (see :func:`writer_source`)."""
+    env: dict[str, Any] = {"_varint": varint, "_join": b"".join, "_pack1": struct.Struct("<d").pack,
+                           "_packF": struct.Struct("<f").pack}
+    exec(compile(writer_source(schema), "<avro writer>", "exec"), env)  # noqa: S102 - generated above
+    return env["write"]  # type: ignore[no-any-return]
+
+
+def record_encoder(codec: Codec) -> Callable[[dict[str, Any]], bytes]:
+    """``codec.encode`` through a compiled writer, which fastavro backs up: a record the writer
+    cannot take (a wrong type, a missing field) goes to ``codec.encode``, which judges it."""
+    try:
+        write = compile_writer(fastavro.parse_schema(codec.schema, named_schemas=named_types(), expand=True))
+    except Unsupported:
+        return codec.encode
+    header = MAGIC + codec.fingerprint
+
+    def encode(record: dict[str, Any]) -> bytes:
+        try:
+            return header + write(record)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, struct.error):
+            return codec.encode(record)
+
+    return encode
