@@ -117,11 +117,8 @@ class IngestService:
         self.metrics = IngestMetrics(rt.registry)
         self.wanted = set(settings.pipelines)
         # A large rejected message is dead-lettered whole: the producer must accept that size.
-        # Only failed deliveries are reported: flush() already proves the rest acknowledged, and
-        # a report per event (a Python callback each) would cost a third of validating it.
         self.delivery = delivery or rt.delivery(
-            **{"message.max.bytes": settings.deadletter_max_bytes + DEADLETTER_OVERHEAD,
-               "delivery.report.only.error": True})
+            **{"message.max.bytes": settings.deadletter_max_bytes + DEADLETTER_OVERHEAD})
         self.pipelines: dict[str, _Pipeline] = {}  # by raw topic
         self._reader: RegistryReader | None = None
         self._consumer: Consumer | None = None
@@ -314,8 +311,9 @@ class IngestService:
             tally.truncated += 1
         tally.rejected[why.rule] += 1
         out.dead(m, why.rule, why.message, why.field)
-        log.debug("rejected", extra={"topic": m.topic(), "partition": m.partition(), "offset": m.offset(),
-                                     "field": why.field, "rule": why.rule})
+        if log.isEnabledFor(logging.DEBUG):  # skip building the record's fields when nobody reads them
+            log.debug("rejected", extra={"topic": m.topic(), "partition": m.partition(), "offset": m.offset(),
+                                         "field": why.field, "rule": why.rule})
 
     def _count(self, tallies: dict[str, _Tally], size: int, seconds: float) -> None:
         """Add a committed batch to the metrics (per pipeline and rule) and to the event id index."""
