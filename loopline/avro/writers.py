@@ -144,10 +144,23 @@ def features_encoder_source(schema: dict[str, Any], attributes: Mapping[str, str
         "        k = len(key) << 1",
         f"        key = b'\\x02' + {_varint_expr('k')} + key",
         "    partition <<= 1",
+        # Epoch milliseconds (zig-zagged: 29 to 42 bits) and offsets below 2**27: their varints
+        # from the tables, without a call; anything else through _varint.
+        "    z = (ts << 1) ^ (ts >> 63)",
+        "    if 268435456 <= z < 4398046511104:",
+        "        z = _LOW[z & 16383] + _LOW[(z >> 14) & 16383] + _SMALL[z >> 28]",
+        "    else:",
+        "        z = _varint(z)",
         "    offset <<= 1",
+        "    if offset < 16384:",
+        "        offset = _SMALL[offset]",
+        "    elif offset < 268435456:",
+        "        offset = _LOW[offset & 16383] + _SMALL[offset >> 14]",
+        "    else:",
+        "        offset = _varint(offset)",
         # The content hash is 24 hex digits: union branch 1, then the length 24 (0x30).
-        "    return _join((_header, " + _varint_expr("n") + ", event_id, key, _varint((ts << 1) ^ (ts >> 63)), "
-        "middle, " + _varint_expr("partition") + ", " + _varint_expr("offset") + ", body, b'\\x02\\x30', c)), c",
+        "    return _join((_header, " + _varint_expr("n") + ", event_id, key, z, middle, "
+        + _varint_expr("partition") + ", offset, body, b'\\x02\\x30', c)), c",
     ])
 
 
@@ -166,7 +179,7 @@ _BLAKE = hashlib.blake2b(digest_size=12)
 def _compile(schema: dict[str, Any], attributes: Mapping[str, str] | None,
              header: bytes) -> tuple[Callable[..., bytes], Callable[..., tuple[bytes, bytes]]]:
     fields = _feature_fields(schema)
-    env: dict[str, Any] = {"_varint": varint, "_SMALL": _SMALL, "_join": b"".join, "_header": header,
+    env: dict[str, Any] = {"_varint": varint, "_SMALL": _SMALL, "_LOW": _LOW, "_join": b"".join, "_header": header,
                            "_blake": _BLAKE.copy, "_hexlify": hexlify}
     env.update({f"_pack{n}": struct.Struct("<" + "d" * n).pack for n in range(1, len(fields) + 1)})
     source = features_encoder_source(schema, attributes)

@@ -13,6 +13,7 @@ import pytest
 
 from loopline import avro
 from loopline.avro.writers import FeaturesEncoder, long_bytes
+from loopline.services.ingest.idempotency import content_hash
 from loopline.services.ingest.ids import fast_uuid5
 from loopline.spec import PipelineSpec, load_spec
 from loopline.validation import Accepted, Rejection, Validator, parse_ts
@@ -210,6 +211,30 @@ def test_fast_encoder_writes_exactly_what_fastavro_writes(spec: PipelineSpec) ->
                           encoder.encode_features(accepted[0].features), "") == codec.encode(
         {"event_id": "x", "key": None, "ts": 2**40, "ingested_at": 0, "features": accepted[0].features,
          "source": {"topic": "t", "partition": 0, "offset": 2**40}, "content_hash": ""})
+
+
+_EDGES = [0, 1, 8191, 8192, 2**27 - 1, 2**27, 2**41 - 1, 2**41, 2**62, 2**63 - 1]
+
+
+def test_generated_event_writer_matches_fastavro_and_the_content_hash(spec: PipelineSpec) -> None:
+    codec = avro.Codec(spec.features_schema())
+    encoder = FeaturesEncoder(spec.features_schema())
+    v = Validator(spec)
+    accepted = [r for r in (v.check(d) for d in corpus(n=300)) if isinstance(r, Accepted)]
+    middle = long_bytes(1_700_000_000_123) + encoder.source_prefix("loopline.fraud.raw")
+    for i, a in enumerate(accepted):
+        key = (None, "", "k", "ünïcode", "x" * 9000)[i % 5]
+        # timestamps and offsets on every edge of the varint tables the generated code reads
+        ts, offset, partition = _EDGES[i % len(_EDGES)], _EDGES[(i // 3) % len(_EDGES)], (0, 1, 8191, 8192)[i % 4]
+        event_id = ("e", "ü" * 9000, "8c4b2f0e-aaaa-5bbb-8ccc-0123456789ab")[i % 3]
+        record, content = encoder.event(a.features, event_id.encode(), None if key is None else key.encode(),
+                                        ts, middle, partition, offset)
+        body = encoder.encode_features(a.features)
+        assert content.decode() == content_hash(key, body)
+        assert record == codec.encode({
+            "event_id": event_id, "key": key, "ts": ts, "ingested_at": 1_700_000_000_123, "features": a.features,
+            "source": {"topic": "loopline.fraud.raw", "partition": partition, "offset": offset},
+            "content_hash": content.decode()})
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 8191, 8192, 2**40, 2**62])
