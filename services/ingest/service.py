@@ -20,6 +20,10 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from hashlib import sha1 as _sha1
+from itertools import groupby
+from operator import methodcaller
+from typing import Any
 
 from confluent_kafka import Consumer, Message
 from msgspec import MsgspecError
@@ -32,7 +36,7 @@ from loopline.runtime.delivery import Delivery
 from loopline.runtime.outputs import DEADLETTER_OVERHEAD, Out, Outputs, kafka_timestamp
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.ingest.idempotency import EventIndex, Seen, rebuild
-from loopline.services.ingest.ids import DerivedIds, fast_uuid5, uuid5_of
+from loopline.services.ingest.ids import DerivedIds, fast_uuid5, uuid5_many, uuid5_of
 from loopline.services.ingest.settings import IngestSettings
 from loopline.spec import PipelineSpec
 from loopline.topics import PipelineTopics, pipeline_of
@@ -44,6 +48,7 @@ SERVICE = "ingest"
 #: Namespace of derived event ids: uuid5(EVENT_NAMESPACE, "topic:partition:offset").
 EVENT_NAMESPACE = uuid.UUID("6f1c52a4-1d0e-5b7e-9a57-2c4f0e8a1b01")
 _NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+_topic_of = methodcaller("topic")
 
 
 def derived_event_id(topic: str, partition: int, offset: int) -> str:
@@ -105,6 +110,7 @@ class _Tally:
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     seen: list[tuple[str, Seen]] = field(default_factory=list)  # event ids to remember once committed
+    pending: dict[str, Seen] = field(default_factory=dict)  # ids accepted earlier in this batch
 
 
 class IngestService:
@@ -200,41 +206,56 @@ class IngestService:
         started = time.perf_counter()
         at_bytes = long_bytes(now_ms())
         tallies: dict[str, _Tally] = {}
-        emit = out.items.append  # out.send without a Python call per event
-        last_topic, p, tally = None, None, None
-        pending: dict[str, Seen] = {}  # ids accepted earlier in this batch
-        for m in batch:
-            topic = m.topic()
-            if topic != last_topic:  # batches are mostly runs of one topic: look things up per run
-                p = self.pipelines.get(topic)
-                if p is None:
+        for topic, messages in groupby(batch, _topic_of):  # batches are mostly one long run of a topic
+            run = list(messages)
+            p = self.pipelines.get(topic)
+            if p is None:
+                for m in run:
                     self._unknown_topic(m, out, tallies)
-                    last_topic = None
-                    continue
-                last_topic, tally = topic, tallies.get(p.spec.name)
-                if tally is None:
-                    tally = tallies[p.spec.name] = _Tally()
-                decode, validate, encoder = p.validator.decode_fast, p.validator.validate, p.encoder
-                max_bytes, struct_event = p.validator.max_bytes, encoder.struct_event
-                out_topic, spec_key = p.topics.features, p.spec.key
-                middle = at_bytes + encoder.source_prefix(topic)  # ingested_at and source topic
-                key_attr = p.validator.attributes[spec_key] if spec_key is not None else None
-                id_prefixes = DerivedIds(_NAMESPACE_BYTES, topic)
-                index = p.index
-                pending = {}
-            assert p is not None and tally is not None
+                continue
+            tally = tallies.get(p.spec.name)
+            if tally is None:
+                tally = tallies[p.spec.name] = _Tally()
+            self._process_run(p, topic, run, out, tally, at_bytes)
+        size, seconds = len(batch), time.perf_counter() - started
+        out.on_commit(lambda: self._count(tallies, size, seconds))
+
+    def _process_run(self, p: _Pipeline, topic: str, run: list[Message], out: Outputs, tally: _Tally,
+                     at_bytes: bytes) -> None:
+        """Validate consecutive messages of one raw topic (see :meth:`process`)."""
+        validator, encoder, spec_key = p.validator, p.encoder, p.spec.key
+        decode, max_bytes = validator.decode_fast, validator.max_bytes
+        # msgspec first, for all: it takes the plainly valid JSON events and raises for the rest.
+        events: list[Any] = []
+        add = events.append
+        for m in run:
             value = m.value()
-            try:  # msgspec takes plainly valid JSON events; it raises for anything else
-                event = decode(value) if len(value) <= max_bytes else None
+            try:
+                add(decode(value) if len(value) <= max_bytes else None)
             except (MsgspecError, TypeError):  # TypeError: a tombstone (None) has no length
-                event = None
-            if event is not None:  # no verdict object needed
-                features, event_id, key, ts, dropped = event.features, event.event_id, event.key, event.ts, 0
-                encode = struct_event
-                key_value = getattr(features, key_attr) if key is None and key_attr is not None else None
+                add(None)
+        # The derived ids of those that carry none, hashed one by one and formatted together.
+        prefixes = DerivedIds(_NAMESPACE_BYTES, topic)
+        next_id = iter(uuid5_many([_sha1(prefixes[m.partition()] + str(m.offset()).encode()).digest()
+                                   for m, e in zip(run, events) if e is not None and e.event_id is None])).__next__
+        validate, struct_event, key_attr = validator.validate, encoder.struct_event, None
+        if spec_key is not None:
+            key_attr = validator.attributes[spec_key]
+        middle = at_bytes + encoder.source_prefix(topic)  # ingested_at and source topic
+        out_topic, index, pending, emit = p.topics.features, p.index, tally.pending, out.items.append
+        accepted = dropped = 0
+        for m, event in zip(run, events):
+            if event is not None:  # plainly valid: no verdict object needed
+                features, event_id, key, ts, encode, unknown = event.features, event.event_id, event.key, \
+                    event.ts, struct_event, 0
+                if key is None and key_attr is not None:
+                    key_value = getattr(features, key_attr)
+                    if key_value is not None:
+                        key = str(key_value)
+                eid = next_id() if event_id is None else None
             else:
                 try:
-                    verdict = validate(value)
+                    verdict = validate(m.value())
                 except Exception as e:  # noqa: BLE001 - a validator bug must not become a crash loop
                     log.exception("validation_failed", extra={"topic": topic, "partition": m.partition(),
                                                               "offset": m.offset()})
@@ -243,28 +264,27 @@ class IngestService:
                 if not isinstance(verdict, Accepted):
                     self._dead(m, out, verdict, tally)
                     continue
-                features, event_id, key, ts, dropped = verdict.features, verdict.event_id, verdict.key, \
-                    verdict.ts, verdict.dropped
-                encode = encoder.event
-                key_value = features.get(spec_key) if key is None and spec_key is not None else None
+                features, event_id, key, ts, encode, unknown = verdict.features, verdict.event_id, verdict.key, \
+                    verdict.ts, encoder.event, verdict.dropped
+                if key is None and spec_key is not None:
+                    key_value = features.get(spec_key)
+                    if key_value is not None:
+                        key = str(key_value)
+                eid = None
+                if event_id is None:
+                    eid = uuid5_of(prefixes[m.partition()] + str(m.offset()).encode()).encode()
             partition, offset = m.partition(), m.offset()
-            supplied = event_id is not None
-            if event_id is None:
-                event_id = uuid5_of(id_prefixes[partition] + str(offset).encode())
             if key is None:
-                if key_value is not None:
-                    key = str(key_value)
-                else:
-                    raw_key = m.key()
-                    key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
+                raw_key = m.key()
+                key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
             if ts is None:
                 ts = kafka_timestamp(m)
                 if ts is None:
                     ts = now_ms()
             try:
-                record, content = encode(features, event_id.encode(), key.encode() if key is not None else None,
-                                         ts, middle, partition, offset)
-                if supplied:
+                record, content = encode(features, eid or event_id.encode(),
+                                         key.encode() if key is not None else None, ts, middle, partition, offset)
+                if eid is None:  # the producer's id: the idempotency key
                     text = content.decode()
                     seen = pending.get(event_id) or index.get(event_id)
                     if seen is not None:
@@ -281,12 +301,13 @@ class IngestService:
                 self._dead(m, out, Rejection(None, "schema", f"valid event could not be encoded: "
                                              f"{type(e).__name__}: {e}"), tally)
                 continue
-            emit(Out(out_topic, record, key or event_id))
-            tally.accepted += 1
-            if dropped:
-                tally.dropped += dropped
-        size, seconds = len(batch), time.perf_counter() - started
-        out.on_commit(lambda: self._count(tallies, size, seconds))
+            # Keyed by the event id (its bytes) when there is no key. Out straight onto the
+            # outputs: out.send without a Python call per event.
+            emit(Out(out_topic, record, key or eid or event_id))
+            accepted += 1
+            dropped += unknown  # counted for forwarded events only
+        tally.accepted += accepted
+        tally.dropped += dropped
 
     @staticmethod
     def _conflict(spec: PipelineSpec, event_id: str, seen: Seen, content: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import uuid
@@ -14,7 +15,7 @@ import pytest
 from loopline import avro
 from loopline.avro.writers import FeaturesEncoder, long_bytes
 from loopline.services.ingest.idempotency import content_hash
-from loopline.services.ingest.ids import fast_uuid5
+from loopline.services.ingest.ids import DerivedIds, fast_uuid5, uuid5_many
 from loopline.spec import PipelineSpec, load_spec
 from loopline.validation import Accepted, Rejection, Validator, parse_ts
 
@@ -242,6 +243,15 @@ def test_varint_matches_avro_long(n: int) -> None:
     for value in (n, -n):
         assert long_bytes(value) == avro.Codec({"type": "record", "name": "L", "fields": [
             {"name": "v", "type": "long"}]}).encode({"v": value})[avro.HEADER_LEN:]
+
+
+def test_uuid5_many_is_uuid5() -> None:
+    ns = uuid.UUID("6f1c52a4-1d0e-5b7e-9a57-2c4f0e8a1b01")
+    ids = DerivedIds(ns.bytes, "loopline.fraud.raw")
+    places = [(p, o) for p in (0, 1, 7, 8191) for o in (0, 1, 9, 10, 2**31, 2**62)] + [(2, o) for o in range(300)]
+    digests = [hashlib.sha1(ids[p] + str(o).encode()).digest() for p, o in places]
+    assert uuid5_many(digests) == [str(uuid.uuid5(ns, f"loopline.fraud.raw:{p}:{o}")).encode() for p, o in places]
+    assert uuid5_many([]) == []
 
 
 def test_fast_uuid5_is_uuid5() -> None:
