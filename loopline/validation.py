@@ -57,7 +57,8 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A valid event: producer's id/key/ts (None when absent), its features, unknown fields dropped."""
+    """A valid event: the producer's id/key/ts (None when absent), its features (unknown ones
+    dropped) and how many unknown fields were dropped."""
 
     event_id: str | None
     key: str | None
@@ -81,7 +82,7 @@ def _show(value: Any, limit: int = 40) -> str:
 
 
 def parse_ts(value: Any) -> int | str:
-    """Epoch milliseconds from an int or an ISO-8601 string with a UTC offset; else the reason (str)."""
+    """Epoch milliseconds from an int or an ISO-8601 string with a UTC offset; else why not."""
     t = type(value)
     if t is int:
         if 0 <= value <= _TS_MAX:
@@ -93,7 +94,8 @@ def parse_ts(value: Any) -> int | str:
         except ValueError:
             return f"ts {_show(value)} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z)"
         if parsed.tzinfo is None:
-            return f"ts {_show(value)} has no UTC offset; add 'Z' or '+HH:MM' so the instant is unambiguous"
+            return (f"ts {_show(value)} has no UTC offset; add 'Z' or '+HH:MM' so the instant is "
+                    "unambiguous")
         ms = (parsed - _EPOCH) // _MS
         if not 0 <= ms <= _TS_MAX:
             return f"ts {_show(value)} is before 1970-01-01T00:00:00Z"
@@ -126,7 +128,7 @@ class Validator:
         self.decode_fast: Callable[[bytes], Any] = msgspec.json.Decoder(self.event_type).decode
 
     def fast(self, value: bytes | None) -> Any | None:
-        """The event struct if ``value`` is a plainly valid JSON event, else None: call validate()."""
+        """The event struct if ``value`` is a plainly valid JSON event, else None (validate it)."""
         if value is None or len(value) > self.max_bytes:
             return None
         try:
@@ -137,12 +139,13 @@ class Validator:
     def validate(self, value: bytes | None) -> Accepted | Rejection:
         """Accept or reject one raw message value (JSON object or Avro single-object encoding)."""
         if value is None:
-            return Rejection(None, "tombstone", "null message value (a tombstone): there is no event to "
-                             "validate; send a JSON object or the pipeline's Avro encoding")
+            return Rejection(None, "tombstone", "null message value (a tombstone): there is "
+                             "no event to validate; send a JSON object or the pipeline's Avro "
+                             "encoding")
         size = len(value)
         if size > self.max_bytes:
-            return Rejection(None, "size", f"message is {size} bytes; pipeline {self.spec.name} accepts "
-                             f"at most {self.max_bytes} (max_message_bytes)")
+            return Rejection(None, "size", f"message is {size} bytes; pipeline {self.spec.name} "
+                             f"accepts at most {self.max_bytes} (max_message_bytes)")
         if value[:2] == avro.MAGIC:
             return self._avro(value)
         try:
@@ -150,17 +153,17 @@ class Validator:
         except orjson.JSONDecodeError as e:
             return self._bad_json(value, e)
         if type(doc) is not dict:
-            return Rejection(None, "type", f"expected a JSON object like {{\"features\": {{...}}}}, "
+            return Rejection(None, "type", "expected a JSON object like {\"features\": {...}}, "
                              f"got a JSON {json_type(doc)}")
         return self.check(doc)
 
     def _avro(self, value: bytes) -> Accepted | Rejection:
         fp = value[2:avro.HEADER_LEN]
         if fp != self.raw_codec.fingerprint:
-            return Rejection(None, "schema", f"Avro message with writer schema fingerprint {fp.hex()}, but "
-                             f"pipeline {self.spec.name} reads only its current raw schema "
-                             f"(fingerprint {self.raw_codec.fingerprint.hex()}); encode with "
-                             "spec.raw_schema() of the registered spec")
+            return Rejection(None, "schema", f"Avro message with writer schema fingerprint "
+                             f"{fp.hex()}, but pipeline {self.spec.name} reads only its current "
+                             f"raw schema (fingerprint {self.raw_codec.fingerprint.hex()}); encode "
+                             "with spec.raw_schema() of the registered spec")
         try:
             record = self.raw_codec.decode(value)
         except SchemaError as e:
@@ -181,13 +184,14 @@ class Validator:
                 if type(verdict) is Rejection:
                     return Rejection(verdict.field, verdict.rule,
                                      verdict.message + " (NaN/Infinity are not valid JSON either)")
-                return Rejection(None, "json", f"not valid JSON: {error}; NaN and Infinity are not JSON "
-                                 "values (send null for an absent optional feature)")
+                return Rejection(None, "json", f"not valid JSON: {error}; NaN and Infinity are not "
+                                 "JSON values (send null for an absent optional feature)")
         try:
             value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return Rejection(None, "json", f"not valid JSON: the {len(value)} bytes are not UTF-8 text "
-                             f"(first invalid byte 0x{value[e.start]:02x} at offset {e.start})")
+            first = f"first invalid byte 0x{value[e.start]:02x} at offset {e.start}"
+            return Rejection(None, "json", f"not valid JSON: the {len(value)} bytes are not UTF-8 "
+                             f"text ({first})")
         return Rejection(None, "json", f"not valid JSON ({len(value)} bytes): {error}")
 
     def check(self, doc: dict[str, Any]) -> Accepted | Rejection:
@@ -199,7 +203,8 @@ class Validator:
                                                   f"{json_type(event_id)} {_show(event_id)}")))
         key = doc.get("key")
         if key is not None and type(key) is not str:
-            problems.append(("key", "type", f"key must be a string, got {json_type(key)} {_show(key)}"))
+            problems.append(("key", "type",
+                             f"key must be a string, got {json_type(key)} {_show(key)}"))
         ts = doc.get("ts")
         if ts is not None:
             parsed_ts = parse_ts(ts)
@@ -219,8 +224,8 @@ class Validator:
             if not self.names.issuperset(features):
                 unknown = [k for k in features if k not in self.names]
                 if self.reject_unknown:
-                    problems.extend((f"features.{k}", "unknown_field", self._unknown_message(f"features.{k}"))
-                                    for k in unknown)
+                    problems.extend((f"features.{k}", "unknown_field",
+                                     self._unknown_message(f"features.{k}")) for k in unknown)
                 else:
                     dropped += len(unknown)
                     features = {k: v for k, v in features.items() if k in self.names}
@@ -241,18 +246,20 @@ class Validator:
         return (f"{field} is not declared in pipeline {self.spec.name} (unknown_fields: reject); "
                 f"declared features: {', '.join(sorted(self.names))}")
 
-    def _check_features(self, features: dict[str, Any], problems: list[tuple[str | None, str, str]]) -> None:
+    def _check_features(self, features: dict[str, Any],
+                        problems: list[tuple[str | None, str, str]]) -> None:
         for name, path, kind, required, lo, hi, allowed, listed in self._checks:
             v = features.get(name)
             if v is None:
                 if required:
-                    problems.append((path, "required", f"required feature {name!r} is missing or null"))
+                    problems.append((path, "required",
+                                     f"required feature {name!r} is missing or null"))
                 continue
             t = type(v)
             if kind == "float":
                 if t is float:
                     if not math.isfinite(v):
-                        problems.append((path, "finite", f"{name} is {_show(v)}; features must be finite numbers"))
+                        problems.append((path, "finite", _not_finite(name, v)))
                         continue
                 elif t is not int:
                     problems.append((path, "type", self._type_message(name, kind, v)))
@@ -260,7 +267,7 @@ class Validator:
             elif kind == "int":
                 if t is not int:
                     if t is float and not math.isfinite(v):
-                        problems.append((path, "finite", f"{name} is {_show(v)}; features must be finite numbers"))
+                        problems.append((path, "finite", _not_finite(name, v)))
                     else:
                         problems.append((path, "type", self._type_message(name, kind, v)))
                     continue
@@ -291,7 +298,12 @@ class Validator:
         return f"{name} must be {_KIND_NAMES[kind]}, got {json_type(value)} {_show(value)}{hint}"
 
 
-_KIND_NAMES = {"float": "a number (float)", "int": "an integer", "string": "a string", "bool": "a boolean"}
+_KIND_NAMES = {"float": "a number (float)", "int": "an integer", "string": "a string",
+               "bool": "a boolean"}
+
+
+def _not_finite(name: str, value: float) -> str:
+    return f"{name} is {_show(value)}; features must be finite numbers"
 
 
 # --- the fast path: a msgspec struct per spec -------------------------------------------------

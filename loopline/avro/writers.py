@@ -58,20 +58,20 @@ def _feature_fields(schema: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 required = not isinstance(t, list)
                 avro_type = t if required else next(x for x in t if x != "null")
                 if avro_type not in _KINDS:
-                    raise ValueError(f"feature {field['name']!r} has Avro type {avro_type!r}, which the "
-                                     "features encoder does not write")
+                    raise ValueError(f"feature {field['name']!r} has Avro type {avro_type!r}, "
+                                     "which the features encoder does not write")
                 out.append((field["name"], _KINDS[avro_type], required))
             return out
     raise ValueError(f"schema {schema.get('name')} has no 'features' record")
 
 
 def _varint_expr(n: str) -> str:
-    """An expression for the varint of the (zig-zagged) int named ``n``: a table look-up when small."""
+    """An expression: the varint of the (zig-zagged) int named ``n``, looked up when small."""
     return f"(_SMALL[{n}] if {n} < 16384 else _varint({n}))"
 
 
 def _body(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> tuple[list[str], str]:
-    """Statements and the expression of the ``features`` body (see :func:`features_encoder_source`)."""
+    """Statements and expression of the ``features`` body (:func:`features_encoder_source`)."""
     lines = [] if attributes is not None else ["    g = f.get"]
     parts: list[str] = []
     doubles: list[str] = []  # a run of required doubles, packed together
@@ -105,11 +105,13 @@ def _body(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> tuple
                 parts.append(f"(b'\\x01' if {read} else b'\\x00')")
             continue
         # Optional: the union's branch (0: null, 1: the value), then the value.
-        lines += [f"    {v} = {read}", f"    if {v} is None:", f"        {v} = b'\\x00'", "    else:"]
+        lines += [f"    {v} = {read}", f"    if {v} is None:", f"        {v} = b'\\x00'",
+                  "    else:"]
         if kind == "float":
             lines.append(f"        {v} = b'\\x02' + _pack1({v})")
         elif kind == "int":
-            lines += [f"        {z} = ({v} << 1) ^ ({v} >> 63)", f"        {v} = b'\\x02' + {_varint_expr(z)}"]
+            lines += [f"        {z} = ({v} << 1) ^ ({v} >> 63)",
+                      f"        {v} = b'\\x02' + {_varint_expr(z)}"]
         elif kind == "string":
             lines += [f"        {v} = {v}.encode()", f"        {z} = len({v}) << 1",
                       f"        {v} = b'\\x02' + {_varint_expr(z)} + {v}"]
@@ -120,8 +122,9 @@ def _body(schema: dict[str, Any], attributes: Mapping[str, str] | None) -> tuple
     return lines, f"_join(({', '.join(parts)},))" if parts else "b''"
 
 
-def features_encoder_source(schema: dict[str, Any], attributes: Mapping[str, str] | None = None) -> str:
-    """Python source of the generated ``encode_features(f)`` and ``encode_event(f, ...)`` of a schema.
+def features_encoder_source(schema: dict[str, Any],
+                            attributes: Mapping[str, str] | None = None) -> str:
+    """Python source of the generated ``encode_features(f)`` and ``encode_event(f, ...)``.
 
     ``f`` is a dict by feature name, or with ``attributes`` (feature name -> attribute) an object
     such as the fast path's msgspec struct, whose features are read as attributes. The body is
@@ -179,8 +182,8 @@ _BLAKE = hashlib.blake2b(digest_size=12)
 def _compile(schema: dict[str, Any], attributes: Mapping[str, str] | None,
              header: bytes) -> tuple[Callable[..., bytes], Callable[..., tuple[bytes, bytes]]]:
     fields = _feature_fields(schema)
-    env: dict[str, Any] = {"_varint": varint, "_SMALL": _SMALL, "_LOW": _LOW, "_join": b"".join, "_header": header,
-                           "_blake": _BLAKE.copy, "_hexlify": hexlify}
+    env: dict[str, Any] = {"_varint": varint, "_SMALL": _SMALL, "_LOW": _LOW, "_join": b"".join,
+                           "_header": header, "_blake": _BLAKE.copy, "_hexlify": hexlify}
     env.update({f"_pack{n}": struct.Struct("<" + "d" * n).pack for n in range(1, len(fields) + 1)})
     source = features_encoder_source(schema, attributes)
     exec(compile(source, "<encode_features>", "exec"), env)  # noqa: S102 - generated above
@@ -194,10 +197,13 @@ class FeaturesEncoder:
         self.header = MAGIC + Codec(schema).fingerprint
         #: Features by name (a dict) to their Avro body.
         self.encode_features: Callable[[dict[str, Any]], bytes]
-        #: The whole record and its content hash from features by name (see :meth:`event`).
+        #: ``event(features, event_id, key, ts, middle, partition, offset) -> (record,
+        #: content_hash)``: the whole record, and its content hash (:func:`content_digest` of the
+        #: key and the encoded features). ``event_id`` and ``key`` (or None) are UTF-8 bytes,
+        #: ``middle`` is ``ingested_at`` and the source topic pre-encoded (:meth:`source_prefix`).
         self.event: Callable[..., tuple[bytes, bytes]]
         self.encode_features, self.event = _compile(schema, None, self.header)
-        #: The same two from an object with the features as ``attributes`` (the fast path's struct).
+        #: The same two from an object with the features as ``attributes`` (msgspec's struct).
         self.encode_struct: Callable[[Any], bytes] | None = None
         self.struct_event: Callable[..., tuple[bytes, bytes]] | None = None
         if attributes is not None:
@@ -213,24 +219,16 @@ class FeaturesEncoder:
 
     def encode(self, event_id: str, key: str | None, ts: int, ingested_at: bytes, topic: bytes,
                partition: int, offset: int, features: bytes, content_hash: str) -> bytes:
-        """One record from its parts; ``ingested_at``, ``topic`` and ``features`` come pre-encoded."""
-        return self.record(event_id.encode(), None if key is None else key.encode(), ts, ingested_at + topic,
-                           partition, offset, features, content_hash.encode())
+        """One record from its parts; ``ingested_at``, ``topic`` and ``features`` pre-encoded.
 
-    def record(self, event_id: bytes, key: bytes | None, ts: int, middle: bytes, partition: int, offset: int,
-               features: bytes, content_hash: bytes) -> bytes:
-        """:meth:`encode` from UTF-8 parts; ``middle`` is ``ingested_at`` and ``topic`` pre-encoded."""
-        n = len(event_id) << 1
-        if key is not None:
-            key = b"\x02" + varint(len(key) << 1) + key
-        return b"".join((self.header, varint(n), event_id, key or b"\x00", varint((ts << 1) ^ (ts >> 63)), middle,
-                         varint(partition << 1), varint(offset << 1), features, b"\x02",
-                         varint(len(content_hash) << 1), content_hash))
-
-    # ``event(features, event_id, key, ts, middle, partition, offset) -> (record, content_hash)``:
-    # the generated whole-record writer. ``event_id`` and ``key`` (or None) are UTF-8 bytes,
-    # ``middle`` is ``ingested_at`` and the source topic pre-encoded (see :meth:`source_prefix`),
-    # the content hash (:func:`content_digest`) is computed from the key and the encoded features.
+        (Ingest writes records with :attr:`event` or :attr:`struct_event`, which also encode the
+        features and hash them; this is the plain form, for tools and tests.)
+        """
+        eid = event_id.encode()
+        key_part = b"\x00" if key is None else b"\x02" + string_bytes(key)
+        return b"".join((self.header, varint(len(eid) << 1), eid, key_part, long_bytes(ts),
+                         ingested_at, topic, long_bytes(partition), long_bytes(offset), features,
+                         b"\x02", string_bytes(content_hash)))
 
 
 # --- compiled writers of whole records (dead letters) -----------------------------------------
@@ -263,9 +261,10 @@ def writer_source(schema: dict[str, Any]) -> str:
             count += 1
             v, null_first = f"u{count}", kind[0] == "null"
             other = kind[1] if null_first else kind[0]
-            null, some = (_ZERO, _ONE) if null_first else (_ONE, _ZERO)  # the branch index, zig-zagged
-            lines.extend([f"{pad}{v} = {read}", f"{pad}if {v} is None:", f"{pad}    a({null!r})", f"{pad}else:",
-                          f"{pad}    a({some!r})"])
+            # the branch index, zig-zagged
+            null, some = (_ZERO, _ONE) if null_first else (_ONE, _ZERO)
+            lines.extend([f"{pad}{v} = {read}", f"{pad}if {v} is None:", f"{pad}    a({null!r})",
+                          f"{pad}else:", f"{pad}    a({some!r})"])
             value(depth + 1, other, v)
         elif kind == "null":
             pass
@@ -274,8 +273,10 @@ def writer_source(schema: dict[str, Any]) -> str:
         elif kind in ("int", "long"):
             count += 1
             n = f"n{count}"
-            lines += [f"{pad}{n} = {read}",  # fastavro refuses what does not fit 64 bits: let it say so
-                      f"{pad}if not -9223372036854775808 <= {n} <= 9223372036854775807: raise OverflowError",
+            # fastavro refuses what does not fit 64 bits: let it say so
+            lines += [f"{pad}{n} = {read}",
+                      f"{pad}if not -9223372036854775808 <= {n} <= 9223372036854775807:",
+                      f"{pad}    raise OverflowError",
                       f"{pad}a(_varint(({n} << 1) ^ ({n} >> 63)))"]
         elif kind in ("float", "double"):
             lines.append(f"{pad}a(_pack{'F' if kind == 'float' else '1'}({read}))")
@@ -310,7 +311,8 @@ def record_encoder(codec: Codec) -> Callable[[dict[str, Any]], bytes]:
     """``codec.encode`` through a compiled writer, which fastavro backs up: a record the writer
     cannot take (a wrong type, a missing field) goes to ``codec.encode``, which judges it."""
     try:
-        write = compile_writer(fastavro.parse_schema(codec.schema, named_schemas=named_types(), expand=True))
+        expanded = fastavro.parse_schema(codec.schema, named_schemas=named_types(), expand=True)
+        write = compile_writer(expanded)
     except Unsupported:
         return codec.encode
     header = MAGIC + codec.fingerprint

@@ -56,8 +56,9 @@ class Delivery:
 
     exactly_once = False
 
-    def __init__(self, producer: Producer, timeout_s: float = 30.0, failures: Failures | None = None) -> None:
-        """``failures``: the producer's configured ``on_delivery``; without it, one goes with each message."""
+    def __init__(self, producer: Producer, timeout_s: float = 30.0,
+                 failures: Failures | None = None) -> None:
+        """``failures``: the producer's configured ``on_delivery`` (else each message gets one)."""
         self.producer = producer
         self.timeout_s = timeout_s
         self.failures = failures or Failures()
@@ -131,7 +132,8 @@ class ExactlyOnce(Delivery):
 
     exactly_once = True
 
-    def __init__(self, producer: Producer, timeout_s: float = 30.0, failures: Failures | None = None) -> None:
+    def __init__(self, producer: Producer, timeout_s: float = 30.0,
+                 failures: Failures | None = None) -> None:
         super().__init__(producer, timeout_s, failures)
         # Aborts whatever an earlier incarnation with the same transactional.id left open.
         producer.init_transactions(timeout_s)

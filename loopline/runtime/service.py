@@ -68,7 +68,8 @@ class ServiceRuntime:
         failures = Failures()
         conf = {"on_delivery": failures, "delivery.report.only.error": True, **producer_overrides}
         if self.kafka.exactly_once:
-            return ExactlyOnce(self.kafka.transactional_producer(self.transactional_id, **conf), failures=failures)
+            producer = self.kafka.transactional_producer(self.transactional_id, **conf)
+            return ExactlyOnce(producer, failures=failures)
         return AtLeastOnce(self.kafka.producer(f"loopline-{self.name}", **conf), failures=failures)
 
     def loop(self, consumer: Consumer, delivery: Delivery, handler: Handler, *, bisect: bool = True,

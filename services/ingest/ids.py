@@ -42,7 +42,7 @@ _DASH = ord("-")
 
 
 def uuid5_many(digests: list[bytes]) -> list[bytes]:
-    """The uuid5 strings, as ASCII bytes, of SHA-1 digests (``hashlib.sha1(namespace + name).digest()``).
+    """The uuid5 strings, as ASCII bytes, of SHA-1 digests (``sha1(namespace + name).digest()``).
 
     Formatting is most of the cost of an id in Python (slices, a look-up, an f-string): for a
     batch, numpy sets the version and variant bits and writes the hex digits of all at once.

@@ -1,4 +1,4 @@
-"""Compiled Avro writers of whole records write exactly what fastavro writes, or leave it to fastavro."""
+"""Compiled writers of whole records write exactly what fastavro writes, or leave it to fastavro."""
 
 from __future__ import annotations
 
@@ -21,19 +21,26 @@ def dead_letters(n: int, seed: int = 5) -> list[dict[str, Any]]:
     longs = [0, 1, -1, 63, 64, 8191, 8192, 2**31, 2**40, _INT64_MAX, -(2**63)]
     out = []
     for i in range(n):
-        out.append({
-            "original": rng.choice([b"", b"\x00\xff", bytes(rng.randrange(256) for _ in range(rng.randrange(400)))]),
-            "original_key": rng.choice([None, b"", b"k", bytes(range(256))]),
-            "source": {"topic": rng.choice(["loopline.fraud.raw", "ü", ""]), "partition": rng.choice([0, 1, 2**31 - 1]),
-                       "offset": rng.choice(longs)},
-            "source_timestamp": rng.choice([None, *longs]),
-            "field": rng.choice([None, *texts]),
-            "rule": rng.choice(texts),
-            "message": rng.choice(texts) * rng.randrange(1, 3),
-            "service": rng.choice(["ingest", "inference", ""]),
-            "at": rng.choice(longs),
-            "deadletter_id": rng.choice([None, f"{i:032x}", ""]),
-        })
+        out.append(
+            {
+                "original": rng.choice(
+                    [b"", b"\x00\xff", bytes(rng.randrange(256) for _ in range(rng.randrange(400)))]
+                ),
+                "original_key": rng.choice([None, b"", b"k", bytes(range(256))]),
+                "source": {
+                    "topic": rng.choice(["loopline.fraud.raw", "ü", ""]),
+                    "partition": rng.choice([0, 1, 2**31 - 1]),
+                    "offset": rng.choice(longs),
+                },
+                "source_timestamp": rng.choice([None, *longs]),
+                "field": rng.choice([None, *texts]),
+                "rule": rng.choice(texts),
+                "message": rng.choice(texts) * rng.randrange(1, 3),
+                "service": rng.choice(["ingest", "inference", ""]),
+                "at": rng.choice(longs),
+                "deadletter_id": rng.choice([None, f"{i:032x}", ""]),
+            }
+        )
     return out
 
 
@@ -45,10 +52,19 @@ def test_dead_letter_writer_matches_fastavro() -> None:
         assert encode(record) == codec.encode(record), record
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("original", "text, not bytes"), ("rule", b"bytes, not text"), ("at", 1.5), ("at", 2**63),
-    ("source_timestamp", "yesterday"), ("field", 5), ("original_key", "str key"), ("message", None),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("original", "text, not bytes"),
+        ("rule", b"bytes, not text"),
+        ("at", 1.5),
+        ("at", 2**63),
+        ("source_timestamp", "yesterday"),
+        ("field", 5),
+        ("original_key", "str key"),
+        ("message", None),
+    ],
+)
 def test_records_the_writer_cannot_take_are_judged_by_fastavro(field: str, value: Any) -> None:
     codec = avro.codec("deadletter")
     encode = record_encoder(codec)
@@ -73,7 +89,14 @@ def test_missing_field_with_a_default_is_written_as_fastavro_writes_it() -> None
 
 def test_unsupported_types_are_refused_at_compile_time() -> None:
     with pytest.raises(Unsupported):
-        compile_writer({"type": "record", "name": "A", "fields": [{"name": "m", "type": {"type": "map",
-                                                                                            "values": "long"}}]})
+        compile_writer(
+            {
+                "type": "record",
+                "name": "A",
+                "fields": [{"name": "m", "type": {"type": "map", "values": "long"}}],
+            }
+        )
     with pytest.raises(Unsupported):
-        compile_writer({"type": "record", "name": "B", "fields": [{"name": "u", "type": ["string", "long"]}]})
+        compile_writer(
+            {"type": "record", "name": "B", "fields": [{"name": "u", "type": ["string", "long"]}]}
+        )

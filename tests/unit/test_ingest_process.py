@@ -25,17 +25,28 @@ from loopline.services.ingest.service import _Pipeline
 from loopline.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
-GOOD = {"customer_id": "c1", "amount": 12.5, "merchant_risk": 0.2, "hour": 3, "country": "DE",
-        "card_present": True}
+GOOD = {
+    "customer_id": "c1",
+    "amount": 12.5,
+    "merchant_risk": 0.2,
+    "hour": 3,
+    "country": "DE",
+    "card_present": True,
+}
 
 
 @pytest.fixture
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestService]:
-    # A frozen clock: ingested_at, dead letters' 'at' and the ts of events with none are equal every run.
+    # A frozen clock: ingested_at, dead letters' 'at' and the ts of events with none stay equal.
     monkeypatch.setattr(ingest_service, "now_ms", lambda: 1_800_000_000_000)
     monkeypatch.setattr(outputs, "now_ms", lambda: 1_800_000_000_000)
-    settings = IngestSettings(bootstrap_servers="127.0.0.1:1", kafka_profile="embedded", home=tmp_path,
-                              log_level="WARNING", deadletter_max_bytes=8192)
+    settings = IngestSettings(
+        bootstrap_servers="127.0.0.1:1",
+        kafka_profile="embedded",
+        home=tmp_path,
+        log_level="WARNING",
+        deadletter_max_bytes=8192,
+    )
     with ServiceRuntime("ingest", settings, install_signals=False) as rt:
         yield IngestService(rt, settings, delivery=object())  # type: ignore[arg-type]
 
@@ -52,7 +63,16 @@ def messages(spec: PipelineSpec, values: list[bytes | None], seed: int = 0) -> l
     for i, v in enumerate(values):
         ts = (TIMESTAMP_NOT_AVAILABLE, 0) if rng.random() < 0.1 else (1, 1_700_000_000_000 + i)
         key = None if rng.random() < 0.2 else f"k{i % 13}".encode()
-        out.append(Message(topic=spec.topics.raw, partition=i % 3, offset=i // 3, value=v, key=key, timestamp=ts))
+        out.append(
+            Message(
+                topic=spec.topics.raw,
+                partition=i % 3,
+                offset=i // 3,
+                value=v,
+                key=key,
+                timestamp=ts,
+            )
+        )
     return out
 
 
@@ -77,19 +97,32 @@ def run(service: IngestService, batches: list[list[Message]]) -> list[tuple[Any,
 
 def counts(service: IngestService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The service's counters (not the clock-dependent ones)."""
-    return {(m.name, tuple(sorted(m.labels.items()))): m.value for metric in service.rt.registry.collect()
-            for m in metric.samples if m.name.startswith("loopline_ingest_") and not m.name.endswith("_created")
-            and "seconds" not in m.name}
+    return {
+        (m.name, tuple(sorted(m.labels.items()))): m.value
+        for metric in service.rt.registry.collect()
+        for m in metric.samples
+        if m.name.startswith("loopline_ingest_")
+        and not m.name.endswith("_created")
+        and "seconds" not in m.name
+    }
 
 
-@pytest.mark.parametrize("spec", [load_spec(REPO / "examples" / "fraud.yaml"), edge_spec(), load_spec(
-    REPO / "examples" / "fraud.yaml").model_copy(update={"unknown_fields": "drop"})], ids=["fraud", "edge", "drop"])
-def test_outputs_are_the_same_with_and_without_the_msgspec_fast_path(service: IngestService,
-                                                                     spec: PipelineSpec) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [
+        load_spec(REPO / "examples" / "fraud.yaml"),
+        edge_spec(),
+        load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"unknown_fields": "drop"}),
+    ],
+    ids=["fraud", "edge", "drop"],
+)
+def test_outputs_are_the_same_with_and_without_the_msgspec_fast_path(
+    service: IngestService, spec: PipelineSpec
+) -> None:
     cases = corpus(spec, 4000, seed=11)
     values = [c.value for c in cases]
     values += values[:300]  # re-sent: duplicates of events with ids
-    batches = [messages(spec, values)[i:i + 500] for i in range(0, len(values), 500)]
+    batches = [messages(spec, values)[i : i + 500] for i in range(0, len(values), 500)]
     serve(service, spec)
     fast = run(service, batches)
     assert sum(o[0].endswith("features") for o in fast) > 1000
@@ -111,12 +144,19 @@ def test_a_duplicate_in_a_later_run_of_the_same_batch_is_recognised(service: Ing
     serve(service, fraud, other)
     event = orjson.dumps({"event_id": "e1", "features": GOOD})
     batch = messages(fraud, [event]) + messages(other, [event]) + messages(fraud, [None, event])[1:]
-    batch[-1] = Message(topic=fraud.topics.raw, partition=1, offset=7, value=event, key=None, timestamp=(1, 5))
+    batch[-1] = Message(
+        topic=fraud.topics.raw, partition=1, offset=7, value=event, key=None, timestamp=(1, 5)
+    )
     out = Outputs("ingest")
     service.process(batch, out)
     out.committed()
     assert [o.topic for o in out.items] == [fraud.topics.features, other.topics.features]
-    assert service.rt.registry.get_sample_value("loopline_ingest_duplicates_total", {"pipeline": "fraud"}) == 1
+    assert (
+        service.rt.registry.get_sample_value(
+            "loopline_ingest_duplicates_total", {"pipeline": "fraud"}
+        )
+        == 1
+    )
 
 
 def test_derived_ids_and_keys(service: IngestService) -> None:

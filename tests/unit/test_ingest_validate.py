@@ -226,16 +226,18 @@ def test_generated_event_writer_matches_fastavro_and_the_content_hash(spec: Pipe
     for i, a in enumerate(accepted):
         key = (None, "", "k", "ünïcode", "x" * 9000)[i % 5]
         # timestamps and offsets on every edge of the varint tables the generated code reads
-        ts, offset, partition = _EDGES[i % len(_EDGES)], _EDGES[(i // 3) % len(_EDGES)], (0, 1, 8191, 8192)[i % 4]
+        ts, offset = _EDGES[i % len(_EDGES)], _EDGES[(i // 3) % len(_EDGES)]
+        partition = (0, 1, 8191, 8192)[i % 4]
         event_id = ("e", "ü" * 9000, "8c4b2f0e-aaaa-5bbb-8ccc-0123456789ab")[i % 3]
-        record, content = encoder.event(a.features, event_id.encode(), None if key is None else key.encode(),
-                                        ts, middle, partition, offset)
+        key_bytes = None if key is None else key.encode()
+        record, content = encoder.event(a.features, event_id.encode(), key_bytes, ts, middle,
+                                        partition, offset)
         body = encoder.encode_features(a.features)
         assert content.decode() == content_hash(key, body)
         assert record == codec.encode({
-            "event_id": event_id, "key": key, "ts": ts, "ingested_at": 1_700_000_000_123, "features": a.features,
-            "source": {"topic": "loopline.fraud.raw", "partition": partition, "offset": offset},
-            "content_hash": content.decode()})
+            "event_id": event_id, "key": key, "ts": ts, "ingested_at": 1_700_000_000_123,
+            "features": a.features, "content_hash": content.decode(),
+            "source": {"topic": "loopline.fraud.raw", "partition": partition, "offset": offset}})
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 8191, 8192, 2**40, 2**62])
@@ -248,9 +250,11 @@ def test_varint_matches_avro_long(n: int) -> None:
 def test_uuid5_many_is_uuid5() -> None:
     ns = uuid.UUID("6f1c52a4-1d0e-5b7e-9a57-2c4f0e8a1b01")
     ids = DerivedIds(ns.bytes, "loopline.fraud.raw")
-    places = [(p, o) for p in (0, 1, 7, 8191) for o in (0, 1, 9, 10, 2**31, 2**62)] + [(2, o) for o in range(300)]
+    places = [(p, o) for p in (0, 1, 7, 8191) for o in (0, 1, 9, 10, 2**31, 2**62)]
+    places += [(2, o) for o in range(300)]
     digests = [hashlib.sha1(ids[p] + str(o).encode()).digest() for p, o in places]
-    assert uuid5_many(digests) == [str(uuid.uuid5(ns, f"loopline.fraud.raw:{p}:{o}")).encode() for p, o in places]
+    expected = [str(uuid.uuid5(ns, f"loopline.fraud.raw:{p}:{o}")).encode() for p, o in places]
+    assert uuid5_many(digests) == expected
     assert uuid5_many([]) == []
 
 
