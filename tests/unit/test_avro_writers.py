@@ -100,3 +100,11 @@ def test_unsupported_types_are_refused_at_compile_time() -> None:
         compile_writer(
             {"type": "record", "name": "B", "fields": [{"name": "u", "type": ["string", "long"]}]}
         )
+
+
+def test_the_compiled_dead_letter_writer_can_be_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from loopline.avro.__main__ import main
+
+    main(["deadletter"])
+    printed = capsys.readouterr().out
+    assert "# compiled writer of loopline.DeadLetter" in printed and "def write(r):" in printed
