@@ -224,15 +224,18 @@ class Validator:
             if not self.names.issuperset(features):
                 unknown = [k for k in features if k not in self.names]
                 if self.reject_unknown:
-                    problems.extend((f"features.{k}", "unknown_field",
-                                     self._unknown_message(f"features.{k}")) for k in unknown)
+                    for k in unknown:
+                        problems.append((f"features.{k}", "unknown_field", "" if problems else
+                                         self._unknown_message(f"features.{k}")))
                 else:
                     dropped += len(unknown)
                     features = {k: v for k, v in features.items() if k in self.names}
         if len(doc) > 4 or not all(k in TOP_LEVEL for k in doc):
             unknown = [k for k in doc if k not in TOP_LEVEL]
             if self.reject_unknown:
-                problems.extend((k, "unknown_field", self._unknown_message(k)) for k in unknown)
+                for k in unknown:
+                    problems.append((k, "unknown_field", "" if problems else
+                                     self._unknown_message(k)))
             else:
                 dropped += len(unknown)
         if problems:
@@ -248,45 +251,54 @@ class Validator:
 
     def _check_features(self, features: dict[str, Any],
                         problems: list[tuple[str | None, str, str]]) -> None:
+        # Only the first problem's message is shown (the others are counted), so only the first
+        # is written: rejections with many problems are common, and their messages cost the most.
         for name, path, kind, required, lo, hi, allowed, listed in self._checks:
             v = features.get(name)
             if v is None:
                 if required:
-                    problems.append((path, "required",
+                    problems.append((path, "required", "" if problems else
                                      f"required feature {name!r} is missing or null"))
                 continue
             t = type(v)
             if kind == "float":
                 if t is float:
                     if not math.isfinite(v):
-                        problems.append((path, "finite", _not_finite(name, v)))
+                        problems.append((path, "finite", "" if problems else _not_finite(name, v)))
                         continue
                 elif t is not int:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                     continue
             elif kind == "int":
                 if t is not int:
                     if t is float and not math.isfinite(v):
-                        problems.append((path, "finite", _not_finite(name, v)))
+                        problems.append((path, "finite", "" if problems else _not_finite(name, v)))
                     else:
-                        problems.append((path, "type", self._type_message(name, kind, v)))
+                        problems.append((path, "type", "" if problems else
+                                         self._type_message(name, kind, v)))
                     continue
                 if not _INT64_MIN <= v <= _INT64_MAX:
-                    problems.append((path, "range", f"{name} = {v} does not fit a 64-bit integer"))
+                    problems.append((path, "range", "" if problems else
+                                     f"{name} = {v} does not fit a 64-bit integer"))
                     continue
             elif kind == "string":
                 if t is not str:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                 elif allowed is not None and v not in allowed:
-                    problems.append((path, "values", f"{name} = {_show(v)} is not one of {listed}"))
+                    problems.append((path, "values", "" if problems else
+                                     f"{name} = {_show(v)} is not one of {listed}"))
                 continue
             else:  # bool
                 if t is not bool:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                 continue
             if (lo is not None and v < lo) or (hi is not None and v > hi):
-                problems.append((path, "range", (f"{name} = {v} is outside the declared range "
-                                                  f"[min {_bound(lo)}, max {_bound(hi)}]")))
+                problems.append((path, "range", "" if problems else (
+                    f"{name} = {v} is outside the declared range "
+                    f"[min {_bound(lo)}, max {_bound(hi)}]")))
 
     @staticmethod
     def _type_message(name: str, kind: str, value: Any) -> str:
