@@ -4,6 +4,12 @@ A message is accepted (:class:`Accepted`) or rejected (:class:`Rejection`) with 
 failing field in spec order (top-level fields, then features in the spec's order, then unknown
 fields), the rule it breaks and a message for a person that also counts the other problems.
 Nothing here touches Kafka, so every rule is unit-tested without a broker.
+
+The common case, a plainly valid JSON event, is decided by msgspec alone: :func:`event_type`
+derives a typed ``Event`` struct from the spec and :attr:`Validator.decode_fast` parses the raw
+bytes straight into it. It accepts only what :meth:`Validator.validate` accepts unchanged (no
+dropped fields, ``ts`` already epoch milliseconds); everything else, including whatever msgspec
+cannot express exactly, goes to :meth:`Validator.validate`, which judges and explains.
 """
 
 from __future__ import annotations
@@ -11,17 +17,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
+import msgspec
 import orjson
 
 from loopline import avro
 from loopline.errors import SchemaError
-from loopline.spec import PipelineSpec
-
-from loopline.validation_fastpath import compile_fast_accept
+from loopline.spec import Feature, PipelineSpec
 
 #: Top-level fields of a raw JSON event; anything else is an unknown field.
 TOP_LEVEL = ("event_id", "key", "ts", "features")
@@ -34,6 +41,7 @@ _TS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: anything later is not
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _NONFINITE = re.compile(rb"NaN|Infinity")
+_FLOAT_MAX = sys.float_info.max
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
                dict: "object", type(None): "null"}
 
@@ -49,7 +57,8 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A valid event: producer's id/key/ts (None when absent), its features, unknown fields dropped."""
+    """A valid event: the producer's id/key/ts (None when absent), its features (unknown ones
+    dropped) and how many unknown fields were dropped."""
 
     event_id: str | None
     key: str | None
@@ -73,7 +82,7 @@ def _show(value: Any, limit: int = 40) -> str:
 
 
 def parse_ts(value: Any) -> int | str:
-    """Epoch milliseconds from an int or an ISO-8601 string with a UTC offset; else the reason (str)."""
+    """Epoch milliseconds from an int or an ISO-8601 string with a UTC offset; else why not."""
     t = type(value)
     if t is int:
         if 0 <= value <= _TS_MAX:
@@ -85,7 +94,8 @@ def parse_ts(value: Any) -> int | str:
         except ValueError:
             return f"ts {_show(value)} is not an ISO-8601 date-time (e.g. 2024-05-01T12:00:00Z)"
         if parsed.tzinfo is None:
-            return f"ts {_show(value)} has no UTC offset; add 'Z' or '+HH:MM' so the instant is unambiguous"
+            return (f"ts {_show(value)} has no UTC offset; add 'Z' or '+HH:MM' so the instant is "
+                    "unambiguous")
         ms = (parsed - _EPOCH) // _MS
         if not 0 <= ms <= _TS_MAX:
             return f"ts {_show(value)} is before 1970-01-01T00:00:00Z"
@@ -109,27 +119,33 @@ class Validator:
             for f in spec.features
         ]
         self.raw_codec = avro.Codec(spec.raw_schema())
-        self._fast_accept = compile_fast_accept(spec)
+        self.event_type = event_type(spec)
+        #: Attribute of each feature (by name) on the ``features`` struct of :attr:`event_type`.
+        self.attributes = feature_attributes(spec)
+        #: msgspec's decoder into :attr:`event_type`: raises :class:`msgspec.MsgspecError` for
+        #: anything but a plainly valid JSON event (then call :meth:`validate`). It does not check
+        #: the size: a message over ``max_bytes`` must go to :meth:`validate` even if it decodes.
+        self.decode_fast: Callable[[bytes], Any] = msgspec.json.Decoder(self.event_type).decode
 
-    def fast(self, value: bytes | None) -> dict[str, Any] | None:
-        """The parsed event if it is plainly valid JSON (the common case), else None: call validate()."""
-        if value is None or len(value) > self.max_bytes or value[:2] == avro.MAGIC:
+    def fast(self, value: bytes | None) -> Any | None:
+        """The event struct if ``value`` is a plainly valid JSON event, else None (validate it)."""
+        if value is None or len(value) > self.max_bytes:
             return None
         try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:
+            return self.decode_fast(value)
+        except msgspec.MsgspecError:
             return None
-        return doc if type(doc) is dict and self._fast_accept(doc) else None
 
     def validate(self, value: bytes | None) -> Accepted | Rejection:
         """Accept or reject one raw message value (JSON object or Avro single-object encoding)."""
         if value is None:
-            return Rejection(None, "tombstone", "null message value (a tombstone): there is no event to "
-                             "validate; send a JSON object or the pipeline's Avro encoding")
+            return Rejection(None, "tombstone", "null message value (a tombstone): there is "
+                             "no event to validate; send a JSON object or the pipeline's Avro "
+                             "encoding")
         size = len(value)
         if size > self.max_bytes:
-            return Rejection(None, "size", f"message is {size} bytes; pipeline {self.spec.name} accepts "
-                             f"at most {self.max_bytes} (max_message_bytes)")
+            return Rejection(None, "size", f"message is {size} bytes; pipeline {self.spec.name} "
+                             f"accepts at most {self.max_bytes} (max_message_bytes)")
         if value[:2] == avro.MAGIC:
             return self._avro(value)
         try:
@@ -137,19 +153,17 @@ class Validator:
         except orjson.JSONDecodeError as e:
             return self._bad_json(value, e)
         if type(doc) is not dict:
-            return Rejection(None, "type", f"expected a JSON object like {{\"features\": {{...}}}}, "
+            return Rejection(None, "type", "expected a JSON object like {\"features\": {...}}, "
                              f"got a JSON {json_type(doc)}")
-        if self._fast_accept(doc):  # the common case: valid, nothing to explain
-            return Accepted(doc.get("event_id"), doc.get("key"), doc.get("ts"), doc["features"])
         return self.check(doc)
 
     def _avro(self, value: bytes) -> Accepted | Rejection:
         fp = value[2:avro.HEADER_LEN]
         if fp != self.raw_codec.fingerprint:
-            return Rejection(None, "schema", f"Avro message with writer schema fingerprint {fp.hex()}, but "
-                             f"pipeline {self.spec.name} reads only its current raw schema "
-                             f"(fingerprint {self.raw_codec.fingerprint.hex()}); encode with "
-                             "spec.raw_schema() of the registered spec")
+            return Rejection(None, "schema", f"Avro message with writer schema fingerprint "
+                             f"{fp.hex()}, but pipeline {self.spec.name} reads only its current "
+                             f"raw schema (fingerprint {self.raw_codec.fingerprint.hex()}); encode "
+                             "with spec.raw_schema() of the registered spec")
         try:
             record = self.raw_codec.decode(value)
         except SchemaError as e:
@@ -170,13 +184,14 @@ class Validator:
                 if type(verdict) is Rejection:
                     return Rejection(verdict.field, verdict.rule,
                                      verdict.message + " (NaN/Infinity are not valid JSON either)")
-                return Rejection(None, "json", f"not valid JSON: {error}; NaN and Infinity are not JSON "
-                                 "values (send null for an absent optional feature)")
+                return Rejection(None, "json", f"not valid JSON: {error}; NaN and Infinity are not "
+                                 "JSON values (send null for an absent optional feature)")
         try:
             value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return Rejection(None, "json", f"not valid JSON: the {len(value)} bytes are not UTF-8 text "
-                             f"(first invalid byte 0x{value[e.start]:02x} at offset {e.start})")
+            first = f"first invalid byte 0x{value[e.start]:02x} at offset {e.start}"
+            return Rejection(None, "json", f"not valid JSON: the {len(value)} bytes are not UTF-8 "
+                             f"text ({first})")
         return Rejection(None, "json", f"not valid JSON ({len(value)} bytes): {error}")
 
     def check(self, doc: dict[str, Any]) -> Accepted | Rejection:
@@ -188,7 +203,8 @@ class Validator:
                                                   f"{json_type(event_id)} {_show(event_id)}")))
         key = doc.get("key")
         if key is not None and type(key) is not str:
-            problems.append(("key", "type", f"key must be a string, got {json_type(key)} {_show(key)}"))
+            problems.append(("key", "type",
+                             f"key must be a string, got {json_type(key)} {_show(key)}"))
         ts = doc.get("ts")
         if ts is not None:
             parsed_ts = parse_ts(ts)
@@ -208,15 +224,18 @@ class Validator:
             if not self.names.issuperset(features):
                 unknown = [k for k in features if k not in self.names]
                 if self.reject_unknown:
-                    problems.extend((f"features.{k}", "unknown_field", self._unknown_message(f"features.{k}"))
-                                    for k in unknown)
+                    for k in unknown:
+                        problems.append((f"features.{k}", "unknown_field", "" if problems else
+                                         self._unknown_message(f"features.{k}")))
                 else:
                     dropped += len(unknown)
                     features = {k: v for k, v in features.items() if k in self.names}
         if len(doc) > 4 or not all(k in TOP_LEVEL for k in doc):
             unknown = [k for k in doc if k not in TOP_LEVEL]
             if self.reject_unknown:
-                problems.extend((k, "unknown_field", self._unknown_message(k)) for k in unknown)
+                for k in unknown:
+                    problems.append((k, "unknown_field", "" if problems else
+                                     self._unknown_message(k)))
             else:
                 dropped += len(unknown)
         if problems:
@@ -230,45 +249,56 @@ class Validator:
         return (f"{field} is not declared in pipeline {self.spec.name} (unknown_fields: reject); "
                 f"declared features: {', '.join(sorted(self.names))}")
 
-    def _check_features(self, features: dict[str, Any], problems: list[tuple[str | None, str, str]]) -> None:
+    def _check_features(self, features: dict[str, Any],
+                        problems: list[tuple[str | None, str, str]]) -> None:
+        # Only the first problem's message is shown (the others are counted), so only the first
+        # is written: rejections with many problems are common, and their messages cost the most.
         for name, path, kind, required, lo, hi, allowed, listed in self._checks:
             v = features.get(name)
             if v is None:
                 if required:
-                    problems.append((path, "required", f"required feature {name!r} is missing or null"))
+                    problems.append((path, "required", "" if problems else
+                                     f"required feature {name!r} is missing or null"))
                 continue
             t = type(v)
             if kind == "float":
                 if t is float:
                     if not math.isfinite(v):
-                        problems.append((path, "finite", f"{name} is {_show(v)}; features must be finite numbers"))
+                        problems.append((path, "finite", "" if problems else _not_finite(name, v)))
                         continue
                 elif t is not int:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                     continue
             elif kind == "int":
                 if t is not int:
                     if t is float and not math.isfinite(v):
-                        problems.append((path, "finite", f"{name} is {_show(v)}; features must be finite numbers"))
+                        problems.append((path, "finite", "" if problems else _not_finite(name, v)))
                     else:
-                        problems.append((path, "type", self._type_message(name, kind, v)))
+                        problems.append((path, "type", "" if problems else
+                                         self._type_message(name, kind, v)))
                     continue
                 if not _INT64_MIN <= v <= _INT64_MAX:
-                    problems.append((path, "range", f"{name} = {v} does not fit a 64-bit integer"))
+                    problems.append((path, "range", "" if problems else
+                                     f"{name} = {v} does not fit a 64-bit integer"))
                     continue
             elif kind == "string":
                 if t is not str:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                 elif allowed is not None and v not in allowed:
-                    problems.append((path, "values", f"{name} = {_show(v)} is not one of {listed}"))
+                    problems.append((path, "values", "" if problems else
+                                     f"{name} = {_show(v)} is not one of {listed}"))
                 continue
             else:  # bool
                 if t is not bool:
-                    problems.append((path, "type", self._type_message(name, kind, v)))
+                    problems.append((path, "type", "" if problems else
+                                     self._type_message(name, kind, v)))
                 continue
             if (lo is not None and v < lo) or (hi is not None and v > hi):
-                problems.append((path, "range", (f"{name} = {v} is outside the declared range "
-                                                  f"[min {_bound(lo)}, max {_bound(hi)}]")))
+                problems.append((path, "range", "" if problems else (
+                    f"{name} = {v} is outside the declared range "
+                    f"[min {_bound(lo)}, max {_bound(hi)}]")))
 
     @staticmethod
     def _type_message(name: str, kind: str, value: Any) -> str:
@@ -280,7 +310,68 @@ class Validator:
         return f"{name} must be {_KIND_NAMES[kind]}, got {json_type(value)} {_show(value)}{hint}"
 
 
-_KIND_NAMES = {"float": "a number (float)", "int": "an integer", "string": "a string", "bool": "a boolean"}
+_KIND_NAMES = {"float": "a number (float)", "int": "an integer", "string": "a string",
+               "bool": "a boolean"}
+
+
+def _not_finite(name: str, value: float) -> str:
+    return f"{name} is {_show(value)}; features must be finite numbers"
+
+
+# --- the fast path: a msgspec struct per spec -------------------------------------------------
+
+def feature_attributes(spec: PipelineSpec) -> dict[str, str]:
+    """The attribute of each feature on the generated features struct (``f0``, ``f1``, ... in spec
+    order): feature names may be Python keywords or dunders, which a struct cannot use as such."""
+    return {f.name: f"f{i}" for i, f in enumerate(spec.features)}
+
+
+def _ints(lo: float | None, hi: float | None) -> Any:
+    """Integers the full check accepts for bounds [lo, hi], limited to int64.
+
+    Beyond 64 bits orjson reads an integer as a float (and msgspec exactly), so those take the
+    full path, which sees what orjson sees.
+    """
+    ge = _INT64_MIN if lo is None else max(_INT64_MIN, math.ceil(lo))
+    le = _INT64_MAX if hi is None else min(_INT64_MAX, math.floor(hi))
+    return Annotated[int, msgspec.Meta(ge=ge, le=le)]
+
+
+def _fast_type(f: Feature) -> Any:
+    """The msgspec type of one feature's value (before optionality)."""
+    if f.type == "float":
+        # An int stays an int (as orjson reads it), so values, and a key made of one, are exactly
+        # those of the full path. Floats: the bounds, or the largest finite double (no inf; JSON
+        # has no NaN, and msgspec refuses 1e400 rather than reading it as inf).
+        lo = -_FLOAT_MAX if f.min is None else f.min
+        hi = _FLOAT_MAX if f.max is None else f.max
+        return Union[_ints(f.min, f.max), Annotated[float, msgspec.Meta(ge=lo, le=hi)]]  # noqa: UP007
+    if f.type == "int":
+        return _ints(f.min, f.max)
+    if f.type == "string":
+        return str if f.values is None else Literal[tuple(f.values)]
+    return bool
+
+
+def event_type(spec: PipelineSpec) -> type[msgspec.Struct]:
+    """The ``Event`` struct of ``spec``: what the fast path accepts (see the module docstring).
+
+    ``msgspec.json.schema(event_type(spec))`` prints it as JSON Schema, for inspection.
+    """
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f, attr in zip(spec.features, feature_attributes(spec).values()):
+        t = _fast_type(f)
+        fields.append((attr, t) if f.required else (attr, Optional[t], None))  # noqa: UP007
+    # gc=False: the structs hold only scalars (and one struct), so the collector can skip them.
+    features = msgspec.defstruct(
+        f"Features_{spec.name}", fields, kw_only=True, forbid_unknown_fields=True, gc=False,
+        rename={attr: name for name, attr in feature_attributes(spec).items()})
+    return msgspec.defstruct(f"Event_{spec.name}", [
+        ("features", features),
+        ("event_id", Optional[Annotated[str, msgspec.Meta(min_length=1)]], None),  # noqa: UP007
+        ("key", Optional[str], None),  # noqa: UP007
+        ("ts", Optional[Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]], None),  # noqa: UP007
+    ], kw_only=True, forbid_unknown_fields=True, gc=False)
 
 
 def _bound(value: float | None) -> str:

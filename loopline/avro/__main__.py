@@ -1,17 +1,20 @@
 """``python -m loopline.avro SCHEMA [--fields a,b] [--spec FILE]``: print generated Avro code.
 
 SCHEMA is a schema kind (prediction, feedback, deadletter, alert, registry) or, with ``--spec``,
-``features``/``raw`` of that pipeline spec. Prints the compiled reader and, for features/raw,
-the generated features encoder: what runs on the hot paths, readable for debugging.
+``features``/``raw`` of that pipeline spec. Prints the compiled reader, the compiled writer where
+the schema has one (dead letters) and, for features/raw, the generated features encoder: what
+runs on the hot paths, readable for debugging.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import fastavro
+
 from loopline.avro import codecs as codec_module
 from loopline.avro.codecs import Codec
-from loopline.avro.writers import features_encoder_source
+from loopline.avro.writers import Unsupported, features_encoder_source, writer_source
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.schema in ("features", "raw"):
         print(f"# generated features encoder of {codec.name}")
         print(features_encoder_source(schema))
+    elif args.schema == "deadletter":  # the one fixed schema written through a compiled writer
+        named = codec_module.named_types()
+        expanded = fastavro.parse_schema(schema, named_schemas=named, expand=True)
+        try:
+            source = writer_source(expanded)
+        except Unsupported as e:
+            source = f"# fastavro writes it: {e}"
+        print(f"# compiled writer of {codec.name}")
+        print(source)
 
 
 if __name__ == "__main__":

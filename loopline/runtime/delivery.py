@@ -32,35 +32,66 @@ class RetryBatch(Exception):  # noqa: N818 - a control-flow signal, not an error
     """The transaction was aborted (an abortable Kafka error): re-process from the last commit."""
 
 
+class Failures:
+    """Delivery failures, as the producer reports them (pass it as the producer's ``on_delivery``).
+
+    Successes need no report: ``flush()`` returning 0 proves nothing is left unacknowledged, so
+    the runtime's producers report only errors (``delivery.report.only.error``) to this one
+    callback, set in their configuration: a callback per message costs more than its produce.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[str] = []
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._items.append(f"{msg.topic()}: {err.str()}")
+
+    def take(self) -> list[str]:
+        """The failures reported since the last call."""
+        items, self._items = self._items, []
+        return items
+
+
 class Delivery:
     """Sends outputs and commits input offsets; see the module docstring."""
 
     exactly_once = False
 
-    def __init__(self, producer: Producer, timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Producer, timeout_s: float = 30.0,
+                 failures: Failures | None = None) -> None:
+        """``failures``: the producer's configured ``on_delivery`` (else each message gets one)."""
         self.producer = producer
         self.timeout_s = timeout_s
-        self.delivered = 0
-        self._failures: list[str] = []
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failures.append(f"{msg.topic()}: {err.str()}")
-        else:
-            self.delivered += 1
+        self.failures = failures or Failures()
+        self._callback = None if failures is not None else self.failures
 
     def _produce(self, outs: Sequence[Out]) -> None:
-        produce, on_delivery = self.producer.produce, self._on_delivery
+        produce, callback = self.producer.produce, self._callback
         for o in outs:
-            kwargs: dict[str, Any] = {"key": o.key, "headers": o.headers, "on_delivery": on_delivery}
-            if o.partition is not None:
-                kwargs["partition"] = o.partition
-            while True:
-                try:
-                    produce(o.topic, o.value, **kwargs)
-                    break
-                except BufferError:  # librdkafka's queue is full: let it drain
-                    self.producer.poll(0.05)
+            try:  # the common case, without a dict of arguments per message
+                if o.headers is not None or o.partition is not None:
+                    self._produce_one(o)
+                elif callback is None:
+                    produce(o.topic, o.value, o.key)
+                else:
+                    produce(o.topic, o.value, o.key, on_delivery=callback)
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self.producer.poll(0.05)
+                self._produce_one(o)
+
+    def _produce_one(self, o: Out) -> None:
+        kwargs: dict[str, Any] = {"key": o.key, "headers": o.headers}
+        if self._callback is not None:
+            kwargs["on_delivery"] = self._callback
+        if o.partition is not None:
+            kwargs["partition"] = o.partition
+        while True:
+            try:
+                self.producer.produce(o.topic, o.value, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
 
     def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
                consumer: Consumer | None) -> None:
@@ -86,7 +117,7 @@ class AtLeastOnce(Delivery):
         if outs:
             self._produce(outs)
         remaining = self.producer.flush(self.timeout_s) if outs or len(self.producer) else 0
-        failures, self._failures = self._failures, []
+        failures = self.failures.take()
         if remaining:
             raise DeliveryError(f"{remaining} message(s) not acknowledged within {self.timeout_s:.0f}s")
         if failures:
@@ -104,8 +135,9 @@ class ExactlyOnce(Delivery):
 
     exactly_once = True
 
-    def __init__(self, producer: Producer, timeout_s: float = 30.0) -> None:
-        super().__init__(producer, timeout_s)
+    def __init__(self, producer: Producer, timeout_s: float = 30.0,
+                 failures: Failures | None = None) -> None:
+        super().__init__(producer, timeout_s, failures)
         # Aborts whatever an earlier incarnation with the same transactional.id left open.
         producer.init_transactions(timeout_s)
         self._open = False
@@ -131,7 +163,7 @@ class ExactlyOnce(Delivery):
                 self.abort()
                 raise RetryBatch(err.str()) from e
             raise
-        failures, self._failures = self._failures, []
+        failures = self.failures.take()
         if failures:  # cannot happen after a successful commit; kept as a guard
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
@@ -173,7 +205,7 @@ class ExactlyOnce(Delivery):
                 self.producer.abort_transaction(self.timeout_s)
             finally:
                 self._open = False
-                self._failures.clear()
+                self.failures.take()
 
     def close(self) -> None:
         """Abort an open transaction (nothing half-done becomes visible) and flush."""

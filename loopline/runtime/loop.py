@@ -84,6 +84,9 @@ class LoopMetrics:
 
 def data_messages(messages: Sequence[Message]) -> list[Message]:
     """The data messages of a consumed batch; fatal errors raise, others are logged."""
+    out = [m for m in messages if m.error() is None]
+    if len(out) == len(messages):  # the common case: no error events to look at
+        return out
     out = []
     for m in messages:
         err = m.error()
@@ -108,12 +111,11 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
 
 
 def positions_after(batch: Sequence[Message]) -> list[TopicPartition]:
-    """Per partition, the offset after the last message of ``batch`` (what to commit)."""
-    last: dict[tuple[str, int], int] = {}
-    for m in batch:
-        key = (m.topic(), m.partition())
-        if m.offset() >= last.get(key, -1):
-            last[key] = m.offset()
+    """Per partition, the offset after the last message of ``batch`` (what to commit).
+
+    A consumer hands out each partition's messages in offset order, so the last is the highest.
+    """
+    last = {(m.topic(), m.partition()): m.offset() for m in batch}  # later messages overwrite
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+import msgspec
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
 from loopline import avro, topics
+from loopline.avro.writers import record_encoder
 from loopline.registry import now_ms
 
 #: Room for a dead letter's other fields and a truncation note, beyond the original's bytes.
@@ -26,9 +29,13 @@ DEADLETTER_OVERHEAD = 4096
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(slots=True)
-class Out:
-    """One message to produce."""
+class Out(msgspec.Struct, gc=False):
+    """One message to produce.
+
+    A msgspec struct, not a dataclass: ingest queues one per event, and its constructor runs in
+    C (a fifth of a dataclass's cost). ``gc=False``: an Out never takes part in a reference
+    cycle, so the collector need not track the thousands a batch holds.
+    """
 
     topic: str
     value: bytes | None
@@ -67,8 +74,21 @@ def dead_letter(m: Message, service: str, rule: str, message: str, field_name: s
         "service": service, "at": now_ms(),
         "deadletter_id": deadletter_id(service, topic, partition, offset, incarnation),
     }
+    return deadletter_topic(topic), record
+
+
+@lru_cache(maxsize=1)
+def _deadletter_encoder() -> Callable[[dict[str, Any]], bytes]:
+    """The dead-letter codec's encode, compiled (fastavro costs 10 us a record, a fifth of ingest's
+    whole cost of a rejected message)."""
+    return record_encoder(avro.codec("deadletter"))
+
+
+@lru_cache(maxsize=4096)
+def deadletter_topic(topic: str) -> str:
+    """Where dead letters of ``topic`` go: its pipeline's dead-letter topic, else the shared one."""
     pipeline = topics.pipeline_of(topic)
-    return (topics.PipelineTopics(pipeline).deadletter if pipeline else topics.DEADLETTER), record
+    return topics.PipelineTopics(pipeline).deadletter if pipeline else topics.DEADLETTER
 
 
 @dataclass
@@ -102,7 +122,7 @@ class Outputs:
         headers = [("loopline.rule", rule.encode()), ("loopline.field", (field_name or "").encode()),
                    ("loopline.reason", record["message"].encode()),
                    ("loopline.deadletter_id", record["deadletter_id"].encode())]
-        self.items.append(Out(topic, avro.codec("deadletter").encode(record), m.key(), headers))
+        self.items.append(Out(topic, _deadletter_encoder()(record), m.key(), headers))
         self.dead_letters += 1
 
     def extend(self, other: Outputs) -> None:

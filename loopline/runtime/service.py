@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from loopline.errors import ClientStuck
 from loopline.kafka import KafkaConfig, StopFlag
 from loopline.observability import Health, MetricsServer, configure_logging
-from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce, Failures
 from loopline.runtime.loop import Checkpointer, Handler, Loop, LoopMetrics, LoopSettings
 from loopline.settings import ServiceSettings
 
@@ -68,9 +68,13 @@ class ServiceRuntime:
 
     def delivery(self, **producer_overrides: object) -> Delivery:
         """Exactly-once (transactions) on Kafka, at-least-once on the embedded broker (LOOPLINE_DELIVERY)."""
+        # Failures only, to one callback in the producer's configuration (see Failures).
+        failures = Failures()
+        conf = {"on_delivery": failures, "delivery.report.only.error": True, **producer_overrides}
         if self.kafka.exactly_once:
-            return ExactlyOnce(self.kafka.transactional_producer(self.transactional_id, **producer_overrides))
-        return AtLeastOnce(self.kafka.producer(f"loopline-{self.name}", **producer_overrides))
+            producer = self.kafka.transactional_producer(self.transactional_id, **conf)
+            return ExactlyOnce(producer, failures=failures)
+        return AtLeastOnce(self.kafka.producer(f"loopline-{self.name}", **conf), failures=failures)
 
     def loop(self, consumer: Consumer, delivery: Delivery, handler: Handler, *, bisect: bool = True,
              checkpointer: Checkpointer | None = None, group: Consumer | None = None,

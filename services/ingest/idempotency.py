@@ -9,7 +9,6 @@ the batch is committed: an aborted or failed batch never makes its own retry loo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from confluent_kafka import TopicPartition
 
 from loopline.avro import Codec
+from loopline.avro.writers import content_digest
 from loopline.kafka import KafkaConfig
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,7 @@ log = logging.getLogger(__name__)
 
 def content_hash(key: str | None, features: bytes) -> str:
     """Hash of what makes two events with one id the same event: its key and encoded features."""
-    h = hashlib.blake2b((key or "").encode(), digest_size=12)
-    h.update(b"\0")
-    h.update(features)
-    return h.hexdigest()
+    return content_digest((key or "").encode(), features).decode()
 
 
 @dataclass(frozen=True, slots=True)
