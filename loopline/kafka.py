@@ -227,6 +227,20 @@ def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float 
             time.sleep(0.1)
 
 
+def read_to(consumer: Consumer, topic: str, partition: int, last_read: int, high: int) -> bool:
+    """True when an assigned partition is read up to ``high``, its end when reading began.
+
+    Either the last offset read is ``high - 1`` (Tansu's high watermark is its last batch's
+    base offset + 1, so that is as far as it says), or the consumer's position has passed
+    ``high``: on Kafka a transaction's commit marker takes the last offset and is never
+    delivered, so the last record read stays one short of it.
+    """
+    if last_read + 1 >= high:
+        return True
+    (tp,) = consumer.position([TopicPartition(topic, partition)])
+    return tp.offset >= high
+
+
 def release_producer(producer: Producer) -> None:
     """Drop whatever a producer still has queued and close it now (confirm what matters first).
 

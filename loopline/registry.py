@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from loopline import avro, topics
 from loopline.errors import LooplineError, SchemaError
-from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, watermarks
+from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, read_to, watermarks
 from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
                                      check_common, check_model, check_rebaseline, check_spec,
                                      check_stage_change, model_version_key, rebaseline_key, spec_key,
@@ -333,7 +333,7 @@ class RegistryReader:
         while True:
             before = self._position
             self.poll(0.2)
-            if self._position == before and self._position + 1 >= high:
+            if self._position == before and read_to(self._consumer, topics.MODELS, 0, self._position, high):
                 return self.state
             if time.monotonic() > deadline:
                 raise LooplineError(f"registry: read up to offset {self._position} of {high} "

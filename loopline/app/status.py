@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from loopline import avro, topics
 from loopline.errors import SchemaError
-from loopline.kafka import KafkaConfig
+from loopline.kafka import KafkaConfig, watermarks
 from loopline.registry import RegistryState
 from loopline.runtime.service import SERVICES
 
@@ -41,8 +41,7 @@ def high_watermarks(kafka: KafkaConfig, names: list[str]) -> dict[str, dict[int,
         out: dict[str, dict[int, int]] = {}
         for name in names:
             if name in metadata:
-                out[name] = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
-                             for p in metadata[name].partitions}
+                out[name] = {p: watermarks(consumer, name, p)[1] for p in metadata[name].partitions}
         return out
     finally:
         consumer.close()

@@ -18,7 +18,7 @@ from confluent_kafka import TopicPartition
 
 from loopline.avro import Codec
 from loopline.avro.writers import content_digest
-from loopline.kafka import KafkaConfig
+from loopline.kafka import KafkaConfig, watermarks
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def rebuild(kafka: KafkaConfig, topic: str, codec: Codec, capacity: int,
         share = max(1, capacity // max(1, len(parts)))
         starts, ends = [], {}
         for p in parts:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = watermarks(reader, topic, p)
             if high > low:
                 starts.append(TopicPartition(topic, p, max(low, high - share)))
                 ends[p] = high

@@ -31,7 +31,7 @@ from confluent_kafka.admin import ConfigResource
 
 from loopline import avro, feedback, topics
 from loopline.errors import LooplineError
-from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.kafka import AckedProducer, KafkaConfig, watermarks
 from loopline.registry import RegistryState, now_ms
 from loopline.services.lineage import forgotten as forgotten_list
 from loopline.services.lineage import query as q
@@ -190,8 +190,7 @@ def _read(kafka: KafkaConfig, topic: str, visit: Callable[[list[Message]], None]
         if meta is None or meta.error is not None:
             return None
         parts = sorted(meta.partitions)
-        marks = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                 for p in parts}
+        marks = {p: watermarks(reader, topic, p) for p in parts}
         expected = sum(high - low for low, high in marks.values())
         done = {p for p, (low, high) in marks.items() if high <= low}
         reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])

@@ -10,7 +10,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from loopline import avro, topics
 from loopline.errors import LooplineError, SchemaError
-from loopline.kafka import KafkaConfig
+from loopline.kafka import KafkaConfig, read_to, watermarks
 from loopline.registry import RegistryReader, RegistryState
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def read_alerts(kafka: KafkaConfig, pipeline: str, timeout_s: float = 30.0) -> l
         if meta is None or meta.error is not None or not meta.partitions:
             return []
         parts = sorted(meta.partitions)
-        high = {
-            p: consumer.get_watermark_offsets(TopicPartition(topics.ALERTS, p), timeout=10)[1]
-            for p in parts
-        }
+        high = {p: watermarks(consumer, topics.ALERTS, p)[1] for p in parts}
         position = {p: -1 for p in parts}
         consumer.assign([TopicPartition(topics.ALERTS, p, OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout_s
@@ -63,8 +60,7 @@ def read_alerts(kafka: KafkaConfig, pipeline: str, timeout_s: float = 30.0) -> l
                     continue
                 if alert["pipeline"] == pipeline:
                     found.append(alert)
-            # Tansu's high watermark can be a batch's base offset + 1: read until a poll is empty.
-            if not got and all(position[p] + 1 >= high[p] for p in parts):
+            if not got and all(read_to(consumer, topics.ALERTS, p, position[p], high[p]) for p in parts):
                 break
             if time.monotonic() > deadline:
                 raise LooplineError(f"{topics.ALERTS}: not read to its end within {timeout_s:.0f}s")
