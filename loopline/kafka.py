@@ -212,6 +212,10 @@ class AckedProducer:
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
 
+_MOMENTARY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT)
+
+
 def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> tuple[int, int]:
     """(low, high) offsets of a partition; a retriable answer (a broker that just started, or a
     partition whose leader moves: "not leader") is asked again until ``timeout_s``."""
@@ -222,7 +226,10 @@ def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float 
                 TopicPartition(topic, partition), timeout=max(0.5, deadline - time.monotonic()))
             return int(low), int(high)
         except KafkaException as e:
-            if not e.args[0].retriable() or time.monotonic() > deadline:
+            err = e.args[0]
+            # librdkafka does not flag these retriable here, yet each is a moment: a topic just
+            # created, or a partition whose leader is being elected.
+            if not (err.retriable() or err.code() in _MOMENTARY) or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
