@@ -109,3 +109,14 @@ def pipeline_of(topic: str) -> str | None:
     if len(parts) == 3 and parts[0] == PREFIX and parts[2] in KINDS:
         return parts[1]
     return None
+
+
+#: Kinds whose records are events: a tombstone (null value) there deletes a key's copies (what
+#: `lineage forget` writes on compacted topics), it is no event. Feedback is written by people and
+#: tools, so a tombstone there is a mistake and is dead-lettered with its reason.
+EVENT_KINDS = ("raw", "features")
+
+
+def is_event_topic(topic: str) -> bool:
+    """True for a pipeline's raw or features topic (see :data:`EVENT_KINDS`)."""
+    return pipeline_of(topic) is not None and topic.rsplit(".", 1)[1] in EVENT_KINDS

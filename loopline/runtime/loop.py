@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from loopline.errors import ClientStuck, LooplineError
 from loopline.kafka import StopFlag
+from loopline.topics import is_event_topic
 from loopline.observability import Health
 from loopline.runtime.delivery import Delivery, RetryBatch
 from loopline.observability import bounded
@@ -77,6 +78,9 @@ class LoopMetrics:
                                   ["service"], registry=registry)
         self.aborts = Counter("loopline_aborted_commits", "Transactions aborted and processed again",
                               ["service"], registry=registry)
+        self.tombstones = Counter("loopline_tombstones_skipped", "Null-valued records on raw and "
+                                  "features topics (deletions, not events) passed over",
+                                  ["service", "topic"], registry=registry)
         self.commit_seconds = Histogram("loopline_commit_seconds", "Time to commit outputs and offsets",
                                         ["service"], registry=registry,
                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
@@ -182,11 +186,12 @@ class Loop:
                     self.group.poll(0)  # the group's rebalance callbacks (its partitions are paused)
                 batch = data_messages(consume_available(self.consumer, s.batch_size, s.batch_timeout_s))
                 self.health.beat()
-                if batch:
+                events = self._without_tombstones(batch) if self._has_tombstones(batch) else batch
+                if events:
                     self.health.busy()
                     self.metrics.batches.labels(self.service).inc()
-                    self.metrics.messages.labels(self.service).inc(len(batch))
-                    self.pending.extend(self._process(batch))
+                    self.metrics.messages.labels(self.service).inc(len(events))
+                    self.pending.extend(self._process(events))
                 try:
                     self._commit(batch)
                 except RetryBatch as e:
@@ -202,6 +207,23 @@ class Loop:
             raise
         finally:
             self._close(failed)
+
+    @staticmethod
+    def _has_tombstones(batch: list[Message]) -> bool:
+        return any(m.value() is None for m in batch)
+
+    def _without_tombstones(self, batch: list[Message]) -> list[Message]:
+        """The batch without the tombstones of event topics, counted (committed with the batch)."""
+        kept = []
+        for m in batch:
+            topic = m.topic() or ""
+            if m.value() is None and is_event_topic(topic):
+                self.metrics.tombstones.labels(self.service, topic).inc()
+                log.debug("tombstone_skipped", extra={"service": self.service, "topic": topic,
+                                                      "partition": m.partition(), "offset": m.offset()})
+            else:
+                kept.append(m)
+        return kept
 
     def _probe_broker(self) -> None:
         """After a broker error, a metadata request tells whether it is back (readiness follows)."""

@@ -113,6 +113,35 @@ def test_json_and_avro_feedback_are_stored_and_bad_feedback_is_dead_lettered_onc
     assert chain == [(10,)]
 
 
+def test_tombstones_on_event_topics_are_deletions_counted_not_dead_letters(
+        settings: LooplineSettings, kafka: KafkaConfig, unique: str, tmp_path: Path) -> None:
+    """`lineage forget` (or any compacting client) writes null values on raw and features: no events."""
+    spec = make_spec(unique)
+    apply_spec(kafka, spec)
+    plain = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    plain.produce(spec.topics.raw, orjson.dumps({"event_id": "e0", "features": {"user": "u", "x": 1.0}}), key=b"u")
+    plain.produce(spec.topics.raw, None, key=b"u")
+    plain.produce(spec.topics.raw, orjson.dumps({"event_id": "e1", "features": {"user": "u", "x": 2.0}}), key=b"u")
+    plain.produce(spec.topics.features, None, key=b"u")
+    assert plain.flush(30) == 0
+    ingest = ServiceThread("ingest", IngestSettings(
+        bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile, home=tmp_path,
+        session_timeout_ms=6000, pipelines=[spec.name], group_id=f"{unique}-ingest", instance_id=unique))
+    service = lineage(settings, tmp_path, unique, f"{unique}-lineage")
+    try:
+        wait_until(lambda: ingest.metric("loopline_ingest_accepted_total", pipeline=spec.name) == 2, 90,
+                   "both events accepted")
+        wait_until(lambda: stored(tmp_path, unique, "SELECT count(*) FROM features") == [(2,)], 90,
+                   "both feature events stored")
+        assert ingest.metric("loopline_tombstones_skipped_total", topic=spec.topics.raw) == 1
+        assert service.metric("loopline_tombstones_skipped_total", topic=spec.topics.features) == 1
+        assert ingest.metric("loopline_poison_messages_total") == 0
+    finally:
+        service.close()
+        ingest.close()
+    assert read(kafka, spec.topics.deadletter, spec.partitions, expect=0, timeout_s=0) == []
+
+
 def test_event_ids_are_idempotency_keys(settings: LooplineSettings, kafka: KafkaConfig, unique: str,
                                         tmp_path: Path) -> None:
     spec = make_spec(unique)
