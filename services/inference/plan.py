@@ -102,12 +102,20 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
     Versions not loaded yet are asked of ``loader`` (which loads them in the background) and left
     out until they are: the previous plan's champion serves meanwhile.
     """
+    ordered = sorted(versions_of(state, pipeline),
+                     key=lambda v: (TRAFFIC_STAGES.index(v["stage"]) if v["stage"] in TRAFFIC_STAGES else 9,
+                                    v["name"], v["version"]))
+    wanted = [v for v in ordered if v["stage"] == "shadow"
+              or (v["stage"] in TRAFFIC_STAGES and v["traffic"] > 0)]  # no traffic: not worth a load
     current = champion(state, pipeline)
     champ: Variant | None = None
     if current is not None:
-        scorer = loader.get(pipeline, spec, current)
+        scorer = loader.get(pipeline, spec, current)  # asked first: it loads first
         if scorer is not None:
             champ = Variant("champion", current, scorer, 1.0)
+    # Every other version is asked for now too, even before a champion serves, so they load
+    # together and a start-up (which waits for the loads) serves its first batch with all of them.
+    scorers = {(v["name"], v["version"]): loader.get(pipeline, spec, v) for v in wanted}
     if champ is None and previous is not None:
         # The registry's champion cannot load (or none is left): the last good one keeps serving.
         champ = previous.served[-1]
@@ -120,15 +128,10 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
         fallback = None
     slices: list[Variant] = []
     shadows: list[Variant] = []
-    ordered = sorted(versions_of(state, pipeline),
-                     key=lambda v: (TRAFFIC_STAGES.index(v["stage"]) if v["stage"] in TRAFFIC_STAGES else 9,
-                                    v["name"], v["version"]))
-    for v in ordered:
-        if (v["name"], v["version"]) == champ.ident[:2] or v["stage"] not in (*TRAFFIC_STAGES, "shadow"):
+    for v in wanted:
+        if (v["name"], v["version"]) == champ.ident[:2]:
             continue
-        if v["stage"] != "shadow" and v["traffic"] <= 0:
-            continue  # serves nothing: not worth a session (nor a load on every rebuild)
-        scorer = loader.get(pipeline, spec, v)
+        scorer = scorers[(v["name"], v["version"])]
         if scorer is None:
             continue
         if v["stage"] == "shadow":
