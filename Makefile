@@ -27,11 +27,14 @@ kafka: $(STAMP) ## Fetch the kafka engine's Apache Kafka once (needs Java 17+ an
 demo: $(STAMP) ## The main job: embedded broker, example pipeline, ready
 	$(BIN)/loopline demo
 
+# Workers: the suite mostly waits (group joins, services starting), so more than the cores.
+TEST_WORKERS ?= 4
+
 test: $(STAMP) ## The whole test suite on the embedded Tansu broker it starts itself
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-kafka: kafka ## The whole test suite again, on an Apache Kafka broker it starts itself
-	LOOPLINE_TEST_ENGINE=kafka $(BIN)/python -m pytest
+	LOOPLINE_TEST_ENGINE=kafka $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean: ## Remove the virtual environment and local state
 	rm -rf $(VENV) .loopline .pytest_cache

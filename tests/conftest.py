@@ -1,4 +1,4 @@
-"""Shared fixtures: one real broker per test session, unique names per test.
+"""Shared fixtures: one real broker per test session (per xdist worker), unique names per test.
 
 The session broker is chosen by environment variables:
 
@@ -26,6 +26,11 @@ from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics
 from loopline.settings import LooplineSettings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# pytest-xdist's workers inherit COLUMNS=80 from execnet; the CLI's output is captured here,
+# never a terminal, and must be tested as a pipe sees it (whole lines, no 80-column cut).
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 
 def _engine() -> Engine:
