@@ -57,7 +57,9 @@ def _fmt(value: Any) -> str:
 
 
 def _table(title: str, records: list[dict[str, Any]]) -> Table:
-    table = Table(*(records[0].keys() if records else ["(no rows)"]), title=title)
+    # As wide as its title at least: a narrow table (one column, no rows) would wrap the title.
+    table = Table(*(records[0].keys() if records else ["(no rows)"]), title=title,
+                  min_width=len(title))
     for r in records:
         table.add_row(*(_fmt(v) for v in r.values()))
     return table
