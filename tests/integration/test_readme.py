@@ -409,6 +409,9 @@ def test_using_it_reaches_a_prediction_feedback_a_retrain_and_a_report(
     listed = walk.output(FIRST, "loopline models list fraud").stdout
     assert any(f"{pipeline}/{v['version']}" in line and "trainer" in line
                for v in trained for line in listed.splitlines()), listed
+    replay = walk.output(FIRST, "loopline replay fraud --since 1h --model fraud/1 --against fraud/2")
+    audit = f"reproducibility audit of {pipeline}/1: "  # every served event of events.csv
+    assert audit in replay.stdout and "/3000 live scores reproduced exactly" in replay.stdout
     # The report tells that story in one offline file.
     report = walk.root / f"loopline-report-{pipeline}.html"
     html = report.read_text()
