@@ -14,21 +14,28 @@ PIPED_WIDTH = 8192
 class AdaptiveConsole(Console):
     """A rich Console as wide as its terminal, and :data:`PIPED_WIDTH` when it writes elsewhere.
 
-    Rich falls back to 80 columns (or the width of whichever standard stream is a terminal)
-    when stdout is piped, which cuts tables meant for ``grep`` or a file. ``COLUMNS`` still wins.
+    Rich falls back to 80 columns (or the width of whichever standard stream is a terminal, or
+    ``COLUMNS``) when stdout is piped, which cuts tables meant for ``grep`` or a file. ``COLUMNS``
+    describes a terminal, so it sets the width only of output that goes to one (shells and CI
+    runners often export it); an explicit ``width=`` always wins.
     """
+
+    def __init__(self, *args: Any, width: int | None = None, **options: Any) -> None:
+        super().__init__(*args, width=width, **options)
+        self._explicit_width = width is not None  # rich also sets its width from COLUMNS
 
     @property
     def size(self) -> ConsoleDimensions:
         """The terminal's size; :data:`PIPED_WIDTH` columns when the output is not a terminal."""
         measured = super().size
-        if self._width is None and "COLUMNS" not in self._environ and not self.is_terminal:
+        if not self._explicit_width and not self.is_terminal:
             return ConsoleDimensions(PIPED_WIDTH, measured.height)
         return measured
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         self._width, self._height = new_size
+        self._explicit_width = True
 
 
 def make_console(*, stderr: bool = False, **options: Any) -> Console:

@@ -57,7 +57,9 @@ def _fmt(value: Any) -> str:
 
 
 def _table(title: str, records: list[dict[str, Any]]) -> Table:
-    table = Table(*(records[0].keys() if records else ["(no rows)"]), title=title)
+    # As wide as its title at least: a narrow table (one column, no rows) would wrap the title.
+    table = Table(*(records[0].keys() if records else ["(no rows)"]), title=title,
+                  min_width=len(title))
     for r in records:
         table.add_row(*(_fmt(v) for v in r.values()))
     return table
@@ -274,7 +276,10 @@ def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None
         console.print(f"metric delta ({report.sides[1].model} - {report.sides[0].model}): {b - a:+.4f}")  # type: ignore[operator]
     audit = report.sides[0]
     if audit.logged:
-        verdict = "reproduced exactly" if audit.reproduced == audit.logged else "NOT reproduced"
-        console.print(f"reproducibility audit of {audit.model}: {audit.reproduced}/{audit.logged} live scores "
-                      f"{verdict} (max |diff| {audit.max_abs_diff:.3g})")
+        # "2984/3000 ... NOT reproduced" read as 2984 failures: say how many match, then the rest.
+        missed = audit.logged - audit.reproduced
+        verdict = "" if not missed else f"; {missed} NOT reproduced"
+        console.print(f"reproducibility audit of {audit.model}: {audit.reproduced}/{audit.logged} "
+                      f"live scores reproduced exactly{verdict} (max |diff| "
+                      f"{audit.max_abs_diff:.3g})")
     console.print(f"{report.events_per_s:,.0f} events/s", style="dim")

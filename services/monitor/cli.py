@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 
 from loopline.errors import LooplineError
+from loopline.terminal import make_console
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console(soft_wrap=True)
 
 
 @click.group()
