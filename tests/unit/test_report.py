@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 import report_scenario as sc
 from loopline.app.cli import main as cli
 from loopline.app.report import Report, build
+from loopline.app.report.story import tell
 from loopline.profile import bin_fractions
 from loopline.registry import RegistryState, spec_event
 from loopline.services.lineage import rows
@@ -190,6 +192,16 @@ def test_the_story_tells_change_alert_registration_promotion_and_accuracy(report
     ):
         assert expected in text, text
     assert [t[0] for t in report.story.tiles][:2] == ["served predictions", "served accuracy"]
+
+
+def test_the_story_tells_registrations_and_the_promotion_in_time_order(report: Report) -> None:
+    later = dataclasses.replace(report.data.versions[-1], model="shop/3", trigger="schedule",
+                                created_at=sc.PROMOTED_AT + 30_000, scorecard=None, profile=None)
+    data = dataclasses.replace(report.data, versions=[*report.data.versions, later])
+    lines = tell(data).lines
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start))
+             for start in ("shop/2 registered at", "shop/2 became champion", "shop/3 registered at")]
+    assert order == sorted(order), lines
 
 
 def test_versions_show_scorecards_with_every_contender_and_profiles(report: Report) -> None:

@@ -181,6 +181,8 @@ def tell(data: ReportData) -> Story:
         more = sum(a["state"] == "raised" for a in data.alerts) - 1
         if more > 0:
             story.lines[-1] += f" ({more} more raised later)"
+    # Registrations and the promotion, told in the order they happened.
+    timed: list[tuple[int, str]] = []
     for v in data.versions:
         if v.created_at > first_ms and v.model != champ:
             card = v.scorecard or {}
@@ -189,22 +191,18 @@ def tell(data: ReportData) -> Story:
                 verdict = "; scorecard " + ("accepted" if card.get("accepted") else "rejected")
                 if card.get("reason"):
                     verdict += f": {card['reason']}"
-            story.lines.append(
-                f"{v.model} registered at {clock(v.created_at, dated)}"
-                + (f" (trigger {v.trigger})" if v.trigger else "")
-                + verdict
-                + "."
-            )
+            timed.append((v.created_at,
+                          f"{v.model} registered at {clock(v.created_at, dated)}"
+                          + (f" (trigger {v.trigger})" if v.trigger else "") + verdict + "."))
     if promotion is not None:
         story.facts["promoted_at"] = promotion["at"]
         rel = [f"{after(promotion['at'], onset[0])} after the change"] if onset else []
         if first_alert is not None:
             rel.append(f"{after(promotion['at'], first_alert['at'])} after the first alert")
-        story.lines.append(
-            f"{promotion['model']} became champion at {clock(promotion['at'], dated)}"
-            + (f" ({', '.join(rel)})" if rel else "")
-            + f": {promotion['reason']}."
-        )
+        timed.append((promotion["at"],
+                      f"{promotion['model']} became champion at {clock(promotion['at'], dated)}"
+                      + (f" ({', '.join(rel)})" if rel else "") + f": {promotion['reason']}."))
+    story.lines.extend(line for _, line in sorted(timed, key=lambda t: t[0]))
     # Served metric per phase.
     marks = [m for m in (onset[0] if onset else None, promotion["at"] if promotion else None) if m]
     phases = []
