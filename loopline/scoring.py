@@ -44,6 +44,7 @@ class ScoreResult:
     values: list[float] | None
     scores: list[dict[str, float]] | None
     raw_scores: np.ndarray | None = None  # [N] of values, for NaN checks and profiles
+    float32: bool = False  # the model computed its values in float32 (they round by batch make-up)
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
@@ -255,17 +256,21 @@ class Scorer:
     def parse(self, out: list[Any], n: int, with_scores: bool = True) -> ScoreResult:
         """Turn ORT outputs into labels, values and per-class scores (``with_scores=False``: no scores)."""
         if self._value_idx is not None:
-            v = np.asarray(out[self._value_idx], dtype=np.float64).reshape(n, -1)[:, 0]
-            return ScoreResult(None, v.tolist(), None, v)
+            raw_values = np.asarray(out[self._value_idx])
+            v = raw_values.astype(np.float64, copy=False).reshape(n, -1)[:, 0]
+            return ScoreResult(None, v.tolist(), None, v, raw_values.dtype == np.float32)
         probs: np.ndarray | None = None
         classes = self.classes
+        single = False
         if self._prob_idx is not None:
             raw = out[self._prob_idx]
             if self._zipmap:
                 keys = list(raw[0].keys()) if raw else []
                 probs = np.array([[d[k] for k in keys] for d in raw], dtype=np.float64).reshape(n, len(keys))
                 classes = [str(k) for k in keys]
+                single = True  # ZipMap's maps hold tensor(float) values
             else:
+                single = np.asarray(raw).dtype == np.float32
                 probs = np.asarray(raw, dtype=np.float64)
                 if len(classes) != probs.shape[1]:
                     classes = [str(c) for c in range(probs.shape[1])]
@@ -282,9 +287,9 @@ class Scorer:
         col = classes.index(positive) if positive in classes else probs.shape[1] - 1
         value = probs[:, col]
         if not with_scores:  # one dict per event is the costliest part; a replay only compares values
-            return ScoreResult(labels, value.tolist(), None, value)
+            return ScoreResult(labels, value.tolist(), None, value, single)
         scores = [dict(zip(classes, row)) for row in probs.tolist()]
-        return ScoreResult(labels, value.tolist(), scores, value)
+        return ScoreResult(labels, value.tolist(), scores, value, single)
 
 
 class RunWatchdog:
