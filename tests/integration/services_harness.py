@@ -71,7 +71,10 @@ class ServiceProcess:
         self.service = service
         self.label = label or service
         self.port = free_port()
+        # Replicas on one host need their own instance ids (their transactional ids), as in the
+        # README: the default, the host name, is the same for all of them here.
         self.env = dict(env, LOOPLINE_METRICS_PORT=str(self.port))
+        self.env.setdefault("LOOPLINE_INSTANCE_ID", self.label)
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.kills = 0
@@ -110,7 +113,8 @@ class ServiceProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample's value from /metrics (0 when absent)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+        # Generous: a service busy on a loaded 2-core machine may take seconds to answer.
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=15) as r:
             text = r.read().decode()
         for family in text_string_to_metric_families(text):
             for s in family.samples:
