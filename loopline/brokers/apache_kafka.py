@@ -45,7 +45,12 @@ SINGLE_NODE = {
 
 def new_cluster_id() -> str:
     """A KRaft cluster id (a base64url UUID, as `kafka-storage random-uuid` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One in 64 starts with '-', which kafka-storage's parser takes for an option (Kafka's
+        # own Uuid.randomUuid() draws again for the same reason).
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class KafkaBroker(BrokerProcess):

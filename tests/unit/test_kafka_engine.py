@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loopline.brokers import BrokerAddress, resolve_broker, write_state
-from loopline.brokers.apache_kafka import KafkaBroker
+from loopline.brokers.apache_kafka import KafkaBroker, new_cluster_id
 from loopline.brokers.maven import classpath, java_binary
 from loopline.errors import BrokerError
 from loopline.settings import LooplineSettings
@@ -106,3 +106,11 @@ def test_a_dead_recorded_broker_is_unreachable_not_missing(tmp_path: Path) -> No
     write_state(tmp_path, "127.0.0.1:1234", dead.pid, "kafka")
     with pytest.raises(BrokerError, match=r"127.0.0.1:1234 is unreachable.*nothing is lost"):
         resolve_broker(LooplineSettings(home=tmp_path, bootstrap_servers=None))
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kafka-storage format reads "--cluster-id -x..." as a missing value: the format fails.
+    draws = iter([b"\xf8" + bytes(15), bytes(16)])  # base64url of 0xf8... starts with '-'
+    monkeypatch.setattr("loopline.brokers.apache_kafka.uuid.uuid4",
+                        lambda: type("U", (), {"bytes": next(draws)})())
+    assert new_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
