@@ -63,7 +63,6 @@ from loopline.scoring import tabular_features
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.service import MonitorService, tune_gc
 from loopline.services.monitor.settings import MonitorSettings
-from loopline.services.monitor.state import Checkpoint
 from loopline.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,12 +189,12 @@ def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int, 
         consumer.close()
 
 
-def service(settings: MonitorSettings, state: RegistryState, kafka: KafkaConfig, home: Path) -> MonitorService:
-    """A fresh monitor that knows the registry (as after catch-up)."""
-    producer = AckedProducer(kafka.producer("bench-mon", log_level=4))  # no "disconnected" line at broker stop
-    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
-                         Checkpoint(home / f"bench-{time.monotonic_ns()}.ckpt"))
+def service(settings: MonitorSettings, state: RegistryState) -> MonitorService:
+    """A fresh monitor that knows the registry and holds every pipeline (as after catch-up)."""
+    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()))
     svc.sync(state)
+    for name in svc.wanted(state):
+        svc.adopt(name, None)  # fresh state: the monitor's own changelog is not what is measured
     tune_gc()  # as MonitorService.run does once the registry is read
     return svc
 
@@ -207,12 +206,12 @@ def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: Regist
     for r in range(rounds):
         rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total, settings.batch_size)
         raw.append(rate)
-        svc = service(settings, state, kafka, home)
+        svc = service(settings, state)
         alerts: list[dict] = []  # type: ignore[type-arg]
         rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, settings.batch_size,
                               lambda b: alerts.extend(svc.handle(b)))
         mon.append(rate)
-        svc = service(settings, state, kafka, home)
+        svc = service(settings, state)
         t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
         for i in range(0, len(messages), settings.batch_size):
             svc.handle(messages[i:i + settings.batch_size])
