@@ -212,6 +212,11 @@ class AckedProducer:
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
 
+#: Errors of a partition whose leader is being elected or moves. get_watermark_offsets() reports
+#: them with a bare error code, whose KafkaError says not retriable: they are, after a moment.
+_LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+
+
 def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> tuple[int, int]:
     """(low, high) offsets of a partition; a retriable answer (a broker that just started, or a
     partition whose leader moves: "not leader") is asked again until ``timeout_s``."""
@@ -222,7 +227,9 @@ def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float 
                 TopicPartition(topic, partition), timeout=max(0.5, deadline - time.monotonic()))
             return int(low), int(high)
         except KafkaException as e:
-            if not e.args[0].retriable() or time.monotonic() > deadline:
+            err = e.args[0]
+            if not (err.retriable() or err.code() in _LEADER_MOVING) \
+                    or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
