@@ -1,9 +1,11 @@
 """Monitor throughput as a ratio to the inference service's, on the same pipeline, broker and run.
 
-Run: ``.venv/bin/python -m bench.monitor_throughput [--events N] [--rounds R] [--shadow]``
+Run: ``.venv/bin/python -m bench.monitor_throughput [--engine tansu|kafka] [--events N] [--rounds R]
+[--shadow]``
 (defaults N = 60000, R = 3: about 70 s on 2 cores, 90 s with ``--shadow``).
 
-Starts its own embedded broker and applies examples/fraud.yaml (7 features; adwin + page_hinkley
+Starts its own broker (``--engine``; inference runs with that engine's default delivery:
+at-least-once on Tansu, transactions on Kafka) and applies examples/fraud.yaml (7 features; adwin + page_hinkley
 per numeric feature, ddm on errors, window 1000). Then:
 
 1. registers through the real model registry (validation, artifact store, reference profiles of
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import statistics
 import subprocess
@@ -51,11 +52,11 @@ import numpy as np
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
+from bench.common import add_engine_argument, bench_broker
 from bench.inference_bench import Collector, produce_all, say
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
-from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader, RegistryState, now_ms
@@ -145,13 +146,10 @@ def write_feedback(kafka: KafkaConfig, spec: PipelineSpec, labels: np.ndarray) -
     return len(msgs)
 
 
-def run_inference(kafka: KafkaConfig, spec: PipelineSpec, bootstrap: str, home: Path, n: int,
+def run_inference(kafka: KafkaConfig, spec: PipelineSpec, env: dict[str, str], n: int,
                   expected: int) -> float:
     """Score the n pre-loaded events with the real inference service; return its events/s."""
     col = Collector(kafka, spec.topics.predictions, spec.partitions, decode=True)
-    env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=bootstrap, LOOPLINE_KAFKA_PROFILE="embedded",
-               LOOPLINE_HOME=str(home), LOOPLINE_SESSION_TIMEOUT_MS="6000", LOOPLINE_LOG_LEVEL="WARNING",
-               LOOPLINE_PIPELINES=spec.name)
     proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env)
     try:
         col.wait(expected, timeout_s=300)
@@ -229,16 +227,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="monitor and raw-consume rounds")
     parser.add_argument("--shadow", action="store_true",
                         help="second version as a shadow scoring every event (2 predictions per event)")
+    add_engine_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     n = args.events
     preds = 2 * n if args.shadow else n
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        say("starting the embedded broker")
-        with EmbeddedBroker(home=home) as broker:
-            settings = MonitorSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
-                                       session_timeout_ms=6000, home=home)
+        with bench_broker(args.engine, home) as broker:
+            settings = broker.settings(MonitorSettings)
             kafka = KafkaConfig.from_settings(settings)
             spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"name": "benchmon"})
             apply_spec(kafka, spec)
@@ -248,7 +245,8 @@ def main() -> None:
             say(f"writing {n} feature events")
             labels = write_events(kafka, spec, n)
             say("running the inference service on them")
-            inference = run_inference(kafka, spec, broker.bootstrap_servers, home, n, preds)
+            inference = run_inference(kafka, spec, broker.env(LOOPLINE_PIPELINES=spec.name), n,
+                                      preds)
             feedback = write_feedback(kafka, spec, labels)
             say(f"wrote {feedback} feedback records")
             reader = RegistryReader(kafka, "bench-registry")
