@@ -5,8 +5,8 @@ Run: ``.venv/bin/python -m bench.monitor_throughput [--engine tansu|kafka] [--ev
 (defaults N = 60000, R = 3: about 70 s on 2 cores, 90 s with ``--shadow``).
 
 Starts its own broker (``--engine``; inference runs with that engine's default delivery:
-at-least-once on Tansu, transactions on Kafka) and applies examples/fraud.yaml (7 features; adwin + page_hinkley
-per numeric feature, ddm on errors, window 1000). Then:
+at-least-once on Tansu, transactions on Kafka) and applies examples/fraud.yaml (7 features;
+adwin + page_hinkley per numeric feature, ddm on errors, window 1000). Then:
 
 1. registers through the real model registry (validation, artifact store, reference profiles of
    5000 reference records, so the monitor runs PSI/KS on features and outputs) a champion and a
