@@ -23,6 +23,7 @@ from typing import Any
 import fastavro
 import numpy as np
 
+from bench.common import add_engine_argument
 from bench.inference_bench import say
 from bench.monitor_throughput import features_of, records_of
 from loopline import avro
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--passes", type=int, default=9)
+    add_engine_argument(parser, uses_broker=False)
     args = parser.parse_args()
     n = args.records
     say(f"encoding {n} messages of each kind")

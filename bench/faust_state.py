@@ -1,8 +1,9 @@
 """Service state in a Faust table vs a compacted changelog confluent-kafka writes at checkpoints.
 
-Run: ``.venv/bin/python -m bench.faust_state [--updates N] [--keys K] [--value-bytes S]``
-(defaults N = 10000, K = 500, S = 256: about two minutes on 2 cores). Starts its own embedded
-broker unless LOOPLINE_BOOTSTRAP_SERVERS is set (then LOOPLINE_KAFKA_PROFILE says which tuning).
+Run: ``.venv/bin/python -m bench.faust_state [--engine tansu|kafka] [--updates N] [--keys K]
+[--value-bytes S]`` (defaults N = 10000, K = 500, S = 256: about two minutes on 2 cores). Starts
+its own broker of ``--engine`` unless LOOPLINE_BOOTSTRAP_SERVERS names a cluster (then
+LOOPLINE_KAFKA_PROFILE says which tuning).
 
 N state updates (key one of K, value S random bytes) arrive as events on a 3-partition topic.
 Each way consumes them, keeps the last value per key and makes that state durable in Kafka:
@@ -41,8 +42,8 @@ from typing import Any
 import faust
 from confluent_kafka import KafkaError, TopicPartition
 
+from bench.common import add_engine_argument, bench_broker
 from loopline import faust as lf
-from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, ensure_topics
 from loopline.settings import LooplineSettings
 
@@ -219,22 +220,19 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=10_000)
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--value-bytes", type=int, default=256)
+    add_engine_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-faust-state-") as tmp:
         home = Path(tmp)
         external = os.environ.get("LOOPLINE_BOOTSTRAP_SERVERS")
-        broker = None if external else EmbeddedBroker(home=home / "broker")
-        if broker is not None:
-            broker.__enter__()
-        try:
-            servers = external or broker.bootstrap_servers  # type: ignore[union-attr]
-            profile = os.environ.get("LOOPLINE_KAFKA_PROFILE", "kafka" if external else "embedded")
-            settings = LooplineSettings(bootstrap_servers=servers, kafka_profile=profile,
+        if external:
+            profile = os.environ.get("LOOPLINE_KAFKA_PROFILE", "kafka")
+            settings = LooplineSettings(bootstrap_servers=external, kafka_profile=profile,
                                         session_timeout_ms=6000, home=home)
             report(KafkaConfig.from_settings(settings), args, home)
-        finally:
-            if broker is not None:
-                broker.__exit__(None, None, None)
+            return
+        with bench_broker(args.engine, home) as broker:
+            report(broker.kafka(), args, home)
 
 
 def report(kafka: KafkaConfig, args: argparse.Namespace, home: Path) -> None:

@@ -1,6 +1,7 @@
 """Inference benchmark: the service against the raw batched loop and the raw broker round-trip.
 
-Run: ``.venv/bin/python -m bench.inference_bench`` (starts its own embedded broker, ~1 minute).
+Run: ``.venv/bin/python -m bench.inference_bench [--engine tansu|kafka]`` (starts its own broker,
+~1 minute; the service runs at-least-once on both engines, like the raw loop).
 Throughput: N pre-loaded feature events, rate from the predictions' ``scored_at`` spread (so the
 consumer-group join is not counted). Latency: a fixed moderate rate for a few seconds, event
 time -> prediction read back by a consumer, p50/p99. Each service number is printed as a ratio
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from bench.common import add_engine_argument, bench_broker
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
-from loopline.broker import EmbeddedBroker
 from loopline.kafka import KafkaConfig, StopFlag
 from loopline.runtime.loop import positions_after
 from loopline.models import ModelRegistry
@@ -84,15 +85,15 @@ def events(spec: PipelineSpec, n: int, start: int) -> list[tuple[bytes, bytes]]:
 
 
 # ---- the raw loop (runs in its own process) ---------------------------------------------------
-def raw_loop(bootstrap: str, home: str, pipeline: str, model_path: str) -> None:
+def raw_loop(bootstrap: str, profile: str, home: str, pipeline: str, model_path: str) -> None:
     """Minimal batched consume -> decode -> ORT -> encode -> produce -> flush -> store offsets."""
     from loopline.scoring import session_options
     import onnxruntime as ort
 
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
-    settings = LooplineSettings(bootstrap_servers=bootstrap, kafka_profile="embedded", home=Path(home),
-                                session_timeout_ms=6000)
+    settings = LooplineSettings(bootstrap_servers=bootstrap, kafka_profile=profile, home=Path(home),
+                                session_timeout_ms=6000, delivery="at-least-once")
     kafka = KafkaConfig.from_settings(settings)
     spec = make_spec(pipeline)
     consumer = kafka.consumer("bench-raw", f"bench-raw-{uuid.uuid4().hex[:6]}")
@@ -244,19 +245,19 @@ def measure_broker(kafka: KafkaConfig, spec: PipelineSpec) -> dict[str, float]:
 
 def main() -> None:
     """Run the whole benchmark and print the ratios."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--raw-loop", nargs=4, metavar=("BOOTSTRAP", "HOME", "PIPELINE", "MODEL"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw-loop", nargs=5,
+                        metavar=("BOOTSTRAP", "PROFILE", "HOME", "PIPELINE", "MODEL"),
+                        help="internal: run the raw loop (the bench starts it)")
+    add_engine_argument(parser)
     args = parser.parse_args()
     if args.raw_loop:
         raw_loop(*args.raw_loop)
         return
-    home = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
-    say("starting the embedded broker")
-    with EmbeddedBroker(home=home) as broker:
-        bootstrap = broker.bootstrap_servers
-        settings = LooplineSettings(bootstrap_servers=bootstrap, kafka_profile="embedded", home=home,
-                                    session_timeout_ms=6000)
-        kafka = KafkaConfig.from_settings(settings)
+    with tempfile.TemporaryDirectory(prefix="loopline-bench-") as tmp, \
+            bench_broker(args.engine, Path(tmp)) as broker:
+        home, bootstrap = broker.home, broker.bootstrap_servers
+        kafka = broker.kafka()
         specs = {n: make_spec(n) for n in ("benchraw", "benchsvc", "benchrt")}
         for s in specs.values():
             apply_spec(kafka, s)
@@ -264,13 +265,12 @@ def main() -> None:
         model_path = home / "model.onnx"
         model_path.write_bytes(model)
         ModelRegistry(kafka, ArtifactStore(str(home / "artifacts")), actor="bench").register("benchsvc", model)
-        env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=bootstrap, LOOPLINE_KAFKA_PROFILE="embedded",
-                   LOOPLINE_HOME=str(home), LOOPLINE_SESSION_TIMEOUT_MS="6000", LOOPLINE_LOG_LEVEL="WARNING",
-                   LOOPLINE_PIPELINES="benchsvc")
+        # At-least-once on both engines: like for like with the raw loop (no transactions).
+        env = broker.env(LOOPLINE_PIPELINES="benchsvc", LOOPLINE_DELIVERY="at-least-once")
         broker_numbers = measure_broker(kafka, specs["benchrt"])
         raw = measure_loop(kafka, specs["benchraw"], lambda: subprocess.Popen(
-            [sys.executable, "-m", "bench.inference_bench", "--raw-loop", bootstrap, str(home), "benchraw",
-             str(model_path)], env=env), "raw loop")
+            [sys.executable, "-m", "bench.inference_bench", "--raw-loop", bootstrap, broker.profile,
+             str(home), "benchraw", str(model_path)], env=env), "raw loop")
         svc = measure_loop(kafka, specs["benchsvc"], lambda: subprocess.Popen(
             [sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env), "inference service")
         say("results (service / limit):")

@@ -1,7 +1,8 @@
 """Ingest throughput as a ratio to a raw consume->produce loop on the same broker, same run.
 
-Run: ``.venv/bin/python -m bench.ingest_bench [--messages N] [--batch-size B] [--rounds R]``.
-Starts its own embedded broker. Each of R rounds applies a fresh pipeline, writes N raw events
+Run: ``.venv/bin/python -m bench.ingest_bench [--engine tansu|kafka] [--messages N] [--batch-size B]
+[--rounds R]``. Starts its own broker (``--engine``; the service runs at-least-once on both, like
+the raw loops). Each of R rounds applies a fresh pipeline, writes N raw events
 (95 % valid JSON, 5 % assorted bad input) to its raw topic, then runs (a) raw loops that consume
 them and produce each value unchanged to a fresh topic (a lean one, and the one issue #18
 measured) and (b) the ingest service loop, with the same batch size, each in a fresh consumer
@@ -25,14 +26,13 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Message
 
+from bench.common import add_engine_argument, bench_broker
 from loopline.apply import apply_spec
-from loopline.broker import EmbeddedBroker
 from loopline.errors import DeliveryError
 from loopline.kafka import AckedProducer, KafkaConfig, StopFlag, TopicSpec, ensure_topics
 from loopline.runtime.loop import positions_after
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.ingest import IngestService, IngestSettings
-from loopline.settings import LooplineSettings
 from loopline.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,6 +173,8 @@ def ingest_loop(kafka: KafkaConfig, pipeline: str, n: int, batch_size: int, grou
         home=kafka.settings.home,
         group_id=group,
         instance_id=group,
+        # Like for like with the raw loops (Kafka's 'auto' would be transactions).
+        delivery="at-least-once",
     )
     rt = ServiceRuntime("ingest", settings, install_signals=False)
     service = IngestService(rt, settings)
@@ -194,16 +196,10 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=30_000)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    add_engine_argument(parser)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as home, EmbeddedBroker(home=Path(home)) as broker:
-        kafka = KafkaConfig.from_settings(
-            LooplineSettings(
-                bootstrap_servers=broker.bootstrap_servers,
-                kafka_profile="embedded",
-                session_timeout_ms=6000,
-                home=Path(home),
-            )
-        )
+    with tempfile.TemporaryDirectory() as home, bench_broker(args.engine, Path(home)) as broker:
+        kafka = broker.kafka()
         base = load_spec(REPO / "examples" / "fraud.yaml")
         values = events(args.messages)
         rates: dict[str, list[float]] = {"lean": [], "acked": [], "ingest": []}

@@ -18,6 +18,7 @@ Run: ``.venv/bin/python -m bench.lineage_replay`` (``BENCH_EVENTS`` changes the 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import tempfile
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import add_engine_argument
 from loopline.artifacts import ArtifactStore
 from loopline.models import validate_model
 from loopline.registry import RegistryState, spec_event
@@ -167,6 +169,9 @@ def read_rate(store: LineageStore, pipeline: str) -> float:
 
 def main() -> None:
     """Build the store, run the audit replay and the comparison, print rates and ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_argument(parser, uses_broker=False)
+    parser.parse_args()
     rng = np.random.default_rng(7)
     spec = make_spec()
     with tempfile.TemporaryDirectory(prefix="loopline-replay-bench-") as tmp:

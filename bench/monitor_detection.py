@@ -45,6 +45,7 @@ from river import drift
 from river.datasets import synth
 
 from bench import monitor_streams as ms
+from bench.common import add_engine_argument
 from loopline.profile import build_profile
 from loopline.registry import RegistryState, spec_event
 from loopline.spec import Monitor, parse_spec
@@ -407,6 +408,7 @@ def main() -> None:
         "--events", type=int, default=20_000, help="Live events per synthetic stationary stream."
     )
     parser.add_argument("--parts", default="123", help="Which parts to run (1, 2, 3).")
+    add_engine_argument(parser, uses_broker=False)
     args = parser.parse_args()
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()

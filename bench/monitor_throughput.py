@@ -1,10 +1,12 @@
 """Monitor throughput as a ratio to the inference service's, on the same pipeline, broker and run.
 
-Run: ``.venv/bin/python -m bench.monitor_throughput [--events N] [--rounds R] [--shadow]``
+Run: ``.venv/bin/python -m bench.monitor_throughput [--engine tansu|kafka] [--events N] [--rounds R]
+[--shadow]``
 (defaults N = 60000, R = 3: about 70 s on 2 cores, 90 s with ``--shadow``).
 
-Starts its own embedded broker and applies examples/fraud.yaml (7 features; adwin + page_hinkley
-per numeric feature, ddm on errors, window 1000). Then:
+Starts its own broker (``--engine``; inference runs with that engine's default delivery:
+at-least-once on Tansu, transactions on Kafka) and applies examples/fraud.yaml (7 features;
+adwin + page_hinkley per numeric feature, ddm on errors, window 1000). Then:
 
 1. registers through the real model registry (validation, artifact store, reference profiles of
    5000 reference records, so the monitor runs PSI/KS on features and outputs) a champion and a
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import statistics
 import subprocess
@@ -51,11 +52,11 @@ import numpy as np
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
+from bench.common import add_engine_argument, bench_broker
 from bench.inference_bench import Collector, produce_all, say
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
-from loopline.broker import EmbeddedBroker
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader, RegistryState, now_ms
@@ -63,7 +64,6 @@ from loopline.scoring import tabular_features
 from loopline.services.monitor.metrics import MonitorMetrics
 from loopline.services.monitor.service import MonitorService, tune_gc
 from loopline.services.monitor.settings import MonitorSettings
-from loopline.services.monitor.state import Checkpoint
 from loopline.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,13 +146,10 @@ def write_feedback(kafka: KafkaConfig, spec: PipelineSpec, labels: np.ndarray) -
     return len(msgs)
 
 
-def run_inference(kafka: KafkaConfig, spec: PipelineSpec, bootstrap: str, home: Path, n: int,
+def run_inference(kafka: KafkaConfig, spec: PipelineSpec, env: dict[str, str], n: int,
                   expected: int) -> float:
     """Score the n pre-loaded events with the real inference service; return its events/s."""
     col = Collector(kafka, spec.topics.predictions, spec.partitions, decode=True)
-    env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=bootstrap, LOOPLINE_KAFKA_PROFILE="embedded",
-               LOOPLINE_HOME=str(home), LOOPLINE_SESSION_TIMEOUT_MS="6000", LOOPLINE_LOG_LEVEL="WARNING",
-               LOOPLINE_PIPELINES=spec.name)
     proc = subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env)
     try:
         col.wait(expected, timeout_s=300)
@@ -190,12 +187,12 @@ def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int, 
         consumer.close()
 
 
-def service(settings: MonitorSettings, state: RegistryState, kafka: KafkaConfig, home: Path) -> MonitorService:
-    """A fresh monitor that knows the registry (as after catch-up)."""
-    producer = AckedProducer(kafka.producer("bench-mon", log_level=4))  # no "disconnected" line at broker stop
-    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()), producer,
-                         Checkpoint(home / f"bench-{time.monotonic_ns()}.ckpt"))
+def service(settings: MonitorSettings, state: RegistryState) -> MonitorService:
+    """A fresh monitor that knows the registry and holds every pipeline (as after catch-up)."""
+    svc = MonitorService(settings, MonitorMetrics(CollectorRegistry()))
     svc.sync(state)
+    for name in svc.wanted(state):
+        svc.adopt(name, None)  # fresh state: the monitor's own changelog is not what is measured
     tune_gc()  # as MonitorService.run does once the registry is read
     return svc
 
@@ -207,12 +204,12 @@ def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: Regist
     for r in range(rounds):
         rate, messages = consume_all(kafka, topics, f"bench-raw-{r}", total, settings.batch_size)
         raw.append(rate)
-        svc = service(settings, state, kafka, home)
+        svc = service(settings, state)
         alerts: list[dict] = []  # type: ignore[type-arg]
         rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, settings.batch_size,
                               lambda b: alerts.extend(svc.handle(b)))
         mon.append(rate)
-        svc = service(settings, state, kafka, home)
+        svc = service(settings, state)
         t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
         for i in range(0, len(messages), settings.batch_size):
             svc.handle(messages[i:i + settings.batch_size])
@@ -230,16 +227,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="monitor and raw-consume rounds")
     parser.add_argument("--shadow", action="store_true",
                         help="second version as a shadow scoring every event (2 predictions per event)")
+    add_engine_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     n = args.events
     preds = 2 * n if args.shadow else n
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        say("starting the embedded broker")
-        with EmbeddedBroker(home=home) as broker:
-            settings = MonitorSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
-                                       session_timeout_ms=6000, home=home)
+        with bench_broker(args.engine, home) as broker:
+            settings = broker.settings(MonitorSettings)
             kafka = KafkaConfig.from_settings(settings)
             spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"name": "benchmon"})
             apply_spec(kafka, spec)
@@ -249,7 +245,8 @@ def main() -> None:
             say(f"writing {n} feature events")
             labels = write_events(kafka, spec, n)
             say("running the inference service on them")
-            inference = run_inference(kafka, spec, broker.bootstrap_servers, home, n, preds)
+            inference = run_inference(kafka, spec, broker.env(LOOPLINE_PIPELINES=spec.name), n,
+                                      preds)
             feedback = write_feedback(kafka, spec, labels)
             say(f"wrote {feedback} feedback records")
             reader = RegistryReader(kafka, "bench-registry")

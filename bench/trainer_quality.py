@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from bench.common import add_engine_argument
 from loopline import avro, topics
 from loopline.artifacts import ArtifactStore
 from loopline.models import ModelRegistry, champion, versions_of
@@ -515,6 +516,7 @@ def main() -> None:
         "--label-delay", type=int, default=LABEL_DELAY, help="events until a label arrives"
     )
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_engine_argument(parser, uses_broker=False)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for stream, seed in [(s, args.seed + k) for s in STREAMS for k in range(args.seeds)]:

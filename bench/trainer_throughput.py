@@ -8,10 +8,12 @@ loop that only calls ``learn_one`` on pre-built dicts (the learner's own limit).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from river import datasets
 
+from bench.common import add_engine_argument
 from loopline import avro
 from loopline.services.trainer.data import Holdout
 from loopline.services.trainer.join import FeedbackJoin
@@ -23,6 +25,9 @@ N = 30_000
 
 def main() -> None:
     """Print examples/s of both loops and their ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_argument(parser, uses_broker=False)
+    parser.parse_args()
     spec = parse_spec({"name": "bench", "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
                        "label": {"classes": ["false", "true"], "positive": "true"}})
     rows = [({f"x{i}": float(v) for i, v in x.items()}, str(y).lower())

@@ -82,7 +82,8 @@ class ServiceRuntime:
         """The service's consume loop with its settings, health and metrics."""
         s = self.settings
         return Loop(self.name, consumer, delivery, handler, self.stop, self.health, self.loop_metrics,
-                    LoopSettings(s.batch_size, s.batch_timeout_s, bisect=bisect), checkpointer,
+                    LoopSettings(s.batch_size, s.batch_timeout_s, bisect=bisect,
+                                 tune_gc=self._owns_process), checkpointer,
                     max_deadletter_bytes, group)
 
     def __enter__(self) -> ServiceRuntime:

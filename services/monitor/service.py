@@ -10,7 +10,6 @@ and asks each :class:`PipelineMonitor` for alerts; :func:`serve` wires it to Kaf
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from loopline.alerts import alert_event
 from loopline.observability import bounded
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.runtime.incarnation import TopicIds
+from loopline.runtime.loop import tune_gc
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.runtime.state import Changelog
@@ -368,16 +368,6 @@ def serve(rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService
         loop.run()
     finally:
         handler.registry.close()
-
-
-def tune_gc() -> None:
-    """Collect garbage rarely and never walk the state restored at start (a large, long-lived heap)."""
-    # Every message decodes into fresh dicts, so the default threshold (700 allocations) runs a
-    # collection every few messages, and each older-generation pass walks the whole join and
-    # detector state: about 10 % of the monitor's time. Its garbage is almost all acyclic and freed
-    # by reference counting anyway.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def describe(alert: dict[str, Any]) -> str:
