@@ -27,21 +27,13 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import Field
 
-from loopline.errors import LooplineError
+from loopline.errors import ArtifactError
 from loopline.settings import ARTIFACT_MAX_BYTES, LooplineSettings
 
 #: Largest artifact read or stored unless configured otherwise (``LOOPLINE_ARTIFACT_MAX_BYTES``).
 DEFAULT_MAX_BYTES = ARTIFACT_MAX_BYTES
 CHUNK_BYTES = 1024 * 1024
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ArtifactError(LooplineError):
-    """An artifact is missing, unreadable, too large, not a regular file, or fails its sha256."""
-
-    def __init__(self, message: str, rule: str = "readable") -> None:
-        self.rule = rule
-        super().__init__(message)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from loopline import avro
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, SchemaError
 from loopline.observability import bounded
 
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ _NAMESPACE = uuid.UUID("6f1b1c5e-4c1e-4b7e-9a57-3f0c9a4c2d10")
 #: Largest feedback message accepted (a label is a class name, not a document).
 MAX_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
-
-
-class FeedbackError(LooplineError):
-    """A feedback message breaks a rule; ``field`` and ``rule`` say which."""
-
-    def __init__(self, field: str | None, rule: str, message: str) -> None:
-        self.field, self.rule = field, rule
-        super().__init__(message)
 
 
 def derived_id(topic: str, partition: int, timestamp_ms: int | None, data: bytes) -> str:

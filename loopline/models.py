@@ -27,7 +27,7 @@ import orjson
 from loopline import avro, model_profile, topics
 from loopline import profile as profiles
 from loopline.artifacts import ArtifactStore, sha256_hex
-from loopline.errors import LooplineError
+from loopline.errors import LooplineError, RegistrationError
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.registry import (SERVING, STAGES, TRAFFIC_STAGES, RegistryReader, RegistryState,
                                model_version_key, now_ms, publish, stage_change_key)
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Rows of the test batch every registration scores beside the current deployment (at most).
 TRIAL_ROWS = 512
-
-
-class RegistrationError(LooplineError):
-    """A model version cannot be registered or changed; the message names the rule."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from loopline import avro, topics
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import LooplineError, RegistryRecordError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, read_to, watermarks
-from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
+from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES,
                                      check_common, check_model, check_rebaseline, check_spec,
                                      check_stage_change, model_version_key, rebaseline_key, spec_key,
                                      stage_change_prefix)

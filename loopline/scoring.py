@@ -24,16 +24,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from loopline.errors import LooplineError
+from loopline.errors import ModelError
 from loopline.spec import PipelineSpec
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
 _NUMERIC_TYPES = {**_FLOAT_TYPES, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
                   "tensor(bool)": np.bool_}
-
-
-class ModelError(LooplineError):
-    """A model does not fit the pipeline's input/output contract or fails to score."""
 
 
 @dataclass

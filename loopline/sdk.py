@@ -29,21 +29,13 @@ import orjson
 from confluent_kafka import KafkaError
 
 from loopline import avro, feedback
-from loopline.errors import LooplineError
+from loopline.errors import FeedbackError, LooplineError, ValidationError
 from loopline.kafka import AckedProducer, KafkaConfig, release_producer
 from loopline.registry import RegistryReader
 from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec
 from loopline.topics import check_pipeline_name
-
-
-class ValidationError(LooplineError):
-    """An event does not fit the pipeline spec; ``field`` and ``rule`` say where and why."""
-
-    def __init__(self, field: str | None, rule: str, message: str) -> None:
-        self.field, self.rule = field, rule
-        super().__init__(f"{field or '(event)'}: {message} [rule: {rule}]")
 
 
 def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
@@ -122,7 +114,7 @@ class FeedbackSender(_Client):
         try:
             record = feedback.make(prediction_id=prediction_id, event_id=event_id, label=label, value=value,
                                    verdict=verdict, feedback_id=feedback_id, classes=self.spec.label.classes)
-        except feedback.FeedbackError as e:
+        except FeedbackError as e:
             raise ValidationError(e.field, e.rule, str(e)) from None
         self._producer.send(self.spec.topics.feedback, feedback.encode(record),
                             key=record["prediction_id"] or record["event_id"])

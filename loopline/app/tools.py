@@ -12,7 +12,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
 from loopline import avro, feedback, topics
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, LooplineError, SchemaError
 from loopline.kafka import KafkaConfig
 from loopline.registry import RegistryState
 from loopline.spec import PipelineSpec
@@ -194,7 +194,7 @@ def tail(kafka: KafkaConfig, topic: str, decode: Callable[[Any], Any], from_begi
                     continue
                 try:
                     value = decode(m)
-                except (SchemaError, feedback.FeedbackError) as e:
+                except (SchemaError, FeedbackError) as e:
                     value = {"undecodable": str(e)}
                 emit({"partition": m.partition(), "offset": m.offset(),
                       "key": m.key().decode("utf-8", "replace") if m.key() else None, "value": value})

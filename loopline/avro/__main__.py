@@ -14,7 +14,8 @@ import fastavro
 
 from loopline.avro import codecs as codec_module
 from loopline.avro.codecs import Codec
-from loopline.avro.writers import Unsupported, features_encoder_source, writer_source
+from loopline.avro.readers import Unsupported
+from loopline.avro.writers import features_encoder_source, writer_source
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,8 +25,9 @@ _ONE_BYTE = 64  # indexes below 64 are written as one varint byte (zig-zag: 0, 2
 _PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")
 
 
-class Unsupported(Exception):
-    """The schema uses something this compiler does not generate code for."""
+class Unsupported(Exception):  # noqa: N818 - a signal to keep fastavro, not an error a user sees
+    """The schema uses something the generated readers or writers (``writers.writer_source``) do
+    not cover; the caller keeps fastavro for it."""
 
 
 def _bad(what: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import fastavro
 
 from loopline.avro.codecs import MAGIC, Codec, named_types
+from loopline.avro.readers import Unsupported
 
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
@@ -232,10 +233,6 @@ class FeaturesEncoder:
 
 
 # --- compiled writers of whole records (dead letters) -----------------------------------------
-
-class Unsupported(Exception):  # noqa: N818 - like readers.Unsupported: a reason to keep fastavro
-    """The schema uses something :func:`writer_source` does not generate code for."""
-
 
 _ZERO, _ONE = b"\x00", b"\x02"
 _WRITABLE = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")

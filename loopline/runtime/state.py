@@ -32,7 +32,7 @@ import river
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from loopline import topics
-from loopline.errors import LooplineError
+from loopline.errors import LooplineError, StateError
 from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics, watermarks
 from loopline.runtime.outputs import Out
 
@@ -54,10 +54,6 @@ _SAFE_FUNCTIONS = {
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
     ("copyreg", "_reconstructor"), ("_codecs", "encode"),
 }
-
-
-class StateError(LooplineError):
-    """A state record cannot be read: corrupt, of another format, or not made of allowed classes."""
 
 
 def _safe_getattr(obj: Any, name: str) -> Any:

@@ -25,7 +25,7 @@ from confluent_kafka import Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from loopline import avro, feedback, topics
-from loopline.errors import SchemaError
+from loopline.errors import FeedbackError, SchemaError
 from loopline.kafka import watermarks
 from loopline.observability import bounded
 from loopline.registry import RegistryReader
@@ -36,7 +36,8 @@ from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import rows
 from loopline.services.lineage.forgotten import EMPTY, Forgotten, ForgottenWatch
 from loopline.services.lineage.settings import LineageSettings
-from loopline.services.lineage.store import LineageStore, StoreMismatch
+from loopline.services.lineage.errors import StoreMismatch
+from loopline.services.lineage.store import LineageStore
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class LineageService:
             spec = self.registry.state.specs.get(pipeline)
             classes = spec.label.classes if spec is not None else None
             for m, record in zip(messages, feedback.decode_each(messages, classes)):
-                if isinstance(record, feedback.FeedbackError):
+                if isinstance(record, FeedbackError):
                     self.rejected.labels(pipeline, table, record.rule).inc()
                     out.dead(m, record.rule, f"invalid feedback: {record}", record.field)
                 else:

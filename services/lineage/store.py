@@ -21,16 +21,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopline.errors import LooplineError
+from loopline.services.lineage.errors import StoreMismatch
 
 TABLES = ("features", "predictions", "feedback")
 _NAME = re.compile(r"^(?P<topic>[^~]+)(?:~(?P<topic_id>[A-Za-z0-9_-]+))?~(?P<partition>\d+)~(?P<first>\d+)"
                    r"~(?P<last>\d+)\.parquet$")
 LEGACY = "legacy"
-
-
-class StoreMismatch(LooplineError):
-    """The store holds offsets of a topic incarnation that the topic does not have."""
 
 
 def safe_id(topic_id: str) -> str:

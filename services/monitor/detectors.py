@@ -23,7 +23,7 @@ from river import drift
 from river.drift import binary
 from scipy import signal
 
-from loopline.errors import LooplineError
+from loopline.services.monitor.errors import DetectorError
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,6 @@ KINDS: dict[str, DetectorKind] = {
     "hddm_w": DetectorKind("hddm_w", lambda seed: binary.HDDMW(), True,
                            "HDDM_W Hoeffding bound on weighted averages"),
 }
-
-
-class DetectorError(LooplineError):
-    """A detector name is unknown or does not fit the stream it is asked to watch."""
 
 
 class Detector:

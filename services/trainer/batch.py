@@ -25,17 +25,13 @@ import onnx
 import orjson
 from onnx import TensorProto, helper
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import BatchError
 from loopline.spec import BatchLearner, PipelineSpec
 from loopline.services.trainer.transforms import FeatureMap, Graph
 
 OPSET = 17
 ML_OPSET = 3
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
-
-
-class BatchError(LooplineError):
-    """A batch learner cannot be trained or exported."""
 
 
 @dataclass

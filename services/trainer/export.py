@@ -20,17 +20,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from river import compose, multiclass
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import ExportError
 from loopline.services.trainer.learner import Learner
 
 OPSET = 17
 ML_OPSET = 3
 INPUT = "input"
 X = "x64"  # the input as double: what every node of the graph reads
-
-
-class ExportError(LooplineError):
-    """A learner cannot be exported to ONNX."""
 
 
 def _scaler_arrays(scaler: Any, features: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -18,12 +18,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 from river.tree.base import Branch
 
-from loopline.errors import LooplineError
-
-
-class TreeExportError(LooplineError):
-    """A tree has a node the exporter does not support."""
-
+from loopline.services.trainer.errors import TreeExportError
 
 Literal = tuple[int, bool]  # (split index, takes the left "<=" branch)
 

@@ -13,15 +13,11 @@ from typing import Any
 
 from river import compose, linear_model, multiclass, optim, preprocessing, tree
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import LearnerError
 from loopline.spec import PipelineSpec
 
 #: Learners whose export to ONNX is exact (a parity test holds them to 1e-5).
 LINEAR = ("logistic_regression", "linear_regression")
-
-
-class LearnerError(LooplineError):
-    """A learner cannot be built for a pipeline or cannot learn an example."""
 
 
 def input_features(spec: PipelineSpec) -> list[str]:

@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from loopline import avro, feedback, topics
 from loopline.artifacts import ArtifactStore
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, LooplineError, SchemaError
 from loopline.models import ModelRegistry, champion
 from loopline.observability import bounded
 from loopline.registry import RegistryReader, now_ms
@@ -32,6 +32,7 @@ from loopline.runtime.state import Changelog
 from loopline.runtime.units import Input, Units, UnitsMetrics
 from loopline.scoring import Scorer
 from loopline.services.trainer.data import Holdout, Ranges
+from loopline.services.trainer.errors import Deferred
 from loopline.services.trainer import tournament
 from loopline.services.trainer.export import library_versions
 from loopline.services.trainer.join import Example, FeedbackJoin
@@ -213,7 +214,7 @@ class TrainerService:
                     record = feedback.decode(m.value(), m.topic(), m.partition(), ts if ts_type else None,
                                              self.specs[pipeline].label.classes)
                     examples = st.join.add_feedback(record, seen)
-            except (SchemaError, feedback.FeedbackError) as e:
+            except (SchemaError, FeedbackError) as e:
                 self.metrics.bad_messages.labels(m.topic()).inc()
                 log.debug("trainer_bad_message", extra={"topic": m.topic(), "partition": m.partition(),
                                                         "offset": m.offset(), "error": bounded(str(e))})
@@ -265,7 +266,7 @@ class TrainerService:
                 continue
             try:
                 self.candidate(pipeline, spec, st, trigger)
-            except tournament.Deferred as e:
+            except Deferred as e:
                 st.policy.defer(e.labels)
                 log.info("trainer_candidate_deferred",
                          extra={"pipeline": pipeline, "trigger": trigger, "labels": e.labels})

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from loopline.errors import LooplineError
+from loopline.services.trainer.errors import Deferred, TournamentError
 from loopline.models import fill_values
 from loopline.scoring import Scorer
 from loopline.services.trainer.batch import BatchModel, model_inputs
@@ -52,22 +53,6 @@ _TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
 _LINEAR_OPS = {"LinearClassifier", "LinearRegressor", "MatMul", "Gemm"}
 _HIDDEN_OPS = {"Relu", "Tanh", "LeakyRelu", "Elu", "Selu", "SVMClassifier", "SVMRegressor"}
 _RIVER_KINDS = ("logistic_regression", "linear_regression", "hoeffding_adaptive_tree")
-
-
-class TournamentError(LooplineError):
-    """No contender could be trained and exported."""
-
-
-class Deferred(LooplineError):
-    """The champion's errors changed too recently for a tournament on the new concept: wait."""
-
-    def __init__(self, pipeline: str, labels: int) -> None:
-        super().__init__(
-            f"pipeline {pipeline}: the concept changed {labels} label(s) short of a tournament"
-        )
-        self.labels = labels
-
-
 @dataclass
 class Contender:
     """One learner of a tournament: its exported model, what it learned, its holdout result."""

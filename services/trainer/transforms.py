@@ -22,17 +22,13 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import TransformError
 from loopline.spec import PipelineSpec, Transform
 
 #: Most categories one string feature contributes when the spec declares no ``values``.
 MAX_CATEGORIES = 50
 #: Most product terms a polynomial transform may add (a wide window stays trainable in seconds).
 MAX_TERMS = 2000
-
-
-class TransformError(LooplineError):
-    """Transforms cannot be fitted or exported for a pipeline."""
 
 
 class Graph:
