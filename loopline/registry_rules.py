@@ -267,8 +267,10 @@ def rebaseline_key(pipeline: str, rid: str) -> bytes:
     return f"pipeline/{pipeline}/rebaseline/{rid}".encode()
 
 
-def check_rebaseline(state: RegistryState, event: Mapping[str, Any], key: bytes | None) -> dict[str, Any]:
-    """Rules of a ``rebaseline`` record (a monitor command for a known pipeline); return its payload."""
+def check_rebaseline(state: RegistryState, event: Mapping[str, Any],
+                     key: bytes | None) -> dict[str, Any]:
+    """Rules of a ``rebaseline`` record (a monitor
+    command for a known pipeline); return its payload."""
     pipeline, r = event["pipeline"], event["rebaseline"]
     if pipeline not in state.specs:
         _fail("pipeline", "known_pipeline", f"{show(pipeline)} is not a pipeline in the registry")

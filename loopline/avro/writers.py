@@ -14,9 +14,7 @@ from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import fastavro
-
-from loopline.avro.codecs import MAGIC, Codec, named_types
+from loopline.avro.codecs import MAGIC, Codec, parse_record
 from loopline.avro.readers import Unsupported
 
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
@@ -301,14 +299,14 @@ def compile_writer(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     env: dict[str, Any] = {"_varint": varint, "_join": b"".join, "_pack1": struct.Struct("<d").pack,
                            "_packF": struct.Struct("<f").pack}
     exec(compile(writer_source(schema), "<avro writer>", "exec"), env)  # noqa: S102 - generated above
-    return env["write"]  # type: ignore[no-any-return]
+    return env["write"]  # type: ignore[no-any-return]  # generated code
 
 
 def record_encoder(codec: Codec) -> Callable[[dict[str, Any]], bytes]:
     """``codec.encode`` through a compiled writer, which fastavro backs up: a record the writer
     cannot take (a wrong type, a missing field) goes to ``codec.encode``, which judges it."""
     try:
-        expanded = fastavro.parse_schema(codec.schema, named_schemas=named_types(), expand=True)
+        expanded = parse_record(codec.schema, expand=True)
         write = compile_writer(expanded)
     except Unsupported:
         return codec.encode

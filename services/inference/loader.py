@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from loopline.artifacts import ArtifactStore
-from loopline.errors import ArtifactError
-from loopline.errors import LooplineError
+from loopline.errors import ArtifactError, LooplineError
 from loopline.scoring import Scorer, synthetic_batch
 from loopline.spec import PipelineSpec
 

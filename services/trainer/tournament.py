@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 
 from loopline.errors import LooplineError
-from loopline.services.trainer.errors import Deferred, TournamentError
 from loopline.models import fill_values
 from loopline.scoring import Scorer
 from loopline.services.trainer.batch import BatchModel, model_inputs
 from loopline.services.trainer.data import Holdout, Ranges, ranges_of
+from loopline.services.trainer.errors import Deferred, TournamentError
 from loopline.services.trainer.export import to_onnx
 from loopline.services.trainer.join import Example
 from loopline.services.trainer.learner import Learner
@@ -53,6 +53,8 @@ _TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
 _LINEAR_OPS = {"LinearClassifier", "LinearRegressor", "MatMul", "Gemm"}
 _HIDDEN_OPS = {"Relu", "Tanh", "LeakyRelu", "Elu", "Selu", "SVMClassifier", "SVMRegressor"}
 _RIVER_KINDS = ("logistic_regression", "linear_regression", "hoeffding_adaptive_tree")
+
+
 @dataclass
 class Contender:
     """One learner of a tournament: its exported model, what it learned, its holdout result."""
@@ -195,10 +197,10 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
     if props.get("learner") in _RIVER_KINDS and props.get("learner") != spec.trainer.learner:
         kind = props["learner"]
         if (
-            spec.label.task == "regression"
-            and kind == "logistic_regression"
-            or spec.label.task == "classification"
-            and kind == "linear_regression"
+            (spec.label.task == "regression"
+            and kind == "logistic_regression")
+            or (spec.label.task == "classification"
+            and kind == "linear_regression")
         ):
             return {"family": f"river.{kind}", "from": "recorded learner, other task"}, None
         return {"family": f"river.{kind}", "from": f"recorded learner ({producer})"}, kind
@@ -215,8 +217,8 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
     # hand-made graphs multiply two data tensors or raise one to a power.
     products = any(
         n.op_type == "ReduceProd"
-        or n.op_type in ("Mul", "Pow")
-        and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow")
+        or (n.op_type in ("Mul", "Pow")
+        and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow"))
         for n in proto.graph.node
     )
     if ops & _TREE_OPS:

@@ -52,7 +52,7 @@ class Graph:
         if arr.dtype.kind in "OUS":
             self.inits.append(
                 helper.make_tensor(
-                    n, TensorProto.STRING, arr.shape, [str(v).encode() for v in arr.ravel()]
+                    n, TensorProto.STRING, arr.shape, [str(v).encode() for v in arr.ravel()]  # type: ignore[misc]  # onnx's stubs omit bytes
                 )
             )
         else:
@@ -295,7 +295,7 @@ class FeatureMap:
             )
         for n in self.strings:
             cats = self.categories[n]
-            idx = g.op(
+            index = g.op(
                 "LabelEncoder",
                 [s[n]],
                 f"{n}_index",
@@ -305,7 +305,7 @@ class FeatureMap:
                 default_int64=-1,
             )
             hit = g.op(
-                "Equal", [idx, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit"
+                "Equal", [index, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit"
             )
             parts.append(g.op("Cast", [hit], f"{n}_onehot", to=TensorProto.DOUBLE))
         if len(parts) == 1:
