@@ -44,24 +44,29 @@ def messages(n: int) -> dict[str, tuple[avro.Codec, list[bytes], tuple[str, ...]
               for i, f in enumerate(records_of(features_of(rng, n)))]
     prediction = avro.codec("prediction")
     scores = rng.random(n).tolist()
-    predictions = [{"prediction_id": f"p-{i:016x}{i:016x}", "event_id": e["event_id"], "key": e["key"],
+    predictions = [{"prediction_id": f"p-{i:016x}{i:016x}", "event_id": e["event_id"],
+                    "key": e["key"],
                     "pipeline": "fraud", "model_name": "fraud-lr", "model_version": 3,
                     "model_sha256": "ab" * 32, "variant": ("champion", "challenger")[i % 2],
                     "served": True, "label": str(int(s > 0.5)), "value": s,
                     "scores": {"0": 1 - s, "1": s}, "source": {"topic": "loopline.fraud.features",
-                                                             "partition": i % 3, "offset": 20_000 + i},
+                                                             "partition": i % 3,
+                                                               "offset": 20_000 + i},
                     "event_ts": e["ts"], "scored_at": e["ts"] + 80}
                    for i, (e, s) in enumerate(zip(events, scores))]
     feedback = avro.codec("feedback")
-    labels = [{"feedback_id": f"f{i}", "prediction_id": None, "event_id": e["event_id"], "label": "1",
-               "value": None, "verdict": None, "ts": e["ts"] + 3_600_000} for i, e in enumerate(events)]
+    labels = [{"feedback_id": f"f{i}", "prediction_id": None, "event_id": e["event_id"],
+               "label": "1", "value": None, "verdict": None, "ts": e["ts"] + 3_600_000}
+              for i, e in enumerate(events)]
     return {"features": (features, [features.encode(r) for r in events], READS["features"]),
-            "predictions": (prediction, [prediction.encode(r) for r in predictions], READS["predictions"]),
+            "predictions": (prediction, [prediction.encode(r) for r in predictions],
+                            READS["predictions"]),
             "feedback": (feedback, [feedback.encode(r) for r in labels], None)}
 
 
 def per_message(runs: dict[str, Callable[[], Any]], n: int, passes: int) -> dict[str, float]:
-    """Microseconds per message of each run, best of ``passes`` taken in turn, garbage collection off.
+    """Microseconds per message of each run, best of ``passes`` taken in turn, garbage collection
+    off.
 
     This VM's speed drifts by up to 2x over seconds; running the decoders in turn within each pass
     lets every one meet the same fast and slow spells.
@@ -94,20 +99,23 @@ def main() -> None:
         bodies = [v[avro.HEADER_LEN:] for v in values]
 
         def by_fastavro() -> list[Any]:
-            return [fastavro.schemaless_reader(io.BytesIO(b), codec.parsed, None) for b in bodies]  # noqa: B023
+            return [fastavro.schemaless_reader(io.BytesIO(b), codec.parsed, None)  # noqa: B023 - run in this iteration
+                    for b in bodies]  # noqa: B023 - as above
 
-        assert codec.decode_each(values) == by_fastavro(), f"{kind}: compiled and fastavro records differ"
-        runs = {"fastavro": by_fastavro, "compiled": lambda: codec.decode_each(values)}
+        assert codec.decode_each(values) == by_fastavro(), (
+            f"{kind}: compiled and fastavro records differ")
+        runs = {"fastavro": by_fastavro,
+                "compiled": lambda: codec.decode_each(values)}  # noqa: B023 - as above
         if fields:
-            runs["projected"] = lambda: codec.decode_each(values, fields)
+            runs["projected"] = lambda: codec.decode_each(values, fields)  # noqa: B023 - as above
         us = per_message(runs, n, args.passes)
         rows.append((kind, len(values[0]), us))
         say(f"{kind}: " + ", ".join(f"{name} {t:.1f} us" for name, t in us.items()))
     say("results (us per message; fastavro / compiled in brackets):")
     for kind, size, us in rows:
         limit = us["fastavro"]
-        line = (f"  {kind:<12} {size:>4} bytes   fastavro {limit:5.1f}   compiled {us['compiled']:5.1f} "
-                f"({limit / us['compiled']:.1f}x)")
+        line = (f"  {kind:<12} {size:>4} bytes   fastavro {limit:5.1f}   compiled "
+                f"{us['compiled']:5.1f} ({limit / us['compiled']:.1f}x)")
         if "projected" in us:
             line += f"   monitor's fields {us['projected']:5.1f} ({limit / us['projected']:.1f}x)"
         print(line, flush=True)

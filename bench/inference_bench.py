@@ -30,9 +30,9 @@ from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
 from loopline.kafka import KafkaConfig, StopFlag
-from loopline.runtime.loop import positions_after
 from loopline.models import ModelRegistry
 from loopline.registry import now_ms
+from loopline.runtime.loop import positions_after
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, parse_spec
 
@@ -63,7 +63,8 @@ def make_model() -> bytes:
     rng = np.random.default_rng(0)
     x = rng.random((1000, len(COLUMNS))).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 1).astype(int)
-    return to_onnx(LogisticRegression().fit(x, y), x[:1], options={"zipmap": False}).SerializeToString()
+    return to_onnx(LogisticRegression().fit(x, y), x[:1],
+                   options={"zipmap": False}).SerializeToString()
 
 
 def events(spec: PipelineSpec, n: int, start: int) -> list[tuple[bytes, bytes]]:
@@ -77,9 +78,10 @@ def events(spec: PipelineSpec, n: int, start: int) -> list[tuple[bytes, bytes]]:
         v = vals[i]
         rec = {"event_id": f"e{start + i}", "key": key, "ts": ts, "ingested_at": ts,
                "source": {"topic": spec.topics.raw, "partition": 0, "offset": start + i},
-               "features": {"customer": key, "amount": float(v[0]) * 100, "merchant_risk": float(v[1]),
-                            "hour": int(v[2] * 23), "card_present": bool(v[3] > 0.5), "x5": float(v[4]),
-                            "x6": 0.5}}
+               "features": {"customer": key, "amount": float(v[0]) * 100,
+                            "merchant_risk": float(v[1]),
+                            "hour": int(v[2] * 23), "card_present": bool(v[3] > 0.5),
+                            "x5": float(v[4]), "x6": 0.5}}
         out.append((key.encode(), codec.encode(rec)))
     return out
 
@@ -87,8 +89,9 @@ def events(spec: PipelineSpec, n: int, start: int) -> list[tuple[bytes, bytes]]:
 # ---- the raw loop (runs in its own process) ---------------------------------------------------
 def raw_loop(bootstrap: str, profile: str, home: str, pipeline: str, model_path: str) -> None:
     """Minimal batched consume -> decode -> ORT -> encode -> produce -> flush -> store offsets."""
-    from loopline.scoring import session_options
     import onnxruntime as ort
+
+    from loopline.scoring import session_options
 
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
@@ -114,10 +117,12 @@ def raw_loop(bootstrap: str, profile: str, home: str, pipeline: str, model_path:
             scored = now_ms()
             for m, e, lab, p in zip(msgs, evs, labels.tolist(), probs.tolist()):
                 rec = {"prediction_id": e["event_id"], "event_id": e["event_id"], "key": e["key"],
-                       "pipeline": pipeline, "model_name": "raw", "model_version": 1, "model_sha256": "",
+                       "pipeline": pipeline, "model_name": "raw", "model_version": 1,
+                       "model_sha256": "",
                        "variant": "champion", "served": True, "label": str(lab), "value": p[1],
                        "scores": {"0": p[0], "1": p[1]},
-                       "source": {"topic": m.topic(), "partition": m.partition(), "offset": m.offset()},
+                       "source": {"topic": m.topic(), "partition": m.partition(),
+                                  "offset": m.offset()},
                        "event_ts": e["ts"], "scored_at": scored}
                 producer.produce(out_topic, encode(rec), key=m.key())
             producer.flush(30)
@@ -140,11 +145,13 @@ def produce_all(kafka: KafkaConfig, topic: str, msgs: list[tuple[bytes, bytes]])
 
 
 class Collector:
-    """Reads a topic from the start in a thread; records (arrival ms, decoded or raw) per message."""
+    """Reads a topic from the start in a thread;
+    records (arrival ms, decoded or raw) per message."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, decode: bool) -> None:
         self.consumer = kafka.reader(f"bench-read-{uuid.uuid4().hex[:6]}")
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(partitions)])
         self.codec = avro.codec("prediction") if decode else None
         self.arrivals: list[int] = []
         self.event_ts: list[int] = []
@@ -180,7 +187,8 @@ class Collector:
         self.consumer.close()
 
 
-def paced(kafka: KafkaConfig, topic: str, make, rate: int, seconds: float) -> int:  # type: ignore[no-untyped-def]
+def paced(kafka: KafkaConfig, topic: str, make, rate: int,
+          seconds: float) -> int:  # type: ignore[no-untyped-def]  # any event factory
     """Produce at ``rate`` per second in 10 ms ticks for ``seconds``; return how many."""
     p = kafka.producer("bench-paced", **{"linger.ms": 1})
     per_tick = max(1, rate // 100)
@@ -200,7 +208,8 @@ def pct(values: list[int] | np.ndarray, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def measure_loop(kafka: KafkaConfig, spec: PipelineSpec, start_proc, label: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def measure_loop(kafka: KafkaConfig, spec: PipelineSpec, start_proc,
+                 label: str) -> dict[str, float]:  # type: ignore[no-untyped-def]  # any process starter
     """Throughput on N pre-loaded events, then latency at RATE, for one system under test."""
     say(f"{label}: pre-loading {N} feature events")
     produce_all(kafka, spec.topics.features, events(spec, N, 0))
@@ -212,7 +221,8 @@ def measure_loop(kafka: KafkaConfig, spec: PipelineSpec, start_proc, label: str)
         tput = N / span_s
         say(f"{label}: throughput {tput:,.0f} events/s ({N} events scored in {span_s:.2f}s)")
         base = len(col.arrivals)
-        sent = paced(kafka, spec.topics.features, lambda s, k: events(spec, k, N + s), RATE, SECONDS)
+        sent = paced(kafka, spec.topics.features, lambda s, k: events(spec, k, N + s), RATE,
+                     SECONDS)
         col.wait(base + sent)
         lat = np.asarray(col.arrivals[base:]) - np.asarray(col.event_ts[base:])
         say(f"{label}: at {RATE}/s for {SECONDS:.0f}s: end-to-end p50 {pct(lat, 50):.1f} ms, "
@@ -264,7 +274,8 @@ def main() -> None:
         model = make_model()
         model_path = home / "model.onnx"
         model_path.write_bytes(model)
-        ModelRegistry(kafka, ArtifactStore(str(home / "artifacts")), actor="bench").register("benchsvc", model)
+        ModelRegistry(kafka, ArtifactStore(str(home / "artifacts")),
+                      actor="bench").register("benchsvc", model)
         # At-least-once on both engines: like for like with the raw loop (no transactions).
         env = broker.env(LOOPLINE_PIPELINES="benchsvc", LOOPLINE_DELIVERY="at-least-once")
         broker_numbers = measure_broker(kafka, specs["benchrt"])
@@ -272,14 +283,18 @@ def main() -> None:
             [sys.executable, "-m", "bench.inference_bench", "--raw-loop", bootstrap, broker.profile,
              str(home), "benchraw", str(model_path)], env=env), "raw loop")
         svc = measure_loop(kafka, specs["benchsvc"], lambda: subprocess.Popen(
-            [sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env), "inference service")
+            [sys.executable, "-m", "loopline.app.cli", "run", "inference"], env=env),
+                           "inference service")
         say("results (service / limit):")
-        print(f"  throughput  {svc['throughput']:>10,.0f} ev/s   vs raw loop {raw['throughput']:,.0f}: "
-              f"{svc['throughput'] / raw['throughput']:.2f}   vs broker {broker_numbers['throughput']:,.0f}: "
+        print(f"  throughput  {svc['throughput']:>10,.0f} ev/s   vs raw loop "
+              f"{raw['throughput']:,.0f}: "
+              f"{svc['throughput'] / raw['throughput']:.2f}   vs broker "
+              f"{broker_numbers['throughput']:,.0f}: "
               f"{svc['throughput'] / broker_numbers['throughput']:.2f}")
         for q in ("p50", "p99"):
-            print(f"  {q} latency {svc[q]:>8.1f} ms     vs raw loop {raw[q]:.1f} ms: {svc[q] / raw[q]:.2f}   "
-                  f"vs broker {broker_numbers[q]:.1f} ms: {svc[q] / broker_numbers[q]:.2f}")
+            print(f"  {q} latency {svc[q]:>8.1f} ms     vs raw loop {raw[q]:.1f} ms: "
+                  f"{svc[q] / raw[q]:.2f}   vs broker {broker_numbers[q]:.1f} ms: "
+                  f"{svc[q] / broker_numbers[q]:.2f}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def ingest_loop(kafka: KafkaConfig, pipeline: str, n: int, batch_size: int, grou
     def timed(batch: list[Message], out: Any) -> None:
         clock.wrap(lambda b: process(b, out))(batch)
 
-    service.process = timed  # type: ignore[method-assign]
+    service.process = timed  # type: ignore[method-assign]  # a test double
     with rt:
         service.run()
     return clock

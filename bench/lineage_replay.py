@@ -63,24 +63,27 @@ def make_spec() -> PipelineSpec:
 
 def make_model(seed: int) -> bytes:
     """A logistic regression exported by skl2onnx (probabilities as a tensor)."""
-    from skl2onnx import to_onnx  # noqa: PLC0415 - benchmark-only dependency
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+    from skl2onnx import to_onnx  # benchmark-only dependency
+    from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2000, FEATURES)).astype(np.float32)
     w = rng.normal(size=FEATURES)
     y = (x @ w + rng.normal(scale=0.5, size=2000) > 0).astype(int)
-    return to_onnx(LogisticRegression().fit(x, y), x[:1], options={"zipmap": False}).SerializeToString()
+    return to_onnx(LogisticRegression().fit(x, y), x[:1],
+                   options={"zipmap": False}).SerializeToString()
 
 
-def register(state: RegistryState, store: ArtifactStore, spec: PipelineSpec, model: bytes, version: int,
+def register(state: RegistryState, store: ArtifactStore, spec: PipelineSpec, model: bytes,
+             version: int,
              stage: str, reference: list[dict[str, Any]], offset: int) -> dict[str, Any]:
     """Validate and store a version and fold its registry event into ``state`` (no broker)."""
     checked = validate_model(model, spec, reference, label=f"{NAME} v{version}")
     digest, uri = store.put(model)
     record = {"name": NAME, "version": version, "sha256": digest, "uri": uri, "stage": stage,
-              "traffic": 1.0 if stage == "champion" else 0.0, "parent": None, "created_at": START_MS,
-              "library_versions": checked.library_versions, "metrics": {}, "reference_profile_json": None,
+              "traffic": 1.0 if stage == "champion" else 0.0, "parent": None,
+              "created_at": START_MS, "library_versions": checked.library_versions, "metrics": {},
+              "reference_profile_json": None,
               "training_ranges": [], "trigger": None, "scorecard_json": None,
               "fill_values": checked.fill_values, "input_features": checked.input_features}
     state.apply({"kind": "model_version", "pipeline": spec.name, "at": START_MS, "spec": None,
@@ -99,8 +102,8 @@ def features_table(spec: PipelineSpec, rng: np.random.Generator) -> list[dict[st
     return records
 
 
-def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer, records: list[dict[str, Any]],
-                sha: str, rng: np.random.Generator) -> int:
+def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer,
+                records: list[dict[str, Any]], sha: str, rng: np.random.Generator) -> int:
     """Write features, served predictions and feedback files; return the feedback count."""
     topics = spec.topics
     fschema = lineage_rows.features_schema(spec)
@@ -110,38 +113,49 @@ def write_store(store: LineageStore, spec: PipelineSpec, served: Scorer, records
         for start in range(0, len(idx), FILE_ROWS):
             chunk = idx[start:start + FILE_ROWS]
             ts = [START_MS + i for i in chunk]
-            feats = [{"event_id": f"e{i}", "key": None, "ts": t, "ingested_at": t, "raw_topic": topics.raw,
+            feats = [{"event_id": f"e{i}", "key": None, "ts": t, "ingested_at": t,
+                      "raw_topic": topics.raw,
                       "raw_partition": part, "raw_offset": start + j, "features": records[i],
                       "_topic": topics.features, "_partition": part, "_offset": start + j}
                      for j, (i, t) in enumerate(zip(chunk, ts, strict=True))]
             store.write(spec.name, "features", topics.features, "bench", part, feats, fschema)
             # Scored the way the inference service does: one batch through Scorer.score.
             result = served.score([records[i] for i in chunk])
-            assert result.labels is not None and result.values is not None and result.scores is not None
-            preds = [{"prediction_id": prediction_id(f"e{i}", NAME, 1, "champion"), "event_id": f"e{i}",
+            assert (result.labels is not None and result.values is not None
+                    and result.scores is not None)
+            preds = [{"prediction_id": prediction_id(f"e{i}", NAME, 1, "champion"),
+                      "event_id": f"e{i}",
                       "key": None, "model_name": NAME, "model_version": 1, "model_sha256": sha,
-                      "variant": "champion", "served": True, "label": result.labels[j], "value": result.values[j],
+                      "variant": "champion", "served": True, "label": result.labels[j],
+                      "value": result.values[j],
                       "scores": list(result.scores[j].items()), "features_topic": topics.features,
-                      "features_partition": part, "features_offset": start + j, "event_ts": t, "scored_at": t + 5,
+                      "features_partition": part, "features_offset": start + j, "event_ts": t,
+                      "scored_at": t + 5,
                       "_topic": topics.predictions, "_partition": part, "_offset": start + j}
                      for j, (i, t) in enumerate(zip(chunk, ts, strict=True))]
-            store.write(spec.name, "predictions", topics.predictions, "bench", part, preds, lineage_rows.PREDICTIONS)
+            store.write(spec.name, "predictions", topics.predictions, "bench", part, preds,
+                        lineage_rows.PREDICTIONS)
             # Late labels for a quarter of the events; the served label is right 85 % of the time.
             fb_idx = np.flatnonzero(rng.random(len(chunk)) < 0.25).tolist()
             flip = (rng.random(len(fb_idx)) < 0.15).tolist()
-            fbs = [{"feedback_id": f"f{chunk[j]}", "prediction_id": prediction_id(f"e{chunk[j]}", NAME, 1, "champion"),
-                    "event_id": None, "label": str(1 - int(result.labels[j])) if f else result.labels[j],
-                    "value": None, "verdict": None, "ts": START_MS + chunk[j] + 60_000, "_topic": topics.feedback,
-                    "_partition": part, "_offset": start + j} for j, f in zip(fb_idx, flip, strict=True)]
+            fbs = [{"feedback_id": f"f{chunk[j]}",
+                    "prediction_id": prediction_id(f"e{chunk[j]}", NAME, 1, "champion"),
+                    "event_id": None,
+                    "label": str(1 - int(result.labels[j])) if f else result.labels[j],
+                    "value": None, "verdict": None, "ts": START_MS + chunk[j] + 60_000,
+                    "_topic": topics.feedback, "_partition": part, "_offset": start + j}
+                   for j, f in zip(fb_idx, flip, strict=True)]
             if fbs:
-                store.write(spec.name, "feedback", topics.feedback, "bench", part, fbs, lineage_rows.FEEDBACK)
+                store.write(spec.name, "feedback", topics.feedback, "bench", part, fbs,
+                            lineage_rows.FEEDBACK)
             labeled += len(fbs)
         say(f"  partition {part}: {len(idx)} features + predictions written")
     return labeled
 
 
 def raw_ort_rate(scorer: Scorer, records: list[dict[str, Any]]) -> float:
-    """Events/s of bare ``session.run`` over the prepared matrix, in replay-sized batches (best of 3)."""
+    """Events/s of bare ``session.run`` over the prepared
+    matrix, in replay-sized batches (best of 3)."""
     name = scorer.session.get_inputs()[0].name
     x = scorer.feeds(records)[name]
     best = float("inf")
@@ -154,7 +168,8 @@ def raw_ort_rate(scorer: Scorer, records: list[dict[str, Any]]) -> float:
 
 
 def read_rate(store: LineageStore, pipeline: str) -> float:
-    """Events/s of only reading the audit's rows out of the store (the replay's query, drained, best of 3)."""
+    """Events/s of only reading the audit's rows out of
+    the store (the replay's query, drained, best of 3)."""
     best = float("inf")
     for _ in range(3):
         con = connect(store, pipeline)
@@ -176,7 +191,8 @@ def main() -> None:
     spec = make_spec()
     with tempfile.TemporaryDirectory(prefix="loopline-replay-bench-") as tmp:
         root = Path(tmp)
-        say(f"building a lineage store of {N} events ({FEATURES} features, {PARTITIONS} partitions) in {root}")
+        say(f"building a lineage store of {N} events ({FEATURES} features, {PARTITIONS} "
+            f"partitions) in {root}")
         t0 = time.perf_counter()
         records = features_table(spec, rng)
         reference = records[:2000]
@@ -209,28 +225,34 @@ def main() -> None:
             report = replay_mod.replay(store, state, spec.name, (NAME, 1), progress=progress)
             side = report.sides[0]
             assert report.rows == N and side.logged == N, (report.rows, side.logged)
-            assert side.reproduced == N and side.max_abs_diff == 0.0, (side.reproduced, side.max_abs_diff)
+            assert side.reproduced == N and side.max_abs_diff == 0.0, (side.reproduced,
+                                                                       side.max_abs_diff)
             assert report.labeled == labeled, (report.labeled, labeled)
             say(f"audit: {side.reproduced}/{side.logged} scores reproduced exactly, "
-                f"accuracy {report.metric(side):.3f} on {report.labeled} labeled, {report.events_per_s:,.0f} events/s")
+                f"accuracy {report.metric(side):.3f} on {report.labeled} labeled, "
+                f"{report.events_per_s:,.0f} events/s")
             if audit is None or report.events_per_s > audit.events_per_s:
                 audit = report
         assert audit is not None
 
         say(f"replay {NAME}@1 against {NAME}@2 (backtest)")
-        cmp = replay_mod.replay(store, state, spec.name, (NAME, 1), against=(NAME, 2), progress=progress)
+        cmp = replay_mod.replay(store, state, spec.name, (NAME, 1), against=(NAME, 2),
+                                progress=progress)
         a, b = cmp.sides
         assert cmp.rows == N and a.reproduced == N and b.logged == 0
-        say(f"comparison: agreement {cmp.agreement:.3f}, accuracy v1 {cmp.metric(a):.3f} v2 {cmp.metric(b):.3f}")
+        say(f"comparison: agreement {cmp.agreement:.3f}, accuracy v1 {cmp.metric(a):.3f} v2 "
+            f"{cmp.metric(b):.3f}")
 
         print()
         print(f"{'run':<34}{'events/s':>12}{'vs raw ORT':>12}")
         print(f"{'raw ORT session.run (1 model)':<34}{raw:>12,.0f}{1.0:>12.2f}")
         print(f"{'store read only (DuckDB query)':<34}{read:>12,.0f}{read / raw:>12.3f}")
-        print(f"{'replay audit (1 version)':<34}{audit.events_per_s:>12,.0f}{audit.events_per_s / raw:>12.3f}")
+        print(f"{'replay audit (1 version)':<34}{audit.events_per_s:>12,.0f}"
+              f"{audit.events_per_s / raw:>12.3f}")
         print(f"{'replay v1 against v2 (2 versions)':<34}{cmp.events_per_s:>12,.0f}"
               f"{cmp.events_per_s / (raw / 2):>12.3f}  (limit: raw / 2 models)")
-        print(f"replay audit / store read only: {audit.events_per_s / read:.2f} (near 1: reading the store is the bound; noisy on a shared machine)")
+        print(f"replay audit / store read only: {audit.events_per_s / read:.2f} (near 1: reading "
+              "the store is the bound; noisy on a shared machine)")
         goal = "met" if audit.events_per_s >= 100_000 else "NOT met"
         print(f"goal >= 100,000 events/s for a linear model: {goal}")
 

@@ -35,11 +35,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from loopline.services.monitor.degradation import ErrorWatch
-from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
-from loopline.services.monitor.streams import ColumnWatch
-from loopline.services.monitor.windowed import Thresholds
 from prometheus_client import CollectorRegistry
 from river import drift
 from river.datasets import synth
@@ -48,6 +43,11 @@ from bench import monitor_streams as ms
 from bench.common import add_engine_argument
 from loopline.profile import build_profile
 from loopline.registry import RegistryState, spec_event
+from loopline.services.monitor.degradation import ErrorWatch
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.streams import ColumnWatch
+from loopline.services.monitor.windowed import Thresholds
 from loopline.spec import Monitor, parse_spec
 
 DEFAULTS = Monitor()
@@ -68,7 +68,7 @@ def ar1(rng: np.random.Generator, n: int, phi: float, sd: float = 1.0) -> np.nda
     from scipy.signal import lfilter
 
     e = rng.normal(0, sd * np.sqrt(1 - phi**2), n + 1000)
-    return lfilter([1.0], [1.0, -phi], e)[1000:]  # type: ignore[no-any-return]
+    return lfilter([1.0], [1.0, -phi], e)[1000:]  # type: ignore[no-any-return]  # scipy is untyped
 
 
 def monitor_for(columns: dict[str, list[Any]], reference: int) -> PipelineMonitor:

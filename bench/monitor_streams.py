@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
 from prometheus_client import CollectorRegistry
 
 from loopline.models import validate_model
 from loopline.registry import RegistryState, spec_event
 from loopline.scoring import Scorer
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
 from loopline.spec import PipelineSpec, parse_spec
 
 Rows = list[dict[str, Any]]
@@ -175,9 +175,9 @@ def train_onnx(stream: Stream) -> bytes:
         model: Any = GradientBoostingRegressor(n_estimators=80, max_depth=3, random_state=0).fit(
             x, y
         )
-        return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]
+        return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
     model = GradientBoostingClassifier(n_estimators=80, max_depth=3, random_state=0).fit(x, y)
-    return to_onnx(model, x[:1], options={id(model): {"zipmap": False}}).SerializeToString()  # type: ignore[no-any-return]
+    return to_onnx(model, x[:1], options={id(model): {"zipmap": False}}).SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
 
 
 def registry(spec: PipelineSpec, model: bytes, reference: Rows) -> tuple[RegistryState, Scorer]:

@@ -57,7 +57,7 @@ from bench.inference_bench import Collector, produce_all, say
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore
-from loopline.kafka import AckedProducer, KafkaConfig
+from loopline.kafka import KafkaConfig
 from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.scoring import tabular_features
@@ -70,29 +70,34 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = 5000  # reference records behind both versions' profiles
 
 
-def features_of(rng: np.random.Generator, n: int, shift: float = 0.0) -> dict[str, list]:  # type: ignore[type-arg]
+def features_of(rng: np.random.Generator, n: int,
+                shift: float = 0.0) -> dict[str, list]:  # type: ignore[type-arg]  # any records
     """Columns of n fraud-like events."""
     return {"customer_id": [f"c{i}" for i in rng.integers(0, 1000, n)],
             "amount": np.abs(rng.normal(100 + shift, 50, n)).tolist(),
             "merchant_risk": rng.random(n).tolist(), "hour": rng.integers(0, 24, n).tolist(),
             "country": rng.choice(["DE", "FR", "GB", "NL", "US"], n).tolist(),
             "card_present": (rng.random(n) < 0.7).tolist(),
-            "device_age_days": [None if r < 0.1 else int(d) for r, d in zip(rng.random(n), rng.integers(0, 900, n))]}
+            "device_age_days": [None if r < 0.1 else int(d)
+                                for r, d in zip(rng.random(n), rng.integers(0, 900, n))]}
 
 
-def truth(rng: np.random.Generator, cols: dict[str, list]) -> np.ndarray:  # type: ignore[type-arg]
-    """Ground-truth labels ("0"/"1") of events: fraud likelier for big amounts, risky merchants, card absent."""
+def truth(rng: np.random.Generator,
+          cols: dict[str, list]) -> np.ndarray:  # type: ignore[type-arg]  # any records
+    """Ground-truth labels ("0"/"1") of events: fraud
+    likelier for big amounts, risky merchants, card absent."""
     logit = ((np.asarray(cols["amount"]) - 100) / 40 + 4 * (np.asarray(cols["merchant_risk"]) - 0.7)
              - 1.5 * np.asarray(cols["card_present"], dtype=float))
     return np.where(rng.random(logit.size) < 1 / (1 + np.exp(-logit)), "1", "0")
 
 
-def records_of(cols: dict[str, list]) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+def records_of(cols: dict[str, list]) -> list[dict[str, Any]]:  # type: ignore[type-arg]  # any records
     """Feature records from columns."""
     return [dict(zip(cols, row)) for row in zip(*cols.values())]
 
 
-def train(reference: list[dict[str, Any]], labels: np.ndarray, columns: list[str], c: float) -> bytes:
+def train(reference: list[dict[str, Any]], labels: np.ndarray, columns: list[str],
+          c: float) -> bytes:
     """A logistic regression on the reference records, exported as ONNX (single float input)."""
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
@@ -102,7 +107,8 @@ def train(reference: list[dict[str, Any]], labels: np.ndarray, columns: list[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lr = LogisticRegression(C=c, max_iter=2000).fit(x, labels.astype(int))
-    return to_onnx(lr, x[:1], options={"zipmap": False}).SerializeToString()  # type: ignore[no-any-return]
+    return to_onnx(lr, x[:1],
+                   options={"zipmap": False}).SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
 
 
 def register(kafka: KafkaConfig, spec: PipelineSpec, home: Path, shadow: bool) -> None:
@@ -139,8 +145,10 @@ def write_events(kafka: KafkaConfig, spec: PipelineSpec, n: int) -> np.ndarray:
 def write_feedback(kafka: KafkaConfig, spec: PipelineSpec, labels: np.ndarray) -> int:
     """Feedback (label by event id) for every second event; return how many were written."""
     encode = avro.codec("feedback").encode
-    msgs = [(f"e{i}".encode(), encode({"feedback_id": f"f{i}", "prediction_id": None, "event_id": f"e{i}",
-                                        "label": str(labels[i]), "value": None, "verdict": None, "ts": now_ms()}))
+    msgs = [(f"e{i}".encode(), encode({"feedback_id": f"f{i}", "prediction_id": None,
+                                       "event_id": f"e{i}",
+                                        "label": str(labels[i]), "value": None, "verdict": None,
+                                       "ts": now_ms()}))
             for i in range(0, labels.size, 2)]
     produce_all(kafka, spec.topics.feedback, msgs)
     return len(msgs)
@@ -161,13 +169,15 @@ def run_inference(kafka: KafkaConfig, spec: PipelineSpec, env: dict[str, str], n
     if len(col.arrivals) != expected:
         raise RuntimeError(f"inference wrote {len(col.arrivals)} predictions, expected {expected}")
     rate = n / span_s
-    say(f"inference service: {rate:,.0f} events/s ({n} events, {expected} predictions, scored in {span_s:.2f}s)")
+    say(f"inference service: {rate:,.0f} events/s ({n} events, {expected} predictions, scored in "
+        f"{span_s:.2f}s)")
     return rate
 
 
 def consume_all(kafka: KafkaConfig, topics: list[str], group: str, target: int, batch_size: int,
-                handle=None) -> tuple[float, list[Message]]:  # type: ignore[no-untyped-def]
-    """Consume ``target`` messages (handing each batch to ``handle``); messages/s from the first batch."""
+                handle=None) -> tuple[float, list[Message]]:  # type: ignore[no-untyped-def]  # any batch handler
+    """Consume ``target`` messages (handing each batch
+    to ``handle``); messages/s from the first batch."""
     consumer = kafka.consumer("bench", group)
     consumer.subscribe(topics)
     got: list[Message] = []
@@ -198,7 +208,8 @@ def service(settings: MonitorSettings, state: RegistryState) -> MonitorService:
 
 
 def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: RegistryState, home: Path,
-                    topics: list[str], total: int, events_per_message: float, rounds: int) -> list[list[float]]:
+                    topics: list[str], total: int, events_per_message: float,
+                    rounds: int) -> list[list[float]]:
     """Per round: raw consume and monitor msg/s, handle-only msg per CPU-second."""
     raw, mon, mem = [], [], []
     for r in range(rounds):
@@ -207,7 +218,7 @@ def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: Regist
         svc = service(settings, state)
         alerts: list[dict] = []  # type: ignore[type-arg]
         rate, _ = consume_all(kafka, topics, f"bench-mon-{r}", total, settings.batch_size,
-                              lambda b: alerts.extend(svc.handle(b)))
+                              lambda b: alerts.extend(svc.handle(b)))  # noqa: B023 - called before the loop moves on
         mon.append(rate)
         svc = service(settings, state)
         t0 = time.thread_time()  # CPU of this thread only: robust to other load on the machine
@@ -215,8 +226,9 @@ def measure_monitor(kafka: KafkaConfig, settings: MonitorSettings, state: Regist
             svc.handle(messages[i:i + settings.batch_size])
         mem.append(len(messages) / (time.thread_time() - t0))
         say(f"round {r + 1}: raw consume {raw[-1]:,.0f} msg/s, monitor {mon[-1]:,.0f} msg/s "
-            f"= {mon[-1] * events_per_message:,.0f} ev/s ({mon[-1] / raw[-1]:.0%} of raw), handle only "
-            f"{mem[-1] * events_per_message:,.0f} ev per CPU-second; {len(alerts)} alert events")
+            f"= {mon[-1] * events_per_message:,.0f} ev/s ({mon[-1] / raw[-1]:.0%} of raw), handle "
+            f"only {mem[-1] * events_per_message:,.0f} ev per CPU-second; {len(alerts)} alert "
+            "events")
     return [raw, mon, mem]
 
 
@@ -226,7 +238,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=60_000, help="feature events")
     parser.add_argument("--rounds", type=int, default=3, help="monitor and raw-consume rounds")
     parser.add_argument("--shadow", action="store_true",
-                        help="second version as a shadow scoring every event (2 predictions per event)")
+                        help="second version as a shadow scoring every event (2 predictions per "
+                             "event)")
     add_engine_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -237,9 +250,11 @@ def main() -> None:
         with bench_broker(args.engine, home) as broker:
             settings = broker.settings(MonitorSettings)
             kafka = KafkaConfig.from_settings(settings)
-            spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"name": "benchmon"})
+            spec = load_spec(REPO / "examples" / "fraud.yaml").model_copy(
+                update={"name": "benchmon"})
             apply_spec(kafka, spec)
-            say(f"registering champion + {'shadow' if args.shadow else 'challenger (50 % traffic)'} "
+            say("registering champion + "
+                f"{'shadow' if args.shadow else 'challenger (50 % traffic)'} "
                 "(ONNX logistic regressions, reference profiles)")
             register(kafka, spec, home, args.shadow)
             say(f"writing {n} feature events")
@@ -263,8 +278,10 @@ def main() -> None:
                  f"monitor end-to-end     {e_mon:>9,.0f} ev/s               monitor / inference: "
                  f"{e_mon / inference:.2f}",
                  f"monitor handle only    {e_mem:>9,.0f} ev per CPU-second  monitor / inference: "
-                 f"{e_mem / inference:.2f}  ({1e6 / e_mem:.0f} us per event, {1e6 / mem:.1f} us per message)",
-                 f"monitor vs raw consume {mon:>9,.0f} msg/s              vs {raw:,.0f} msg/s: {mon / raw:.0%}",
+                 f"{e_mem / inference:.2f}  ({1e6 / e_mem:.0f} us per event, {1e6 / mem:.1f} us "
+                 "per message)",
+                 f"monitor vs raw consume {mon:>9,.0f} msg/s              vs {raw:,.0f} msg/s: "
+                 f"{mon / raw:.0%}",
                  f"keeps up with inference on one core: {'yes' if e_mon >= inference else 'no'}"):
         print(f"  {line}", flush=True)
 

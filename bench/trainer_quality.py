@@ -219,7 +219,7 @@ def first_model(kind: str, spec: PipelineSpec, rows: list[Row]) -> bytes:
         target_opset={"": 17, "ai.onnx.ml": 3},
         custom_conversion_functions=custom,
     )
-    return onx.SerializeToString()  # type: ignore[no-any-return]
+    return onx.SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
 
 
 # ---- the pieces around the trainer ---------------------------------------------------------------
@@ -278,7 +278,7 @@ def make_trainer(
     svc = TrainerService.__new__(TrainerService)
     svc.settings = TrainerSettings(home=home, pipelines=[spec.name])
     svc.metrics = TrainerMetrics(CollectorRegistry())
-    svc.reader = Reader(state)  # type: ignore[assignment]
+    svc.reader = Reader(state)  # type: ignore[assignment]  # a stand-in reader
     svc.models = InMemoryRegistry(store, state, "trainer")
     svc.path = home / "trainer.ckpt"
     svc.offsets, svc.states = {}, {spec.name: new_state(spec, svc.settings)}
@@ -426,7 +426,7 @@ def run_stream(
         batch = [msg(t.features, fcodec.encode(e)) for e in events]
         batch += [msg(t.predictions, pcodec.encode(p)) for p in preds]
         batch += [msg(t.feedback, bcodec.encode(f)) for f in fbs]
-        trainer.handle(batch)  # type: ignore[arg-type]
+        trainer.handle(batch)  # type: ignore[arg-type]  # stand-in messages
         alerts = monitor.on_features(
             Batch(events, list(range(len(events))), [0] * len(events), t.features), mmetrics, ts
         )
@@ -442,7 +442,7 @@ def run_stream(
                 for a in alerts
             ]
             encoded = [msg(topics.ALERTS, acodec.encode(a)) for a in alerts]
-            trainer.handle(encoded)  # type: ignore[arg-type]
+            trainer.handle(encoded)  # type: ignore[arg-type]  # stand-in messages
         trainer.act()
         for c in state.stage_changes[stage_seen:]:
             out.stage_events.append((ids[-1], c["version"], c["to_stage"], c["reason"]))

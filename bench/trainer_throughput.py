@@ -28,21 +28,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_argument(parser, uses_broker=False)
     parser.parse_args()
-    spec = parse_spec({"name": "bench", "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
+    spec = parse_spec({"name": "bench",
+                       "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
                        "label": {"classes": ["false", "true"], "positive": "true"}})
     rows = [({f"x{i}": float(v) for i, v in x.items()}, str(y).lower())
             for x, y in datasets.synth.SEA(seed=1).take(N)]
-    fcodec, pcodec, bcodec = avro.Codec(spec.features_schema()), avro.codec("prediction"), avro.codec("feedback")
+    fcodec, pcodec, bcodec = (avro.Codec(spec.features_schema()), avro.codec("prediction"),
+                              avro.codec("feedback"))
     feats, preds, fbs = [], [], []
     for i, (x, y) in enumerate(rows):
         feats.append(fcodec.encode({"event_id": f"e{i}", "key": None, "ts": i, "ingested_at": i,
-                                    "source": {"topic": "raw", "partition": 0, "offset": i}, "features": x}))
-        preds.append(pcodec.encode({"prediction_id": f"p{i}", "event_id": f"e{i}", "key": None, "pipeline": "bench",
-                                    "model_name": "m", "model_version": 1, "model_sha256": "0", "variant": "champion",
+                                    "source": {"topic": "raw", "partition": 0, "offset": i},
+                                    "features": x}))
+        preds.append(pcodec.encode({"prediction_id": f"p{i}", "event_id": f"e{i}", "key": None,
+                                    "pipeline": "bench",
+                                    "model_name": "m", "model_version": 1, "model_sha256": "0",
+                                    "variant": "champion",
                                     "served": True, "label": "true", "value": 0.5, "scores": {},
-                                    "source": {"topic": "f", "partition": 0, "offset": i}, "event_ts": i,
-                                    "scored_at": i}))
-        fbs.append(bcodec.encode({"feedback_id": f"f{i}", "prediction_id": f"p{i}", "event_id": None, "label": y,
+                                    "source": {"topic": "f", "partition": 0, "offset": i},
+                                    "event_ts": i, "scored_at": i}))
+        fbs.append(bcodec.encode({"feedback_id": f"f{i}", "prediction_id": f"p{i}",
+                                  "event_id": None, "label": y,
                                   "value": None, "verdict": None, "ts": i}))
 
     bare = Learner(spec)
@@ -53,7 +59,8 @@ def main() -> None:
         bare.model.learn_one(x, y)
     raw_rate = N / (time.perf_counter() - t0)
 
-    learner, join, holdout = Learner(spec), FeedbackJoin("classification", ["false", "true"], 10**9), Holdout(500)
+    learner, join, holdout = Learner(spec), FeedbackJoin("classification", ["false", "true"],
+                                                         10**9), Holdout(500)
     t0 = time.perf_counter()
     for start in range(0, N, 1000):
         join.advance(start)

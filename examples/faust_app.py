@@ -118,7 +118,7 @@ def create_app(settings: LooplineSettings, example: ExampleSettings) -> faust.Ap
 def main() -> None:
     """Read the settings, build the app and hand the command line to Faust (``worker``, ...)."""
     try:
-        example = ExampleSettings()  # type: ignore[call-arg]
+        example = ExampleSettings()  # type: ignore[call-arg]  # read from the environment
         app = create_app(LooplineSettings(), example)
     except ValidationError as e:  # name the environment variables, not the model fields
         prefix = "LOOPLINE_FAUST_" if e.title == ExampleSettings.__name__ else "LOOPLINE_"

@@ -60,7 +60,8 @@ def payments(n: int, rng: np.random.Generator, seed: int,
 
 def matrix(rows: list[dict[str, Any]], columns: list[str]) -> np.ndarray:
     """The single-input tensor: the numeric and bool features in spec order, float32."""
-    fill = {"device_age_days": 365.0}  # a missing optional value (Loopline fills the reference mean)
+    # a missing optional value (Loopline fills the reference mean)
+    fill = {"device_age_days": 365.0}
     return np.array([[float(r[c]) if r[c] is not None else fill[c] for c in columns]
                      for r in rows], dtype=np.float32)
 
@@ -72,7 +73,7 @@ def export(model: Any, sample: np.ndarray) -> bytes:
     imports = sorted(onx.opset_import, key=lambda o: o.domain)
     del onx.opset_import[:]
     onx.opset_import.extend(imports)
-    return onx.SerializeToString()  # type: ignore[no-any-return]
+    return onx.SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -22,10 +22,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-
-from sklearn.linear_model import LogisticRegression
-
 from fraud_model import export  # the same export, the same bytes every run
+from sklearn.linear_model import LogisticRegression
 
 from loopline.scoring import tabular_features
 from loopline.spec import load_spec

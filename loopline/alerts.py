@@ -19,7 +19,8 @@ def alert_event(pipeline: str, signal: str, message: str, *,
                 state: Literal["raised", "resolved"] = "raised",
                 severity: Literal["warning", "alert"] = "alert", episode: str = "",
                 at: int | None = None, **fields: Any) -> dict[str, Any]:
-    """Build an alert record; ``episode`` (e.g. a first offset) makes ``alert_id`` stable across retries.
+    """Build an alert record; ``episode`` (e.g. a first offset) makes ``alert_id`` stable across
+    retries.
 
     ``fields`` are the optional columns of the schema (schemas/alert.avsc): what (model_name,
     model_version, feature, detector), how much (statistic, threshold, reference_value,
@@ -32,7 +33,8 @@ def alert_event(pipeline: str, signal: str, message: str, *,
     if unknown:
         raise TypeError(f"unknown alert field(s): {sorted(unknown)}")
     at = now_ms() if at is None else at
-    identity = "|".join(str(x) for x in (pipeline, signal, fields.get("model_name"), fields.get("model_version"),
+    identity = "|".join(str(x) for x in (pipeline, signal, fields.get("model_name"),
+                                         fields.get("model_version"),
                                          fields.get("feature"), fields.get("detector"), state,
                                          episode or at))
     return {

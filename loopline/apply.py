@@ -30,7 +30,8 @@ class ApplyResult:
 
 
 def ensure_global_topics(kafka: KafkaConfig) -> list[str]:
-    """Create ``loopline.models`` (compacted), ``loopline.alerts`` and ``loopline.deadletter`` if missing."""
+    """Create ``loopline.models`` (compacted),
+    ``loopline.alerts`` and ``loopline.deadletter`` if missing."""
     return ensure_topics(kafka.admin(), list(GLOBAL_TOPICS), kafka.settings.replication_factor)
 
 

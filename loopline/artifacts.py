@@ -25,23 +25,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pydantic import Field
-
-from loopline.errors import LooplineError
+from loopline.errors import ArtifactError
 from loopline.settings import ARTIFACT_MAX_BYTES, LooplineSettings
 
 #: Largest artifact read or stored unless configured otherwise (``LOOPLINE_ARTIFACT_MAX_BYTES``).
 DEFAULT_MAX_BYTES = ARTIFACT_MAX_BYTES
 CHUNK_BYTES = 1024 * 1024
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ArtifactError(LooplineError):
-    """An artifact is missing, unreadable, too large, not a regular file, or fails its sha256."""
-
-    def __init__(self, message: str, rule: str = "readable") -> None:
-        self.rule = rule
-        super().__init__(message)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -63,7 +53,7 @@ def check_sha256(value: object) -> str:
 
 def _s3_client() -> Any:
     try:
-        import boto3  # noqa: PLC0415 - optional dependency, only for s3:// stores
+        import boto3  # optional dependency, only for s3:// stores
     except ImportError as e:
         raise ArtifactError("s3:// artifact stores need boto3: pip install boto3") from e
     return boto3.client("s3")
@@ -145,7 +135,7 @@ def _read_s3(bucket: str, key: str, sha256: str, max_bytes: int) -> bytes:
     client = _s3_client()
     try:
         obj = client.get_object(Bucket=bucket, Key=key)
-    except Exception as e:  # noqa: BLE001 - botocore raises many kinds
+    except Exception as e:  # botocore raises many kinds
         code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code")
         if code in ("NoSuchKey", "404", "NotFound"):
             raise ArtifactError(f"artifact {sha256[:16]}... is not in the artifact store "
@@ -169,7 +159,7 @@ def _read_s3(bucket: str, key: str, sha256: str, max_bytes: int) -> bytes:
             return _checked(chunks(), where, sha256, max_bytes)
         except ArtifactError:
             raise
-        except Exception as e:  # noqa: BLE001 - botocore streaming errors
+        except Exception as e:  # botocore streaming errors
             raise ArtifactError(f"could not read artifact {where}: {type(e).__name__}: {e} "
                                 "(rule: readable)") from e
     finally:
@@ -228,7 +218,7 @@ class ArtifactStore:
                 _s3_client().put_object(Bucket=bucket, Key=key, Body=data)
             except ArtifactError:
                 raise
-            except Exception as e:  # noqa: BLE001 - botocore raises many kinds
+            except Exception as e:  # botocore raises many kinds
                 raise ArtifactError(f"could not write s3://{bucket}/{key}: {e}") from e
             return digest, f"s3://{bucket}/{key}"
         folder = self._folder().resolve()

@@ -102,9 +102,9 @@ def _pytype(schema: Any, build: Callable[[dict[str, Any]], type[faust.Record]]) 
         if kind == "record":
             return build(schema)
         if kind == "map":
-            return dict[str, _pytype(schema["values"], build)]  # type: ignore[misc]
+            return dict[str, _pytype(schema["values"], build)]  # type: ignore[misc]  # a type built at run time
         if kind == "array":
-            return list[_pytype(schema["items"], build)]  # type: ignore[misc]
+            return list[_pytype(schema["items"], build)]  # type: ignore[misc]  # a type built at run time
         return _pytype(kind, build) if kind not in _PY_TYPES else _PY_TYPES[kind]
     return _PY_TYPES.get(schema, Any)
 
@@ -247,7 +247,7 @@ class AvroCodec(faust.Codec):
         return self.codec.decode(s)
 
 
-class LooplineSchema(faust.Schema):
+class LooplineSchema(faust.Schema[str, Any]):
     """Faust schema of a Loopline topic: str keys, records decoded with the message's metadata.
 
     Decoding here rather than in the codec gives it the topic, partition and timestamp, which JSON

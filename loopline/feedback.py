@@ -1,7 +1,7 @@
 """Feedback records (schemas/feedback.avsc), sent as Avro or as JSON by any client, decoded one way.
 
-JSON form: ``{"feedback_id"?, "prediction_id"?, "event_id"?, "label"?, "value"?, "verdict"?, "ts"?}``
-with at least one of prediction_id/event_id and one of label/value/verdict. Without a
+JSON form: ``{"feedback_id"?, "prediction_id"?, "event_id"?, "label"?, "value"?, "verdict"?,
+"ts"?}`` with at least one of prediction_id/event_id and one of label/value/verdict. Without a
 ``feedback_id`` one is derived from the message itself (topic, partition, Kafka timestamp and the
 bytes), never from its offset, so re-reading the same message gives the same id while a broker
 that restarted empty (offsets from 0 again) cannot make a new message look like an old one.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from loopline import avro
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, SchemaError
 from loopline.observability import bounded
 
 if TYPE_CHECKING:
@@ -36,44 +36,45 @@ MAX_BYTES = 64 * 1024
 MAX_ID_CHARS = 256
 
 
-class FeedbackError(LooplineError):
-    """A feedback message breaks a rule; ``field`` and ``rule`` say which."""
-
-    def __init__(self, field: str | None, rule: str, message: str) -> None:
-        self.field, self.rule = field, rule
-        super().__init__(message)
-
-
 def derived_id(topic: str, partition: int, timestamp_ms: int | None, data: bytes) -> str:
-    """The feedback_id of a message that did not carry one: the same for every read of that message."""
+    """The feedback_id of a message that did not carry
+    one: the same for every read of that message."""
     digest = hashlib.sha256(data).hexdigest()
     return str(uuid.uuid5(_NAMESPACE, f"{topic}:{partition}:{timestamp_ms}:{digest}"))
 
 
 def check(record: dict[str, Any], classes: list[str] | None = None) -> dict[str, Any]:
-    """Validate a feedback record; return it, or raise :class:`FeedbackError` naming field and rule."""
+    """Validate a feedback record; return it, or raise
+    :class:`FeedbackError` naming field and rule."""
     if not record.get("prediction_id") and not record.get("event_id"):
-        raise FeedbackError("prediction_id", "required", "feedback needs a prediction_id or an event_id")
-    if record.get("label") is None and record.get("value") is None and record.get("verdict") is None:
+        raise FeedbackError("prediction_id", "required",
+                            "feedback needs a prediction_id or an event_id")
+    if all(record.get(k) is None for k in ("label", "value", "verdict")):
         raise FeedbackError("label", "required", "feedback needs a label, a value or a verdict")
     for name in ("feedback_id", "prediction_id", "event_id", "label"):
         if record.get(name) is not None and not isinstance(record[name], str):
-            raise FeedbackError(name, "type", f"{name} must be a string, got {type(record[name]).__name__}")
+            raise FeedbackError(name, "type",
+                                f"{name} must be a string, got {type(record[name]).__name__}")
         if record.get(name) is not None and len(record[name]) > MAX_ID_CHARS:
             raise FeedbackError(name, "size", f"{name} is {len(record[name])} characters; at most "
                                 f"{MAX_ID_CHARS} (ids and class names are short)")
     value = record.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
-        raise FeedbackError("value", "type", f"value must be a finite number, got {bounded(value, 60)}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not math.isfinite(value)):
+        raise FeedbackError("value", "type",
+                            f"value must be a finite number, got {bounded(value, 60)}")
     if record.get("verdict") is not None and record["verdict"] not in VERDICTS:
         raise FeedbackError("verdict", "values",
-                            f"verdict must be one of {', '.join(VERDICTS)}, got {bounded(record['verdict'], 60)}")
+                            f"verdict must be one of {', '.join(VERDICTS)}, got "
+                            f"{bounded(record['verdict'], 60)}")
     if classes and record.get("label") is not None and record["label"] not in classes:
         raise FeedbackError("label", "values",
-                            f"label {bounded(record['label'], 60)} is not one of the classes {classes}")
+                            f"label {bounded(record['label'], 60)} is not one of the classes "
+                            f"{classes}")
     ts = record.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-        raise FeedbackError("ts", "timestamp", f"ts must be epoch milliseconds, got {bounded(ts, 60)}")
+        raise FeedbackError("ts", "timestamp",
+                            f"ts must be epoch milliseconds, got {bounded(ts, 60)}")
     return record
 
 
@@ -82,19 +83,23 @@ def make(*, prediction_id: str | None = None, event_id: str | None = None, label
          ts: int | None = None, classes: list[str] | None = None) -> dict[str, Any]:
     """Build and validate a feedback record (a new random feedback_id unless given)."""
     return check({"feedback_id": feedback_id or str(uuid.uuid4()), "prediction_id": prediction_id,
-                  "event_id": event_id, "label": label, "value": None if value is None else float(value),
-                  "verdict": verdict, "ts": time.time_ns() // 1_000_000 if ts is None else ts}, classes)
+                  "event_id": event_id, "label": label,
+                  "value": None if value is None else float(value),
+                  "verdict": verdict, "ts": time.time_ns() // 1_000_000 if ts is None else ts},
+                 classes)
 
 
 def decode(data: bytes | None, topic: str, partition: int, timestamp_ms: int | None = None,
            classes: list[str] | None = None) -> dict[str, Any]:
     """Decode an Avro or JSON feedback message; raise :class:`FeedbackError` if it is not valid."""
     if data is None:
-        raise FeedbackError(None, "tombstone", "null message value (a tombstone): there is no feedback in it")
+        raise FeedbackError(None, "tombstone",
+                            "null message value (a tombstone): there is no feedback in it")
     if not data:
         raise FeedbackError(None, "empty", "empty feedback message")
     if len(data) > MAX_BYTES:
-        raise FeedbackError(None, "size", f"feedback message is {len(data)} bytes; at most {MAX_BYTES}")
+        raise FeedbackError(None, "size",
+                            f"feedback message is {len(data)} bytes; at most {MAX_BYTES}")
     if data[:2] == avro.MAGIC:
         try:
             return check(avro.codec("feedback").decode(data), classes)
@@ -103,13 +108,17 @@ def decode(data: bytes | None, topic: str, partition: int, timestamp_ms: int | N
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise FeedbackError(None, "json", f"feedback is neither Avro nor valid JSON: {bounded(str(e), 120)}") from None
+        raise FeedbackError(
+            None, "json", f"feedback is neither Avro nor valid JSON: {bounded(str(e), 120)}"
+        ) from None
     if not isinstance(doc, dict):
-        raise FeedbackError(None, "type", f"feedback JSON must be an object, got {type(doc).__name__}")
+        raise FeedbackError(None, "type",
+                            f"feedback JSON must be an object, got {type(doc).__name__}")
     unknown = sorted(set(doc) - _FIELDS)
     if unknown:
         raise FeedbackError(bounded(unknown[0], 60), "unknown_field",
-                            f"unknown feedback field {bounded(unknown[0], 60)}; fields are {', '.join(sorted(_FIELDS))}")
+                            f"unknown feedback field {bounded(unknown[0], 60)}; fields are "
+                            f"{', '.join(sorted(_FIELDS))}")
     label = doc.get("label")
     record = {
         "feedback_id": doc.get("feedback_id") or derived_id(topic, partition, timestamp_ms, data),
@@ -131,12 +140,14 @@ def decode_each(messages: Sequence[Message], classes: list[str] | None = None
     for m, data, read in zip(messages, values, avro.codec("feedback").decode_each(values)):
         try:
             if data is not None and len(data) > MAX_BYTES:
-                raise FeedbackError(None, "size", f"feedback message is {len(data)} bytes; at most {MAX_BYTES}")
+                raise FeedbackError(None, "size",
+                                    f"feedback message is {len(data)} bytes; at most {MAX_BYTES}")
             if isinstance(read, SchemaError):
                 if data and data[:2] == avro.MAGIC:
                     raise FeedbackError(None, "avro", str(read))
                 kind, ts = m.timestamp()
-                out.append(decode(data, m.topic(), m.partition(), ts if kind and ts >= 0 else None, classes))
+                out.append(decode(data, m.topic(), m.partition(), ts if kind and ts >= 0 else None,
+                                  classes))
             else:
                 out.append(check(read, classes))
         except FeedbackError as e:

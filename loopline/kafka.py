@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,13 +143,15 @@ class TopicSpec:
 
 def ensure_topics(admin: AdminClient, topics: Sequence[TopicSpec], replication_factor: int = 1,
                   timeout_s: float = 30.0) -> list[str]:
-    """Create the topics that do not exist yet and wait until all are visible; return the new ones."""
+    """Create the topics that do not exist yet and
+    wait until all are visible; return the new ones."""
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     missing = [t for t in topics if t.name not in existing]
     created: list[str] = []
     if missing:
         futures = admin.create_topics(
-            [NewTopic(t.name, t.partitions, replication_factor, config=dict(t.config)) for t in missing],
+            [NewTopic(t.name, t.partitions, replication_factor, config=dict(t.config))
+             for t in missing],
             operation_timeout=timeout_s, request_timeout=timeout_s,
         )
         for name, future in futures.items():
@@ -163,11 +165,13 @@ def ensure_topics(admin: AdminClient, topics: Sequence[TopicSpec], replication_f
     wanted = {t.name for t in topics}
     while True:
         metadata = admin.list_topics(timeout=timeout_s).topics
-        ready = {n for n in wanted if n in metadata and metadata[n].partitions and metadata[n].error is None}
+        ready = {n for n in wanted if n in metadata and metadata[n].partitions
+                 and metadata[n].error is None}
         if ready == wanted:
             return created
         if time.monotonic() > deadline:
-            raise LooplineError(f"topics not visible after {timeout_s:.0f}s: {sorted(wanted - ready)}")
+            raise LooplineError(f"topics not visible after {timeout_s:.0f}s: "
+                                f"{sorted(wanted - ready)}")
         time.sleep(0.1)
 
 
@@ -216,7 +220,8 @@ _MOMENTARY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILAB
               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT)
 
 
-def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float = 10.0) -> tuple[int, int]:
+def watermarks(consumer: Consumer, topic: str, partition: int,
+               timeout_s: float = 10.0) -> tuple[int, int]:
     """(low, high) offsets of a partition; a retriable answer (a broker that just started, or a
     partition whose leader moves: "not leader") is asked again until ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -245,7 +250,8 @@ def read_to(consumer: Consumer, topic: str, partition: int, last_read: int, high
     if last_read + 1 >= high:
         return True
     (tp,) = consumer.position([TopicPartition(topic, partition)])
-    return tp.offset >= high
+    position: int = tp.offset
+    return position >= high
 
 
 def release_producer(producer: Producer) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from loopline.errors import LooplineError
+from loopline.errors import ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ PREFIX = "profile."
 #: Wall time the child may spend timing each model, per batch size (seconds).
 BUDGET_S = 0.3
 _CHILD_TIMEOUT_S = 120.0
-
-
-class ProfileError(LooplineError):
-    """A model could not be measured; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +187,7 @@ def measure(subjects: Sequence[Subject], budget_s: float = BUDGET_S) -> list[dic
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         raise ProfileError(f"the measuring process failed: {tail[0][:300]}")
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
+    return json.loads(done.stdout)  # type: ignore[no-any-return]  # JSON is Any
 
 
 def profile_of(

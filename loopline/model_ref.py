@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loopline.errors import LooplineError
+from loopline.errors import ModelRefError
 from loopline.topics import valid_name
 
 if TYPE_CHECKING:
@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 #: The aliases: a serving stage names whichever version holds it now.
 ALIASES = ("champion", "challenger", "shadow", "canary")
 _FORMS = "NAME/VERSION (fraud/2), NAME@ALIAS (fraud@champion; aliases: " + ", ".join(ALIASES) + ")"
-
-
-class ModelRefError(LooplineError):
-    """A model reference does not parse, or names no version of the registry."""
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,19 @@ import orjson
 from loopline import avro, model_profile, topics
 from loopline import profile as profiles
 from loopline.artifacts import ArtifactStore, sha256_hex
-from loopline.errors import LooplineError
+from loopline.errors import LooplineError, RegistrationError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.registry import (SERVING, STAGES, TRAFFIC_STAGES, RegistryReader, RegistryState,
-                               model_version_key, now_ms, publish, stage_change_key)
+from loopline.registry import (
+    SERVING,
+    STAGES,
+    TRAFFIC_STAGES,
+    RegistryReader,
+    RegistryState,
+    model_version_key,
+    now_ms,
+    publish,
+    stage_change_key,
+)
 from loopline.registry_rules import traffic_problem
 from loopline.spec import PipelineSpec
 from loopline.topics import check_model_name, check_pipeline_name
@@ -44,13 +53,10 @@ log = logging.getLogger(__name__)
 TRIAL_ROWS = 512
 
 
-class RegistrationError(LooplineError):
-    """A model version cannot be registered or changed; the message names the rule."""
-
-
 @dataclass(frozen=True)
 class Lineage:
-    """Where a trained version came from: what triggered it, the data it learned, how it was judged."""
+    """Where a trained version came from: what triggered
+    it, the data it learned, how it was judged."""
 
     trigger: str | None = None
     training_ranges: Sequence[Mapping[str, Any]] = ()
@@ -64,7 +70,8 @@ class NewVersion:
 
     name: str | None = None  # default: the pipeline's name
     stage: str = "champion"
-    traffic: float | None = None  # default: the canary fraction for a canary, 1 for a champion, else 0
+    # default: the canary fraction for a canary, 1 for a champion, else 0
+    traffic: float | None = None
     reference: Sequence[Mapping[str, Any]] | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     expected_sha256: str | None = None
@@ -124,20 +131,22 @@ def _convert(value: Any, ftype: str, name: str, row: int) -> Any:
                                 f"{ftype} (rule: type)") from e
 
 
-def load_reference(path: str | Path, spec: PipelineSpec, limit: int = 100_000) -> list[dict[str, Any]]:
+def load_reference(path: str | Path, spec: PipelineSpec,
+                   limit: int = 100_000) -> list[dict[str, Any]]:
     """Read reference feature records from CSV or Parquet, typed by the spec."""
     path = Path(path)
     if not path.exists():
         raise RegistrationError(f"reference data {path}: file not found")
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
-            import pyarrow.parquet as pq  # noqa: PLC0415 - optional dependency
+            import pyarrow.parquet as pq  # optional dependency
         except ImportError as e:
-            raise RegistrationError("Parquet reference data needs pyarrow: pip install pyarrow") from e
+            raise RegistrationError(
+                "Parquet reference data needs pyarrow: pip install pyarrow") from e
         raw = pq.read_table(path).slice(0, limit).to_pylist()
     else:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
             raw = [r for _, r in zip(range(limit), reader)]
     if not raw:
         raise RegistrationError(f"reference data {path}: no rows")
@@ -146,18 +155,21 @@ def load_reference(path: str | Path, spec: PipelineSpec, limit: int = 100_000) -
         rec = {}
         for f in spec.features:
             if f.name not in r:
-                raise RegistrationError(f"reference data {path}: no column {f.name!r} (rule: has_feature)")
+                raise RegistrationError(f"reference data {path}: no column {f.name!r} (rule: "
+                                        "has_feature)")
             v = _convert(r[f.name], f.type, f.name, i)
             if v is None and f.required:
-                raise RegistrationError(f"reference data {path} row {i}: required feature {f.name!r} "
-                                        "is empty (rule: required)")
+                raise RegistrationError(f"reference data {path} row {i}: required feature "
+                                        f"{f.name!r} is empty (rule: required)")
             rec[f.name] = v
         records.append(rec)
     return records
 
 
-def fill_values(spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
-    """Imputation values for optional numeric/bool features: reference mean, else mid-range, else 0."""
+def fill_values(spec: PipelineSpec,
+                reference: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
+    """Imputation values for optional numeric/bool
+    features: reference mean, else mid-range, else 0."""
     out: dict[str, float] = {}
     for f in spec.features:
         if f.required or f.type == "string":
@@ -183,21 +195,23 @@ def library_versions(model: bytes | None = None) -> dict[str, str]:
             continue
     if model is not None:
         try:
-            import onnx  # noqa: PLC0415
+            import onnx
 
             proto = onnx.load_model_from_string(model)
             if proto.producer_name:
                 out["producer"] = f"{proto.producer_name} {proto.producer_version}".strip()
-            out["opset"] = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in proto.opset_import)
-        except Exception:  # noqa: BLE001 - informational only
+            out["opset"] = ",".join(f"{o.domain or 'ai.onnx'}:{o.version}"
+                                    for o in proto.opset_import)
+        except Exception:  # noqa: BLE001,S110 - informational only: no producer, no opset
             pass
     return out
 
 
 def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | None,
                    label: str = "model") -> Validated:
-    """Load ``model`` in ONNX Runtime, check its contract, score a test batch; raise if anything fails."""
-    from loopline.scoring import Scorer, synthetic_batch  # noqa: PLC0415 - see TYPE_CHECKING
+    """Load ``model`` in ONNX Runtime, check its contract,
+    score a test batch; raise if anything fails."""
+    from loopline.scoring import Scorer, synthetic_batch  # see TYPE_CHECKING
 
     fills = fill_values(spec, reference)
     scorer = Scorer(model, spec, fills, label=label)
@@ -206,7 +220,7 @@ def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping
         result = scorer.score(batch)
     except LooplineError:
         raise
-    except Exception as e:  # noqa: BLE001 - ORT run errors
+    except Exception as e:  # ORT run errors
         raise RegistrationError(f"{label}: scoring a test batch of {len(batch)} row(s) failed: {e} "
                                 "(rule: scores)") from e
     values = result.raw_scores
@@ -217,7 +231,8 @@ def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping
     if result.scores is not None:
         for row in result.scores:
             if not all(np.isfinite(v) for v in row.values()):
-                raise RegistrationError(f"{label}: a class score is NaN or inf (rule: finite_output)")
+                raise RegistrationError(f"{label}: a class score is NaN or inf (rule: "
+                                        "finite_output)")
     classes = spec.label.classes
     if classes and result.labels is not None:
         unknown = sorted(set(result.labels) - set(classes))
@@ -233,8 +248,8 @@ def validate_model(model: bytes, spec: PipelineSpec, reference: Sequence[Mapping
         if values is not None:
             outputs["score"] = values
         prof = profiles.build_profile(columns, {f.name: f.type for f in spec.features}, outputs)
-    columns = scorer.columns if scorer.single else []
-    return Validated(len(batch), prof, fills, library_versions(model), columns, scorer)
+    input_columns = scorer.columns if scorer.single else []
+    return Validated(len(batch), prof, fills, library_versions(model), input_columns, scorer)
 
 
 # ---- side by side with the deployment -----------------------------------------------------------
@@ -244,7 +259,7 @@ def trial_batch(spec: PipelineSpec, reference: Sequence[Mapping[str, Any]] | Non
 
     Inference meets events without their optional features every day; a version must score them.
     """
-    from loopline.scoring import synthetic_batch  # noqa: PLC0415 - see TYPE_CHECKING
+    from loopline.scoring import synthetic_batch  # see TYPE_CHECKING
 
     batch = [dict(r) for r in (list(reference)[:rows] if reference else synthetic_batch(spec, 64))]
     optional = [f.name for f in spec.features if not f.required]
@@ -296,13 +311,15 @@ def versions_of(state: RegistryState, pipeline: str) -> list[dict[str, Any]]:
 
 
 def stage_order(state: RegistryState, pipeline: str) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per version, when its stage was last set (event time, then registry order): later wins a tie."""
+    """Per version, when its stage was last set (event
+    time, then registry order): later wins a tie."""
     order: dict[tuple[str, int], tuple[int, int]] = {}
     for v in versions_of(state, pipeline):
         order[(v["name"], v["version"])] = (v["at"], -1)
     for i, c in enumerate(state.stage_changes):
         if c["pipeline"] == pipeline:
-            order[(c["name"], c["version"])] = max(order.get((c["name"], c["version"]), (0, -1)), (c["at"], i))
+            order[(c["name"], c["version"])] = max(order.get((c["name"], c["version"]), (0, -1)),
+                                                   (c["at"], i))
     return order
 
 
@@ -318,13 +335,16 @@ def stage_history(state: RegistryState, pipeline: str) -> list[dict[str, Any]]:
     return [c for c in state.stage_changes if c["pipeline"] == pipeline]
 
 
-def serving_at(state: RegistryState, pipeline: str, at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
+def serving_at(state: RegistryState, pipeline: str,
+               at_ms: int) -> dict[tuple[str, int], tuple[str, float]]:
     """Which versions held a serving stage at ``at_ms``: (name, version) -> (stage, traffic)."""
     return {k: s for k, s in state.deployment_at(pipeline, at_ms).items() if s[0] in SERVING}
 
 
-def previous_champion(state: RegistryState, pipeline: str, current: tuple[str, int]) -> dict[str, Any] | None:
-    """The most recent earlier champion of ``pipeline`` other than ``current`` that was not rejected."""
+def previous_champion(state: RegistryState, pipeline: str,
+                      current: tuple[str, int]) -> dict[str, Any] | None:
+    """The most recent earlier champion of ``pipeline``
+    other than ``current`` that was not rejected."""
     for c in reversed(stage_history(state, pipeline)):
         k = (c["name"], c["version"])
         if c["to_stage"] == "champion" and k != current:
@@ -336,16 +356,19 @@ def previous_champion(state: RegistryState, pipeline: str, current: tuple[str, i
 
 def isolation_events(state: RegistryState, pipeline: str, name: str, version: int, reason: str,
                      actor: str) -> list[tuple[bytes, dict[str, Any]]]:
-    """Registry events that take a failing version out of service: rejected; a champion is rolled back."""
+    """Registry events that take a failing version out
+    of service: rejected; a champion is rolled back."""
     v = state.versions.get((pipeline, name, version))
     if v is None or v["stage"] not in SERVING:
         return []
     events = [_stage_event(pipeline, name, version, v["stage"], "rejected", 0.0, reason, actor)]
     if v["stage"] == "champion":
         previous = previous_champion(state, pipeline, (name, version))
-        if previous is not None:  # the replacement's event goes first: readers always see a champion
-            events.insert(0, _stage_event(pipeline, previous["name"], previous["version"], previous["stage"],
-                                          "champion", 1.0, f"automatic rollback: {reason}", actor))
+        # the replacement's event goes first: readers always see a champion
+        if previous is not None:
+            events.insert(0, _stage_event(pipeline, previous["name"], previous["version"],
+                                          previous["stage"], "champion", 1.0,
+                                          f"automatic rollback: {reason}", actor))
     return events
 
 
@@ -368,9 +391,11 @@ def _check_traffic(state: RegistryState, pipeline: str, name: str, version: int,
 
 def _stage_event(pipeline: str, name: str, version: int, from_stage: str | None, to_stage: str,
                  traffic: float, reason: str, actor: str) -> tuple[bytes, dict[str, Any]]:
-    event = {"kind": "stage_change", "pipeline": pipeline, "at": now_ms(), "spec": None, "model": None,
+    event = {"kind": "stage_change", "pipeline": pipeline, "at": now_ms(), "spec": None,
+             "model": None,
              "stage_change": {"name": name, "version": version, "from_stage": from_stage,
-                              "to_stage": to_stage, "traffic": traffic, "reason": reason, "actor": actor}}
+                              "to_stage": to_stage, "traffic": traffic, "reason": reason,
+                              "actor": actor}}
     return stage_change_key(pipeline, name, version), event
 
 
@@ -402,7 +427,7 @@ class ModelRegistry:
     def _deployed(self, state: RegistryState, pipeline: str,
                   spec: PipelineSpec) -> tuple[list[tuple[str, str, Scorer]], list[TrialResult]]:
         """The pipeline's serving versions loaded from the store, and those that would not load."""
-        from loopline.scoring import Scorer  # noqa: PLC0415 - see TYPE_CHECKING
+        from loopline.scoring import Scorer  # see TYPE_CHECKING
 
         loaded: list[tuple[str, str, Scorer]] = []
         failed: list[TrialResult] = []
@@ -458,7 +483,8 @@ class ModelRegistry:
             producer.send(topics.MODELS, codec.encode(event), key=key)
         publish(producer, *events[-1])  # confirms everything queued so far
 
-    def register(self, pipeline: str, model: bytes, new: NewVersion | None = None) -> dict[str, Any]:
+    def register(self, pipeline: str, model: bytes,
+                 new: NewVersion | None = None) -> dict[str, Any]:
         """Validate ``model`` beside the deployment, store it, publish it; return the record.
 
         The version is refused (:class:`RegistrationError` naming the rule) unless it loads, fits
@@ -502,28 +528,35 @@ class ModelRegistry:
                   "traffic": traffic, "parent": parent, "created_at": now_ms(),
                   "library_versions": {**checked.library_versions, **new.library_versions},
                   "metrics": {**new.metrics, **measured},
-                  "reference_profile_json": orjson.dumps(checked.profile).decode() if checked.profile else None,
-                  "training_ranges": [dict(r) for r in lineage.training_ranges], "trigger": lineage.trigger,
-                  "scorecard_json": orjson.dumps(lineage.scorecard, option=orjson.OPT_SORT_KEYS).decode()
+                  "reference_profile_json": orjson.dumps(checked.profile).decode()
+                  if checked.profile else None,
+                  "training_ranges": [dict(r) for r in lineage.training_ranges],
+                  "trigger": lineage.trigger,
+                  "scorecard_json": orjson.dumps(lineage.scorecard,
+                                                 option=orjson.OPT_SORT_KEYS).decode()
                   if lineage.scorecard else None,
                   "fill_values": checked.fill_values, "input_features": checked.input_features}
         events = [(model_version_key(pipeline, name, version),
-                   {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"], "spec": None,
-                    "model": record, "stage_change": None})]
+                   {"kind": "model_version", "pipeline": pipeline, "at": record["created_at"],
+                    "spec": None, "model": record, "stage_change": None})]
         # A trained version's registration says why it was made and how it was judged, so that
         # `models list --history` tells the whole story (the full scorecard is on the version).
         summary = (lineage.scorecard or {}).get("summary")
         reason = f"registered: {summary}"[:1000] if summary else "registered"
-        events.append(_stage_event(pipeline, name, version, None, stage, traffic, reason, self.actor))
+        events.append(_stage_event(pipeline, name, version, None, stage, traffic, reason,
+                                   self.actor))
         if stage == "champion" and current is not None:
-            events.append(_stage_event(pipeline, current["name"], current["version"], "champion", "retired",
+            events.append(_stage_event(pipeline, current["name"], current["version"], "champion",
+                                       "retired",
                                        0.0, f"replaced by {name} v{version}", self.actor))
         self._publish(events)
         return record
 
-    def promote(self, pipeline: str, version: int, *, name: str | None = None, to_stage: str = "champion",
+    def promote(self, pipeline: str, version: int, *, name: str | None = None,
+                to_stage: str = "champion",
                 traffic: float | None = None, reason: str = "promoted") -> dict[str, Any]:
-        """Move a version to ``to_stage`` (a new champion retires the old one); return the stage change."""
+        """Move a version to ``to_stage`` (a new champion
+        retires the old one); return the stage change."""
         check_pipeline_name(pipeline)
         name = check_model_name(name or pipeline)
         state = self.state()
@@ -532,20 +565,26 @@ class ModelRegistry:
         if v is None:
             raise RegistrationError(f"pipeline {pipeline}: no model {name!r} version {version}")
         if traffic is None:
-            traffic = 1.0 if to_stage == "champion" else (v["traffic"] if to_stage in TRAFFIC_STAGES else 0.0)
+            traffic = (1.0 if to_stage == "champion"
+                       else v["traffic"] if to_stage in TRAFFIC_STAGES else 0.0)
         _check_traffic(state, pipeline, name, version, to_stage, traffic)
         current = champion(state, pipeline)
         # The target's event goes first: a reader that sees only it still finds one champion,
         # because the most recent stage event wins a tie (see champion()).
-        events = [_stage_event(pipeline, name, version, v["stage"], to_stage, traffic, reason, self.actor)]
-        if to_stage == "champion" and current is not None and (current["name"], current["version"]) != (name, version):
-            events.append(_stage_event(pipeline, current["name"], current["version"], "champion", "retired",
-                                       0.0, f"replaced by {name} v{version}", self.actor))
+        events = [_stage_event(pipeline, name, version, v["stage"], to_stage, traffic, reason,
+                               self.actor)]
+        if (to_stage == "champion" and current is not None
+                and (current["name"], current["version"]) != (name, version)):
+            events.append(_stage_event(pipeline, current["name"], current["version"], "champion",
+                                       "retired", 0.0, f"replaced by {name} v{version}",
+                                       self.actor))
         self._publish(events)
-        return events[0][1]["stage_change"]  # type: ignore[no-any-return]
+        return events[0][1]["stage_change"]  # type: ignore[no-any-return]  # a decoded record
 
-    def rollback(self, pipeline: str, reason: str = "rolled back") -> tuple[dict[str, Any], dict[str, Any]]:
-        """Make the previous champion champion again and reject the current one; return (old, new)."""
+    def rollback(self, pipeline: str,
+                 reason: str = "rolled back") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Make the previous champion champion again and
+        reject the current one; return (old, new)."""
         check_pipeline_name(pipeline)
         state = self.state()
         self._spec(state, pipeline)
@@ -554,11 +593,11 @@ class ModelRegistry:
             raise RegistrationError(f"pipeline {pipeline}: no champion to roll back")
         previous = previous_champion(state, pipeline, (current["name"], current["version"]))
         if previous is None:
-            raise RegistrationError(f"pipeline {pipeline}: {current['name']} v{current['version']} has no "
-                                    "earlier champion to roll back to")
+            raise RegistrationError(f"pipeline {pipeline}: {current['name']} v{current['version']} "
+                                    "has no earlier champion to roll back to")
         events = [
-            _stage_event(pipeline, previous["name"], previous["version"], previous["stage"], "champion", 1.0,
-                         reason, self.actor),
+            _stage_event(pipeline, previous["name"], previous["version"], previous["stage"],
+                         "champion", 1.0, reason, self.actor),
             _stage_event(pipeline, current["name"], current["version"], "champion", "rejected", 0.0,
                          reason, self.actor),
         ]

@@ -8,8 +8,8 @@ import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
@@ -19,11 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _DIGITS = re.compile(r"\d+")
 # librdkafka error codes that mean the broker cannot be reached (or will not let us in).
-_BROKER_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._AUTHENTICATION}
+_BROKER_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
+                      KafkaError._AUTHENTICATION}
 
 
 def bounded(value: Any, limit: int = 200) -> str:
-    """A value for a log line or a message: at most ``limit`` characters, longer ones with size and hash."""
+    """A value for a log line or a message: at most
+    ``limit`` characters, longer ones with size and hash."""
     text = value if isinstance(value, str) else repr(value)
     if len(text) <= limit:
         return text
@@ -54,8 +56,8 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as one readable line."""
         extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _RESERVED)
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname.lower():7} " \
-               f"{record.getMessage()} {extras}".rstrip()
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{when} {record.levelname.lower():7} {record.getMessage()} {extras}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -181,7 +183,8 @@ class Health:
         self._busy_since = None
 
     def broker_error(self, error: Any) -> None:
-        """A librdkafka error callback: all brokers down (or authentication failing) marks it down."""
+        """A librdkafka error callback: all brokers down
+        (or authentication failing) marks it down."""
         code = error.code()
         if code in _BROKER_DOWN_CODES:
             with self._lock:
@@ -267,12 +270,13 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:  # http.server's naming
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
                 elif path in ("/healthz", "/readyz"):
-                    ok, reason = server.health.live() if path == "/healthz" else server.health.ready()
+                    health = server.health
+                    ok, reason = health.live() if path == "/healthz" else health.ready()
                     body = orjson.dumps({"status": "ok" if ok else "unavailable", "reason": reason})
                     self._send(200 if ok else 503, body, "application/json")
                 else:
@@ -286,18 +290,19 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
                 pass  # scrapes every few seconds are not events worth a log line
 
         self._httpd = _QuietHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
+                                        daemon=True)
 
     @property
     def address(self) -> str:
         """``http://host:port`` the server listens on."""
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> MetricsServer:
         """Start serving in the background."""

@@ -43,7 +43,8 @@ def numeric_profile(values: Sequence[float | None] | np.ndarray, seed: int = 0) 
 
 
 def bin_fractions(values: np.ndarray | Sequence[float], edges: Sequence[float]) -> list[float]:
-    """Share of ``values`` per bin: below edges[0], each [e_i, e_i+1), the last closed, above edges[-1]."""
+    """Share of ``values`` per bin: below edges[0], each
+    [e_i, e_i+1), the last closed, above edges[-1]."""
     arr = np.asarray(values, dtype=float)
     arr = arr[np.isfinite(arr)]
     e = np.asarray(edges, dtype=float)
@@ -66,7 +67,8 @@ def categorical_profile(values: Sequence[Any]) -> dict[str, Any]:
 
 
 def build_profile(features: Mapping[str, Sequence[Any]], feature_types: Mapping[str, str],
-                  outputs: Mapping[str, Sequence[Any]] | None = None, seed: int = 0) -> dict[str, Any]:
+                  outputs: Mapping[str, Sequence[Any]] | None = None,
+                  seed: int = 0) -> dict[str, Any]:
     """Profile every feature (``feature_types``: float/int numeric, else categorical) and output.
 
     Outputs named ``label`` are categorical; any other output is numeric (scores, values).
@@ -74,7 +76,9 @@ def build_profile(features: Mapping[str, Sequence[Any]], feature_types: Mapping[
     profile: dict[str, Any] = {"features": {}, "outputs": {}}
     for name, values in features.items():
         numeric = feature_types.get(name) in ("float", "int")
-        profile["features"][name] = numeric_profile(values, seed) if numeric else categorical_profile(values)
+        profile["features"][name] = (numeric_profile(values, seed) if numeric
+                                     else categorical_profile(values))
     for name, values in (outputs or {}).items():
-        profile["outputs"][name] = categorical_profile(values) if name == "label" else numeric_profile(values, seed)
+        profile["outputs"][name] = (categorical_profile(values) if name == "label"
+                                    else numeric_profile(values, seed))
     return profile

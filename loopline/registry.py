@@ -24,12 +24,22 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from loopline import avro, topics
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import LooplineError, RegistryRecordError, SchemaError
 from loopline.kafka import AckedProducer, KafkaConfig, TopicSpec, read_to, watermarks
-from loopline.registry_rules import (SERVING, STAGES, TRAFFIC_STAGES, RegistryRecordError,
-                                     check_common, check_model, check_rebaseline, check_spec,
-                                     check_stage_change, model_version_key, rebaseline_key, spec_key,
-                                     stage_change_prefix)
+from loopline.registry_rules import (
+    SERVING,
+    STAGES,
+    TRAFFIC_STAGES,
+    check_common,
+    check_model,
+    check_rebaseline,
+    check_spec,
+    check_stage_change,
+    model_version_key,
+    rebaseline_key,
+    spec_key,
+    stage_change_prefix,
+)
 from loopline.spec import PipelineSpec
 from loopline.topics import valid_name
 
@@ -64,7 +74,8 @@ def spec_event(spec: PipelineSpec) -> tuple[bytes, dict[str, Any]]:
         "spec": {
             "spec_json": spec.canonical_json().decode(),
             "spec_sha256": spec.sha256(),
-            "features_schema_json": orjson.dumps(spec.features_schema(), option=orjson.OPT_SORT_KEYS).decode(),
+            "features_schema_json": orjson.dumps(spec.features_schema(),
+                                                 option=orjson.OPT_SORT_KEYS).decode(),
         },
         "model": None,
         "stage_change": None,
@@ -161,7 +172,8 @@ class RegistryState:
     features_schemas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     versions: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     stage_changes: list[dict[str, Any]] = field(default_factory=list)
-    #: (at, pipeline, name, version, stage, traffic) for every registration and stage change, in order.
+    #: (at, pipeline, name, version, stage, traffic) for every registration and stage change, in
+    #: order.
     stage_history: list[tuple[int, str, str, int, str, float]] = field(default_factory=list)
     #: Monitor rebaselines per pipeline, in order: dicts with id, reason, actor, at.
     rebaselines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -171,7 +183,8 @@ class RegistryState:
     rejected_total: int = 0
 
     def apply(self, event: dict[str, Any], offset: int, key: bytes | None = None) -> None:
-        """Check one event, then fold it in; if invalid, raise :class:`RegistryRecordError` unchanged.
+        """Check one event, then fold it in; if invalid, raise :class:`RegistryRecordError`
+        unchanged.
 
         ``key`` is the record's Kafka key; when given, it must be the key Loopline gives such a
         record (a foreign key could make compaction drop a real record).
@@ -220,7 +233,8 @@ class RegistryState:
         """Codec of a pipeline's features topic that also reads events written under older specs."""
         # Every published schema, the latest included: an upgrade of schemas/features.avsc changes
         # the schema the current spec generates, and events written before it must stay readable.
-        return avro.Codec(self.specs[pipeline].features_schema(), writers=self.features_schemas[pipeline])
+        return avro.Codec(self.specs[pipeline].features_schema(),
+                          writers=self.features_schemas[pipeline])
 
 
 def _pipeline_named(event: dict[str, Any] | None, key: bytes | None) -> str | None:
@@ -298,7 +312,7 @@ class RegistryReader:
             return True
         except RegistryRecordError as e:
             self._reject(m, event, e.field, e.rule, e.message)
-        except Exception as e:  # noqa: BLE001 - the last line of defence: no record stops a reader
+        except Exception as e:  # the last line of defence: no record stops a reader
             log.exception("registry_check_failed", extra={"offset": _offset(m)})
             self._reject(m, event, "(record)", "unexpected", f"{type(e).__name__}: {e}")
         return False
@@ -328,12 +342,14 @@ class RegistryReader:
         """Read until the end of the topic as it was when called; return the state."""
         deadline = time.monotonic() + timeout_s
         _, high = watermarks(self._consumer, topics.MODELS, 0, timeout_s)
-        # Tansu reports the high watermark as the last batch's base offset + 1, so reaching it is not
-        # the end: read on until a poll brings nothing more (on Kafka that costs one short poll).
+        # Tansu reports the high watermark as the last batch's base offset + 1, so reaching it is
+        # not the end: read on until a poll brings nothing more (on Kafka that costs one short
+        # poll).
         while True:
             before = self._position
             self.poll(0.2)
-            if self._position == before and read_to(self._consumer, topics.MODELS, 0, self._position, high):
+            if self._position == before and read_to(self._consumer, topics.MODELS, 0,
+                                                    self._position, high):
                 return self.state
             if time.monotonic() > deadline:
                 raise LooplineError(f"registry: read up to offset {self._position} of {high} "

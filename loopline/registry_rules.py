@@ -20,7 +20,7 @@ import orjson
 
 from loopline import avro
 from loopline.artifacts import SHA256_HEX
-from loopline.errors import LooplineError, SpecError
+from loopline.errors import RegistryRecordError, SpecError
 from loopline.spec import PipelineSpec, parse_spec
 from loopline.topics import PIPELINE_NAME, valid_name
 
@@ -45,14 +45,6 @@ _MODEL_DEFAULTS: dict[str, Any] = {
     "fill_values": {}, "input_features": []}
 _STAGE_CHANGE_DEFAULTS: dict[str, Any] = {"from_stage": None, "traffic": 0.0, "reason": "",
                                           "actor": "cli"}
-
-
-class RegistryRecordError(LooplineError):
-    """A registry record breaks a rule; ``field`` and ``rule`` say where and which."""
-
-    def __init__(self, field: str, rule: str, message: str) -> None:
-        self.field, self.rule, self.message = field, rule, message
-        super().__init__(f"{field}: {message} (rule: {rule})")
 
 
 def _fail(field: str, rule: str, message: str) -> NoReturn:
@@ -275,8 +267,10 @@ def rebaseline_key(pipeline: str, rid: str) -> bytes:
     return f"pipeline/{pipeline}/rebaseline/{rid}".encode()
 
 
-def check_rebaseline(state: RegistryState, event: Mapping[str, Any], key: bytes | None) -> dict[str, Any]:
-    """Rules of a ``rebaseline`` record (a monitor command for a known pipeline); return its payload."""
+def check_rebaseline(state: RegistryState, event: Mapping[str, Any],
+                     key: bytes | None) -> dict[str, Any]:
+    """Rules of a ``rebaseline`` record (a monitor
+    command for a known pipeline); return its payload."""
     pipeline, r = event["pipeline"], event["rebaseline"]
     if pipeline not in state.specs:
         _fail("pipeline", "known_pipeline", f"{show(pipeline)} is not a pipeline in the registry")

@@ -24,16 +24,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from loopline.errors import LooplineError
+from loopline.errors import ModelError
 from loopline.spec import PipelineSpec
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
 _NUMERIC_TYPES = {**_FLOAT_TYPES, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
                   "tensor(bool)": np.bool_}
-
-
-class ModelError(LooplineError):
-    """A model does not fit the pipeline's input/output contract or fails to score."""
 
 
 @dataclass
@@ -48,7 +44,8 @@ class ScoreResult:
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
-    """Session options for the hot path: few threads (the broker needs the other core), full optimisation."""
+    """Session options for the hot path: few threads (the
+    broker needs the other core), full optimisation."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
@@ -61,7 +58,7 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 def graph_class_labels(model: bytes) -> list[str] | None:
     """Class names stored in the graph by skl2onnx (``classlabels_*`` attributes), if any."""
     try:
-        import onnx  # noqa: PLC0415 - only needed at load time
+        import onnx  # only needed at load time
     except ImportError:
         return None
     try:
@@ -85,16 +82,19 @@ def tabular_features(spec: PipelineSpec) -> list[str]:
 class Scorer:
     """A loaded, validated model for one pipeline: ``score(features) -> ScoreResult``."""
 
-    def __init__(self, model: bytes, spec: PipelineSpec, fill_values: Mapping[str, float] | None = None,
+    def __init__(self, model: bytes, spec: PipelineSpec,
+                 fill_values: Mapping[str, float] | None = None,
                  intra_op_threads: int = 1, label: str = "model",
                  input_features: Sequence[str] | None = None) -> None:
         self.spec = spec
         self.label = label
         try:
-            self.session = ort.InferenceSession(model, sess_options=session_options(intra_op_threads),
+            self.session = ort.InferenceSession(model,
+                                                sess_options=session_options(intra_op_threads),
                                                 providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise ModelError(f"{label}: ONNX Runtime cannot load the model: {e} (rule: loads)") from e
+        except Exception as e:  # ORT raises its own exception types
+            raise ModelError(
+                f"{label}: ONNX Runtime cannot load the model: {e} (rule: loads)") from e
         self.fill = dict(fill_values or {})
         self._types = {f.name: f.type for f in spec.features}
         self._optional = {f.name for f in spec.features if not f.required}
@@ -111,11 +111,11 @@ class Scorer:
             i = inputs[0]
             self.columns = self._input_features or tabular_features(self.spec)
             if i.type not in _FLOAT_TYPES:
-                raise ModelError(f"{self.label}: input {i.name!r} is {i.type}; a single-input model takes "
-                                 "tensor(float) or tensor(double) (rule: input_type)")
+                raise ModelError(f"{self.label}: input {i.name!r} is {i.type}; a single-input "
+                                 "model takes tensor(float) or tensor(double) (rule: input_type)")
             if len(i.shape) != 2:
-                raise ModelError(f"{self.label}: input {i.name!r} has shape {i.shape}; expected [N, "
-                                 f"{len(self.columns)}] (rule: input_shape)")
+                raise ModelError(f"{self.label}: input {i.name!r} has shape {i.shape}; expected "
+                                 f"[N, {len(self.columns)}] (rule: input_shape)")
             width = i.shape[1]
             if not self.columns or (isinstance(width, int) and width != len(self.columns)):
                 raise ModelError(
@@ -135,22 +135,25 @@ class Scorer:
             ftype = self._types.get(i.name)
             if ftype is None:
                 raise ModelError(f"{self.label}: input {i.name!r} is not a feature of pipeline "
-                                 f"{self.spec.name} (features: {sorted(self._types)}) (rule: input_name)")
+                                 f"{self.spec.name} (features: {sorted(self._types)}) (rule: "
+                                 "input_name)")
             if ftype == "string":
                 if i.type != "tensor(string)":
-                    raise ModelError(f"{self.label}: input {i.name!r} is {i.type}; string feature needs "
-                                     "tensor(string) (rule: input_type)")
+                    raise ModelError(f"{self.label}: input {i.name!r} is {i.type}; string feature "
+                                     "needs tensor(string) (rule: input_type)")
                 dtype: Any = object
             elif i.type in _NUMERIC_TYPES and not (ftype == "float" and i.type in ("tensor(int64)",
-                                                                                   "tensor(int32)", "tensor(bool)")):
+                                                                                   "tensor(int32)",
+                                                                                   "tensor(bool)")):
                 dtype = _NUMERIC_TYPES[i.type]
             else:
                 raise ModelError(f"{self.label}: input {i.name!r} is {i.type}, which cannot hold "
                                  f"{ftype} feature values (rule: input_type)")
             rank = len(i.shape)
-            if rank not in (1, 2) or (rank == 2 and isinstance(i.shape[1], int) and i.shape[1] != 1):
-                raise ModelError(f"{self.label}: input {i.name!r} has shape {i.shape}; expected [N] or "
-                                 "[N, 1] (rule: input_shape)")
+            if rank not in (1,
+                            2) or (rank == 2 and isinstance(i.shape[1], int) and i.shape[1] != 1):
+                raise ModelError(f"{self.label}: input {i.name!r} has shape {i.shape}; expected "
+                                 "[N] or [N, 1] (rule: input_shape)")
             self._inputs.append((i.name, dtype, rank))
             self.columns.append(i.name)
 
@@ -175,20 +178,22 @@ class Scorer:
         return out
 
     def feeds_columns(self, columns: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        """The single input tensor from float64 feature columns (NaN = missing), equal to ``feeds``'s.
+        """The single input tensor from float64 feature columns (NaN = missing), equal to
+        ``feeds``'s.
 
         Columnar callers (the lineage replay reads Arrow) skip building a dict per event. Python
         ints and bools reach float32 through a double in ``feeds`` too, so going through float64
         here gives bit-identical tensors.
         """
         if not self.single:
-            raise ModelError(f"{self.label}: feeds_columns needs a single-input model (rule: input_count)")
+            raise ModelError(f"{self.label}: feeds_columns needs a single-input model (rule: "
+                             "input_count)")
         x = np.empty((n, len(self.columns)), dtype=np.float64)
         for j, name in enumerate(self.columns):
             column = columns.get(name)
             if column is None:
-                raise ModelError(f"{self.label}: input feature {name!r} is missing from the columns "
-                                 f"{sorted(columns)} (rule: input_name)")
+                raise ModelError(f"{self.label}: input feature {name!r} is missing from the "
+                                 f"columns {sorted(columns)} (rule: input_name)")
             x[:, j] = column
         return {self._input_name: self._fill_missing(x.astype(self._dtype, copy=False))}
 
@@ -216,8 +221,8 @@ class Scorer:
                     self._value_idx = j
                     break
             if self._value_idx is None:
-                raise ModelError(f"{self.label}: a regression model needs a float output; outputs are "
-                                 f"{[(o.name, o.type) for o in outputs]} (rule: output_type)")
+                raise ModelError(f"{self.label}: a regression model needs a float output; outputs "
+                                 f"are {[(o.name, o.type) for o in outputs]} (rule: output_type)")
             self.classes: list[str] = []
             return
         for j, o in enumerate(outputs):
@@ -225,28 +230,34 @@ class Scorer:
                 self._prob_idx, self._zipmap = j, True
             elif o.type in _FLOAT_TYPES and len(o.shape) == 2 and self._prob_idx is None:
                 self._prob_idx = j
-            elif o.type in ("tensor(int64)", "tensor(int32)", "tensor(string)") and self._label_idx is None:
+            elif o.type in ("tensor(int64)", "tensor(int32)",
+                            "tensor(string)") and self._label_idx is None:
                 self._label_idx = j
         if self._label_idx is None and self._prob_idx is None:
-            raise ModelError(f"{self.label}: a classifier needs a label and/or probability output; outputs "
-                             f"are {[(o.name, o.type) for o in outputs]} (rule: output_type)")
+            raise ModelError(f"{self.label}: a classifier needs a label and/or probability output; "
+                             f"outputs are {[(o.name, o.type) for o in outputs]} (rule: "
+                             "output_type)")
         self.classes = graph_class_labels(model) or list(self.spec.label.classes or [])
 
     @property
     def input_signature(self) -> tuple[Any, ...]:
-        """What this model's input tensors depend on: inputs (names, ONNX types, shapes), columns, fills.
+        """What this model's input tensors depend on: inputs (names, ONNX types, shapes), columns,
+        fills.
 
         Two versions may share one batch's feeds only when their signatures are equal: a float32 and
         a float64 model over the same columns need different tensors, and so do two versions with
         different fill values for missing optional features.
         """
-        inputs = tuple((i.name, i.type, tuple(str(d) for d in i.shape)) for i in self.session.get_inputs())
+        inputs = tuple((i.name, i.type, tuple(str(d) for d in i.shape))
+                       for i in self.session.get_inputs())
         return self.single, tuple(self.columns), inputs, tuple(sorted(self.fill.items()))
 
-    def run(self, feeds: Mapping[str, np.ndarray], watchdog: RunWatchdog | None = None) -> list[Any]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            watchdog: RunWatchdog | None = None) -> list[Any]:
         """One ORT run over a batch (ended with an error if it outlasts the watchdog's timeout)."""
         if watchdog is None:
-            return self.session.run(None, dict(feeds))  # type: ignore[no-any-return]
+            result: list[Any] = self.session.run(None, dict(feeds))  # ORT is untyped
+            return result
         return watchdog.run(self.session, dict(feeds))
 
     def score(self, features: Sequence[Mapping[str, Any]]) -> ScoreResult:
@@ -254,7 +265,8 @@ class Scorer:
         return self.parse(self.run(self.feeds(features)), len(features))
 
     def parse(self, out: list[Any], n: int, with_scores: bool = True) -> ScoreResult:
-        """Turn ORT outputs into labels, values and per-class scores (``with_scores=False``: no scores)."""
+        """Turn ORT outputs into labels, values and per-class
+        scores (``with_scores=False``: no scores)."""
         if self._value_idx is not None:
             raw_values = np.asarray(out[self._value_idx])
             v = raw_values.astype(np.float64, copy=False).reshape(n, -1)[:, 0]
@@ -266,7 +278,8 @@ class Scorer:
             raw = out[self._prob_idx]
             if self._zipmap:
                 keys = list(raw[0].keys()) if raw else []
-                probs = np.array([[d[k] for k in keys] for d in raw], dtype=np.float64).reshape(n, len(keys))
+                probs = np.array([[d[k] for k in keys] for d in raw],
+                                 dtype=np.float64).reshape(n, len(keys))
                 classes = [str(k) for k in keys]
                 single = True  # ZipMap's maps hold tensor(float) values
             else:
@@ -286,7 +299,8 @@ class Scorer:
         positive = self.spec.label.positive
         col = classes.index(positive) if positive in classes else probs.shape[1] - 1
         value = probs[:, col]
-        if not with_scores:  # one dict per event is the costliest part; a replay only compares values
+        # one dict per event is the costliest part; a replay only compares values
+        if not with_scores:
             return ScoreResult(labels, value.tolist(), None, value, single)
         scores = [dict(zip(classes, row)) for row in probs.tolist()]
         return ScoreResult(labels, value.tolist(), scores, value, single)
@@ -314,7 +328,8 @@ class RunWatchdog:
         with self._lock:
             self._current = (options, deadline)
         try:
-            return session.run(None, feeds, options)  # type: ignore[no-any-return]
+            result: list[Any] = session.run(None, feeds, options)  # ORT is untyped
+            return result
         except Exception as e:
             if options.terminate:
                 raise ModelError(f"scoring took longer than {self.timeout_s:g}s and was stopped "
@@ -342,7 +357,10 @@ def synthetic_batch(spec: PipelineSpec, n: int = 16, seed: int = 0) -> list[dict
             lo = f.min if f.min is not None else (f.max - 1.0 if f.max is not None else 0.0)
             hi = f.max if f.max is not None else lo + 1.0
             col = rng.uniform(lo, hi, n)
-            values: list[Any] = [int(round(v)) for v in col] if f.type == "int" else col.tolist()
+            # int(): a plain int whatever numpy's round gives.
+            values: list[Any] = (
+                [int(round(v)) for v in col]  # noqa: RUF046 - see above
+                if f.type == "int" else col.tolist())
         elif f.type == "bool":
             values = [bool(i % 2) for i in range(n)]
         else:

@@ -29,21 +29,13 @@ import orjson
 from confluent_kafka import KafkaError
 
 from loopline import avro, feedback
-from loopline.errors import LooplineError
+from loopline.errors import FeedbackError, LooplineError, ValidationError
 from loopline.kafka import AckedProducer, KafkaConfig, release_producer
 from loopline.registry import RegistryReader
-from loopline.validation import Rejection, Validator
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec
 from loopline.topics import check_pipeline_name
-
-
-class ValidationError(LooplineError):
-    """An event does not fit the pipeline spec; ``field`` and ``rule`` say where and why."""
-
-    def __init__(self, field: str | None, rule: str, message: str) -> None:
-        self.field, self.rule = field, rule
-        super().__init__(f"{field or '(event)'}: {message} [rule: {rule}]")
+from loopline.validation import Rejection, Validator
 
 
 def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
@@ -56,7 +48,8 @@ def load_spec(kafka: KafkaConfig, pipeline: str) -> PipelineSpec:
         reader.close()
     if pipeline not in state.specs:
         known = ", ".join(sorted(state.specs)) or "none"
-        raise LooplineError(f"pipeline {pipeline!r} is not in the registry (known: {known}); `loopline apply` it first")
+        raise LooplineError(f"pipeline {pipeline!r} is not in the registry (known: {known}); "
+                            "`loopline apply` it first")
     return state.specs[pipeline]
 
 
@@ -99,8 +92,8 @@ class EventProducer(_Client):
         super().__init__(pipeline, settings)
         self._validator = Validator(self.spec)
 
-    def publish(self, features: dict[str, Any], *, key: str | None = None, event_id: str | None = None,
-                ts: int | str | None = None) -> None:
+    def publish(self, features: dict[str, Any], *, key: str | None = None,
+                event_id: str | None = None, ts: int | str | None = None) -> None:
         """Validate one event and queue it; raise :class:`ValidationError` if it does not fit."""
         doc: dict[str, Any] = {"features": features}
         for name, value in (("key", key), ("event_id", event_id), ("ts", ts)):
@@ -109,20 +102,23 @@ class EventProducer(_Client):
         verdict = self._validator.check(doc)
         if isinstance(verdict, Rejection):
             raise ValidationError(verdict.field, verdict.rule, verdict.message)
-        partition_key = key or (str(features[self.spec.key]) if self.spec.key and self.spec.key in features else None)
+        partition_key = key or (str(features[self.spec.key]) if self.spec.key
+                                and self.spec.key in features else None)
         self._producer.send(self.spec.topics.raw, orjson.dumps(doc), key=partition_key)
 
 
 class FeedbackSender(_Client):
     """Sends labels and verdicts to ``loopline.<pipeline>.feedback``."""
 
-    def send(self, *, prediction_id: str | None = None, event_id: str | None = None, label: str | None = None,
-             value: float | None = None, verdict: str | None = None, feedback_id: str | None = None) -> str:
+    def send(self, *, prediction_id: str | None = None, event_id: str | None = None,
+             label: str | None = None, value: float | None = None, verdict: str | None = None,
+             feedback_id: str | None = None) -> str:
         """Validate and queue one feedback; return its feedback_id."""
         try:
-            record = feedback.make(prediction_id=prediction_id, event_id=event_id, label=label, value=value,
-                                   verdict=verdict, feedback_id=feedback_id, classes=self.spec.label.classes)
-        except feedback.FeedbackError as e:
+            record = feedback.make(prediction_id=prediction_id, event_id=event_id, label=label,
+                                   value=value, verdict=verdict, feedback_id=feedback_id,
+                                   classes=self.spec.label.classes)
+        except FeedbackError as e:
             raise ValidationError(e.field, e.rule, str(e)) from None
         self._producer.send(self.spec.topics.feedback, feedback.encode(record),
                             key=record["prediction_id"] or record["event_id"])

@@ -17,6 +17,8 @@ from loopline.errors import SpecError
 from loopline.topics import PIPELINE_NAME, PipelineTopics
 
 FeatureType = Literal["float", "int", "string", "bool"]
+StreamDetector = Literal["adwin", "page_hinkley", "kswin"]
+ErrorDetector = Literal["ddm", "eddm", "hddm_a", "hddm_w", "adwin"]
 _AVRO_TYPES = {"float": "double", "int": "long", "string": "string", "bool": "boolean"}
 _FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"  # Avro field names; also safe as column names
 
@@ -30,10 +32,12 @@ class Feature(_Strict):
 
     name: str = Field(pattern=_FIELD_NAME, description="Field name in events' 'features' object.")
     type: FeatureType = Field(description="float, int, string or bool.")
-    required: bool = Field(True, description="Whether events must carry it (else it may be null/absent).")
+    required: bool = Field(True,
+                           description="Whether events must carry it (else it may be null/absent).")
     min: float | None = Field(None, description="Smallest accepted value (numbers only).")
     max: float | None = Field(None, description="Largest accepted value (numbers only).")
-    values: list[str] | None = Field(None, min_length=1, description="Accepted values (strings only).")
+    values: list[str] | None = Field(None, min_length=1,
+                                     description="Accepted values (strings only).")
     description: str = ""
 
     @model_validator(mode="after")
@@ -63,7 +67,8 @@ class Label(_Strict):
 
     name: str = Field("label", pattern=_FIELD_NAME)
     task: Literal["classification", "regression"] = "classification"
-    classes: list[str] | None = Field(None, min_length=2, description="Class names (classification).")
+    classes: list[str] | None = Field(None, min_length=2,
+                                      description="Class names (classification).")
     positive: str | None = Field(None, description="The positive class, for binary metrics.")
 
     @model_validator(mode="after")
@@ -73,14 +78,16 @@ class Label(_Strict):
         if self.classes and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
         if self.positive is not None and self.classes and self.positive not in self.classes:
-            raise ValueError(f"positive class {self.positive!r} is not one of classes {self.classes}")
+            raise ValueError(f"positive class {self.positive!r} is not one of classes "
+                             f"{self.classes}")
         return self
 
 
 class Deployment(_Strict):
     """How inference serves the pipeline's model versions."""
 
-    canary_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of keys a canary serves.")
+    canary_fraction: float = Field(0.0, ge=0.0, le=1.0,
+                                   description="Share of keys a canary serves.")
     promotion: Literal["auto", "manual"] = "manual"
     batch_size: int = Field(1000, ge=1, le=100_000)
 
@@ -95,12 +102,12 @@ class Monitor(_Strict):
     Defaults come from bench/monitor_detection.py (bench/README.md).
     """
 
-    detectors: list[Literal["adwin", "page_hinkley", "kswin"]] = Field(
-        default_factory=lambda: ["adwin"],
+    detectors: list[StreamDetector] = Field(
+        default_factory=lambda: list[StreamDetector](["adwin"]),
         description="Early-warning detectors on every column (values, spread, category shares): "
         "a signal triggers a test against the reference, never an alert by itself.")
-    error_detectors: list[Literal["ddm", "eddm", "hddm_a", "hddm_w", "adwin"]] = Field(
-        default_factory=lambda: ["adwin", "ddm"],
+    error_detectors: list[ErrorDetector] = Field(
+        default_factory=lambda: list[ErrorDetector](["adwin", "ddm"]),
         description="Early-warning detectors on each model's error stream (ddm, eddm, hddm_*: "
         "classification only).")
     window: int = Field(1000, ge=50, description="Events in the windowed comparison with the "
@@ -120,17 +127,20 @@ class Monitor(_Strict):
         "below the version's baseline (regression: MAE this much higher, relatively).")
     zombie_after_s: float = Field(3600.0, gt=0, description="No traffic/readers this long: zombie.")
     stalled_after_s: float = Field(
-        60.0, gt=0, description="Feature events keep arriving but no prediction came for this long: "
+        60.0, gt=0,
+        description="Feature events keep arriving but no prediction came for this long: "
         "serving has stalled (an alert until predictions flow again).")
-    readers: list[str] = Field(default_factory=list, description="Consumer groups whose committed offsets on the "
-                               "predictions topic count as reading them (default: any group except Loopline's "
-                               "own, loopline-*).")
+    readers: list[str] = Field(default_factory=list,
+                               description="Consumer groups whose committed offsets on the "
+                               "predictions topic count as reading them (default: any group except "
+                               "Loopline's own, loopline-*).")
     seed: int = 42
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> Monitor:
         if self.psi_warning > self.psi_alert:
-            raise ValueError(f"psi_warning ({self.psi_warning}) must not exceed psi_alert ({self.psi_alert})")
+            raise ValueError(f"psi_warning ({self.psi_warning}) must not exceed psi_alert "
+                             f"({self.psi_alert})")
         return self
 
 
@@ -139,8 +149,10 @@ class Retrain(_Strict):
 
     on_drift: bool = True
     every_n_labels: int | None = Field(None, ge=1)
-    min_accepts: int | None = Field(None, ge=0, description="Business rule: at least this many accepts ...")
-    min_rejects: int | None = Field(None, ge=0, description="... and this many rejects since the last version.")
+    min_accepts: int | None = Field(None, ge=0,
+                                    description="Business rule: at least this many accepts ...")
+    min_rejects: int | None = Field(None, ge=0,
+                                    description="... and this many rejects since the last version.")
     schedule_s: float | None = Field(None, gt=0)
     warm_start: bool = False
     drift_settle_labels: int | None = Field(
@@ -278,9 +290,12 @@ class Trainer(_Strict):
         description="Auto promotion: a winner whose holdout gain over the champion is at least "
         "margin and significant at this level (sign test, Bonferroni over the contenders) becomes "
         "champion at once, on probation; null: always a live trial first.")
-    label_ttl_s: float = Field(86_400.0, gt=0, description="How long predictions wait for feedback.")
+    label_ttl_s: float = Field(86_400.0, gt=0,
+                               description="How long predictions wait for feedback.")
     seed: int = 42
-    learning_rate: float = Field(0.01, gt=0, description="SGD step of the linear learners (weights and intercept).")
+    learning_rate: float = Field(0.01, gt=0,
+                                 description="SGD step of the linear learners (weights and "
+                                             "intercept).")
 
 
 class Retention(_Strict):
@@ -291,7 +306,8 @@ class Retention(_Strict):
     an unset topic keeps the broker's default. ``loopline apply`` sets them on the topics.
     """
 
-    raw: int | None = Field(None, description="Producer events (often the most personal: keep short).")
+    raw: int | None = Field(None,
+                            description="Producer events (often the most personal: keep short).")
     features: int | None = Field(None, description="Validated events.")
     predictions: int | None = Field(None, description="Model outputs.")
     feedback: int | None = Field(None, description="Labels and verdicts.")
@@ -313,7 +329,7 @@ class Retention(_Strict):
             return None
         if isinstance(value, bool):
             # pydantic reports a ValueError as this field's error; a TypeError would escape it
-            raise ValueError(f"expected a duration, got {value!r}; {cls._HOW}")  # noqa: TRY004
+            raise ValueError(f"expected a duration, got {value!r}; {cls._HOW}")
         if isinstance(value, str):
             text = value.strip().lower()
             if text in ("forever", "infinite", "-1"):
@@ -331,12 +347,13 @@ class Retention(_Strict):
             value = int(value)
         if not isinstance(value, int):
             kind = type(value).__name__
-            raise ValueError(f"expected a duration, got {kind}; {cls._HOW}")  # noqa: TRY004
+            raise ValueError(f"expected a duration, got {kind}; {cls._HOW}")
         if value == -1:
             return -1
         if value < cls._MIN_MS:
             raise ValueError(f"{value} ms is shorter than 1 minute (or negative): events would be "
-                             "deleted before the services read them; use -1 or 'forever' for no limit")
+                             "deleted before the services read them; use -1 or 'forever' for no "
+                             "limit")
         if value >= 2**63:
             raise ValueError(f"{value} ms does not fit Kafka's retention.ms (a 64-bit number)")
         return value
@@ -352,7 +369,8 @@ class PipelineSpec(_Strict):
     name: str = Field(pattern=PIPELINE_NAME.pattern)
     description: str = ""
     features: list[Feature] = Field(min_length=1)
-    key: str | None = Field(None, pattern=_FIELD_NAME, description="Feature used as the event key when none is sent.")
+    key: str | None = Field(None, pattern=_FIELD_NAME,
+                            description="Feature used as the event key when none is sent.")
     label: Label = Field(default_factory=Label)
     unknown_fields: Literal["reject", "drop"] = "reject"
     max_message_bytes: int = Field(1_000_000, ge=64, le=100_000_000)
@@ -360,7 +378,8 @@ class PipelineSpec(_Strict):
     deployment: Deployment = Field(default_factory=Deployment)
     monitor: Monitor = Field(default_factory=Monitor)
     trainer: Trainer = Field(default_factory=Trainer)
-    retention: Retention = Field(default_factory=Retention, description="Per-topic retention, applied "
+    retention: Retention = Field(default_factory=Retention,
+                                 description="Per-topic retention, applied "
                                  "to the topics by `loopline apply`; unset: the broker's default.")
 
     @field_validator("features")
@@ -425,7 +444,8 @@ class PipelineSpec(_Strict):
 
 
 def _location(loc: tuple[int | str, ...], data: Any) -> str:
-    """Path of an error such as ``features[amount].max``: list items by their name where they have one."""
+    """Path of an error such as ``features[amount].max``:
+    list items by their name where they have one."""
     path = ""
     node = data
     for item in loc:
@@ -442,9 +462,11 @@ def _location(loc: tuple[int | str, ...], data: Any) -> str:
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
-    """Validate a spec document; raise :class:`SpecError` listing every problem with field and rule."""
+    """Validate a spec document; raise :class:`SpecError`
+    listing every problem with field and rule."""
     if not isinstance(data, dict):
-        raise SpecError(source, [("(top level)", "type", f"expected a mapping, got {type(data).__name__}")])
+        raise SpecError(source,
+                        [("(top level)", "type", f"expected a mapping, got {type(data).__name__}")])
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as e:

@@ -15,7 +15,8 @@ DEADLETTER = f"{PREFIX}.deadletter"
 
 
 def state_topic(service: str) -> str:
-    """The compacted changelog topic holding a stateful service's state (``loopline.state.<service>``)."""
+    """The compacted changelog topic holding a stateful
+    service's state (``loopline.state.<service>``)."""
     return f"{PREFIX}.state.{service}"
 
 #: Per-pipeline topic kinds, in the order data flows through them.

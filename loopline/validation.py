@@ -243,7 +243,7 @@ class Validator:
             if len(problems) > 1:
                 message += f" (and {len(problems) - 1} more problem(s))"
             return Rejection(field, rule, message)
-        return Accepted(event_id, key, ts, features, dropped)  # type: ignore[arg-type]
+        return Accepted(event_id, key, ts, features, dropped)  # type: ignore[arg-type]  # msgspec checked the types
 
     def _unknown_message(self, field: str) -> str:
         return (f"{field} is not declared in pipeline {self.spec.name} (unknown_fields: reject); "
@@ -345,7 +345,7 @@ def _fast_type(f: Feature) -> Any:
         # has no NaN, and msgspec refuses 1e400 rather than reading it as inf).
         lo = -_FLOAT_MAX if f.min is None else f.min
         hi = _FLOAT_MAX if f.max is None else f.max
-        return Union[_ints(f.min, f.max), Annotated[float, msgspec.Meta(ge=lo, le=hi)]]  # noqa: UP007
+        return Union[_ints(f.min, f.max), Annotated[float, msgspec.Meta(ge=lo, le=hi)]]  # noqa: UP007 - types built at run time for msgspec
     if f.type == "int":
         return _ints(f.min, f.max)
     if f.type == "string":
@@ -361,16 +361,16 @@ def event_type(spec: PipelineSpec) -> type[msgspec.Struct]:
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f, attr in zip(spec.features, feature_attributes(spec).values()):
         t = _fast_type(f)
-        fields.append((attr, t) if f.required else (attr, Optional[t], None))  # noqa: UP007
+        fields.append((attr, t) if f.required else (attr, Optional[t], None))  # noqa: UP045 - as Union above
     # gc=False: the structs hold only scalars (and one struct), so the collector can skip them.
     features = msgspec.defstruct(
         f"Features_{spec.name}", fields, kw_only=True, forbid_unknown_fields=True, gc=False,
         rename={attr: name for name, attr in feature_attributes(spec).items()})
     return msgspec.defstruct(f"Event_{spec.name}", [
         ("features", features),
-        ("event_id", Optional[Annotated[str, msgspec.Meta(min_length=1)]], None),  # noqa: UP007
-        ("key", Optional[str], None),  # noqa: UP007
-        ("ts", Optional[Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]], None),  # noqa: UP007
+        ("event_id", Optional[Annotated[str, msgspec.Meta(min_length=1)]], None),  # noqa: UP045 - as above
+        ("key", Optional[str], None),  # noqa: UP045 - as above
+        ("ts", Optional[Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]], None),  # noqa: UP045 - as above
     ], kw_only=True, forbid_unknown_fields=True, gc=False)
 
 

@@ -1,1 +1,2 @@
-"""Avro schemas of every Loopline topic: the contracts between services (installed as loopline.schemas)."""
+"""Avro schemas of every Loopline topic: the contracts between services
+(installed as loopline.schemas)."""

@@ -8,6 +8,7 @@ full-page screenshot. Imported by the report's browser tests (a plain module, no
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -154,24 +155,20 @@ class _Pipe:
                     )
                 self._buffer += chunk
         raw, _, self._buffer = self._buffer.partition(b"\0")
-        return json.loads(raw)  # type: ignore[no-any-return]
+        return json.loads(raw)  # type: ignore[no-any-return]  # JSON is Any
 
     def close(self) -> None:
         """Ask the browser to quit; kill it if it does not."""
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.send("Browser.close", timeout_s=5)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
         for fd in (self._read, self._write):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def chromium() -> str:

@@ -37,7 +37,7 @@ def _engine() -> Engine:
     value = os.environ.get("LOOPLINE_TEST_ENGINE", "tansu")
     if value not in ("tansu", "kafka"):
         raise pytest.UsageError(f"LOOPLINE_TEST_ENGINE={value!r}: choose tansu or kafka")
-    return value  # type: ignore[return-value]
+    return value  # type: ignore[return-value]  # checked just above
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -145,7 +145,7 @@ def unique() -> str:
 
 
 @pytest.fixture
-def make_topic(kafka: KafkaConfig, unique: str):  # type: ignore[no-untyped-def]
+def make_topic(kafka: KafkaConfig, unique: str):  # type: ignore[no-untyped-def]  # returns a factory
     """Factory: create a fresh topic for this test and return its name."""
     counter = iter(range(1000))
 

@@ -56,7 +56,7 @@ def broker_for(settings: LooplineSettings, progress: Progress | None = None
     if state is not None:
         address = resolve_broker(settings)
         yield BrokerHandle(address.bootstrap_servers, address.embedded, state_engine(state),
-                           pid=int(state["pid"]))  # type: ignore[call-overload]
+                           pid=int(state["pid"]))  # type: ignore[call-overload]  # a JSON value
         return
     embedded = (settings.engine == "tansu" if settings.kafka_profile == "auto"
                 else settings.kafka_profile == "embedded")
@@ -139,7 +139,7 @@ class BrokerWatch:
             self.handle.pid = None
         state = read_state(self.home)
         if state is not None:
-            self._back(str(state["bootstrap_servers"]), int(state["pid"]), supervisor)  # type: ignore[call-overload]
+            self._back(str(state["bootstrap_servers"]), int(state["pid"]), supervisor)  # type: ignore[call-overload]  # a JSON value
         return None
 
     def _back(self, address: str, pid: int | None, supervisor: Supervisor) -> None:

@@ -22,7 +22,8 @@ errors = make_console(stderr=True)
 
 
 class LooplineGroup(click.Group):
-    """A click group that turns Loopline errors from any subcommand into one clear message (exit 2)."""
+    """A click group that turns Loopline errors from
+    any subcommand into one clear message (exit 2)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; print a LooplineError as one message instead of a traceback."""
@@ -121,7 +122,8 @@ def apply(files: tuple[Path, ...]) -> None:
         change = "published" if result.published else "unchanged"
         console.print(f"pipeline [bold]{spec.name}[/]: spec {change} "
                       f"(sha256 {spec.sha256()[:12]}), topics: {', '.join(spec.topics.all())}"
-                      + (f"; created {len(result.created_topics)}" if result.created_topics else ""))
+                      + (f"; created {len(result.created_topics)}" if result.created_topics
+                         else ""))
 
 
 @main.command()
@@ -140,7 +142,8 @@ def topics() -> None:
 @main.command()
 @click.argument("service", type=click.Choice(SERVICES))
 def run(service: str) -> None:
-    """Run one service in the foreground (what a container runs); settings from LOOPLINE_* variables."""
+    """Run one service in the foreground (what a container
+    runs); settings from LOOPLINE_* variables."""
     import importlib
 
     try:
@@ -192,13 +195,17 @@ def down() -> None:
 
 
 @main.command()
-@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              default=Path("examples/sea.yaml"), show_default=True, help="The SEA pipeline spec to stream.")
+@click.option("--pipeline", "pipeline_file",
+              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=Path("examples/sea.yaml"), show_default=True,
+              help="The SEA pipeline spec to stream.")
 @click.option("--rate", type=float, default=100.0, show_default=True, help="Events per second.")
 @click.option("--before", type=click.IntRange(500), default=1500, show_default=True,
               help="Events before the concept drifts.")
-@click.option("--after", type=click.IntRange(500), default=3500, show_default=True, help="Events after it.")
-@click.option("--keep", is_flag=True, help="Keep the services and broker running at the end until Ctrl-C.")
+@click.option("--after", type=click.IntRange(500), default=3500, show_default=True,
+              help="Events after it.")
+@click.option("--keep", is_flag=True,
+              help="Keep the services and broker running at the end until Ctrl-C.")
 def demo(pipeline_file: Path, rate: float, before: int, after: int, keep: bool) -> None:
     """The whole loop on the embedded broker: drift, alert, retraining, promotion, lineage."""
     from loopline.app.demo import Plan, run_demo
@@ -213,7 +220,8 @@ def demo(pipeline_file: Path, rate: float, before: int, after: int, keep: bool) 
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="The HTML file to write (default: loopline-report-PIPELINE.html here).")
 def report(pipeline: str, since: str | None, until: str | None, output: Path | None) -> None:
-    """Write one self-contained HTML report of PIPELINE: what happened, drift, accuracy, versions."""
+    """Write one self-contained HTML report of PIPELINE:
+    what happened, drift, accuracy, versions."""
     from loopline.app.report import write_report
     from loopline.kafka import KafkaConfig
     from loopline.services.lineage.query import parse_time
@@ -225,8 +233,8 @@ def report(pipeline: str, since: str | None, until: str | None, output: Path | N
     output = output or Path(f"loopline-report-{pipeline}.html")
     store = LineageStore(LineageSettings().store_dir())
     with console.status("report: starting...") as status:
-        built = write_report(KafkaConfig.from_settings(settings), store, pipeline, output, start, end,
-                             step=lambda what: status.update(f"report: {what}..."))
+        built = write_report(KafkaConfig.from_settings(settings), store, pipeline, output, start,
+                             end, step=lambda what: status.update(f"report: {what}..."))
     for line in built.story.lines:
         console.print(f"  {line}", soft_wrap=True)
     console.print(f"report written to [bold]{output.resolve()}[/] ({len(built.charts)} charts, "
@@ -283,33 +291,44 @@ def _pipeline(state: Any, name: str) -> Any:
 
     check_pipeline_name(name)
     if name not in state.specs:
-        raise LooplineError(f"pipeline {name!r} is not in the registry (known: {', '.join(sorted(state.specs)) or 'none'})")
+        raise LooplineError(f"pipeline {name!r} is not in the registry (known: "
+                            f"{', '.join(sorted(state.specs)) or 'none'})")
     return state.specs[name]
 
 
 @main.command()
 @click.argument("pipeline")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--rate", type=float, default=None, help="Events per second (default: as fast as possible).")
+@click.option("--rate", type=float, default=None,
+              help="Events per second (default: as fast as possible).")
 def produce(pipeline: str, file: Path, rate: float | None) -> None:
-    """Send the events of a CSV or JSON-lines FILE to the pipeline's raw topic (ingest validates them)."""
+    """Send the events of a CSV or JSON-lines FILE to
+    the pipeline's raw topic (ingest validates them)."""
     import orjson
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from loopline.kafka import AckedProducer, KafkaConfig
     from loopline.app.tools import Pacer, count_lines, read_events
+    from loopline.kafka import AckedProducer, KafkaConfig
 
     kafka = KafkaConfig.from_settings(_settings())
     spec = _pipeline(_registry_state(kafka), pipeline)
     producer = AckedProducer(kafka.producer("loopline-produce"))
     pacer, sent = Pacer(rate), 0
-    columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} ev/s"),
-               TimeRemainingColumn())
+    columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} ev/s"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("produce", total=count_lines(file), rate="-")
         for event in read_events(file, spec):
-            key = event.get("key") or (str(event["features"].get(spec.key)) if spec.key and isinstance(
-                event.get("features"), dict) and spec.key in event["features"] else None)
+            key = event.get("key") or (
+                str(event["features"].get(spec.key))
+                if spec.key and isinstance(event.get("features"), dict)
+                and spec.key in event["features"] else None)
             producer.send(spec.topics.raw, orjson.dumps(event), key=key)
             sent += 1
             pacer.wait(sent)
@@ -317,22 +336,26 @@ def produce(pipeline: str, file: Path, rate: float | None) -> None:
                 elapsed = max(time.monotonic() - pacer.start, 1e-9)
                 progress.update(task, completed=sent, rate=f"{sent / elapsed:,.0f}")
         producer.confirm()
-        progress.update(task, completed=sent, rate=f"{sent / max(time.monotonic() - pacer.start, 1e-9):,.0f}")
+        progress.update(task, completed=sent,
+                        rate=f"{sent / max(time.monotonic() - pacer.start, 1e-9):,.0f}")
     console.print(f"{sent} events sent to {spec.topics.raw} and acknowledged")
 
 
 @main.command()
 @click.argument("pipeline", required=False)
-@click.option("--topic", "kind", type=click.Choice(["predictions", "features", "raw", "feedback", "deadletter",
-                                                    "alerts"]), default="predictions", show_default=True)
-@click.option("--from-beginning", is_flag=True, help="Start at the oldest message instead of new ones.")
+@click.option("--topic", "kind", type=click.Choice(["predictions", "features", "raw", "feedback",
+                                                    "deadletter", "alerts"]), default="predictions",
+              show_default=True)
+@click.option("--from-beginning", is_flag=True,
+              help="Start at the oldest message instead of new ones.")
 @click.option("-n", "--max", "limit", type=int, default=None, help="Stop after this many messages.")
 def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | None) -> None:
     """Print a pipeline's topic as JSON lines (decoded); Ctrl-C stops."""
     import orjson
 
+    from loopline.app.tools import decoder, topic_of
+    from loopline.app.tools import tail as tail_topic
     from loopline.kafka import KafkaConfig, StopFlag
-    from loopline.app.tools import decoder, tail as tail_topic, topic_of
 
     kafka = KafkaConfig.from_settings(_settings())
     state = _registry_state(kafka)
@@ -345,7 +368,8 @@ def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | Non
         sys.stdout.write(orjson.dumps(record, default=str).decode() + "\n")
         sys.stdout.flush()
 
-    tail_topic(kafka, topic_of(spec, kind), decoder(kind, spec, state), from_beginning, limit, stop.is_set, emit)
+    tail_topic(kafka, topic_of(spec, kind), decoder(kind, spec, state), from_beginning, limit,
+               stop.is_set, emit)
 
 
 @main.command()
@@ -354,7 +378,8 @@ def tail(pipeline: str | None, kind: str, from_beginning: bool, limit: int | Non
 @click.option("--event-id", help="Or the event it is about.")
 @click.option("--label", help="The true class (classification).")
 @click.option("--value", type=float, help="The true value (regression).")
-@click.option("--verdict", type=click.Choice(["accept", "reject", "correct"]), help="A verdict on the prediction.")
+@click.option("--verdict", type=click.Choice(["accept", "reject", "correct"]),
+              help="A verdict on the prediction.")
 @click.option("--file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="CSV or JSON-lines, one feedback per row: prediction_id or event_id, the true "
                    "label in a column named like the spec's label (or 'label'), value, verdict.")
@@ -380,12 +405,12 @@ def feedback(pipeline: str, prediction_id: str | None, event_id: str | None, lab
 @main.command()
 @click.argument("pipeline", required=False)
 def status(pipeline: str | None) -> None:
-    """Versions and stages, traffic split, events/s, consumer lag per service, open alerts, last retrain."""
+    """Versions and stages, traffic split, events/s,
+    consumer lag per service, open alerts, last retrain."""
     from datetime import UTC, datetime
 
-    from loopline.app.status import collect
-
     from loopline.app.cli_models import origin, print_rejected
+    from loopline.app.status import collect
     from loopline.model_ref import version_id
 
     kafka = _reachable(_settings())
@@ -419,7 +444,8 @@ def status(pipeline: str | None) -> None:
         if p.open_alerts:
             for a in p.open_alerts:
                 when = datetime.fromtimestamp(a["at"] / 1000, UTC).isoformat(timespec="seconds")
-                console.print(Text(f"open alert ({a['severity']}, {when}): {a['message']}", style="yellow"))
+                console.print(Text(f"open alert ({a['severity']}, {when}): {a['message']}",
+                                   style="yellow"))
         else:
             console.print("open alerts: none")
         if p.last_retrain:

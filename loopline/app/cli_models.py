@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from loopline.terminal import make_console
 from loopline.errors import LooplineError
 from loopline.model_ref import ModelRef, parse_ref, resolve, version_id
+from loopline.terminal import make_console
 
 if TYPE_CHECKING:
     from loopline.model_profile import ModelProfile
@@ -25,16 +25,17 @@ notes = make_console(stderr=True)
 _STAGES = click.Choice(["champion", "challenger", "shadow", "canary", "candidate"])
 
 
-def _registry(artifact_uri: str | None = None):  # type: ignore[no-untyped-def]
+def _registry(artifact_uri: str | None = None):
     from loopline.artifacts import ArtifactStore
-    from loopline.settings import LooplineSettings
     from loopline.kafka import KafkaConfig
     from loopline.models import ModelRegistry
     from loopline.observability import configure_logging
+    from loopline.settings import LooplineSettings
 
     settings = LooplineSettings()
     configure_logging("WARNING", "console")  # the CLI speaks through its own output
-    return ModelRegistry(KafkaConfig.from_settings(settings), ArtifactStore.from_settings(settings, artifact_uri))
+    return ModelRegistry(KafkaConfig.from_settings(settings),
+                         ArtifactStore.from_settings(settings, artifact_uri))
 
 
 def _metrics(pairs: tuple[str, ...]) -> dict[str, float]:
@@ -46,7 +47,8 @@ def _metrics(pairs: tuple[str, ...]) -> dict[str, float]:
                 raise ValueError(pair)
             out[name] = float(value)
         except ValueError:
-            raise LooplineError(f"--metrics {pair!r}: expected NAME=NUMBER (rule: metric_format)") from None
+            raise LooplineError(
+                f"--metrics {pair!r}: expected NAME=NUMBER (rule: metric_format)") from None
     return out
 
 
@@ -132,16 +134,21 @@ def models() -> None:
 
 @models.command()
 @click.argument("pipeline")
-@click.option("--onnx", "onnx_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--onnx", "onnx_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The ONNX model file.")
 @click.option("--reference", type=click.Path(path_type=Path),
-              help="Reference data (CSV or Parquet with one column per feature): test batch and profile.")
+              help="Reference data (CSV or Parquet with one column per feature): test batch and "
+                   "profile.")
 @click.option("--stage", type=_STAGES, default="champion", show_default=True)
 @click.option("--traffic", type=float, help="Share of keys a challenger or canary serves (0..1].")
 @click.option("--name", help="Model name (default: the pipeline's name).")
-@click.option("--metrics", "metric_pairs", multiple=True, metavar="NAME=VALUE", help="Offline metrics; repeatable.")
+@click.option("--metrics", "metric_pairs", multiple=True, metavar="NAME=VALUE",
+              help="Offline metrics; repeatable.")
 @click.option("--sha256", "expected_sha256", help="Refuse the file unless it has this sha256.")
-@click.option("--artifact-uri", help="Artifact store (default: LOOPLINE_ARTIFACT_URI, else $LOOPLINE_HOME/artifacts).")
+@click.option("--artifact-uri",
+              help="Artifact store (default: LOOPLINE_ARTIFACT_URI, else "
+              "$LOOPLINE_HOME/artifacts).")
 @click.option("--max-slowdown", type=click.FloatRange(min=1.0, min_open=True), metavar="FACTOR",
               help="Refuse the version if it is more than FACTOR times slower than the champion "
                    "measured beside it (default: register it with a warning past 3x).")
@@ -169,7 +176,8 @@ def register(pipeline: str, onnx_file: Path, reference: Path | None, stage: str,
             expected_sha256=expected_sha256, max_slowdown=max_slowdown))
     console.print(f"registered [bold]{version_id(record['name'], record['version'])}[/] for "
                   f"{pipeline} as {record['stage']}"
-                  + (f" (traffic {record['traffic']:g})" if record["stage"] in ("challenger", "canary") else "")
+                  + (f" (traffic {record['traffic']:g})"
+                     if record["stage"] in ("challenger", "canary") else "")
                   + f"; sha256 {record['sha256'][:12]}, {record['uri']}"
                   + ("; reference profile stored" if record["reference_profile_json"] else ""))
     beside = registry.last_trial[1:]
@@ -249,7 +257,8 @@ def list_(pipeline: str | None, history: bool) -> None:
 @click.option("--version", "version_option", type=int, metavar="N",
               help="The version (same as PIPELINE/N).")
 @click.option("--name", help="Model name (default: the pipeline's name).")
-@click.option("--to", "to_stage", type=click.Choice(["champion", "challenger", "shadow", "canary", "retired"]),
+@click.option("--to", "to_stage",
+              type=click.Choice(["champion", "challenger", "shadow", "canary", "retired"]),
               default="champion", show_default=True)
 @click.option("--traffic", type=float, help="Share of keys for a challenger or canary.")
 @click.option("--reason", default="promoted", show_default=True)

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from loopline import avro, feedback, topics
+from loopline.app.up import ServiceProcess, Stopper, StopRequested, Supervisor
 from loopline.apply import apply_spec, ensure_global_topics
 from loopline.artifacts import ArtifactStore
 from loopline.broker import BrokerAddress, EmbeddedBroker, read_state
@@ -35,7 +36,6 @@ from loopline.models import ModelRegistry, NewVersion
 from loopline.registry import RegistryReader
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, load_spec
-from loopline.app.up import ServiceProcess, Stopper, StopRequested, Supervisor
 
 LABEL_DELAY = 200  # labels come back this many events after their event
 
@@ -66,7 +66,8 @@ def sea_stream(plan: Plan) -> Iterator[tuple[dict[str, float], str]]:
 
 
 def first_model(spec: PipelineSpec, seed: int) -> tuple[bytes, list[dict[str, float]]]:
-    """A logistic regression learned on 2000 pre-drift events, exported to ONNX; and its reference data."""
+    """A logistic regression learned on 2000 pre-drift
+    events, exported to ONNX; and its reference data."""
     from river.datasets import synth
 
     from loopline.services.trainer.export import to_onnx
@@ -109,7 +110,8 @@ class Watcher:
         """
         if self.supervisor is not None:
             for name in self.supervisor.supervise_once():
-                self.console.print(f"  [red]restarted[/] {name} at event {position} (it had exited; see its log)")
+                self.console.print(f"  [red]restarted[/] {name} at event {position} (it had "
+                                   "exited; see its log)")
         for m in self.alerts.consume(100, 0):
             if m.error() is not None:
                 if m.error().code() != KafkaError._PARTITION_EOF:
@@ -256,8 +258,8 @@ def _steps(settings: LooplineSettings, spec: PipelineSpec, keep: bool, console: 
             supervisor.supervise_once()
 
 
-def _stream(kafka: KafkaConfig, spec: PipelineSpec, plan: Plan, events: list[tuple[dict[str, float], str]],
-            watcher: Watcher, console: Console) -> int:
+def _stream(kafka: KafkaConfig, spec: PipelineSpec, plan: Plan,
+            events: list[tuple[dict[str, float], str]], watcher: Watcher, console: Console) -> int:
     producer = AckedProducer(kafka.producer("loopline-demo"))
     try:
         return _produce(producer, spec, plan, events, watcher, console)
@@ -278,7 +280,8 @@ def _produce(producer: AckedProducer, spec: PipelineSpec, plan: Plan,
         for i, (x, _) in enumerate(events):
             producer.send(spec.topics.raw, orjson.dumps({"event_id": f"e{i}", "key": f"k{i % 500}",
                                                          "features": x}), key=f"k{i % 500}")
-            if i % plan.bad_every == plan.bad_every - 1:  # malformed input: dead-lettered, never lost
+            # malformed input: dead-lettered, never lost
+            if i % plan.bad_every == plan.bad_every - 1:
                 bad += 1
                 producer.send(spec.topics.raw, orjson.dumps({"event_id": f"bad{i}", "features": {
                     "x1": "seven", "x2": 1.0, "x3": 99.0}}))
@@ -309,7 +312,8 @@ def _wait_lineage(settings: LooplineSettings, spec: PipelineSpec, expected: int,
     while time.monotonic() < deadline:
         if spec.name in store.pipelines():
             con = connect(store, spec.name)
-            served = con.execute("SELECT count(DISTINCT event_id) FROM predictions WHERE served").fetchall()[0][0]
+            served = con.execute(
+                "SELECT count(DISTINCT event_id) FROM predictions WHERE served").fetchall()[0][0]
             con.close()
             if served >= expected:
                 break
@@ -345,33 +349,41 @@ def _summary(settings: LooplineSettings, spec: PipelineSpec, plan: Plan,
         ids = [i for i in ids if i in served]
         if not ids:
             return "-"
-        return f"{sum(served[i][1] == events[i][1] for i in ids) / len(ids):.3f} ({len(ids)} events)"
+        agreement = sum(served[i][1] == events[i][1] for i in ids) / len(ids)
+        return f"{agreement:.3f} ({len(ids)} events)"
 
     promoted = watcher.promoted(first["version"])
     after = list(range(plan.before, produced))
     frozen = Scorer(onnx_model, spec).score([events[i][0] for i in after]).labels or []
-    frozen_acc = sum(f == events[i][1] for f, i in zip(frozen, after, strict=True)) / max(len(after), 1)
-    after_promotion = [i for i in after if i in served and promoted and served[i][0] == promoted["version"]]
+    frozen_acc = sum(f == events[i][1]
+                     for f, i in zip(frozen, after, strict=True)) / max(len(after), 1)
+    after_promotion = [i for i in after if i in served and promoted
+                       and served[i][0] == promoted["version"]]
     first_alert = next(((pos, a) for pos, a in watcher.story.alerts
                         if a["signal"] in ("performance", "drift")), None)
     table = Table("", "value", title="[6/6] loopline demo: summary")
-    table.add_row("events produced", f"{produced} (+{produced // plan.bad_every} malformed, dead-lettered)")
+    table.add_row("events produced",
+                  f"{produced} (+{produced // plan.bad_every} malformed, dead-lettered)")
     table.add_row("served predictions in the lineage store", str(len(served)))
     table.add_row("latency event -> prediction, p50 / p99", f"{pct('p50')} / {pct('p99')}")
     table.add_row("true drift position", f"event {plan.before}")
-    table.add_row("first alert (seen while producing)", f"event {first_alert[0]} ({first_alert[1]['signal']}, "
-                  f"{first_alert[1]['detector']}; labels arrive {LABEL_DELAY} events late)" if first_alert else "none")
+    table.add_row("first alert (seen while producing)",
+                  f"event {first_alert[0]} ({first_alert[1]['signal']}, "
+                  f"{first_alert[1]['detector']}; labels arrive {LABEL_DELAY} events late)"
+                  if first_alert else "none")
     table.add_row("versions", ", ".join(f"{version_id(r['name'], v)} {r['stage']}"
                                         for v, r in sorted(watcher.story.versions.items())))
     table.add_row("promoted", version_id(promoted["name"], promoted["version"]) if promoted
                   else "no promotion yet")
     table.add_row("accuracy before the drift (served)", accuracy(list(range(plan.before))))
-    table.add_row("accuracy after the drift, frozen first model", f"{frozen_acc:.3f} ({len(after)} events)")
+    table.add_row("accuracy after the drift, frozen first model",
+                  f"{frozen_acc:.3f} ({len(after)} events)")
     table.add_row("accuracy after the promotion (served)", accuracy(after_promotion))
     if after_promotion:
         chosen = set(after_promotion)
         same = [f == events[i][1] for f, i in zip(frozen, after, strict=True) if i in chosen]
-        table.add_row("  the frozen first model on those same events", f"{sum(same) / len(same):.3f}")
+        table.add_row("  the frozen first model on those same events",
+                      f"{sum(same) / len(same):.3f}")
     console.print(table)
     console.print(f"report: [bold]{report_file.resolve()}[/] ({len(report.charts)} charts; "
                   "open it in a browser, it needs no network)")

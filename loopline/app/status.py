@@ -15,8 +15,10 @@ from loopline.registry import RegistryState
 from loopline.runtime.service import SERVICES
 
 #: Which topic kinds each service consumes (its lag is measured on them).
-CONSUMES = {"ingest": ("raw",), "inference": ("features",), "monitor": ("features", "predictions", "feedback"),
-            "trainer": ("predictions", "feedback"), "lineage": ("features", "predictions", "feedback")}
+CONSUMES = {"ingest": ("raw",), "inference": ("features",),
+            "monitor": ("features", "predictions", "feedback"),
+            "trainer": ("predictions", "feedback"),
+            "lineage": ("features", "predictions", "feedback")}
 _STAGES = ("champion", "canary", "challenger", "shadow")
 
 
@@ -48,12 +50,15 @@ def high_watermarks(kafka: KafkaConfig, names: list[str]) -> dict[str, dict[int,
 
 
 def group_lag(kafka: KafkaConfig, group: str, ends: dict[str, dict[int, int]]) -> int | None:
-    """Messages the group has not committed yet over the given topics (None: the group has committed nothing)."""
+    """Messages the group has not committed yet over the
+    given topics (None: the group has committed nothing)."""
     parts = [TopicPartition(t, p) for t, ps in ends.items() for p in ps]
     if not parts:
         return None
-    # An OffsetFetch with the group's id; this consumer never subscribes, so it never joins the group.
-    probe = Consumer(dict(kafka.common("loopline-status"), **{"group.id": group, "enable.auto.commit": False}))
+    # An OffsetFetch with the group's id; this consumer never subscribes, so it never joins the
+    # group.
+    probe = Consumer(dict(kafka.common("loopline-status"),
+                          **{"group.id": group, "enable.auto.commit": False}))
     try:
         committed = probe.committed(parts, timeout=10)
     finally:
@@ -83,7 +88,8 @@ def open_alerts(kafka: KafkaConfig) -> list[dict[str, Any]]:
                     a = codec.decode(m.value())
                 except SchemaError:
                     continue
-                ident = (a["pipeline"], a["signal"], a["model_name"], a["model_version"], a["feature"], a["detector"])
+                ident = (a["pipeline"], a["signal"], a["model_name"], a["model_version"],
+                         a["feature"], a["detector"])
                 if a["state"] == "raised":
                     episodes[ident] = a
                 else:
@@ -106,8 +112,10 @@ def served_shares(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(v, share=shares.get(v["stage"], v["traffic"])) for v in versions]
 
 
-def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], sample_s: float = 1.0) -> list[PipelineStatus]:
-    """Gather every pipeline's status; events/s come from two watermark samples ``sample_s`` apart."""
+def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str],
+            sample_s: float = 1.0) -> list[PipelineStatus]:
+    """Gather every pipeline's status; events/s come
+    from two watermark samples ``sample_s`` apart."""
     names = [t for p in pipelines for t in state.specs[p].topics.all()]
     first = high_watermarks(kafka, names)
     time.sleep(sample_s)
@@ -120,7 +128,8 @@ def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], samp
                  for kind in ("raw", "features", "predictions", "feedback", "deadletter")
                  for t in [getattr(spec.topics, kind)]}
         lag = {svc: group_lag(kafka, f"loopline-{svc}",
-                              {t: second[t] for k in CONSUMES[svc] for t in [getattr(spec.topics, k)] if t in second})
+                              {t: second[t] for k in CONSUMES[svc]
+                               for t in [getattr(spec.topics, k)] if t in second})
                for svc in SERVICES}
         deployed = (v for (vp, _, _), v in state.versions.items()
                     if vp == p and v["stage"] in _STAGES)
@@ -128,5 +137,6 @@ def collect(kafka: KafkaConfig, state: RegistryState, pipelines: list[str], samp
             deployed, key=lambda v: (_STAGES.index(v["stage"]), v["name"], v["version"])))
         trained = [v for (vp, _, _), v in state.versions.items() if vp == p and v.get("trigger")]
         last = max(trained, key=lambda v: v["created_at"]) if trained else None
-        out.append(PipelineStatus(p, versions, rates, lag, [a for a in alerts if a["pipeline"] == p], last))
+        out.append(PipelineStatus(p, versions, rates, lag,
+                                  [a for a in alerts if a["pipeline"] == p], last))
     return out

@@ -12,7 +12,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
 from loopline import avro, feedback, topics
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, LooplineError, SchemaError
 from loopline.kafka import KafkaConfig
 from loopline.registry import RegistryState
 from loopline.spec import PipelineSpec
@@ -21,7 +21,8 @@ TOP_LEVEL = ("event_id", "key", "ts")
 
 
 def _typed(value: str, ftype: str) -> Any:
-    """A CSV cell as the feature's type; left as text when it does not parse (ingest explains why)."""
+    """A CSV cell as the feature's type; left as text
+    when it does not parse (ingest explains why)."""
     try:
         if ftype == "float":
             return float(value)
@@ -47,8 +48,8 @@ def read_events(path: Path, spec: PipelineSpec) -> Iterator[dict[str, Any]]:
                                      if k not in TOP_LEVEL and v != ""}
                 yield event
     elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        with path.open("rb") as f:
-            for number, line in enumerate(f, 1):
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
@@ -175,7 +176,8 @@ def _raw(value: bytes | None) -> Any:
 
 
 def tail(kafka: KafkaConfig, topic: str, decode: Callable[[Any], Any], from_beginning: bool,
-         limit: int | None, stop: Callable[[], bool], emit: Callable[[dict[str, Any]], None]) -> int:
+         limit: int | None, stop: Callable[[], bool],
+         emit: Callable[[dict[str, Any]], None]) -> int:
     """Print a topic's messages (all partitions) until ``limit`` or ``stop()``; return how many."""
     consumer = kafka.reader("loopline-tail")
     metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -194,10 +196,11 @@ def tail(kafka: KafkaConfig, topic: str, decode: Callable[[Any], Any], from_begi
                     continue
                 try:
                     value = decode(m)
-                except (SchemaError, feedback.FeedbackError) as e:
+                except (SchemaError, FeedbackError) as e:
                     value = {"undecodable": str(e)}
                 emit({"partition": m.partition(), "offset": m.offset(),
-                      "key": m.key().decode("utf-8", "replace") if m.key() else None, "value": value})
+                      "key": m.key().decode("utf-8", "replace") if m.key() else None,
+                      "value": value})
                 shown += 1
                 if limit is not None and shown >= limit:
                     break

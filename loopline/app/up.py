@@ -243,10 +243,10 @@ def read_up(home: Path) -> dict[str, object] | None:
         state = json.loads((home / UP_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return state if pid_alive(int(state.get("pid", 0))) else None  # type: ignore[no-any-return]
+    return state if pid_alive(int(state.get("pid", 0))) else None
 
 
-class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+class StopRequested(BaseException):  # like KeyboardInterrupt, not an error
     """SIGINT or SIGTERM reached `loopline up`; raised where `up` was, like KeyboardInterrupt."""
 
 
@@ -288,7 +288,7 @@ def down(settings: LooplineSettings, timeout_s: float = 120.0) -> int:
     state = read_up(settings.home)
     if state is None:
         raise LooplineError(f"no running `loopline up` is recorded in {settings.home / UP_FILE}")
-    pid = int(state["pid"])  # type: ignore[call-overload]
+    pid = int(state["pid"])  # type: ignore[call-overload]  # a JSON value
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid):

@@ -1,4 +1,5 @@
-"""Avro for every Loopline topic: schemas, codecs (single-object encoding), compiled readers/writers.
+"""Avro for every Loopline topic: schemas, codecs (single-object encoding), compiled
+readers/writers.
 
 - :mod:`loopline.avro.codecs`: the schemas in ``schemas/``, fingerprints and :class:`Codec`
   (fastavro encodes and resolves older writers);
@@ -8,8 +9,19 @@
 ``python -m loopline.avro SCHEMA`` prints the generated code of a schema, for debugging.
 """
 
-from loopline.avro.codecs import (HEADER_LEN, KINDS, MAGIC, Codec, codec, fingerprint, is_backward_compatible,
-                                 load_schema, named_types, schema_text, with_features)
+from loopline.avro.codecs import (
+    HEADER_LEN,
+    KINDS,
+    MAGIC,
+    Codec,
+    codec,
+    fingerprint,
+    is_backward_compatible,
+    load_schema,
+    named_types,
+    schema_text,
+    with_features,
+)
 
-__all__ = ["HEADER_LEN", "KINDS", "MAGIC", "Codec", "codec", "fingerprint", "is_backward_compatible",
-           "load_schema", "named_types", "schema_text", "with_features"]
+__all__ = ["HEADER_LEN", "KINDS", "MAGIC", "Codec", "codec", "fingerprint",
+           "is_backward_compatible", "load_schema", "named_types", "schema_text", "with_features"]

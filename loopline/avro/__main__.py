@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import argparse
 
-import fastavro
-
 from loopline.avro import codecs as codec_module
 from loopline.avro.codecs import Codec
-from loopline.avro.writers import Unsupported, features_encoder_source, writer_source
+from loopline.avro.readers import Unsupported
+from loopline.avro.writers import features_encoder_source, writer_source
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the arguments and print the generated sources."""
-    parser = argparse.ArgumentParser(prog="python -m loopline.avro", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loopline.avro",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("schema", choices=codec_module.KINDS)
-    parser.add_argument("--fields", help="comma-separated top-level fields the reader keeps (default: all)")
+    parser.add_argument("--fields",
+                        help="comma-separated top-level fields the reader keeps (default: all)")
     parser.add_argument("--spec", help="pipeline spec YAML (needed for features and raw)")
     args = parser.parse_args(argv)
     if args.schema in ("features", "raw"):
         if not args.spec:
             parser.error(f"{args.schema} depends on a pipeline spec: pass --spec FILE.yaml")
-        from loopline.spec import load_spec  # noqa: PLC0415 - only this branch needs specs
+        from loopline.spec import load_spec  # only this branch needs specs
 
         spec = load_spec(args.spec)
         schema = spec.features_schema() if args.schema == "features" else spec.raw_schema()
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         print(features_encoder_source(schema))
     elif args.schema == "deadletter":  # the one fixed schema written through a compiled writer
         named = codec_module.named_types()
-        expanded = fastavro.parse_schema(schema, named_schemas=named, expand=True)
+        expanded = codec_module.parse_record(schema, named, expand=True)
         try:
             source = writer_source(expanded)
         except Unsupported as e:

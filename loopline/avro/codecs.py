@@ -13,7 +13,7 @@ import importlib.resources
 import io
 import json
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any, cast
 
 import fastavro
@@ -39,10 +39,20 @@ def schema_text(name: str) -> str:
         raise SchemaError(f"no schema file schemas/{name}.avsc") from e
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     """Return the JSON of ``schemas/<name>.avsc`` (cached; callers must not mutate it)."""
-    return json.loads(schema_text(name))  # type: ignore[no-any-return]
+    return json.loads(schema_text(name))  # type: ignore[no-any-return]  # JSON is Any
+
+
+def parse_record(schema: dict[str, Any], named_schemas: dict[str, Any] | None = None, *,
+                 expand: bool = False) -> dict[str, Any]:
+    """``fastavro.parse_schema`` of a record schema (default names: :func:`named_types`).
+
+    fastavro types its result as any schema form; a record always parses to a dict.
+    """
+    named = named_types() if named_schemas is None else named_schemas
+    return cast("dict[str, Any]", fastavro.parse_schema(schema, named_schemas=named, expand=expand))
 
 
 def named_types() -> dict[str, Any]:
@@ -60,7 +70,8 @@ def fingerprint(parsed: dict[str, Any]) -> bytes:
 
 
 def with_features(kind: str, feature_fields: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``raw`` or ``features`` schema with its ``Features`` record filled with the given fields."""
+    """The ``raw`` or ``features`` schema with its
+    ``Features`` record filled with the given fields."""
     schema = copy.deepcopy(load_schema(kind))
     for f in schema["fields"]:
         if f["name"] == "features":
@@ -74,7 +85,7 @@ class Codec:
 
     def __init__(self, schema: dict[str, Any], writers: list[dict[str, Any]] | None = None) -> None:
         self.schema = schema
-        self.parsed = fastavro.parse_schema(schema, named_schemas=named_types())
+        self.parsed = parse_record(schema)
         self.name: str = self.parsed["name"]
         self.fingerprint = fingerprint(self.parsed)
         self._header = MAGIC + self.fingerprint
@@ -85,7 +96,7 @@ class Codec:
 
     def add_writer(self, schema: dict[str, Any]) -> None:
         """Accept messages written with ``schema`` (resolved to this codec's schema on decode)."""
-        parsed = fastavro.parse_schema(schema, named_schemas=named_types())
+        parsed = parse_record(schema)
         fp = fingerprint(parsed)
         if fp != self.fingerprint:
             self._writers[fp] = parsed
@@ -121,7 +132,7 @@ class Codec:
 
     def reader_source(self, fields: Sequence[str] | None = None) -> str:
         """The generated Python source of this codec's compiled reader (for debugging)."""
-        expanded = fastavro.parse_schema(self.schema, named_schemas=named_types(), expand=True)
+        expanded = parse_record(self.schema, expand=True)
         return readers.reader_source(expanded, fields)
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
@@ -134,16 +145,19 @@ class Codec:
     def _decode_fastavro(self, data: bytes | None) -> dict[str, Any]:
         """:meth:`decode` by fastavro: the judge of whatever the compiled reader does not accept."""
         if not data or len(data) < HEADER_LEN or data[:2] != MAGIC:  # None: a Kafka tombstone
-            raise SchemaError(f"not an Avro single-object message for {self.name} (bad magic bytes)")
+            raise SchemaError(
+                f"not an Avro single-object message for {self.name} (bad magic bytes)")
         fp = data[2:HEADER_LEN]
         if fp not in self._writers:
             raise SchemaError(f"unknown writer schema fingerprint {fp.hex()} for {self.name}")
         writer = self._writers[fp]
         try:
             if writer is None:
-                return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self.parsed, None)  # type: ignore[return-value]
-            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self.parsed)  # type: ignore[return-value]
-        except Exception as e:  # noqa: BLE001 - fastavro raises many kinds on corrupt input
+                return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self.parsed,
+                                                  None)  # type: ignore[return-value]  # a record reads as a dict
+            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
+                                              self.parsed)  # type: ignore[return-value]  # a record reads as a dict
+        except Exception as e:  # fastavro raises many kinds on corrupt input
             raise SchemaError(f"corrupt {self.name} message: {type(e).__name__}: {e}") from e
 
     def decode_many(self, values: Sequence[bytes | None]) -> list[dict[str, Any]]:
@@ -156,9 +170,11 @@ class Codec:
 
     def decode_each(self, values: Sequence[bytes | None], fields: Sequence[str] | None = None
                     ) -> list[dict[str, Any] | SchemaError]:
-        """Decode a batch (only the top-level ``fields``, if given); a bad message gets its error."""
+        """Decode a batch (only the top-level ``fields``, if given); a bad message gets its
+        error."""
         read = self._reader(fields)
-        header, out = self._header, []
+        header = self._header
+        out: list[dict[str, Any] | SchemaError] = []
         for v in values:
             if read is not None and v is not None and v.startswith(header):
                 try:
@@ -169,7 +185,8 @@ class Codec:
                 except Exception:  # noqa: BLE001,S110 - not ours to judge: fastavro is, below
                     pass
             r = self._decode_or_error(v)
-            out.append(r if fields is None or isinstance(r, SchemaError) else {k: r[k] for k in fields})
+            out.append(r if fields is None or isinstance(r, SchemaError)
+                       else {k: r[k] for k in fields})
         return out
 
     def _decode_or_error(self, data: bytes | None) -> dict[str, Any] | SchemaError:
@@ -185,7 +202,7 @@ class Codec:
             unknown = set(key or ()) - {f["name"] for f in self.schema["fields"]}
             if unknown:
                 raise SchemaError(f"{self.name} has no field {min(unknown)!r}")
-            expanded = fastavro.parse_schema(self.schema, named_schemas=named_types(), expand=True)
+            expanded = parse_record(self.schema, expand=True)
             try:
                 self._readers[key] = readers.compile_reader(expanded, key)
             except readers.Unsupported:
@@ -194,7 +211,8 @@ class Codec:
 
 
 def history(kind: str) -> list[dict[str, Any]]:
-    """Earlier released versions of a fixed schema kind (``schemas/history/<kind>.<fingerprint>.avsc``).
+    """Earlier released versions of a fixed schema kind
+    (``schemas/history/<kind>.<fingerprint>.avsc``).
 
     Messages written by an earlier release name their writer schema by fingerprint: kept here, they
     stay readable after an upgrade (a compacted registry keeps such records for ever).
@@ -206,14 +224,15 @@ def history(kind: str) -> list[dict[str, Any]]:
             if f.name.startswith(f"{kind}.") and f.name.endswith(".avsc")]
 
 
-@lru_cache(maxsize=None)
+@cache
 def codec(kind: str) -> Codec:
     """The codec of a fixed schema kind (prediction, feedback, deadletter, alert, registry).
 
     It reads messages written with any earlier released version of the schema, too.
     """
     if kind in ("raw", "features"):
-        raise SchemaError(f"the {kind} schema depends on the pipeline spec; use PipelineSpec codecs")
+        raise SchemaError(
+            f"the {kind} schema depends on the pipeline spec; use PipelineSpec codecs")
     return Codec(load_schema(kind), writers=history(kind))
 
 

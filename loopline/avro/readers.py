@@ -26,7 +26,8 @@ _PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "bytes", "st
 
 
 class Unsupported(Exception):
-    """The schema uses something this compiler does not generate code for."""
+    """The schema uses something the generated readers or writers (``writers.writer_source``) do
+    not cover; the caller keeps fastavro for it."""
 
 
 def _bad(what: str) -> None:
@@ -97,7 +98,8 @@ class _Gen:
                   "    w = b & 0x7F; sh = 7; b = data[pos]; pos += 1",
                   "    while b > 127: w |= (b & 0x7F) << sh; sh += 7; b = data[pos]; pos += 1",
                   "    w |= b << sh",
-                  "    if w >> 64: _bad('varint beyond 64 bits')  # fastavro would wrap it: let it judge",
+                  "    if w >> 64: _bad('varint beyond 64 bits')  # fastavro would wrap it: let it "
+                  "judge",
                   f"    {target} = (w >> 1) ^ -(w & 1)")
 
     def value(self, d: int, schema: Any, target: str | None) -> None:
@@ -109,12 +111,14 @@ class _Gen:
             if target:
                 self.emit(d, f"{target} = None")
         elif kind == "boolean":
-            self.emit(d, f"{target} = data[pos] != 0; pos += 1" if target else "data[pos]; pos += 1")
+            self.emit(d,
+                      f"{target} = data[pos] != 0; pos += 1" if target else "data[pos]; pos += 1")
         elif kind in ("int", "long"):
             self.varint(d, target)
         elif kind in ("float", "double"):
             size, fmt = (4, "_F") if kind == "float" else (8, "_D")
-            self.emit(d, f"{target} = {fmt}(data, pos)[0]; pos += {size}" if target else f"pos += {size}")
+            self.emit(d, f"{target} = {fmt}(data, pos)[0]; pos += {size}" if target
+                      else f"pos += {size}")
         elif kind in ("bytes", "string"):
             self.varint(d, "n")
             self.emit(d, "if n < 0: _bad('negative length')")
@@ -174,7 +178,8 @@ class _Gen:
             self.value(d + 2, "string", key if target else None)
         self.value(d + 2, items, item if target else None)
         if target:
-            self.emit(d + 2, f"{acc}.append({item})" if kind == "array" else f"{acc}[{key}] = {item}")
+            self.emit(d + 2,
+                      f"{acc}.append({item})" if kind == "array" else f"{acc}[{key}] = {item}")
         self.varint(d + 1, count)
         if target:
             self.emit(d, f"{target} = {acc}")
@@ -207,7 +212,7 @@ def compile_reader(schema: dict[str, Any], keep: Iterable[str] | None = None) ->
     source, consts = _generate(schema, keep)
     scope: dict[str, Any] = {"_bad": _bad, "_D": struct.Struct("<d").unpack_from,
                              "_F": struct.Struct("<f").unpack_from, **consts}
-    exec(compile(source, f"<avro reader {schema.get('name')}>", "exec"), scope)  # noqa: S102
+    exec(compile(source, f"<avro reader {schema.get('name')}>", "exec"), scope)  # noqa: S102 - generated above
     read: Reader = scope["read"]
     return read
 
@@ -220,7 +225,8 @@ def _generate(schema: dict[str, Any], keep: Iterable[str] | None) -> tuple[str, 
 
 
 def reader_source(schema: dict[str, Any], keep: Iterable[str] | None = None) -> str:
-    """The Python source :func:`compile_reader` generates for ``schema`` (constants listed after it)."""
+    """The Python source :func:`compile_reader` generates
+    for ``schema`` (constants listed after it)."""
     source, consts = _generate(schema, keep)
     listed = "".join(f"# {name} = {value!r}\n" for name, value in consts.items())
     return source + (f"\n# constants:\n{listed}" if listed else "")

@@ -14,9 +14,8 @@ from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import fastavro
-
-from loopline.avro.codecs import MAGIC, Codec, named_types
+from loopline.avro.codecs import MAGIC, Codec, parse_record
+from loopline.avro.readers import Unsupported
 
 _SMALL = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 # The low 14 bits of a larger number: two bytes, both with the continuation bit set.
@@ -233,10 +232,6 @@ class FeaturesEncoder:
 
 # --- compiled writers of whole records (dead letters) -----------------------------------------
 
-class Unsupported(Exception):  # noqa: N818 - like readers.Unsupported: a reason to keep fastavro
-    """The schema uses something :func:`writer_source` does not generate code for."""
-
-
 _ZERO, _ONE = b"\x00", b"\x02"
 _WRITABLE = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")
 
@@ -304,14 +299,14 @@ def compile_writer(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     env: dict[str, Any] = {"_varint": varint, "_join": b"".join, "_pack1": struct.Struct("<d").pack,
                            "_packF": struct.Struct("<f").pack}
     exec(compile(writer_source(schema), "<avro writer>", "exec"), env)  # noqa: S102 - generated above
-    return env["write"]  # type: ignore[no-any-return]
+    return env["write"]  # type: ignore[no-any-return]  # generated code
 
 
 def record_encoder(codec: Codec) -> Callable[[dict[str, Any]], bytes]:
     """``codec.encode`` through a compiled writer, which fastavro backs up: a record the writer
     cannot take (a wrong type, a missing field) goes to ``codec.encode``, which judges it."""
     try:
-        expanded = fastavro.parse_schema(codec.schema, named_schemas=named_types(), expand=True)
+        expanded = parse_record(codec.schema, expand=True)
         write = compile_writer(expanded)
     except Unsupported:
         return codec.encode

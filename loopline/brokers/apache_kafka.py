@@ -93,7 +93,7 @@ class KafkaBroker(BrokerProcess):
 
     def _meta(self) -> dict[str, object]:
         try:
-            return json.loads((self.dir / "engine.json").read_text())  # type: ignore[no-any-return]
+            return json.loads((self.dir / "engine.json").read_text())  # type: ignore[no-any-return]  # JSON is Any
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
@@ -147,14 +147,14 @@ class KafkaBroker(BrokerProcess):
     def _choose_port(self) -> int:
         self._attempt += 1
         meta = self._meta()
-        recorded = int(meta.get("port", 0) or 0)  # type: ignore[call-overload]
+        recorded = int(meta.get("port", 0) or 0)  # type: ignore[call-overload]  # a JSON value
         if self.requested_port:
             port = self.requested_port
         elif self._attempt == 1 and recorded and port_free(self.host, recorded):
             port = recorded  # the same address as last time: clients that outlived it reconnect
         else:
             port = free_port(self.host)
-        controller = int(meta.get("controller_port", 0) or 0)  # type: ignore[call-overload]
+        controller = int(meta.get("controller_port", 0) or 0)  # type: ignore[call-overload]  # a JSON value
         if self._attempt > 1 or not controller or controller == port \
                 or not port_free(self.host, controller):
             controller = free_port(self.host)

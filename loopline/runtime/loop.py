@@ -27,18 +27,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from loopline.errors import ClientStuck, LooplineError
 from loopline.kafka import StopFlag
-from loopline.topics import is_event_topic
-from loopline.observability import Health
+from loopline.observability import Health, bounded
 from loopline.runtime.delivery import Delivery, RetryBatch
-from loopline.observability import bounded
 from loopline.runtime.outputs import Outputs
+from loopline.topics import is_event_topic
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +70,26 @@ class LoopMetrics:
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.service = service
-        self.batches = Counter("loopline_batches", "Batches processed", ["service"], registry=registry)
-        self.messages = Counter("loopline_messages", "Input messages processed", ["service"], registry=registry)
-        self.poison = Counter("loopline_poison_messages", "Messages the handler failed on, dead-lettered "
+        self.batches = Counter("loopline_batches", "Batches processed", ["service"],
+                               registry=registry)
+        self.messages = Counter("loopline_messages", "Input messages processed", ["service"],
+                                registry=registry)
+        self.poison = Counter("loopline_poison_messages",
+                              "Messages the handler failed on, dead-lettered "
                               "after bisecting their batch", ["service"], registry=registry)
         self.bisections = Counter("loopline_bisections", "Batches split because the handler failed",
                                   ["service"], registry=registry)
-        self.aborts = Counter("loopline_aborted_commits", "Transactions aborted and processed again",
+        self.aborts = Counter("loopline_aborted_commits",
+                              "Transactions aborted and processed again",
                               ["service"], registry=registry)
         self.tombstones = Counter("loopline_tombstones_skipped", "Null-valued records on raw and "
                                   "features topics (deletions, not events) passed over",
                                   ["service", "topic"], registry=registry)
-        self.commit_seconds = Histogram("loopline_commit_seconds", "Time to commit outputs and offsets",
+        self.commit_seconds = Histogram("loopline_commit_seconds",
+                                        "Time to commit outputs and offsets",
                                         ["service"], registry=registry,
-                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                 1, 5))
 
 
 def data_messages(messages: Sequence[Message]) -> list[Message]:
@@ -106,8 +111,9 @@ def data_messages(messages: Sequence[Message]) -> list[Message]:
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
-    """Up to ``max_messages``: wait up to ``timeout_s`` for the first, then only what has arrived."""
-    messages = consumer.consume(max_messages, 0)
+    """Up to ``max_messages``: wait up to ``timeout_s``
+    for the first, then only what has arrived."""
+    messages: list[Any] = consumer.consume(max_messages, 0)
     if not messages:
         messages = consumer.consume(1, timeout_s)
         if messages and max_messages > 1:
@@ -152,7 +158,8 @@ class LoopSettings:
     batch_size: int = 1000
     batch_timeout_s: float = 0.05
     tick_s: float = 0.2
-    bisect: bool = True  # stateless handlers can be retried on part of a batch; stateful ones cannot
+    # stateless handlers can be retried on part of a batch; stateful ones cannot
+    bisect: bool = True
     # Process-wide: only for a service that owns its process (not a loop on a test's thread).
     tune_gc: bool = False
 
@@ -160,8 +167,8 @@ class LoopSettings:
 class Loop:
     """Runs a :class:`Handler` on a consumer until ``stop``; see the module docstring."""
 
-    def __init__(self, service: str, consumer: Consumer, delivery: Delivery, handler: Handler, stop: StopFlag,
-                 health: Health, metrics: LoopMetrics, settings: LoopSettings,
+    def __init__(self, service: str, consumer: Consumer, delivery: Delivery, handler: Handler,
+                 stop: StopFlag, health: Health, metrics: LoopMetrics, settings: LoopSettings,
                  checkpointer: Checkpointer | None = None, max_deadletter_bytes: int | None = None,
                  group: Consumer | None = None) -> None:
         self.service = service
@@ -199,8 +206,10 @@ class Loop:
                         self._probe_broker()
                     self.handler.tick(self.pending)
                 if self.group is not self.consumer:
-                    self.group.poll(0)  # the group's rebalance callbacks (its partitions are paused)
-                batch = data_messages(consume_available(self.consumer, s.batch_size, s.batch_timeout_s))
+                    # the group's rebalance callbacks (its partitions are paused)
+                    self.group.poll(0)
+                batch = data_messages(consume_available(self.consumer, s.batch_size,
+                                                        s.batch_timeout_s))
                 self.health.beat()
                 events = self._without_tombstones(batch) if self._has_tombstones(batch) else batch
                 if events:
@@ -236,7 +245,8 @@ class Loop:
             if m.value() is None and is_event_topic(topic):
                 self.metrics.tombstones.labels(self.service, topic).inc()
                 log.debug("tombstone_skipped", extra={"service": self.service, "topic": topic,
-                                                      "partition": m.partition(), "offset": m.offset()})
+                                                      "partition": m.partition(),
+                                                      "offset": m.offset()})
             else:
                 kept.append(m)
         return kept
@@ -273,7 +283,8 @@ class Loop:
         """Dead-letter the one message the handler fails on."""
         self.metrics.poison.labels(self.service).inc()
         reason = f"{self.service} failed to process this message: {type(error).__name__}: {error}"
-        log.error("poison_message", exc_info=error if not isinstance(error, LooplineError) else None,
+        log.error("poison_message",
+                  exc_info=error if not isinstance(error, LooplineError) else None,
                   extra={"service": self.service, "topic": m.topic(), "partition": m.partition(),
                          "offset": m.offset(), "error": bounded(str(error))})
         out = self.outputs()
@@ -296,7 +307,8 @@ class Loop:
             positions = self.checkpointer.checkpoint(self.pending)
         started = time.perf_counter()
         if self.group is not self.consumer and not self.delivery.exactly_once:
-            positions = []  # a stateful service's positions live in its state; only transactions need them
+            # a stateful service's positions live in its state; only transactions need them
+            positions = []
         self.delivery.commit(self.pending.items, positions, self.group)
         self.metrics.commit_seconds.labels(self.service).observe(time.perf_counter() - started)
         self.health.broker_ok()
@@ -337,14 +349,16 @@ class Loop:
                 try:
                     self._commit_final()
                 except (KafkaException, LooplineError, RetryBatch) as e:
-                    log.warning("final_commit_failed", extra={"service": self.service, "error": str(e)})
+                    log.warning("final_commit_failed",
+                                extra={"service": self.service, "error": str(e)})
             self._closing = True
             self.delivery.close()
         finally:
             self._closing = True
             try:
                 if self.group is not self.consumer:
-                    self.group.close()  # first: leaving the group revokes units, which unassigns inputs
+                    # first: leaving the group revokes units, which unassigns inputs
+                    self.group.close()
             finally:
                 self.consumer.close()
 

@@ -50,7 +50,8 @@ def kafka_timestamp(m: Message) -> int | None:
     return ts if kind != TIMESTAMP_NOT_AVAILABLE and ts >= 0 else None
 
 
-def deadletter_id(service: str, topic: str, partition: int, offset: int, incarnation: str = "") -> str:
+def deadletter_id(service: str, topic: str, partition: int, offset: int,
+                  incarnation: str = "") -> str:
     """The id of one service's rejection of one message: equal across retries, unique otherwise."""
     text = f"{service}|{incarnation}|{topic}|{partition}|{offset}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -58,20 +59,22 @@ def deadletter_id(service: str, topic: str, partition: int, offset: int, incarna
 
 def dead_letter(m: Message, service: str, rule: str, message: str, field_name: str | None = None,
                 max_bytes: int | None = None, incarnation: str = "") -> tuple[str, dict[str, Any]]:
-    """The dead-letter topic and record of a rejected message (the original truncated only to fit)."""
+    """The dead-letter topic and record of a rejected
+    message (the original truncated only to fit)."""
     original = m.value() or b""  # a tombstone has no bytes to keep
-    if max_bytes is not None and len(original) + DEADLETTER_OVERHEAD + len(message.encode()) > max_bytes:
+    if (max_bytes is not None
+            and len(original) + DEADLETTER_OVERHEAD + len(message.encode()) > max_bytes):
         keep = max(0, max_bytes - DEADLETTER_OVERHEAD - len(message.encode()))
-        message = (f"{message} [original truncated to its first {keep} of {len(original)} bytes to fit "
-                   f"deadletter_max_bytes={max_bytes}; sha256 of the full original: "
+        message = (f"{message} [original truncated to its first {keep} of {len(original)} bytes to "
+                   f"fit deadletter_max_bytes={max_bytes}; sha256 of the full original: "
                    f"{hashlib.sha256(original).hexdigest()}]")
         original = original[:keep]
     topic, partition, offset = m.topic(), m.partition(), m.offset()
     record = {
         "original": original, "original_key": m.key(),
         "source": {"topic": topic, "partition": partition, "offset": offset},
-        "source_timestamp": kafka_timestamp(m), "field": field_name, "rule": rule, "message": message,
-        "service": service, "at": now_ms(),
+        "source_timestamp": kafka_timestamp(m), "field": field_name, "rule": rule,
+        "message": message, "service": service, "at": now_ms(),
         "deadletter_id": deadletter_id(service, topic, partition, offset, incarnation),
     }
     return deadletter_topic(topic), record
@@ -104,7 +107,8 @@ class Outputs:
     held: list[TopicPartition] = field(default_factory=list)
 
     def hold(self, positions: Sequence[TopicPartition]) -> None:
-        """Do not commit past these positions; rewind there and pause (the handler resumes later)."""
+        """Do not commit past these positions; rewind
+        there and pause (the handler resumes later)."""
         self.held.extend(positions)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
@@ -118,8 +122,10 @@ class Outputs:
 
     def dead(self, m: Message, rule: str, message: str, field_name: str | None = None) -> None:
         """Queue the dead letter of ``m``; its reason also travels as headers (for kcat -f '%h')."""
-        topic, record = dead_letter(m, self.service, rule, message, field_name, self.max_deadletter_bytes)
-        headers = [("loopline.rule", rule.encode()), ("loopline.field", (field_name or "").encode()),
+        topic, record = dead_letter(m, self.service, rule, message, field_name,
+                                    self.max_deadletter_bytes)
+        headers = [("loopline.rule", rule.encode()),
+                   ("loopline.field", (field_name or "").encode()),
                    ("loopline.reason", record["message"].encode()),
                    ("loopline.deadletter_id", record["deadletter_id"].encode())]
         self.items.append(Out(topic, _deadletter_encoder()(record), m.key(), headers))

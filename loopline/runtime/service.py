@@ -1,4 +1,5 @@
-"""What every service process shares: logging, metrics/health server, signals, Kafka clients, loop."""
+"""What every service process shares: logging,
+metrics/health server, signals, Kafka clients, loop."""
 
 from __future__ import annotations
 
@@ -41,20 +42,24 @@ class ServiceRuntime:
         configure_logging(settings.log_level, settings.log_format)
         self.log = logging.getLogger(f"loopline.{name}")
         self.health = Health()
-        self.kafka = KafkaConfig.from_settings(settings).with_error_callback(self.health.broker_error)
+        self.kafka = KafkaConfig.from_settings(settings).with_error_callback(
+            self.health.broker_error)
         self.registry = CollectorRegistry()
         self.stop = StopFlag()
-        self._owns_process = install_signals  # a process of its own (not a service on a test thread)
+        # a process of its own (not a service on a test thread)
+        self._owns_process = install_signals
         if install_signals:
             signal.signal(signal.SIGINT, self.stop.set)
             signal.signal(signal.SIGTERM, self.stop.set)
         Gauge("loopline_service_up", "1 while the service process runs", ["service"],
               registry=self.registry).labels(name).set(1)
         restarts = os.environ.get(RESTARTS_ENV, "0")
-        Gauge("loopline_service_restarts", "Times the supervisor restarted this service", ["service"],
+        Gauge("loopline_service_restarts", "Times the supervisor restarted this service",
+              ["service"],
               registry=self.registry).labels(name).set(int(restarts) if restarts.isdigit() else 0)
         self.loop_metrics = LoopMetrics(self.registry, name)
-        self.metrics = MetricsServer(self.registry, self.health, settings.metrics_host, settings.metrics_port)
+        self.metrics = MetricsServer(self.registry, self.health, settings.metrics_host,
+                                     settings.metrics_port)
 
     @property
     def group_id(self) -> str:
@@ -63,11 +68,13 @@ class ServiceRuntime:
 
     @property
     def transactional_id(self) -> str:
-        """This replica's transactional id: stable across its restarts, distinct between replicas."""
+        """This replica's transactional id: stable across
+        its restarts, distinct between replicas."""
         return f"{self.group_id}.{self.settings.instance_id or socket.gethostname()}"
 
     def delivery(self, **producer_overrides: object) -> Delivery:
-        """Exactly-once (transactions) on Kafka, at-least-once on the embedded broker (LOOPLINE_DELIVERY)."""
+        """Exactly-once (transactions) on Kafka, at-least-once
+        on the embedded broker (LOOPLINE_DELIVERY)."""
         # Failures only, to one callback in the producer's configuration (see Failures).
         failures = Failures()
         conf = {"on_delivery": failures, "delivery.report.only.error": True, **producer_overrides}
@@ -81,7 +88,8 @@ class ServiceRuntime:
              max_deadletter_bytes: int | None = None) -> Loop:
         """The service's consume loop with its settings, health and metrics."""
         s = self.settings
-        return Loop(self.name, consumer, delivery, handler, self.stop, self.health, self.loop_metrics,
+        return Loop(self.name, consumer, delivery, handler, self.stop, self.health,
+                    self.loop_metrics,
                     LoopSettings(s.batch_size, s.batch_timeout_s, bisect=bisect,
                                  tune_gc=self._owns_process), checkpointer,
                     max_deadletter_bytes, group)
@@ -97,7 +105,8 @@ class ServiceRuntime:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc is not None:
-            self.log.error("service_failed", exc_info=(exc_type, exc, tb),  # type: ignore[arg-type]
+            self.log.error("service_failed", exc_info=(exc_type, exc,
+                                                       tb),  # type: ignore[arg-type]  # logging's stubs want a live traceback
                            extra={"service": self.name})
         if isinstance(exc, ClientStuck) and self._owns_process:
             # Its clients' threads may never return: exit at once, the supervisor starts it again.

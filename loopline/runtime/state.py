@@ -32,7 +32,7 @@ import river
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from loopline import topics
-from loopline.errors import LooplineError
+from loopline.errors import LooplineError, StateError
 from loopline.kafka import KafkaConfig, TopicSpec, ensure_topics, watermarks
 from loopline.runtime.outputs import Out
 
@@ -43,10 +43,10 @@ FORMAT = 1
 #: Largest state record (the changelog topic and its producers are configured for it).
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 
-_SAFE_BUILTINS = {"float", "int", "list", "dict", "set", "frozenset", "tuple", "str", "bytes", "bytearray",
-                  "bool", "complex", "slice", "range"}
-_SAFE_PREFIXES = ("loopline.services.monitor.", "loopline.services.trainer.", "loopline.spec", "river.",
-                  "collections")
+_SAFE_BUILTINS = {"float", "int", "list", "dict", "set", "frozenset", "tuple", "str", "bytes",
+                  "bytearray", "bool", "complex", "slice", "range"}
+_SAFE_PREFIXES = ("loopline.services.monitor.", "loopline.services.trainer.", "loopline.spec",
+                  "river.", "collections")
 _SAFE_FUNCTIONS = {
     ("numpy", "dtype"), ("numpy", "ndarray"),
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
@@ -56,14 +56,11 @@ _SAFE_FUNCTIONS = {
 }
 
 
-class StateError(LooplineError):
-    """A state record cannot be read: corrupt, of another format, or not made of allowed classes."""
-
-
 def _safe_getattr(obj: Any, name: str) -> Any:
     """``getattr`` as pickles of bound methods use it: data attributes of allowed objects only."""
     if name.startswith("__") or not _allowed_type(type(obj)):
-        raise StateError(f"state record asks for attribute {name!r} of a {type(obj).__name__}: refused")
+        raise StateError(f"state record asks for attribute {name!r} of a {type(obj).__name__}: "
+                         "refused")
     return getattr(obj, name)
 
 
@@ -99,18 +96,21 @@ def encode_state(state: Any) -> bytes:
 
 
 def decode_state(data: bytes) -> Any:
-    """The state of a record written by :func:`encode_state`; raise :class:`StateError` otherwise."""
+    """The state of a record written by :func:`encode_state`;
+    raise :class:`StateError` otherwise."""
     try:
         envelope = _Unpickler(io.BytesIO(zlib.decompress(data))).load()
     except StateError:
         raise
-    except Exception as e:  # noqa: BLE001 - corrupt input raises many kinds
+    except Exception as e:  # corrupt input raises many kinds
         raise StateError(f"unreadable state record: {type(e).__name__}: {e}") from e
     if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
-        raise StateError(f"state record of another format ({envelope.get('format') if isinstance(envelope, dict) else '?'})")
+        raise StateError("state record of another format "
+                         f"({envelope.get('format') if isinstance(envelope, dict) else '?'})")
     if envelope.get("river") != river.__version__:
         # river's pickles are not promised to be stable across versions.
-        raise StateError(f"state record written with river {envelope.get('river')}, this is {river.__version__}")
+        raise StateError(f"state record written with river {envelope.get('river')}, this is "
+                         f"{river.__version__}")
     return envelope["state"]
 
 
@@ -121,7 +121,8 @@ def partition_of(unit: str, partitions: int) -> int:
 
 @dataclass
 class Restored:
-    """What a changelog partition held: the state of each unit, and the units that could not be read."""
+    """What a changelog partition held: the state of
+    each unit, and the units that could not be read."""
 
     states: dict[str, Any] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # unit -> why
@@ -137,7 +138,8 @@ class Changelog:
         self.partitions = partitions
 
     def ensure(self) -> None:
-        """Create the topic (compacted, large records) if it does not exist; check its partitions."""
+        """Create the topic (compacted, large records)
+        if it does not exist; check its partitions."""
         spec = TopicSpec(self.topic, self.partitions, {"cleanup.policy": "compact",
                                                       "max.message.bytes": str(MAX_RECORD_BYTES)})
         ensure_topics(self.kafka.admin(f"loopline-{self.service}-state"), [spec],
@@ -146,8 +148,9 @@ class Changelog:
         actual = len(admin.list_topics(self.topic, timeout=10).topics[self.topic].partitions)
         if actual != self.partitions:
             # Units hash to partitions: a changed count would move them without their state.
-            raise LooplineError(f"{self.topic} has {actual} partitions, this {self.service} expects "
-                                f"{self.partitions} (LOOPLINE_STATE_PARTITIONS); keep them equal")
+            raise LooplineError(f"{self.topic} has {actual} partitions, this {self.service} "
+                                f"expects {self.partitions} (LOOPLINE_STATE_PARTITIONS); keep them "
+                                "equal")
 
     def partition_of(self, unit: str) -> int:
         """The partition of a unit."""
@@ -157,7 +160,8 @@ class Changelog:
         """The changelog message that stores ``state`` for ``unit``."""
         data = encode_state(state)
         if len(data) > MAX_RECORD_BYTES:
-            raise StateError(f"the state of {unit} is {len(data)} bytes, more than {MAX_RECORD_BYTES}")
+            raise StateError(f"the state of {unit} is {len(data)} bytes, more than "
+                             f"{MAX_RECORD_BYTES}")
         return Out(self.topic, data, unit.encode(), partition=self.partition_of(unit))
 
     def restore(self, partitions: Iterable[int], timeout_s: float = 60.0,
@@ -167,8 +171,9 @@ class Changelog:
         out = Restored()
         if not wanted:
             return out
-        reader = self.kafka.reader(f"loopline-{self.service}-restore", **{"enable.partition.eof": True,
-                                                                         "fetch.message.max.bytes": MAX_RECORD_BYTES})
+        reader = self.kafka.reader(f"loopline-{self.service}-restore",
+                                   **{"enable.partition.eof": True,
+                                      "fetch.message.max.bytes": MAX_RECORD_BYTES})
         raw: dict[str, tuple[bytes | None, int, int]] = {}
         try:
             reader.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in wanted])
@@ -184,7 +189,8 @@ class Changelog:
                     if len(done) == len(wanted):
                         continue
                     if time.monotonic() > deadline:
-                        raise LooplineError(f"{self.topic}: could not read partitions {sorted(set(wanted) - done)} "
+                        raise LooplineError(f"{self.topic}: could not read partitions "
+                                            f"{sorted(set(wanted) - done)} "
                                             f"to their end within {timeout_s:.0f}s")
                     continue
                 quiet = 0
@@ -207,7 +213,9 @@ class Changelog:
                 out.states[unit] = decode_state(value)
             except StateError as e:
                 out.unreadable[unit] = str(e)
-                log.error("state_unreadable", extra={"topic": self.topic, "unit": unit, "partition": partition,
+                log.error("state_unreadable", extra={"topic": self.topic, "unit": unit,
+                                                     "partition": partition,
                                                      "offset": offset, "error": str(e)[:300],
-                                                     "policy": "the unit starts fresh from its input topics"})
+                                                     "policy": "the unit starts fresh from its "
+                                                               "input topics"})
         return out

@@ -80,21 +80,26 @@ class UnitsMetrics:
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.service = service
-        self.owned = Gauge("loopline_units_owned", "Units (pipelines) this replica owns", ["service"],
-                           registry=registry)
-        self.restores = Counter("loopline_unit_restores", "Units taken over, by outcome (restored, fresh, "
+        self.owned = Gauge("loopline_units_owned", "Units (pipelines) this replica owns",
+                           ["service"], registry=registry)
+        self.restores = Counter("loopline_unit_restores",
+                                "Units taken over, by outcome (restored, fresh, "
                                 "unreadable)", ["service", "outcome"], registry=registry)
-        self.checkpoints = Counter("loopline_unit_checkpoints", "Unit states written to the changelog",
+        self.checkpoints = Counter("loopline_unit_checkpoints",
+                                   "Unit states written to the changelog",
                                    ["service"], registry=registry)
-        self.checkpoint_bytes = Gauge("loopline_unit_checkpoint_bytes", "Size of the last checkpoint written",
+        self.checkpoint_bytes = Gauge("loopline_unit_checkpoint_bytes",
+                                      "Size of the last checkpoint written",
                                       ["service"], registry=registry)
 
 
 class Units:
-    """Ownership, restore and checkpoints of a stateful service's units; see the module docstring."""
+    """Ownership, restore and checkpoints of a stateful
+    service's units; see the module docstring."""
 
-    def __init__(self, service: str, changelog: Changelog, group: Consumer, data: Consumer, handler: UnitHandler,
-                 topic_ids: TopicIds, metrics: UnitsMetrics, checkpoint_interval_s: float = 5.0) -> None:
+    def __init__(self, service: str, changelog: Changelog, group: Consumer, data: Consumer,
+                 handler: UnitHandler, topic_ids: TopicIds, metrics: UnitsMetrics,
+                 checkpoint_interval_s: float = 5.0) -> None:
         self.service = service
         self.changelog = changelog
         self.group = group
@@ -106,7 +111,8 @@ class Units:
         self.partitions: set[int] = set()
         self.units: dict[str, _Unit] = {}
         self._parked: dict[str, Any] = {}  # restored states of units the registry does not know yet
-        self._assigned: dict[tuple[str, int], int] = {}  # data partitions assigned, with start offsets
+        # data partitions assigned, with start offsets
+        self._assigned: dict[tuple[str, int], int] = {}
         self._before: dict[str, dict[tuple[str, int], int]] = {}
         self._last_checkpoint = time.monotonic()
         self._requested = False
@@ -118,8 +124,8 @@ class Units:
     def start(self) -> None:
         """Create the changelog if needed and join the group."""
         self.changelog.ensure()
-        self.group.subscribe([self.changelog.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                             on_lost=self._on_lost)
+        self.group.subscribe([self.changelog.topic], on_assign=self._on_assign,
+                             on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         _guarded(self._on_assign_, consumer, partitions)
@@ -144,7 +150,8 @@ class Units:
             try:
                 self.commit_now()  # hand the units over with everything they caused committed
             except Exception as e:  # noqa: BLE001 - the next owner resumes from the last commit anyway
-                log.warning("handover_commit_failed", extra={"service": self.service, "error": str(e)[:300]})
+                log.warning("handover_commit_failed",
+                            extra={"service": self.service, "error": str(e)[:300]})
         self._give_up(lost)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -159,12 +166,12 @@ class Units:
         restored = self.changelog.restore(partitions)
         self._parked.update({u: s for u, s in restored.states.items()
                              if self.changelog.partition_of(u) in partitions})
-        for unit in restored.unreadable:
+        for _unit in restored.unreadable:
             self.metrics.restores.labels(self.service, "unreadable").inc()
         self.sync()
+        units = sorted(u for u in self.units if self.changelog.partition_of(u) in partitions)
         log.info("units_assigned", extra={"service": self.service, "partitions": sorted(partitions),
-                                          "units": sorted(u for u in self.units
-                                                          if self.changelog.partition_of(u) in partitions),
+                                          "units": units,
                                           "restore_s": round(time.monotonic() - started, 3)})
 
     def _give_up(self, partitions: set[int]) -> None:
@@ -172,7 +179,8 @@ class Units:
         for unit in [u for u in self.units if self.changelog.partition_of(u) in partitions]:
             self.handler.remove(unit)
             del self.units[unit]
-        self._parked = {u: s for u, s in self._parked.items() if self.changelog.partition_of(u) not in partitions}
+        self._parked = {u: s for u, s in self._parked.items()
+                        if self.changelog.partition_of(u) not in partitions}
         self._reassign()
         self.metrics.owned.labels(self.service).set(len(self.units))
         log.info("units_revoked", extra={"service": self.service, "partitions": sorted(partitions)})
@@ -197,8 +205,10 @@ class Units:
         version = getattr(self.handler, "state_version", 1)
         if isinstance(envelope, dict) and envelope.get("version", 1) != version:
             log.warning("unit_state_version", extra={"service": self.service, "unit": unit,
-                                                     "stored": envelope.get("version", 1), "current": version,
-                                                     "action": "starting fresh from the input topics"})
+                                                     "stored": envelope.get("version", 1),
+                                                     "current": version,
+                                                     "action": "starting fresh from the input "
+                                                               "topics"})
             envelope = None
         if isinstance(envelope, dict) and "state" in envelope:
             state = envelope["state"]
@@ -208,13 +218,16 @@ class Units:
                 now = self.topic_ids.get(topic)
                 if now != old:
                     # Offsets of another incarnation of the topic mean nothing here.
-                    log.error("input_topic_recreated", extra={"service": self.service, "unit": unit, "topic": topic,
+                    log.error("input_topic_recreated", extra={"service": self.service, "unit": unit,
+                                                              "topic": topic,
                                                               "stored_id": old, "current_id": now,
-                                                              "action": "reading it from the beginning"})
+                                                              "action": "reading it from the "
+                                                                        "beginning"})
                     record.offsets = {k: v for k, v in record.offsets.items() if k[0] != topic}
                     del record.topic_ids[topic]
         self.handler.install(unit, state)
-        self.metrics.restores.labels(self.service, "restored" if state is not None else "fresh").inc()
+        self.metrics.restores.labels(self.service,
+                                     "restored" if state is not None else "fresh").inc()
         for i in self.handler.inputs(unit):
             record.topic_ids.setdefault(i.topic, self.topic_ids.get(i.topic))
         record.dirty = state is None
@@ -224,12 +237,13 @@ class Units:
     def _partitions(self, topic: str) -> list[int]:
         meta = self.data.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            raise LooplineError(f"{self.service}: input topic {topic} does not exist; `loopline apply` its "
-                                "pipeline first")
+            raise LooplineError(f"{self.service}: input topic {topic} does not exist; `loopline "
+                                "apply` its pipeline first")
         return sorted(meta.partitions)
 
     def _reassign(self) -> None:
-        """Assign every input partition of the owned units at the earliest offset one of them needs."""
+        """Assign every input partition of the owned
+        units at the earliest offset one of them needs."""
         wanted: dict[tuple[str, int], int] = {}
         for unit, record in self.units.items():
             for i in self.handler.inputs(unit):
@@ -241,13 +255,15 @@ class Units:
         gone = [TopicPartition(t, p) for (t, p) in self._assigned if (t, p) not in wanted]
         if gone:
             self.data.incremental_unassign(gone)
-        new = [TopicPartition(t, p, o) for (t, p), o in wanted.items() if (t, p) not in self._assigned]
+        new = [TopicPartition(t, p, o) for (t, p), o in wanted.items()
+               if (t, p) not in self._assigned]
         if new:
             self.data.incremental_assign(new)
         for (t, p), o in wanted.items():
             old = self._assigned.get((t, p))
             if old is not None and _earliest(old, o) != old:
-                self.data.seek(TopicPartition(t, p, o))  # a unit that just arrived needs earlier messages
+                # a unit that just arrived needs earlier messages
+                self.data.seek(TopicPartition(t, p, o))
         self._assigned = wanted
 
     # ---- batches ------------------------------------------------------------------------------
@@ -256,7 +272,8 @@ class Units:
         return [u for u in self.units if any(i.topic == topic for i in self.handler.inputs(u))]
 
     def observe(self, batch: Iterable[Message]) -> list[Message]:
-        """The messages some owned unit has not folded in yet; every unit's offsets move past them."""
+        """The messages some owned unit has not folded
+        in yet; every unit's offsets move past them."""
         self._before = {u: dict(r.offsets) for u, r in self.units.items()}
         owners: dict[str, list[str]] = {}
         fresh: list[Message] = []
@@ -277,12 +294,14 @@ class Units:
         return fresh
 
     def fresh_for(self, unit: str, m: Message) -> bool:
-        """Whether ``m`` (of the batch last observed) is new to ``unit`` (for topics units share)."""
+        """Whether ``m`` (of the batch last observed)
+        is new to ``unit`` (for topics units share)."""
         before = self._before.get(unit)
         return before is not None and m.offset() >= before.get((m.topic(), m.partition()), -1)
 
     def request(self) -> None:
-        """Checkpoint at the next round, whatever the interval (a decision worth keeping was made)."""
+        """Checkpoint at the next round, whatever the
+        interval (a decision worth keeping was made)."""
         self._requested = True
 
     def touch(self, unit: str) -> None:
@@ -300,13 +319,15 @@ class Units:
             r.dirty for r in self.units.values())
 
     def checkpoint(self, out: Outputs) -> list[TopicPartition]:
-        """Queue every changed unit's state; return its positions (they fence a zombie's transaction)."""
+        """Queue every changed unit's state; return its
+        positions (they fence a zombie's transaction)."""
         size = 0
         for unit, record in self.units.items():
             if not record.dirty:
                 continue
             message = self.changelog.record(unit, {"state": self.handler.snapshot(unit),
-                                                   "version": getattr(self.handler, "state_version", 1),
+                                                   "version": getattr(self.handler, "state_version",
+                                                                      1),
                                                    "offsets": dict(record.offsets),
                                                    "topic_ids": dict(record.topic_ids)})
             size += len(message.value or b"")
@@ -333,12 +354,14 @@ class Units:
 
 def _guarded(callback: Callable[[Consumer, list[TopicPartition]], None], consumer: Consumer,
              partitions: list[TopicPartition]) -> None:
-    """Run a rebalance callback; an exception escaping into librdkafka would be mangled, so log it here."""
+    """Run a rebalance callback; an exception escaping
+    into librdkafka would be mangled, so log it here."""
     try:
         callback(consumer, partitions)
-    except Exception:  # noqa: BLE001 - logged with its traceback; the loop notices what it left undone
+    except Exception:  # logged with its traceback; the loop notices what it left undone
         log.exception("rebalance_callback_failed", extra={"callback": callback.__name__,
-                                                          "partitions": [tp.partition for tp in partitions]})
+                                                          "partitions": [tp.partition
+                                                                         for tp in partitions]})
 
 
 def _earliest(a: int | None, b: int) -> int:

@@ -1,1 +1,2 @@
-"""Inference: scores feature events with ONNX Runtime per deployment (champion, challengers, shadows, canary)."""
+"""Inference: scores feature events with ONNX Runtime per
+deployment (champion, challengers, shadows, canary)."""

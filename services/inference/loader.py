@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from loopline.artifacts import ArtifactError, ArtifactStore
-from loopline.errors import LooplineError
+from loopline.artifacts import ArtifactStore
+from loopline.errors import ArtifactError, LooplineError
 from loopline.scoring import Scorer, synthetic_batch
 from loopline.spec import PipelineSpec
 

@@ -1,4 +1,5 @@
-"""Deployment plans: which loaded model versions serve which keys of a pipeline, from registry state.
+"""Deployment plans: which loaded model versions serve which keys of a pipeline, from registry
+state.
 
 Routing: every event's key (its event_id when it has none) is hashed to a stable number in
 [0, 1). Challengers and canaries each own a slice of that range, in (stage, name, version)
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from loopline.models import TRAFFIC_STAGES, champion, versions_of
+from loopline.models import champion, versions_of
 from loopline.registry import RegistryState
+from loopline.registry_rules import TRAFFIC_STAGES
 from loopline.scoring import Scorer
 from loopline.services.inference.loader import ModelLoader, Refused
 from loopline.spec import PipelineSpec
@@ -69,12 +71,14 @@ class Plan:
         return self.served[-1]
 
     def without(self, ident: tuple[str, int, str]) -> Plan | None:
-        """This plan with one version taken out (a champion replaced by the fallback); None if none is left."""
+        """This plan with one version taken out (a champion
+        replaced by the fallback); None if none is left."""
         if self.champion.ident == ident:
             if self.fallback is None or self.fallback.ident == ident:
                 return None
             champion = Variant("champion", self.fallback.record, self.fallback.scorer, 1.0)
-            return Plan(self.pipeline, [*[v for v in self.served[:-1] if v.ident != ident], champion],
+            return Plan(self.pipeline,
+                        [*[v for v in self.served[:-1] if v.ident != ident], champion],
                         [v for v in self.shadows if v.ident != ident], None)
         return Plan(self.pipeline, [v for v in self.served if v.ident != ident],
                     [v for v in self.shadows if v.ident != ident], self.fallback)
@@ -90,9 +94,10 @@ class Plan:
             return None
         return np.searchsorted(self.edges, key_buckets(keys, len(keys)), side="right")
 
-    def signature(self) -> tuple[tuple[str, int, str, str, float], ...]:
+    def signature(self) -> tuple[tuple[str, str, int, str, float], ...]:
         """What changes when the plan changes (for logs and comparisons)."""
-        return tuple((v.variant, *v.ident[:2], v.ident[2], v.traffic) for v in [*self.served, *self.shadows])
+        return tuple((v.variant, *v.ident[:2], v.ident[2], v.traffic)
+                     for v in [*self.served, *self.shadows])
 
 
 def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: ModelLoader,
@@ -103,10 +108,11 @@ def build_plan(pipeline: str, spec: PipelineSpec, state: RegistryState, loader: 
     out until they are: the previous plan's champion serves meanwhile.
     """
     ordered = sorted(versions_of(state, pipeline),
-                     key=lambda v: (TRAFFIC_STAGES.index(v["stage"]) if v["stage"] in TRAFFIC_STAGES else 9,
-                                    v["name"], v["version"]))
+                     key=lambda v: (TRAFFIC_STAGES.index(v["stage"]) if v["stage"] in TRAFFIC_STAGES
+                                    else 9, v["name"], v["version"]))
     wanted = [v for v in ordered if v["stage"] == "shadow"
-              or (v["stage"] in TRAFFIC_STAGES and v["traffic"] > 0)]  # no traffic: not worth a load
+              # no traffic: not worth a load
+              or (v["stage"] in TRAFFIC_STAGES and v["traffic"] > 0)]
     current = champion(state, pipeline)
     champ: Variant | None = None
     if current is not None:

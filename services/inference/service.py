@@ -20,6 +20,7 @@ Failures stay with what caused them:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -35,9 +36,9 @@ from loopline.alerts import alert_event
 from loopline.artifacts import ArtifactStore
 from loopline.errors import LooplineError, SchemaError
 from loopline.models import isolation_events
+from loopline.observability import bounded
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.runtime.delivery import Delivery
-from loopline.observability import bounded
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.scoring import RunWatchdog, ScoreResult
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 SERVICE = "inference"
 
 
-def prediction_id(event_id: str, name: str, version: int, variant: str, content_hash: str | None = None) -> str:
+def prediction_id(event_id: str, name: str, version: int, variant: str,
+                  content_hash: str | None = None) -> str:
     """Deterministic id of one variant's prediction for one event (and its content, when known).
 
     A retried batch gives the same ids; an event re-sent with the same id but other content gets
@@ -62,7 +64,8 @@ def prediction_id(event_id: str, name: str, version: int, variant: str, content_
 
 
 def features_codec(state: RegistryState, pipeline: str) -> avro.Codec:
-    """Codec of a pipeline's features topic (reading older spec versions where the registry keeps them)."""
+    """Codec of a pipeline's features topic (reading
+    older spec versions where the registry keeps them)."""
     return state.features_codec(pipeline)
 
 
@@ -121,7 +124,8 @@ class InferenceService:
             if self.reader.poll(0.0) or self.loader.has_news():
                 self.rebuild()
         for event in self._refusals:
-            out.send(topics.ALERTS, avro.codec("alert").encode(event), key=event["pipeline"].encode())
+            out.send(topics.ALERTS, avro.codec("alert").encode(event),
+                     key=event["pipeline"].encode())
         self._refusals.clear()
 
     def _wanted(self) -> list[str]:
@@ -144,14 +148,16 @@ class InferenceService:
                     self._spec_seen[pipeline] = spec
                     self._topic_pipeline[spec.topics.features] = pipeline
                 plan = build_plan(pipeline, spec, state, self.loader, old)
-            except Exception as e:  # noqa: BLE001 - one pipeline's failure never stalls another
+            except Exception as e:  # one pipeline's failure never stalls another
                 log.exception("plan_failed", extra={"pipeline": pipeline, "error": str(e)[:300]})
                 continue
             if plan is None or (old is not None and plan.signature() == old.signature()):
                 continue
             self._swap(pipeline, old, plan)
-        self.loader.keep_only({(p, v.record["name"], v.record["version"]) for p, plan in self.plans.items()
-                               for v in [*plan.served, *plan.shadows, *([plan.fallback] if plan.fallback else [])]})
+        self.loader.keep_only({(p, v.record["name"], v.record["version"])
+                               for p, plan in self.plans.items()
+                               for v in [*plan.served, *plan.shadows,
+                                         *([plan.fallback] if plan.fallback else [])]})
         wanted = {self.reader.state.specs[p].topics.features for p in {*self.plans, *self.paused}}
         if wanted != self._subscribed:
             self.health.expect_assignment()
@@ -174,10 +180,12 @@ class InferenceService:
     def _readiness(self) -> None:
         served = sorted(p for p in self.plans if p not in self.paused)
         if self.paused:
-            self.health.set_ready(False, f"no working model version for {sorted(self.paused)} (paused; "
+            self.health.set_ready(False,
+                                  f"no working model version for {sorted(self.paused)} (paused; "
                                   f"serving {served})")
         else:
-            self.health.set_ready(True, f"serving {served}" if served else "no pipeline with a champion yet")
+            self.health.set_ready(True, f"serving {served}" if served
+                                  else "no pipeline with a champion yet")
 
     def _publish_info(self, old: Plan | None, new: Plan) -> None:
         for plan, value in ((old, None), (new, 1)):
@@ -187,10 +195,8 @@ class InferenceService:
                 name, version, sha = v.ident
                 labels = (plan.pipeline, v.variant, name, str(version), sha[:16])
                 if value is None:
-                    try:
+                    with contextlib.suppress(KeyError):
                         self.metrics.model_info.remove(*labels)
-                    except KeyError:
-                        pass
                 else:
                     self.metrics.model_info.labels(*labels).set(1)
 
@@ -222,11 +228,14 @@ class InferenceService:
                 ) -> tuple[list[Message], list[dict[str, Any]]]:
         good: list[Message] = []
         events: list[dict[str, Any]] = []
-        for m, record in zip(messages, self.codecs[pipeline].decode_each([m.value() for m in messages])):
+        for m, record in zip(messages,
+                             self.codecs[pipeline].decode_each([m.value() for m in messages])):
             if isinstance(record, SchemaError):
                 self.metrics.bad_events.labels(pipeline).inc()
-                log.warning("bad_feature_event", extra={"topic": m.topic(), "partition": m.partition(),
-                                                        "offset": m.offset(), "error": bounded(str(record))})
+                log.warning("bad_feature_event", extra={"topic": m.topic(),
+                                                        "partition": m.partition(),
+                                                        "offset": m.offset(),
+                                                        "error": bounded(str(record))})
                 out.dead(m, "schema", str(record))
             else:
                 good.append(m)
@@ -259,16 +268,19 @@ class InferenceService:
                 break
             variant, error = broken
             next_plan = self._isolate(pipeline, plan, variant, error, good[0], out)
-            if next_plan is None:  # nothing left that can serve: wait for a new version, lose nothing
+            # nothing left that can serve: wait for a new version, lose nothing
+            if next_plan is None:
                 self.plans.pop(pipeline, None)
                 self._hold(pipeline, messages, out)
                 return
             plan = next_plan
         self._produce_all(pipeline, plan, outcomes, good, events, features, feeds_cache, out)
 
-    def _run(self, pipeline: str, variant: Variant, features: list[dict[str, Any]], rows: np.ndarray,
+    def _run(self, pipeline: str, variant: Variant, features: list[dict[str, Any]],
+             rows: np.ndarray,
              feeds_cache: dict[tuple[Any, ...], dict[str, np.ndarray]]) -> _Scored:
-        """Score ``rows`` with one variant; a failing run is retried on halves to find the failing rows."""
+        """Score ``rows`` with one variant; a failing run
+        is retried on halves to find the failing rows."""
         scorer = variant.scorer
         sig = scorer.input_signature
         feeds = feeds_cache.get(sig)
@@ -279,7 +291,8 @@ class InferenceService:
                 return _Scored(rows, None, {int(r): f"{type(e).__name__}: {e}" for r in rows})
         started = time.perf_counter()
         result, error = self._try(scorer, feeds, rows)
-        self.metrics.scoring.labels(pipeline, variant.variant).observe(time.perf_counter() - started)
+        self.metrics.scoring.labels(pipeline,
+                                    variant.variant).observe(time.perf_counter() - started)
         if error is None:
             return _Scored(rows, result, {})
         failed: dict[int, str] = {}
@@ -308,7 +321,8 @@ class InferenceService:
     def _try(self, scorer: Any, feeds: dict[str, np.ndarray], rows: np.ndarray
              ) -> tuple[ScoreResult | None, str | None]:
         """One guarded run on ``rows``: the result, or why it is unusable."""
-        whole = rows.size == len(next(iter(feeds.values())))  # rows are sorted and distinct: all of them
+        # rows are sorted and distinct: all of them
+        whole = rows.size == len(next(iter(feeds.values())))
         sub = feeds if whole else {k: v[rows] for k, v in feeds.items()}
         try:
             result = scorer.parse(scorer.run(sub, self.watchdog), rows.size)
@@ -317,7 +331,8 @@ class InferenceService:
         values = result.raw_scores
         if values is not None and (values.shape[0] != rows.size or not np.isfinite(values).all()):
             bad = int((~np.isfinite(values)).sum()) if values.shape[0] == rows.size else -1
-            return None, ("output has the wrong shape" if bad < 0 else f"{bad} output(s) NaN or inf") + \
+            return None, ("output has the wrong shape" if bad < 0
+                          else f"{bad} output(s) NaN or inf") + \
                 " (rule: finite_output)"
         labels = result.labels
         if labels is not None and len(labels) != rows.size:
@@ -326,27 +341,31 @@ class InferenceService:
 
     def _isolate(self, pipeline: str, plan: Plan, variant: Variant, error: str, first: Message,
                  out: Outputs) -> Plan | None:
-        """Take a version that fails every event out of the plan; alert and record it in the registry."""
+        """Take a version that fails every event out of
+        the plan; alert and record it in the registry."""
         name, version, sha = variant.ident
         replacement = plan.without(variant.ident)
-        fallback = (f"; champion is now {replacement.champion.ident[0]} v{replacement.champion.ident[1]}"
+        fallback = (f"; champion is now {replacement.champion.ident[0]} "
+                    f"v{replacement.champion.ident[1]}"
                     if variant.variant == "champion" and replacement is not None else "")
         where = f"{first.topic()} partition {first.partition()} offset {first.offset()}"
         reason = f"{variant.variant} {name} v{version} failed at run time on {where}: {error}"
-        log.error("version_isolated", extra={"pipeline": pipeline, "model_name": name, "model_version": version,
+        log.error("version_isolated", extra={"pipeline": pipeline, "model_name": name,
+                                             "model_version": version,
                                              "variant": variant.variant, "error": bounded(error)})
         self.metrics.isolated.labels(pipeline, variant.variant).inc()
         self.loader.isolate(pipeline, variant.record, reason)
         message = (f"model version taken out of service: {reason}"
-                   + (fallback or ("; no other version can serve: the pipeline is paused until a new "
-                                   "version is deployed" if replacement is None else
+                   + (fallback or ("; no other version can serve: the pipeline is paused until a "
+                                   "new version is deployed" if replacement is None else
                                    "; its traffic returns to the champion")))
-        event = alert_event(pipeline, "model_failure", message, model_name=name, model_version=version,
-                            episode=sha, first_offset=first.offset())
+        event = alert_event(pipeline, "model_failure", message, model_name=name,
+                            model_version=version, episode=sha, first_offset=first.offset())
         out.send(topics.ALERTS, avro.codec("alert").encode(event), key=pipeline.encode())
         codec = avro.codec("registry")
         for key, change in isolation_events(self.reader.state, pipeline, name, version,
-                                            f"taken out of service by inference: {bounded(error, 300)}", SERVICE):
+                                            "taken out of service by inference: "
+                                            f"{bounded(error, 300)}", SERVICE):
             out.send(topics.MODELS, codec.encode(change), key=key)
         if replacement is not None:
             old = self.plans.get(pipeline)
@@ -368,8 +387,10 @@ class InferenceService:
         self._readiness()
 
     def _produce_all(self, pipeline: str, plan: Plan, outcomes: list[tuple[Variant, _Scored]],
-                     messages: list[Message], events: list[dict[str, Any]], features: list[dict[str, Any]],
-                     feeds_cache: dict[tuple[Any, ...], dict[str, np.ndarray]], out: Outputs) -> None:
+                     messages: list[Message], events: list[dict[str, Any]],
+                     features: list[dict[str, Any]],
+                     feeds_cache: dict[tuple[Any, ...], dict[str, np.ndarray]],
+                     out: Outputs) -> None:
         """Produce every variant's predictions; rows a served variant failed go to the champion."""
         out_topic = topics.PipelineTopics(pipeline).predictions
         champion = plan.champion
@@ -382,20 +403,22 @@ class InferenceService:
                     retry += sorted(scored.failed)
                 elif served:
                     for i, why in sorted(scored.failed.items()):
-                        out.dead(messages[i], "scoring", f"champion {champion.ident[0]} v{champion.ident[1]} "
+                        out.dead(messages[i], "scoring",
+                                 f"champion {champion.ident[0]} v{champion.ident[1]} "
                                  f"could not score this event: {why}")
             if scored.result is not None:
-                self._produce(pipeline, out_topic, variant, served, messages, events, scored.rows.tolist(),
-                              scored.result, out)
+                self._produce(pipeline, out_topic, variant, served, messages, events,
+                              scored.rows.tolist(), scored.result, out)
         if retry:
             rows = np.asarray(retry)
             scored = self._run(pipeline, champion, features, rows, feeds_cache)
             for i, why in sorted(scored.failed.items()):
-                out.dead(messages[i], "scoring", f"neither the challenger nor the champion could score this "
+                out.dead(messages[i], "scoring",
+                         f"neither the challenger nor the champion could score this "
                          f"event: {why}")
             if scored.result is not None:
-                self._produce(pipeline, out_topic, champion, True, messages, events, scored.rows.tolist(),
-                              scored.result, out)
+                self._produce(pipeline, out_topic, champion, True, messages, events,
+                              scored.rows.tolist(), scored.result, out)
         out.on_commit(lambda: self._count(pipeline, events))
 
     def _count(self, pipeline: str, events: list[dict[str, Any]]) -> None:
@@ -404,8 +427,10 @@ class InferenceService:
         ts = np.fromiter((e["ts"] for e in events), dtype=np.float64, count=n)
         self.metrics.end_to_end.observe_many(np.maximum(now_ms() - ts, 0.0) / 1000.0, pipeline)
 
-    def _produce(self, pipeline: str, out_topic: str, variant: Variant, served: bool, messages: list[Message],
-                 events: list[dict[str, Any]], rows: list[int], result: ScoreResult, out: Outputs) -> None:
+    def _produce(self, pipeline: str, out_topic: str, variant: Variant, served: bool,
+                 messages: list[Message],
+                 events: list[dict[str, Any]], rows: list[int], result: ScoreResult,
+                 out: Outputs) -> None:
         name, version, sha = variant.ident
         tag = variant.variant
         scored_at = now_ms()
@@ -430,10 +455,12 @@ class InferenceService:
         for i, value in zip(rows, self._encoder.encode_many(records)):
             send(out_topic, value, key=messages[i].key() or events[i]["event_id"].encode())
         count = len(rows)
-        out.on_commit(lambda: self.metrics.predictions.labels(pipeline, tag, str(served).lower()).inc(count))
+        out.on_commit(lambda: self.metrics.predictions.labels(pipeline, tag,
+                                                              str(served).lower()).inc(count))
 
 
-def serve(rt: ServiceRuntime, settings: InferenceSettings, delivery: Delivery | None = None) -> None:
+def serve(rt: ServiceRuntime, settings: InferenceSettings,
+          delivery: Delivery | None = None) -> None:
     """Run the inference service until ``rt.stop`` is set."""
     consumer = rt.kafka.consumer("loopline-inference", rt.group_id)
     service = InferenceService(rt, settings, consumer, InferenceMetrics(rt.registry))

@@ -63,7 +63,8 @@ class EventIndex:
 
 def rebuild(kafka: KafkaConfig, topic: str, codec: Codec, capacity: int,
             progress: Callable[[int], None] | None = None) -> EventIndex:
-    """An index of the last ``capacity`` events of a features topic (read committed, all partitions)."""
+    """An index of the last ``capacity`` events of a
+    features topic (read committed, all partitions)."""
     index = EventIndex(capacity)
     if capacity == 0:
         return index
@@ -99,7 +100,8 @@ def rebuild(kafka: KafkaConfig, topic: str, codec: Codec, capacity: int,
                 if m.offset() + 1 >= ends.get(m.partition(), 0):
                     done.add(m.partition())
             entries = []
-            for m, record in zip(places, codec.decode_each(values, ("event_id", "source", "content_hash"))):
+            for _m, record in zip(places, codec.decode_each(values, ("event_id", "source",
+                                                                     "content_hash"))):
                 if isinstance(record, Exception) or record.get("content_hash") is None:
                     continue  # written before ids were indexed, or not ours to judge here
                 src = record["source"]

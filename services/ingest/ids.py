@@ -59,4 +59,4 @@ def uuid5_many(digests: list[bytes]) -> list[bytes]:
     text = np.full((n, 36), _DASH, dtype=np.uint8)  # 8-4-4-4-12 digits, dashes between
     text[:, 0:8], text[:, 9:13], text[:, 14:18] = digits[:, 0:8], digits[:, 8:12], digits[:, 12:16]
     text[:, 19:23], text[:, 24:36] = digits[:, 16:20], digits[:, 20:32]
-    return text.view("S36").ravel().tolist()  # type: ignore[no-any-return]
+    return text.view("S36").ravel().tolist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from loopline.runtime.service import ServiceRuntime
-
 from loopline.services.ingest.service import IngestService
 from loopline.services.ingest.settings import IngestSettings
 

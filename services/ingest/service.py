@@ -27,7 +27,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message
 from msgspec import MsgspecError
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
 
 from loopline.avro.writers import FeaturesEncoder, long_bytes
 from loopline.errors import LooplineError
@@ -267,7 +268,7 @@ class IngestService:
             else:
                 try:
                     verdict = validate(m.value())
-                except Exception as e:  # noqa: BLE001 - a validator bug must not crash-loop ingest
+                except Exception as e:  # a validator bug must not crash-loop ingest
                     log.exception("validation_failed", extra={
                         "topic": topic, "partition": m.partition(), "offset": m.offset()})
                     verdict = Rejection(None, "internal", f"ingest could not validate this message "
@@ -294,7 +295,7 @@ class IngestService:
                 if ts is None:
                     ts = now_ms()
             try:
-                record, content = encode(features, eid or event_id.encode(),
+                record, content = encode(features, eid or event_id.encode(),  # type: ignore[misc]  # set on both paths
                                          key.encode() if key is not None else None, ts, middle,
                                          partition, offset)
                 if eid is None:  # the producer's id: the idempotency key

@@ -67,7 +67,8 @@ def _table(title: str, records: list[dict[str, Any]]) -> Table:
 
 def _emit(records: list[dict[str, Any]], fmt: str, title: str) -> None:
     if fmt == "json":
-        sys.stdout.write(orjson.dumps(records, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps(records, default=str,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
     elif fmt == "csv":
         if records:
             writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]))
@@ -88,19 +89,24 @@ def lineage() -> None:
                                "the version holding it now) or NAME, to restrict to.")
 @click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
-@click.option("--limit", type=int, default=50, show_default=True, help="Rows listed (the summary counts all).")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def query_cmd(pipeline: str, model: str | None, since: str | None, until: str | None, limit: int, fmt: str) -> None:
+@click.option("--limit", type=int, default=50, show_default=True,
+              help="Rows listed (the summary counts all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def query_cmd(pipeline: str, model: str | None, since: str | None, until: str | None, limit: int,
+              fmt: str) -> None:
     """What the model output in a time window, for whom: counts, output distribution, rows."""
     settings = LineageSettings()
     name, version = (_model(settings, pipeline, model, "--model", need_version=False) if model
                      else (None, None))
     result = q.query_predictions(_store(settings), pipeline, name, version,
-                                 q.parse_time(since) if since else None, q.parse_time(until) if until else None,
-                                 limit)
+                                 q.parse_time(since) if since else None,
+                                 q.parse_time(until) if until else None, limit)
     if fmt == "json":
-        sys.stdout.write(orjson.dumps({"summary": result.summary, "distribution": result.distribution,
-                                       "rows": result.rows}, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"summary": result.summary,
+                                       "distribution": result.distribution,
+                                       "rows": result.rows}, default=str,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     if fmt == "csv":
         _emit(result.rows, "csv", "")
@@ -112,25 +118,32 @@ def query_cmd(pipeline: str, model: str | None, since: str | None, until: str | 
 
 @lineage.command("trace")
 @click.argument("event_id")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
 def trace_cmd(event_id: str, fmt: str) -> None:
-    """The whole chain of one event: raw offset, features, predictions, feedback, models trained on it."""
+    """The whole chain of one event: raw offset, features,
+    predictions, feedback, models trained on it."""
     settings = LineageSettings()
     chain = q.trace(_store(settings), _registry(settings), event_id)
     if fmt == "json":
-        sys.stdout.write(orjson.dumps(chain, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps(chain, default=str,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     console.print(f"event [bold]{event_id}[/] in pipeline [bold]{chain['pipeline']}[/]")
     for f in chain["features"]:
-        console.print(f"  raw      {f['raw_topic']}[{f['raw_partition']}]@{f['raw_offset']}  key={f['key']}")
-        console.print(f"  features {f['_topic']}[{f['_partition']}]@{f['_offset']}  {f['features']}")
+        console.print(f"  raw      {f['raw_topic']}[{f['raw_partition']}]@{f['raw_offset']}  "
+                      f"key={f['key']}")
+        console.print(f"  features {f['_topic']}[{f['_partition']}]@{f['_offset']}  "
+                      f"{f['features']}")
     for p in chain["predictions"]:
         console.print(f"  predicted {version_id(p['model_name'], p['model_version'])} "
                       f"{p['variant']:10} "
-                      f"{'served' if p['served'] else 'not served'}  label={p['label']} value={_fmt(p['value'])}"
-                      f"  ({p['_topic']}[{p['_partition']}]@{p['_offset']})")
+                      f"{'served' if p['served'] else 'not served'}  label={p['label']} "
+                      f"value={_fmt(p['value'])}  "
+                      f"({p['_topic']}[{p['_partition']}]@{p['_offset']})")
     for fb in chain["feedback"]:
-        console.print(f"  feedback  label={fb['label']} verdict={fb['verdict']} value={fb['value']} at {_fmt(fb['ts'])}")
+        console.print(f"  feedback  label={fb['label']} verdict={fb['verdict']} "
+                      f"value={fb['value']} at {_fmt(fb['ts'])}")
     console.print(f"  trained on by: {', '.join(chain['trained_on']) or 'no model version yet'}")
 
 
@@ -228,10 +241,12 @@ def forget_cmd(pipeline: str, key: str, tombstones: bool, block: bool, dry_run: 
 @click.option("--against", help="NAME/VERSION or NAME@ALIAS to compare with.")
 @click.option("--since", help="Start: ISO-8601, epoch ms, or a duration back from now (1h).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
 def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None, until: str | None,
                fmt: str) -> None:
-    """Re-score a logged window with model versions: agreement, metric deltas, reproducibility audit."""
+    """Re-score a logged window with model versions:
+    agreement, metric deltas, reproducibility audit."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from loopline.services.lineage.replay import FLOAT32_ULPS, replay
@@ -252,29 +267,35 @@ def replay_cmd(pipeline: str, model: str, against: str | None, since: str | None
         report = replay(_store(settings), _registry(settings), pipeline, chosen,
                         other, q.parse_time(since) if since else None,
                         q.parse_time(until) if until else None,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total),
+                        progress=lambda done,
+                        total: progress.update(task, completed=done, total=total),
                         artifacts=ArtifactStore.from_settings(settings))
     rows = []
     for side in report.sides:
         metric = report.metric(side)
         rows.append({"model": side.model, "labels": dict(sorted(side.distribution.items())) or "-",
                      "logged live": side.logged,
-                     "reproduced exactly": f"{side.reproduced}/{side.logged}" if side.logged else "-",
+                     "reproduced exactly": f"{side.reproduced}/{side.logged}" if side.logged
+                     else "-",
                      "within float32 rounding": side.within_rounding if side.logged else None,
                      "max |diff|": side.max_abs_diff if side.logged else None,
                      ("accuracy" if report.task == "classification" else "MAE"): metric})
     if fmt == "json":
-        sys.stdout.write(orjson.dumps({"pipeline": pipeline, "rows": report.rows, "labeled": report.labeled,
-                                       "agreement": report.agreement, "events_per_s": report.events_per_s,
-                                       "sides": rows}, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"pipeline": pipeline, "rows": report.rows,
+                                       "labeled": report.labeled, "agreement": report.agreement,
+                                       "events_per_s": report.events_per_s,
+                                       "sides": rows}, default=str,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    console.print(_table(f"replay of {report.rows} events of {pipeline} ({report.labeled} with feedback)", rows))
+    console.print(_table(f"replay of {report.rows} events of {pipeline} ({report.labeled} with "
+                         "feedback)", rows))
     if report.agreement is not None:
         console.print(f"agreement between {report.sides[0].model} and {report.sides[1].model}: "
                       f"{report.agreement:.2%}")
     if len(report.sides) == 2 and report.labeled:
         a, b = (report.metric(s) for s in report.sides)
-        console.print(f"metric delta ({report.sides[1].model} - {report.sides[0].model}): {b - a:+.4f}")  # type: ignore[operator]
+        console.print(f"metric delta ({report.sides[1].model} - {report.sides[0].model}): "
+                      f"{b - a:+.4f}")  # type: ignore[operator]  # both sides have the metric
     audit = report.sides[0]
     if audit.logged:
         # "2984/3000 ... NOT reproduced" read as 2984 failures: say how many match, then the rest.

@@ -30,7 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 from confluent_kafka.admin import ConfigResource
 
 from loopline import avro, feedback, topics
-from loopline.errors import LooplineError
+from loopline.errors import FeedbackError, LooplineError
 from loopline.kafka import AckedProducer, KafkaConfig, watermarks
 from loopline.registry import RegistryState, now_ms
 from loopline.services.lineage import forgotten as forgotten_list
@@ -241,7 +241,7 @@ class Scanner:
         if kind == "feedback":
             try:
                 return feedback.decode(value, "", 0)
-            except feedback.FeedbackError:
+            except FeedbackError:
                 pass  # invalid feedback may still name a prediction: read it as plain JSON
         if value[:2] == avro.MAGIC and kind in self.codecs:
             try:

@@ -209,9 +209,9 @@ class ForgottenWatch:
         except LooplineError as e:
             if seen is None:
                 raise
-            log.error("lineage_forgotten_unreadable", extra={"pipeline": pipeline,
-                                                              "error": bounded(str(e), 300),
-                                                              "policy": "the last good list is kept"})
+            log.error("lineage_forgotten_unreadable",
+                      extra={"pipeline": pipeline, "error": bounded(str(e), 300),
+                             "policy": "the last good list is kept"})
             value = seen.value
         else:
             log.info("lineage_forgotten_loaded", extra={

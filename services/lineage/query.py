@@ -1,4 +1,5 @@
-"""Questions the lineage store answers: what a model said, one event's whole chain, forgetting a key."""
+"""Questions the lineage store answers: what a model
+said, one event's whole chain, forgetting a key."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """Parse ISO-8601, epoch milliseconds, or a duration back from now ("90s", "15m", "1h", "2d")."""
+    """Parse ISO-8601, epoch milliseconds, or a duration
+    back from now ("90s", "15m", "1h", "2d")."""
     now = now or datetime.now(UTC)
     text = text.strip()
     if m := _RELATIVE.match(text):
@@ -36,16 +38,16 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise LooplineError(f"cannot read time {text!r}: use ISO-8601 (2026-11-25T10:00), epoch ms, "
-                            "or a duration back from now (30m, 1h, 2d)") from None
+        raise LooplineError(f"cannot read time {text!r}: use ISO-8601 (2026-11-25T10:00), epoch "
+                            "ms, or a duration back from now (30m, 1h, 2d)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # What makes a row unique in each view. The store never holds one offset twice, but a service that
-# crashed after producing and before committing re-produces its batch at new offsets: ingest the same
-# event (same event_id), inference the same prediction (same deterministic prediction_id). Readers
-# see each once; the copy at the lowest offset stays. Feedback is produced by clients, not by a
-# retrying service, so its offset identifies it.
+# crashed after producing and before committing re-produces its batch at new offsets: ingest the
+# same event (same event_id), inference the same prediction (same deterministic prediction_id).
+# Readers see each once; the copy at the lowest offset stays. Feedback is produced by clients, not
+# by a retrying service, so its offset identifies it.
 # One row per event (an event id re-sent with other content is another event: never hidden), per
 # prediction and per feedback message, whatever incarnation of a topic or retry stored it.
 _IDENTITY = {"features": "event_id, coalesce(content_hash, '')", "predictions": "prediction_id",
@@ -93,7 +95,7 @@ def connect(store: LineageStore, pipeline: str,
                         f"SELECT * FROM read_parquet([{listing}], union_by_name=true) "
                         f"WHERE {_unforgotten(con, forgotten, table)}")
         else:
-            schema = rows.PREDICTIONS if table == "predictions" else rows.FEEDBACK if table == "feedback" else None
+            schema = {"predictions": rows.PREDICTIONS, "feedback": rows.FEEDBACK}.get(table)
             if schema is None:  # no features stored: an empty table with the fixed columns
                 schema = pa.schema([f for f in rows.FEEDBACK if f.name.startswith("_")]
                                    + [("event_id", pa.string()), ("key", pa.string()),
@@ -102,10 +104,11 @@ def connect(store: LineageStore, pipeline: str,
             con.execute(f"CREATE VIEW {table}_stored AS SELECT * FROM _{table}_empty")
         identity = _IDENTITY[table]
         columns = {r[0] for r in con.execute(f"DESCRIBE {table}_stored").fetchall()}
-        if table == "features" and "content_hash" not in columns:  # written before ids had a content
+        # written before ids had a content
+        if table == "features" and "content_hash" not in columns:
             identity = "event_id"
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_stored QUALIFY row_number() OVER "
-                    f"(PARTITION BY {identity} ORDER BY _topic, _partition, _offset) = 1")
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_stored QUALIFY row_number() "
+                    f"OVER (PARTITION BY {identity} ORDER BY _topic, _partition, _offset) = 1")
     return con
 
 
@@ -118,13 +121,15 @@ class QueryResult:
     rows: list[dict[str, Any]]
 
 
-def query_predictions(store: LineageStore, pipeline: str, model: str | None = None, version: int | None = None,
+def query_predictions(store: LineageStore, pipeline: str, model: str | None = None,
+                      version: int | None = None,
                       since: datetime | None = None, until: datetime | None = None,
                       limit: int = 50) -> QueryResult:
     """What the model(s) output in the window, for whom: counts, output distribution, rows."""
     if pipeline not in store.pipelines():
-        raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline {pipeline!r} "
-                            f"(it has: {', '.join(store.pipelines()) or 'nothing yet'})")
+        raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline "
+                            f"{pipeline!r} (it has: "
+                            f"{', '.join(store.pipelines()) or 'nothing yet'})")
     con = connect(store, pipeline)
     where, params = ["TRUE"], []
     for clause, value in (("model_name = ?", model), ("model_version = ?", version),
@@ -140,14 +145,19 @@ def query_predictions(store: LineageStore, pipeline: str, model: str | None = No
         f"FROM predictions WHERE {cond}", params).fetchone()
     names = ["predictions", "served", "events", "keys", "first_event", "last_event", "mean_value"]
     dist = con.execute(
-        f"SELECT model_name, model_version, variant, coalesce(label, '(none)') AS label, count(*) AS n, "
-        f"avg(value) AS mean_value FROM predictions WHERE {cond} GROUP BY ALL ORDER BY ALL", params)
-    dist_rows = [dict(zip([d[0] for d in dist.description], r, strict=True)) for r in dist.fetchall()]
+        "SELECT model_name, model_version, variant, coalesce(label, '(none)') AS label, count(*) "
+        f"AS n, avg(value) AS mean_value FROM predictions WHERE {cond} GROUP BY ALL ORDER BY "
+        "ALL", params)
+    dist_rows = [dict(zip([d[0] for d in dist.description], r, strict=True))
+                 for r in dist.fetchall()]
     detail = con.execute(
         f"SELECT event_ts, event_id, key, model_name, model_version, variant, served, label, value "
-        f"FROM predictions WHERE {cond} ORDER BY event_ts, event_id, variant LIMIT {int(limit)}", params)
-    detail_rows = [dict(zip([d[0] for d in detail.description], r, strict=True)) for r in detail.fetchall()]
-    return QueryResult(dict(zip(names, summary, strict=True)), dist_rows, detail_rows)
+        f"FROM predictions WHERE {cond} ORDER BY event_ts, event_id, variant LIMIT {int(limit)}",
+        params)
+    detail_rows = [dict(zip([d[0] for d in detail.description], r, strict=True))
+                   for r in detail.fetchall()]
+    return QueryResult(dict(zip(names, summary, strict=True)),  # type: ignore[arg-type]  # an aggregate: one row
+                       dist_rows, detail_rows)
 
 
 def _records(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -162,7 +172,8 @@ def _trained_on(state: RegistryState, pipeline: str, hits: list[tuple[str, int, 
         if p != pipeline:
             continue
         for r in v.get("training_ranges", []):
-            if any(t == r["topic"] and part == r["partition"] and r["first_offset"] <= off <= r["last_offset"]
+            if any(t == r["topic"] and part == r["partition"]
+                   and r["first_offset"] <= off <= r["last_offset"]
                    for t, part, off in hits):
                 found.append(version_id(name, version))
                 break
@@ -170,21 +181,27 @@ def _trained_on(state: RegistryState, pipeline: str, hits: list[tuple[str, int, 
 
 
 def trace(store: LineageStore, state: RegistryState, event_id: str) -> dict[str, Any]:
-    """The chain of one event: raw offset, features, every variant's prediction, feedback, trained-on."""
+    """The chain of one event: raw offset, features,
+    every variant's prediction, feedback, trained-on."""
     for pipeline in store.pipelines():
         con = connect(store, pipeline)
         features = _records(con, "SELECT * FROM features WHERE event_id = ?", [event_id])
-        predictions = _records(con, "SELECT * EXCLUDE (scores), map_entries(scores) AS scores FROM predictions "
-                                    "WHERE event_id = ? ORDER BY variant", [event_id])
+        predictions = _records(con,
+                               "SELECT * EXCLUDE (scores), map_entries(scores) AS scores FROM "
+                               "predictions WHERE event_id = ? ORDER BY variant", [event_id])
         if not features and not predictions:
             continue
         ids = [p["prediction_id"] for p in predictions]
-        feedback = _records(con, "SELECT * FROM feedback WHERE event_id = ? OR list_contains(?, prediction_id) "
-                                 "ORDER BY ts", [event_id, ids])
-        copies = con.execute("SELECT _topic, _partition, _offset FROM features_stored WHERE event_id = ?",
+        feedback = _records(con,
+                            "SELECT * FROM feedback WHERE event_id = ? OR list_contains(?, "
+                            "prediction_id) ORDER BY ts", [event_id, ids])
+        copies = con.execute("SELECT _topic, _partition, _offset FROM features_stored WHERE "
+                             "event_id = ?",
                              [event_id]).fetchall()
-        hits = [tuple(c) for c in copies] + [(f["_topic"], f["_partition"], f["_offset"]) for f in feedback]
-        return {"pipeline": pipeline, "event_id": event_id, "features": features, "predictions": predictions,
+        hits = [tuple(c) for c in copies] + [(f["_topic"], f["_partition"], f["_offset"])
+                                             for f in feedback]
+        return {"pipeline": pipeline, "event_id": event_id, "features": features,
+                "predictions": predictions,
                 "feedback": feedback, "trained_on": _trained_on(state, pipeline, hits)}
     raise LooplineError(f"event {event_id!r} is not in the lineage store at {store.root}")
 
@@ -243,7 +260,7 @@ def forget(store: LineageStore, state: RegistryState, pipeline: str, key: str,
                                          set(prediction_ids), remove)
     return {"pipeline": pipeline, "key": key, "events": len(stored), "event_ids": event_ids,
             "prediction_ids": prediction_ids, "removed": removed,
-            "trained_on": _trained_on(state, pipeline, hits)}  # type: ignore[arg-type]
+            "trained_on": _trained_on(state, pipeline, hits)}
 
 
 def _drop_rows(store: LineageStore, path: Path, table: str, key: str, events: set[str],

@@ -27,7 +27,8 @@ BATCH = 20_000
 
 def load_scorer(state: RegistryState, pipeline: str, name: str, version: int,
                 artifacts: ArtifactStore | None = None) -> Scorer:
-    """The registered version, read from the artifact store by sha256 (checked), loaded in ONNX Runtime.
+    """The registered version, read from the artifact store by sha256 (checked), loaded in ONNX
+    Runtime.
 
     Without ``artifacts`` the record's URI is followed (with the store's checks): only for tools
     that have no store configured.
@@ -38,8 +39,8 @@ def load_scorer(state: RegistryState, pipeline: str, name: str, version: int,
                           if p == pipeline) or "none"
         raise LooplineError(f"{version_id(name, version)} is not a version of pipeline {pipeline} "
                             f"(known: {known})")
-    model = artifacts.read(record["sha256"]) if artifacts is not None else read_artifact(record["uri"],
-                                                                                        record["sha256"])
+    model = (artifacts.read(record["sha256"]) if artifacts is not None
+             else read_artifact(record["uri"], record["sha256"]))
     return Scorer(model, state.specs[pipeline], record.get("fill_values"),
                   label=version_id(name, version),
                   input_features=record.get("input_features") or None)
@@ -87,12 +88,15 @@ class ReplayReport:
         """Accuracy (classification) or MAE (regression) on the events that have feedback."""
         if not self.labeled:
             return None
-        return side.correct / self.labeled if self.task == "classification" else side.abs_error / self.labeled
+        if self.task == "classification":
+            return side.correct / self.labeled
+        return side.abs_error / self.labeled
 
 
 # $1/$2: the window; $3/$4: the replayed version; $5/$6: the other one (NULL without --against).
 # Only the two versions' predictions are aggregated, and features are deduplicated by event before
-# the joins (a re-sent event keeps its event_id), which keeps DuckDB's work proportional to the window.
+# the joins (a re-sent event keeps its event_id), which keeps DuckDB's work proportional to the
+# window.
 _ROWS_SQL = """
 WITH truth AS (
     SELECT coalesce(fb.event_id, p.event_id) AS event_id,
@@ -104,7 +108,8 @@ WITH truth AS (
 logged AS (
     SELECT event_id, model_name, model_version, any_value(label) AS label, any_value(value) AS value
     FROM predictions
-    WHERE (model_name = $3 AND model_version = $4) OR (model_name = $5::VARCHAR AND model_version = $6::INTEGER)
+    WHERE (model_name = $3 AND model_version = $4)
+       OR (model_name = $5::VARCHAR AND model_version = $6::INTEGER)
     GROUP BY ALL
 ),
 f AS (
@@ -117,28 +122,31 @@ SELECT f.event_id, f.features, t.truth_label, t.truth_value,
 FROM f
 LEFT JOIN truth t USING (event_id)
 LEFT JOIN logged a ON a.event_id = f.event_id AND a.model_name = $3 AND a.model_version = $4
-LEFT JOIN logged b ON b.event_id = f.event_id AND b.model_name = $5::VARCHAR AND b.model_version = $6::INTEGER
+LEFT JOIN logged b
+       ON b.event_id = f.event_id AND b.model_name = $5::VARCHAR AND b.model_version = $6::INTEGER
 ORDER BY f.ts, f.event_id
 """
 
 
 def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tuple[str, int],
-           against: tuple[str, int] | None = None, since: datetime | None = None, until: datetime | None = None,
-           progress: Callable[[int, int], None] | None = None,
+           against: tuple[str, int] | None = None, since: datetime | None = None,
+           until: datetime | None = None, progress: Callable[[int, int], None] | None = None,
            artifacts: ArtifactStore | None = None) -> ReplayReport:
     """Re-score the logged inputs of the window with ``model`` (and ``against``) and compare."""
     if pipeline not in state.specs:
         raise LooplineError(f"pipeline {pipeline!r} is not in the registry")
     if pipeline not in store.pipelines():
-        raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline {pipeline!r}")
+        raise LooplineError(f"the lineage store at {store.root} holds nothing for pipeline "
+                            f"{pipeline!r}")
     spec = state.specs[pipeline]
     versions = [model] + ([against] if against else [])
     scorers = [load_scorer(state, pipeline, n, v, artifacts) for n, v in versions]
     other = against or (None, None)
     con = connect(store, pipeline)
     window = [since, since, until, until]
-    total = con.execute("SELECT count(DISTINCT event_id) FROM features WHERE (?::TIMESTAMPTZ IS NULL OR ts >= ?) "
-                        "AND (?::TIMESTAMPTZ IS NULL OR ts < ?)", window).fetchall()[0][0]
+    total = con.execute("SELECT count(DISTINCT event_id) FROM features WHERE (?::TIMESTAMPTZ IS "
+                        "NULL OR ts >= ?) AND (?::TIMESTAMPTZ IS NULL OR ts < "
+                        "?)", window).fetchall()[0][0]
     started = time.perf_counter()
     params = [since, until, model[0], model[1], other[0], other[1]]
     reader = con.sql(_ROWS_SQL, params=params).to_arrow_reader(BATCH)
@@ -162,15 +170,18 @@ def replay(store: LineageStore, state: RegistryState, pipeline: str, model: tupl
             progress(rows, total)
     seconds = time.perf_counter() - started
     con.close()
-    return ReplayReport(pipeline, rows, labeled, seconds, sides, agree / rows if against and rows else None,
-                        spec.label.task)
+    return ReplayReport(pipeline, rows, labeled, seconds, sides,
+                        agree / rows if against and rows else None, spec.label.task)
 
 
-def _feature_columns(features: pa.StructArray, scorers: list[Scorer]) -> dict[str, np.ndarray] | None:
-    """The batch's numeric/bool features as float64 numpy columns (null -> NaN), straight from Arrow.
+def _feature_columns(features: pa.StructArray,
+                     scorers: list[Scorer]) -> dict[str, np.ndarray] | None:
+    """The batch's numeric/bool features as float64 numpy columns (null -> NaN), straight from
+    Arrow.
 
     Going through float64 is what ``Scorer.feeds`` does with Python values too, so the tensors are
-    bit-identical to the ones the inference service built live; ints use an unchecked cast, like numpy.
+    bit-identical to the ones the inference service built live; ints use an unchecked cast, like
+    numpy.
     """
     wanted = {c for s in scorers if s.single for c in s.columns}
     if not wanted:
@@ -186,7 +197,8 @@ def _feature_columns(features: pa.StructArray, scorers: list[Scorer]) -> dict[st
     return out
 
 
-def _score(scorer: Scorer, features: pa.StructArray, columns: dict[str, np.ndarray] | None, n: int) -> ScoreResult:
+def _score(scorer: Scorer, features: pa.StructArray, columns: dict[str, np.ndarray] | None,
+           n: int) -> ScoreResult:
     if scorer.single and columns is not None:
         return scorer.parse(scorer.run(scorer.feeds_columns(columns, n)), n, with_scores=False)
     # Several inputs (string tensors, per-feature shapes): the record path the service uses.
@@ -229,7 +241,8 @@ def _compare(side: Side, result: ScoreResult, chunk: pa.RecordBatch, prefix: str
         assert labels is not None
         side.reproduced += int((labels[present] == logged_labels[present]).sum())
     if result.labels is not None:
-        for label, count in Counter(result.labels).items():  # first-seen order, like the per-event loop
+        # first-seen order, like the per-event loop
+        for label, count in Counter(result.labels).items():
             side.distribution[label] = side.distribution.get(label, 0) + count
     if not known.any():
         return

@@ -15,9 +15,10 @@ _SOURCE = [("_topic", pa.string()), ("_partition", pa.int32()), ("_offset", pa.i
 PREDICTIONS = pa.schema([
     ("prediction_id", pa.string()), ("event_id", pa.string()), ("key", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.int32()), ("model_sha256", pa.string()),
-    ("variant", pa.string()), ("served", pa.bool_()), ("label", pa.string()), ("value", pa.float64()),
-    ("scores", pa.map_(pa.string(), pa.float64())),
-    ("features_topic", pa.string()), ("features_partition", pa.int32()), ("features_offset", pa.int64()),
+    ("variant", pa.string()), ("served", pa.bool_()), ("label", pa.string()),
+    ("value", pa.float64()), ("scores", pa.map_(pa.string(), pa.float64())),
+    ("features_topic", pa.string()), ("features_partition", pa.int32()),
+    ("features_offset", pa.int64()),
     ("event_ts", pa.timestamp("ms", tz="UTC")), ("scored_at", pa.timestamp("ms", tz="UTC")),
     *_SOURCE,
 ])
@@ -49,11 +50,12 @@ def prediction_row(record: dict[str, Any], msg: Message) -> dict[str, Any]:
     src = record["source"]
     return {
         **{k: record[k] for k in ("prediction_id", "event_id", "key", "model_name", "model_version",
-                                   "model_sha256", "variant", "served", "label", "value", "event_ts",
+                                   "model_sha256", "variant", "served", "label", "value",
+                                  "event_ts",
                                    "scored_at")},
         "scores": list(record["scores"].items()),
-        "features_topic": src["topic"], "features_partition": src["partition"], "features_offset": src["offset"],
-        **_source(msg),
+        "features_topic": src["topic"], "features_partition": src["partition"],
+        "features_offset": src["offset"], **_source(msg),
     }
 
 
@@ -61,12 +63,14 @@ def feature_row(record: dict[str, Any], msg: Message) -> dict[str, Any]:
     """A features-table row."""
     src = record["source"]
     return {"event_id": record["event_id"], "key": record["key"], "ts": record["ts"],
-            "ingested_at": record["ingested_at"], "raw_topic": src["topic"], "raw_partition": src["partition"],
+            "ingested_at": record["ingested_at"], "raw_topic": src["topic"],
+            "raw_partition": src["partition"],
             "raw_offset": src["offset"], "features": record["features"],
             "content_hash": record.get("content_hash"), **_source(msg)}
 
 
 def feedback_row(record: dict[str, Any], msg: Message) -> dict[str, Any]:
     """A feedback-table row."""
-    return {**{k: record[k] for k in ("feedback_id", "prediction_id", "event_id", "label", "value", "verdict", "ts")},
+    return {**{k: record[k] for k in ("feedback_id", "prediction_id", "event_id", "label", "value",
+                                      "verdict", "ts")},
             **_source(msg)}

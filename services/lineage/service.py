@@ -25,7 +25,7 @@ from confluent_kafka import Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from loopline import avro, feedback, topics
-from loopline.errors import SchemaError
+from loopline.errors import FeedbackError, SchemaError
 from loopline.kafka import watermarks
 from loopline.observability import bounded
 from loopline.registry import RegistryReader
@@ -34,9 +34,10 @@ from loopline.runtime.incarnation import TopicIds
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import rows
+from loopline.services.lineage.errors import StoreMismatch
 from loopline.services.lineage.forgotten import EMPTY, Forgotten, ForgottenWatch
 from loopline.services.lineage.settings import LineageSettings
-from loopline.services.lineage.store import LineageStore, StoreMismatch
+from loopline.services.lineage.store import LineageStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def _unless_forgotten(forgotten: Forgotten, table: str, add: Callable[[dict[str,
 class LineageService:
     """Consumes the pipelines' topics and writes them to the lineage store, idempotently."""
 
-    def __init__(self, rt: ServiceRuntime, settings: LineageSettings, delivery: Delivery | None = None) -> None:
+    def __init__(self, rt: ServiceRuntime, settings: LineageSettings,
+                 delivery: Delivery | None = None) -> None:
         self.rt = rt
         self.settings = settings
         self.store = LineageStore(settings.store_dir())
@@ -80,7 +82,8 @@ class LineageService:
         self.topic_ids = TopicIds(rt.kafka.admin("loopline-lineage"))
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._stored: dict[tuple[str, int], int] = {}  # highest offset already in the store
-        self._positions: dict[tuple[str, int], int] = {}  # next offset, per partition read since the commit
+        # next offset, per partition read since the commit
+        self._positions: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._refused: dict[tuple[str, int], str] = {}
         self._codecs: dict[str, avro.Codec] = {}
@@ -89,17 +92,22 @@ class LineageService:
         r = rt.registry
         self.rows_written = Counter("loopline_lineage_rows", "Rows written to the lineage store",
                                     ["pipeline", "table"], registry=r)
-        self.skipped = Counter("loopline_lineage_duplicates_skipped", "Messages skipped because the store "
+        self.skipped = Counter("loopline_lineage_duplicates_skipped",
+                               "Messages skipped because the store "
                                "already holds them", ["pipeline", "table"], registry=r)
-        self.rejected = Counter("loopline_lineage_deadletters", "Invalid messages dead-lettered (feedback, "
+        self.rejected = Counter("loopline_lineage_deadletters",
+                                "Invalid messages dead-lettered (feedback, "
                                 "predictions) or skipped (features: inference dead-letters those)",
                                 ["pipeline", "table", "rule"], registry=r)
         self.forgotten_skipped = Counter(
             "loopline_lineage_forgotten_skipped", "Messages or rows not stored: their subject is "
             "on the store's forgotten list", ["pipeline", "table"], registry=r)
-        self.refused_partitions = Gauge("loopline_lineage_refused_partitions", "Partitions whose stored offsets "
-                                        "disagree with the topic (not written until resolved)", registry=r)
-        self.flush_seconds = Histogram("loopline_lineage_flush_seconds", "Time to write one file", registry=r)
+        self.refused_partitions = Gauge("loopline_lineage_refused_partitions",
+                                        "Partitions whose stored offsets "
+                                        "disagree with the topic (not written until resolved)",
+                                        registry=r)
+        self.flush_seconds = Histogram("loopline_lineage_flush_seconds", "Time to write one file",
+                                       registry=r)
 
     # ---- registry and subscription ------------------------------------------------------------
     def _wanted_topics(self) -> list[str]:
@@ -115,7 +123,8 @@ class LineageService:
             self._codecs.clear()
             if wanted:
                 self.rt.health.expect_assignment()
-                self.consumer.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke)
+                self.consumer.subscribe(wanted, on_assign=self._on_assign,
+                                        on_revoke=self._on_revoke)
                 log.info("lineage_subscribed", extra={"topics": wanted})
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -127,7 +136,8 @@ class LineageService:
         # committed, so the new owner reads them again (a flush here could race the new owner).
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            for table in (self._buffers, self._stored, self._positions, self._committed, self._refused):
+            for table in (self._buffers, self._stored, self._positions, self._committed,
+                          self._refused):
                 table.pop(key, None)
 
     def tick(self, out: Outputs) -> None:
@@ -154,7 +164,8 @@ class LineageService:
             pipeline = topics.pipeline_of(topic)
             table = _TABLE_OF_KIND.get(topic.rsplit(".", 1)[-1])
             if pipeline is None or table is None or key in self._refused:
-                continue  # a refused partition's offsets are never committed: nothing of it is written
+                # a refused partition's offsets are never committed: nothing of it is written
+                continue
             if key not in self._stored:
                 self._first_touch(pipeline, table, topic, partition)
                 if key in self._refused:
@@ -175,13 +186,16 @@ class LineageService:
         except StoreMismatch as e:
             self._refused[(topic, partition)] = str(e)
             self.refused_partitions.set(len(self._refused))
-            log.error("lineage_store_mismatch", extra={"topic": topic, "partition": partition, "error": str(e)})
-            self.rt.health.set_ready(False, f"lineage store disagrees with {topic}[{partition}]: {e}")
+            log.error("lineage_store_mismatch",
+                      extra={"topic": topic, "partition": partition, "error": str(e)})
+            self.rt.health.set_ready(False,
+                                     f"lineage store disagrees with {topic}[{partition}]: {e}")
 
     def _end_offset(self, topic: str, partition: int) -> int | None:
         """The partition's end offset where the broker reports it exactly (Kafka), else None."""
         if self.rt.kafka.embedded:
-            return None  # Tansu reports the last batch's base offset + 1: not an end to compare with
+            # Tansu reports the last batch's base offset + 1: not an end to compare with
+            return None
         _, high = watermarks(self.consumer, topic, partition)
         return int(high)
 
@@ -204,30 +218,33 @@ class LineageService:
             spec = self.registry.state.specs.get(pipeline)
             classes = spec.label.classes if spec is not None else None
             for m, record in zip(messages, feedback.decode_each(messages, classes)):
-                if isinstance(record, feedback.FeedbackError):
+                if isinstance(record, FeedbackError):
                     self.rejected.labels(pipeline, table, record.rule).inc()
                     out.dead(m, record.rule, f"invalid feedback: {record}", record.field)
                 else:
                     add(rows.feedback_row(record, m))
             return
         codec = self._codec(pipeline, table)
-        for m, record in zip(messages, codec.decode_each([m.value() for m in messages])):
-            if isinstance(record, SchemaError):
+        for m, decoded in zip(messages, codec.decode_each([m.value() for m in messages])):
+            if isinstance(decoded, SchemaError):
                 self.rejected.labels(pipeline, table, "schema").inc()
-                log.warning("lineage_undecodable", extra={"topic": m.topic(), "partition": m.partition(),
-                                                          "offset": m.offset(), "error": bounded(str(record))})
+                log.warning("lineage_undecodable", extra={"topic": m.topic(),
+                                                          "partition": m.partition(),
+                                                          "offset": m.offset(),
+                                                          "error": bounded(str(decoded))})
                 if table == "predictions":
-                    out.dead(m, "schema", f"lineage could not decode a prediction: {record}")
+                    out.dead(m, "schema", f"lineage could not decode a prediction: {decoded}")
             elif table == "features":
-                add(rows.feature_row(record, m))
+                add(rows.feature_row(decoded, m))
             else:
-                add(rows.prediction_row(record, m))
+                add(rows.prediction_row(decoded, m))
 
     # ---- checkpoints --------------------------------------------------------------------------
     def due(self, pending: Outputs, now: float) -> bool:
         """Commit when a buffer is full or old enough (everything read so far is written then)."""
         for b in self._buffers.values():
-            if len(b.rows) >= self.settings.flush_rows or now - b.since >= self.settings.flush_interval_s:
+            if (len(b.rows) >= self.settings.flush_rows
+                    or now - b.since >= self.settings.flush_interval_s):
                 return True
         # Dead letters are committed with the offsets of everything read, so they force a write too.
         return bool(pending) or (not self._buffers and self._positions != self._committed)
@@ -246,8 +263,8 @@ class LineageService:
                 continue
             schema = self._schema(buffer.pipeline, buffer.table)
             with self.flush_seconds.time():
-                self.store.write(buffer.pipeline, buffer.table, topic, buffer.topic_id, partition, buffer.rows,
-                                 schema)
+                self.store.write(buffer.pipeline, buffer.table, topic, buffer.topic_id, partition,
+                                 buffer.rows, schema)
             self.rows_written.labels(buffer.pipeline, buffer.table).inc(len(buffer.rows))
             self._stored[(topic, partition)] = buffer.rows[-1]["_offset"]
         self._buffers.clear()

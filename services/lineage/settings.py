@@ -14,7 +14,8 @@ class LineageSettings(ServiceSettings):
 
     lineage_dir: Path | None = Field(
         None, description="Lineage store folder (default: $LOOPLINE_HOME/lineage).")
-    flush_rows: int = Field(20_000, ge=1, description="Rows buffered per partition before a file is written.")
+    flush_rows: int = Field(20_000, ge=1,
+                            description="Rows buffered per partition before a file is written.")
     flush_interval_s: float = Field(
         5.0, gt=0, description="Longest time a row waits in memory before its file is written.")
 

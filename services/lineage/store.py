@@ -21,16 +21,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopline.errors import LooplineError
+from loopline.services.lineage.errors import StoreMismatch
 
 TABLES = ("features", "predictions", "feedback")
-_NAME = re.compile(r"^(?P<topic>[^~]+)(?:~(?P<topic_id>[A-Za-z0-9_-]+))?~(?P<partition>\d+)~(?P<first>\d+)"
-                   r"~(?P<last>\d+)\.parquet$")
+_NAME = re.compile(r"^(?P<topic>[^~]+)(?:~(?P<topic_id>[A-Za-z0-9_-]+))?"
+                   r"~(?P<partition>\d+)~(?P<first>\d+)~(?P<last>\d+)\.parquet$")
 LEGACY = "legacy"
-
-
-class StoreMismatch(LooplineError):
-    """The store holds offsets of a topic incarnation that the topic does not have."""
 
 
 def safe_id(topic_id: str) -> str:
@@ -51,29 +47,35 @@ class LineageStore:
     def files(self, pipeline: str, table: str) -> list[Path]:
         """Every complete file of a table."""
         folder = self.table_dir(pipeline, table)
-        return sorted(p for p in folder.glob("*.parquet") if _NAME.match(p.name)) if folder.exists() else []
+        return sorted(p for p in folder.glob("*.parquet")
+                      if _NAME.match(p.name)) if folder.exists() else []
 
     def pipelines(self) -> list[str]:
         """Pipelines with data in the store."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.exists() else []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir()) if self.root.exists() else []
 
     def stored_upto(self, pipeline: str, table: str, topic: str, topic_id: str, partition: int,
                     end_offset: int | None = None) -> int:
-        """Highest offset of this incarnation of ``topic``/``partition`` stored in ``table`` (-1: none).
+        """Highest offset of this incarnation of ``topic``/``partition`` stored in ``table`` (-1:
+        none).
 
-        With the partition's ``end_offset`` (exact on Kafka), a store holding offsets the topic never
-        reached raises :class:`StoreMismatch`: that is another topic's data, not ours to skip over.
+        With the partition's ``end_offset`` (exact on Kafka), a store holding offsets the topic
+        never reached raises :class:`StoreMismatch`: that is another topic's data, not ours to skip
+        over.
         """
         wanted = safe_id(topic_id)
         high = -1
         for path in self.files(pipeline, table):
             m = _NAME.match(path.name)
-            if m and m["topic"] == topic and (m["topic_id"] or LEGACY) == wanted and int(m["partition"]) == partition:
+            if (m and m["topic"] == topic and (m["topic_id"] or LEGACY) == wanted
+                    and int(m["partition"]) == partition):
                 high = max(high, int(m["last"]))
         if end_offset is not None and high >= end_offset:
-            raise StoreMismatch(f"the store holds {topic} (id {topic_id}) partition {partition} up to offset "
-                                f"{high}, but the topic ends at {end_offset}: the store belongs to other data "
-                                f"(a restored copy?); move {self.table_dir(pipeline, table)} aside")
+            raise StoreMismatch(f"the store holds {topic} (id {topic_id}) partition {partition} up "
+                                f"to offset {high}, but the topic ends at {end_offset}: the store "
+                                "belongs to other data (a restored copy?); move "
+                                f"{self.table_dir(pipeline, table)} aside")
         return high
 
     def write(self, pipeline: str, table: str, topic: str, topic_id: str, partition: int,
@@ -82,7 +84,8 @@ class LineageStore:
         offsets = [r["_offset"] for r in rows]
         folder = self.table_dir(pipeline, table)
         folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{topic}~{safe_id(topic_id)}~{partition}~{min(offsets)}~{max(offsets)}.parquet"
+        final = folder / (f"{topic}~{safe_id(topic_id)}~{partition}"
+                          f"~{min(offsets)}~{max(offsets)}.parquet")
         tmp = folder / f".{final.name}.tmp"
         pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), tmp)
         with open(tmp, "rb") as f:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from loopline.services.monitor.detectors import Detector
 from loopline.services.monitor.evidence import (
     MIN_ERRORS,
@@ -137,7 +138,7 @@ class ErrorWatch:
                 self.first = []
             errors, offsets = errors[need:], offsets[need:]
             hits = [(i - need, name) for i, name in hits if i >= need]  # no test without a baseline
-            if self.baseline is None or not errors.size:
+            if self.baseline is None or not errors.size:  # type: ignore[unreachable]  # _set_baseline sets it
                 return ErrorFinding([], None, None)
         start = self.errors.total
         confirmed = windowed = None

@@ -1,4 +1,5 @@
-"""One small interface over river's drift detectors, for feature/output streams and 0/1 error streams.
+"""One small interface over river's drift detectors, for feature/output streams and 0/1 error
+streams.
 
 Every detector is built by name (the names a pipeline spec uses), seeded where river allows it,
 and fed whole numpy arrays: :meth:`Detector.update_many` returns the positions that signalled a
@@ -23,7 +24,7 @@ from river import drift
 from river.drift import binary
 from scipy import signal
 
-from loopline.errors import LooplineError
+from loopline.services.monitor.errors import DetectorError
 
 
 @dataclass(frozen=True)
@@ -44,26 +45,27 @@ KINDS: dict[str, DetectorKind] = {
                           "ADWIN adaptive window (Bifet & Gavalda), delta=0.002"),
     "page_hinkley": DetectorKind("page_hinkley",
                                  # No forgetting (river's alpha is 0.9999): with it the sums of a
-                                 # stationary stream swing by ~70 sd, a false alarm every ~12k events.
-                                 lambda seed: drift.PageHinkley(min_instances=30, delta=0.1, threshold=50.0,
-                                                                alpha=1.0),
-                                 False, "Page-Hinkley cumulative test, delta=0.1 sd, threshold=50 sd, "
+                                 # stationary stream swing by ~70 sd, a false alarm every ~12k
+                                 # events.
+                                 lambda seed: drift.PageHinkley(min_instances=30, delta=0.1,
+                                                                threshold=50.0, alpha=1.0),
+                                 False,
+                                 "Page-Hinkley cumulative test, delta=0.1 sd, threshold=50 sd, "
                                  "no forgetting"),
-    "kswin": DetectorKind("kswin", lambda seed: drift.KSWIN(alpha=1e-5, window_size=200, stat_size=50,
-                                                            seed=seed),
-                          False, "KSWIN sliding two-sample KS, alpha=1e-5 (costly: one KS test per event)"),
+    "kswin": DetectorKind("kswin", lambda seed: drift.KSWIN(alpha=1e-5, window_size=200,
+                                                            stat_size=50, seed=seed),
+                          False, "KSWIN sliding two-sample KS, alpha=1e-5 "
+                          "(costly: one KS test per event)"),
     "ddm": DetectorKind("ddm", lambda seed: binary.DDM(warm_start=100), True,
                         "DDM error-rate test (Gama et al.), warm start 100"),
-    "eddm": DetectorKind("eddm", lambda seed: binary.EDDM(warm_start=300, alpha=0.9, beta=0.85), True,
+    "eddm": DetectorKind("eddm", lambda seed: binary.EDDM(warm_start=300, alpha=0.9, beta=0.85),
+                         True,
                          "EDDM distance-between-errors test, warm start 300, alpha=0.9, beta=0.85"),
-    "hddm_a": DetectorKind("hddm_a", lambda seed: binary.HDDMA(), True, "HDDM_A Hoeffding bound on averages"),
+    "hddm_a": DetectorKind("hddm_a", lambda seed: binary.HDDMA(), True,
+                           "HDDM_A Hoeffding bound on averages"),
     "hddm_w": DetectorKind("hddm_w", lambda seed: binary.HDDMW(), True,
                            "HDDM_W Hoeffding bound on weighted averages"),
 }
-
-
-class DetectorError(LooplineError):
-    """A detector name is unknown or does not fit the stream it is asked to watch."""
 
 
 class Detector:
@@ -74,7 +76,8 @@ class Detector:
         if kind is None:
             raise DetectorError(f"unknown detector {name!r}; known: {sorted(KINDS)}")
         if kind.binary and not binary_stream:
-            raise DetectorError(f"detector {name!r} watches 0/1 error streams only, not real values")
+            raise DetectorError(
+                f"detector {name!r} watches 0/1 error streams only, not real values")
         self.name = name
         self.seed = seed
         self.binary = kind.binary
@@ -83,7 +86,8 @@ class Detector:
         self.detections = 0
 
     def update_many(self, values: np.ndarray) -> np.ndarray:
-        """Feed values in order; return the indices (into ``values``) where a drift was signalled."""
+        """Feed values in order; return the indices
+        (into ``values``) where a drift was signalled."""
         values = np.asarray(values, dtype=float)
         # NaN (missing) values are not learned: drop them once here and map the hits back.
         missing = np.isnan(values)
@@ -107,7 +111,8 @@ class Detector:
 
 
 def error_detector_names(names: list[str], task: str) -> list[str]:
-    """The error-stream detectors usable for a task: binary ones need 0/1 errors (classification)."""
+    """The error-stream detectors usable for a task:
+    binary ones need 0/1 errors (classification)."""
     if task == "classification":
         return list(names)
     return [n for n in names if not KINDS[n].binary]
@@ -200,7 +205,7 @@ def _page_hinkley_many(det: drift.PageHinkley, x: np.ndarray) -> list[int]:
         last = first_tested + int(over[0]) if over.size else seg.size - 1
         mean0.n, mean0._mean = float(n[last]), float(mean[last])
         det._sum_increase, det._sum_decrease = float(sums[0, last]), float(sums[1, last])
-        det._min_increase, det._max_decrease = float(extreme[0, last]), float(extreme[1, last])
+        det._min_increase, det._max_decrease = float(extreme[0, last]), float(extreme[1, last])  # type: ignore[assignment]  # river's stubs say int; it holds floats
         if not over.size:
             break
         det._drift_detected = True

@@ -120,8 +120,8 @@ class Episodes:
             self.pipeline,
             key.signal,
             message,
-            state=state,  # type: ignore[arg-type]
-            severity=severity,  # type: ignore[arg-type]
+            state=state,  # type: ignore[arg-type]  # a checked Literal
+            severity=severity,  # type: ignore[arg-type]  # a checked Literal
             episode=f"{key.label()}#{episode.number}{suffix}",
             at=at,
             first_offset=episode.first_offset,

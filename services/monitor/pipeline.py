@@ -20,6 +20,8 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
+
+from loopline.registry import RegistryState, now_ms
 from loopline.services.monitor import messages
 from loopline.services.monitor.episodes import EpisodeKey, Episodes
 from loopline.services.monitor.messages import Performance
@@ -29,8 +31,6 @@ from loopline.services.monitor.quality import Columns, QualityTracker
 from loopline.services.monitor.streams import ColumnWatch, Finding
 from loopline.services.monitor.windowed import Thresholds
 from loopline.services.monitor.zombie import DEPLOYED, ZombieWatch
-
-from loopline.registry import RegistryState, now_ms
 from loopline.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,8 @@ class PipelineMonitor:
         """How far the groups reading this pipeline's predictions have committed, per partition."""
         self.zombies.read(committed)
 
-    def check_stalled(self, now_s: float, watching_since_s: float, metrics: MonitorMetrics) -> list[Alert]:
+    def check_stalled(self, now_s: float, watching_since_s: float,
+                      metrics: MonitorMetrics) -> list[Alert]:
         """Serving stalled: feature events keep arriving, yet no prediction for stalled_after_s."""
         limit = self.spec.monitor.stalled_after_s
         features = getattr(self, "features_seen_s", None)
@@ -345,14 +346,17 @@ class PipelineMonitor:
         key = EpisodeKey("stalled", detector="no_predictions")
         if stalled:
             since = now_s - last_served
-            msg = (f"Serving of pipeline {self.spec.name} has stalled: feature events keep arriving on "
-                   f"{self.spec.topics.features} but no prediction came on {self.spec.topics.predictions} "
-                   f"for {since:.0f}s (stalled after {limit:.0f}s). Check the inference service: its "
-                   "readiness says why (broker, a pipeline without a working version, a stuck batch).")
-            return _some(self.episodes.observe(key, "alert", msg, at=int(now_s * 1000), statistic=since,
-                                               threshold=limit))
+            msg = (f"Serving of pipeline {self.spec.name} has stalled: feature events keep "
+                   f"arriving on {self.spec.topics.features} but no prediction came on "
+                   f"{self.spec.topics.predictions} "
+                   f"for {since:.0f}s (stalled after {limit:.0f}s). Check the inference service: "
+                   "its readiness says why (broker, a pipeline without a working version, a stuck "
+                   "batch).")
+            return _some(self.episodes.observe(key, "alert", msg, at=int(now_s * 1000),
+                                               statistic=since, threshold=limit))
         if key in self.episodes.open:
-            return _some(self.episodes.observe(key, None, "Predictions flow again.", at=int(now_s * 1000)))
+            return _some(self.episodes.observe(key, None, "Predictions flow again.",
+                                               at=int(now_s * 1000)))
         return []
 
     def check_zombies(
@@ -368,7 +372,7 @@ class PipelineMonitor:
             metrics.unread.labels(*labels).set(s.unread_s)
             metrics.zombie.labels(*labels).set(1.0 if s.idle or s.unread else 0.0)
             model = f"Model {s.model_name} v{s.model_version} ({s.stage})"
-            version = {"model_name": s.model_name, "model_version": s.model_version}
+            version: dict[str, Any] = {"model_name": s.model_name, "model_version": s.model_version}
             idle = EpisodeKey("zombie", detector="no_traffic", **version)
             msg = (
                 f"{model} has served no predictions for {s.idle_s:.0f}s "
@@ -438,8 +442,8 @@ class PipelineMonitor:
         what = (
             f"Feature '{name}'"
             if subject == "feature"
-            else f"Output '{name}' of model {model[0]} v{model[1]}"
-        )  # type: ignore[index]
+            else f"Output '{name}' of model {model[0]} v{model[1]}"  # type: ignore[index]  # an output's drift has a model
+        )
         t = self.thresholds
         w, r = finding.warning, finding.windowed
         found = []
@@ -726,7 +730,10 @@ class _Outputs:
             if self._values is None:
                 self._values, self._scores = list(map(_VALUE, records)), list(map(_SCORES, records))
             # Decoded predictions always carry a scores map; None or a missing key falls back below.
-            return [s[name] if name in s else v for s, v in zip(self._scores, self._values)]
+            # Not s.get(): a None map must raise the TypeError caught below, not an AttributeError.
+            scores, values = self._scores, self._values
+            return [s[name] if name in s else v  # noqa: SIM401 - see above
+                    for s, v in zip(scores, values)]  # type: ignore[arg-type]  # both set above
         except (KeyError, TypeError):
             return [_output(r, name) for r in records]
 

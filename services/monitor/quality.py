@@ -134,7 +134,8 @@ class QualityTracker:
                     self._count((f.name, "out_of_range"), out)
         return self._advance(n, offsets[0], offsets[-1])
 
-    def add_dead_letters(self, letters: list[dict[str, Any]], offsets: list[int]) -> list[QualityReport]:
+    def add_dead_letters(self, letters: list[dict[str, Any]],
+                         offsets: list[int]) -> list[QualityReport]:
         """Count one batch of dead letters; return finished windows."""
         if not letters:
             return []
@@ -158,7 +159,8 @@ class QualityTracker:
         return [report]
 
     def flush(self, min_events: int) -> list[QualityReport]:
-        """Close the current window early if it holds at least ``min_events`` (the stream paused)."""
+        """Close the current window early if it holds
+        at least ``min_events`` (the stream paused)."""
         if self.events < max(1, min_events):
             return []
         return self._advance(0, self.first_offset or 0, self.last_offset or 0, force=True)
@@ -167,7 +169,8 @@ class QualityTracker:
         """Rates of the window so far (every spec feature and kind, zeros included)."""
         total = max(1, self.events)
         names = [f.name for f in self.spec.features] + [EVENT]
-        rates = {(name, kind): self.counts.get((name, kind), 0) / total for name in names for kind in KINDS}
+        rates = {(name, kind): self.counts.get((name, kind), 0) / total for name in names
+                 for kind in KINDS}
         for key, count in self.counts.items():  # fields the spec does not know (renamed, unknown)
             rates.setdefault(key, count / total)
         return QualityReport(rates, self.events, self.first_offset, self.last_offset)

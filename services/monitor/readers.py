@@ -10,9 +10,11 @@ from confluent_kafka.admin import AdminClient
 
 log = logging.getLogger(__name__)
 
-OWN_PREFIX = "loopline-"  # Loopline's services read predictions too (lineage, trainer); they are not readers
+# Loopline's services read predictions too (lineage, trainer); they are not readers
+OWN_PREFIX = "loopline-"
 
-Committed = dict[str, dict[str, dict[int, int]]]  # group -> topic -> partition -> next offset to read
+# group -> topic -> partition -> next offset to read
+Committed = dict[str, dict[str, dict[int, int]]]
 
 
 @dataclass
@@ -24,7 +26,8 @@ class ReaderOffsets:
     timeout_s: float = 10.0
 
     def committed(self, topics: set[str]) -> Committed:
-        """Committed offsets on ``topics`` of every group but the monitor's own (raises KafkaException)."""
+        """Committed offsets on ``topics`` of every group
+        but the monitor's own (raises KafkaException)."""
         listing = self.admin.list_consumer_groups(request_timeout=self.timeout_s).result()
         groups = sorted(g.group_id for g in listing.valid if g.group_id != self.own_group)
         # One group per request (the client's limit), all in flight at once.
@@ -36,7 +39,8 @@ class ReaderOffsets:
             try:
                 result = future.result()
             except KafkaException as e:  # the group went away meanwhile, or we may not describe it
-                log.info("monitor_group_offsets_unavailable", extra={"group": group, "error": str(e)})
+                log.info("monitor_group_offsets_unavailable",
+                         extra={"group": group, "error": str(e)})
                 continue
             for tp in result.topic_partitions:
                 if tp.topic in topics and tp.error is None and tp.offset >= 0:
@@ -47,7 +51,8 @@ class ReaderOffsets:
 def furthest(committed: Committed, topic: str, readers: list[str]) -> dict[int, int]:
     """Per partition of ``topic``, the furthest offset any counted reader committed.
 
-    ``readers`` names the groups that count; empty: every group except Loopline's own (``loopline-*``).
+    ``readers`` names the groups that count; empty: every group except Loopline's own
+    (``loopline-*``).
     """
     out: dict[int, int] = {}
     for group, topics in committed.items():

@@ -19,8 +19,8 @@ from typing import Any, cast
 from confluent_kafka import KafkaException, Message
 
 from loopline import avro, feedback, topics
-from loopline.errors import LooplineError
 from loopline.alerts import alert_event
+from loopline.errors import LooplineError
 from loopline.observability import bounded
 from loopline.registry import RegistryReader, RegistryState, now_ms
 from loopline.runtime.incarnation import TopicIds
@@ -38,10 +38,12 @@ from loopline.topics import PipelineTopics, pipeline_of
 log = logging.getLogger(__name__)
 
 SERVICE = "monitor"
-#: The unit that owns the registry's invalid records (not a pipeline name: those start with a letter).
+#: The unit that owns the registry's invalid records (not a pipeline name: those start with a
+#: letter).
 REGISTRY_UNIT = "_registry"
 
-KIND_ORDER = ("deadletter", "features", "predictions", "feedback")  # feedback after the predictions it joins
+# feedback after the predictions it joins
+KIND_ORDER = ("deadletter", "features", "predictions", "feedback")
 # The fields the monitor reads of each kind, as an Avro reader would project them: the others are
 # skipped while decoding, never built (a third of the decoding cost of a prediction, half of a
 # feature event's: bench/avro_decode.py).
@@ -60,13 +62,15 @@ def _partition_of(m: Message) -> tuple[str, int]:
 class MonitorService:
     """Holds one :class:`PipelineMonitor` per pipeline and routes consumed messages to them."""
 
-    def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics, clock: Callable[[], float] = time.time,
+    def __init__(self, settings: MonitorSettings, metrics: MonitorMetrics,
+                 clock: Callable[[], float] = time.time,
                  readers: ReaderOffsets | None = None) -> None:
         self.settings = settings
         self.readers = readers
         self.metrics = metrics
         self.clock = clock
-        self.tuning = Tuning(settings.drift_eval_every, settings.resolve_after, settings.quality_alert_rate)
+        self.tuning = Tuning(settings.drift_eval_every, settings.resolve_after,
+                             settings.quality_alert_rate)
         self.pipelines: dict[str, PipelineMonitor] = {}
         self.state = RegistryState()
         self._codecs: dict[str, tuple[int, avro.Codec]] = {}
@@ -78,10 +82,12 @@ class MonitorService:
     # --- registry -----------------------------------------------------------------------------
     def wanted(self, state: RegistryState) -> list[str]:
         """The registry's pipelines this monitor serves (LOOPLINE_PIPELINES, else all)."""
-        return [n for n in sorted(state.specs) if not self.settings.pipelines or n in self.settings.pipelines]
+        return [n for n in sorted(state.specs) if not self.settings.pipelines
+                or n in self.settings.pipelines]
 
     def sync(self, state: RegistryState) -> None:
-        """Follow the registry: new specs, reference profiles, champions of the pipelines held here."""
+        """Follow the registry: new specs, reference
+        profiles, champions of the pipelines held here."""
         self.state = state
         for name, pm in self.pipelines.items():
             if name in state.specs:
@@ -97,7 +103,8 @@ class MonitorService:
 
     def adopt(self, name: str, restored: PipelineMonitor | None) -> None:
         """Hold a pipeline: its restored state, or a fresh one."""
-        pm = restored if restored is not None else PipelineMonitor(self.state.specs[name], self.tuning)
+        pm = restored if restored is not None else PipelineMonitor(self.state.specs[name],
+                                                                   self.tuning)
         self.pipelines[name] = pm
         self._codec(name)
         pm.refresh(self.state)
@@ -149,9 +156,9 @@ class MonitorService:
                         handler = {"features": pm.on_features, "feedback": pm.on_feedback,
                                    "deadletter": pm.on_dead_letters}[kind]
                         alerts += handler(batch, self.metrics, at)
-                except Exception as e:  # noqa: BLE001 - one pipeline's failure must not stop the others
-                    # Its state may be partly updated: the batch is counted as skipped, never retried
-                    # (a retry after a restart would fail the same way: a crash loop).
+                except Exception:  # one pipeline's failure must not stop the others
+                    # Its state may be partly updated: the batch is counted as skipped, never
+                    # retried (a retry after a restart would fail the same way: a crash loop).
                     self.metrics.events.labels(pipeline, f"{kind}_failed").inc(len(msgs))
                     log.exception("monitor_pipeline_failed", extra={
                         "pipeline": pipeline, "kind": kind, "topic": msgs[0].topic(),
@@ -167,7 +174,8 @@ class MonitorService:
 
     def _decode(self, pipeline: str, kind: str, msgs: list[Message]) -> Batch:
         results: Sequence[dict[str, Any] | LooplineError]
-        if kind == "feedback":  # any client may send feedback, as Avro or as JSON; lineage dead-letters it
+        # any client may send feedback, as Avro or as JSON; lineage dead-letters it
+        if kind == "feedback":
             results = feedback.decode_each(msgs, self.pipelines[pipeline].spec.label.classes)
         else:
             codec = (self._codecs[pipeline][1] if kind == "features"
@@ -182,7 +190,8 @@ class MonitorService:
                 # An unreadable message must not stop monitoring; it is counted and named (another
                 # service owns its dead letter: inference for features, lineage for the rest).
                 self.metrics.events.labels(pipeline, f"{kind}_unreadable").inc()
-                log.warning("monitor_unreadable_message", extra={"topic": m.topic(), "error": bounded(str(r)),
+                log.warning("monitor_unreadable_message", extra={"topic": m.topic(),
+                                                                 "error": bounded(str(r)),
                                                                  "partition": m.partition(),
                                                                  "offset": m.offset()})
                 continue
@@ -209,7 +218,8 @@ class MonitorService:
         try:
             committed = self.readers.committed(set(predictions.values()))
         except KafkaException as e:
-            # Without the admin API (or the right to use it) only traffic is checked; retried next time.
+            # Without the admin API (or the right to use it) only traffic is checked; retried next
+            # time.
             level = logging.DEBUG if self._readers_unknown else logging.WARNING
             self._readers_unknown = True
             log.log(level, "monitor_readers_unknown", extra={"error": str(e)})
@@ -220,24 +230,30 @@ class MonitorService:
             pm.readers(furthest(committed, topic, pm.spec.monitor.readers))
 
     def emit(self, alerts: list[Alert], out: Outputs) -> None:
-        """Queue alert events (committed with the state that raised them) and reflect them in metrics."""
+        """Queue alert events (committed with the state
+        that raised them) and reflect them in metrics."""
         codec = avro.codec("alert")
         for event in alerts:
             out.send(topics.ALERTS, codec.encode(event), key=event["pipeline"].encode())
             self.metrics.on_alert(event)
-            fields = {k: event[k] for k in ("pipeline", "state", "severity", "signal", "feature", "detector",
-                                             "model_name", "model_version", "statistic", "alert_id")}
-            log.warning("monitor_alert", extra=dict(fields, text=event["message"]))  # 'message' is reserved
+            fields = {k: event[k] for k in ("pipeline", "state", "severity", "signal", "feature",
+                                            "detector",
+                                             "model_name", "model_version", "statistic",
+                                            "alert_id")}
+            # 'message' is reserved
+            log.warning("monitor_alert", extra=dict(fields, text=event["message"]))
 
 
 class _Handler:
-    """The monitor on the runtime loop: its units, the registry, timers; see the module docstring."""
+    """The monitor on the runtime loop: its units,
+    the registry, timers; see the module docstring."""
 
     #: The shape of a pipeline's checkpointed state (PipelineMonitor and what it holds).
     #: 2: evidence-based alerts (issue 15): episodes, segment tests, degradation trackers.
     state_version = 2
 
-    def __init__(self, rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService) -> None:
+    def __init__(self, rt: ServiceRuntime, settings: MonitorSettings,
+                 service: MonitorService) -> None:
         self.rt = rt
         self.settings = settings
         self.service = service
@@ -273,7 +289,7 @@ class _Handler:
     def snapshot(self, unit: str) -> Any:
         """The pipeline's monitor (or the registry's judged records), to checkpoint."""
         if unit == REGISTRY_UNIT:
-            return set(self.judged)
+            return set(self.judged)  # type: ignore[arg-type]  # held: the registry unit has its set
         return self.service.pipelines[unit]
 
     def remove(self, unit: str) -> None:
@@ -301,9 +317,10 @@ class _Handler:
             out.send(topic, codec.encode(letter), key=record.key)
             event = alert_event(
                 record.pipeline or REGISTRY_UNIT, "registry_record",
-                f"an invalid record on {record.topic} was skipped by every service ({record.summary()}); "
-                f"its original is kept on {topic}. Fix or re-publish it with `loopline apply` / "
-                "`loopline models`; a record any client wrote there is untrusted input.",
+                f"an invalid record on {record.topic} was skipped by every service "
+                f"({record.summary()}); its original is kept on {topic}. Fix or re-publish it with "
+                "`loopline apply` / `loopline models`; a record any client wrote there is "
+                "untrusted input.",
                 severity="warning", episode=record.ident, first_offset=record.offset)
             self.service.emit([event], out)
             self.units.touch(REGISTRY_UNIT)
@@ -347,14 +364,16 @@ def create(rt: ServiceRuntime, settings: MonitorSettings) -> MonitorService:
                           readers=ReaderOffsets(rt.kafka.admin("loopline-monitor"), rt.group_id))
 
 
-def serve(rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService | None = None) -> None:
+def serve(rt: ServiceRuntime, settings: MonitorSettings,
+          service: MonitorService | None = None) -> None:
     """Run the monitor until ``rt.stop`` is set (its units checkpointed on the way out)."""
     service = service or create(rt, settings)
     handler = _Handler(rt, settings, service)
     changelog = Changelog(rt.kafka, "monitor", settings.state_partitions)
     group = rt.kafka.consumer("loopline-monitor-units", rt.group_id)
     data = rt.kafka.reader(f"{rt.group_id}-data", **{"enable.partition.eof": False})
-    units = Units("monitor", changelog, group, data, handler, TopicIds(rt.kafka.admin("loopline-monitor")),
+    units = Units("monitor", changelog, group, data, handler,
+                  TopicIds(rt.kafka.admin("loopline-monitor")),
                   UnitsMetrics(rt.registry, "monitor"), settings.checkpoint_interval_s)
     handler.units = units
     try:
@@ -362,8 +381,8 @@ def serve(rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService
         tune_gc()
         rt.health.set_ready(False, "joining the monitor group")
         units.start()
-        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}), handler, bisect=False,
-                       checkpointer=units, group=group)
+        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}), handler,
+                       bisect=False, checkpointer=units, group=group)
         units.commit_now = loop.commit_now
         loop.run()
     finally:
@@ -372,4 +391,5 @@ def serve(rt: ServiceRuntime, settings: MonitorSettings, service: MonitorService
 
 def describe(alert: dict[str, Any]) -> str:
     """One line per alert, for people reading logs or tests."""
-    return f"[{alert['state']}/{alert['severity']}] {alert['pipeline']} {alert['signal']}: {alert['message']}"
+    return (f"[{alert['state']}/{alert['severity']}] {alert['pipeline']} {alert['signal']}: "
+            f"{alert['message']}")

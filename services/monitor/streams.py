@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from loopline.services.monitor.detectors import Detector
-from loopline.services.monitor.windowed import Comparison, Thresholds, WindowedDrift
 
 from loopline.profile import categorical_profile, numeric_profile
+from loopline.services.monitor.detectors import Detector
+from loopline.services.monitor.windowed import Comparison, Thresholds, WindowedDrift
 
 #: Values between two confirmation tests of a pending early warning (river's ADWIN checks as often).
 CONFIRM_EVERY = 32
@@ -31,7 +31,7 @@ STREAM_DETECTORS = ("adwin", "page_hinkley")  # the ones that suit derived 0/1 a
 
 
 @dataclass
-class Warning:
+class Warning:  # noqa: A001 - state records pickle it under this name
     """An early warning not yet confirmed or dropped."""
 
     detector: str

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from loopline.profile import categorical_profile, numeric_profile
 from loopline.services.monitor.evidence import (
     MIN_HISTORY,
     MIN_SEGMENT,
@@ -39,8 +41,6 @@ from loopline.services.monitor.evidence import (
     psi,
     z_pvalue,
 )
-
-from loopline.profile import categorical_profile, numeric_profile
 
 __all__ = [
     "MIN_EXPECTED",
@@ -179,11 +179,8 @@ class WindowedDrift:
             # change sooner than the bins do. Values are clipped to the reference's 1st-99th
             # percentiles first: a few extreme values in a short segment of a heavy-tailed column
             # would otherwise make any mean look significant.
-            self._clip = (
-                tuple(float(q) for q in np.quantile(sample, [0.01, 0.99]))
-                if sample.size
-                else (0.0, 0.0)
-            )
+            q = np.quantile(sample, [0.01, 0.99]) if sample.size else np.zeros(2)
+            self._clip = (float(q[0]), float(q[1]))
             clipped = np.clip(sample, *self._clip)
             centre = float(np.median(clipped)) if sample.size else 0.0
             dev = np.abs(clipped - centre)

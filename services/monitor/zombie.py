@@ -1,5 +1,5 @@
-"""Zombie models: a deployed version (champion, challenger, canary, shadow) that serves no traffic, or
-whose predictions nobody reads, for too long.
+"""Zombie models: a deployed version (champion, challenger, canary, shadow) that serves no traffic,
+or whose predictions nobody reads, for too long.
 
 "Reads" is Kafka's own notion: a consumer group has committed an offset past the prediction on the
 predictions topic. The monitor knows where each version's predictions landed (it consumes them) and
@@ -24,7 +24,8 @@ class ZombieStatus:
     model_version: int
     stage: str
     idle_s: float
-    unread_s: float  # age of its oldest prediction no reader has consumed (0: none, or readers unknown)
+    # age of its oldest prediction no reader has consumed (0: none, or readers unknown)
+    unread_s: float
     after_s: float
 
     @property
@@ -48,7 +49,8 @@ class ZombieWatch:
     """
 
     after_s: float
-    deployed: dict[VersionKey, tuple[str, float]] = field(default_factory=dict)  # stage, since (epoch s)
+    # stage, since (epoch s)
+    deployed: dict[VersionKey, tuple[str, float]] = field(default_factory=dict)
     last_seen: dict[VersionKey, float] = field(default_factory=dict)
     oldest_unread: dict[VersionKey, dict[int, Position]] = field(default_factory=dict)
     newest: dict[VersionKey, dict[int, Position]] = field(default_factory=dict)
@@ -63,7 +65,8 @@ class ZombieWatch:
 
     def traffic(self, name: str, version: int, at_s: float,
                 offsets: dict[int, tuple[int, int]] | None = None) -> None:
-        """Record predictions of (name, version) seen at ``at_s``: ``offsets`` is partition -> (first, last)."""
+        """Record predictions of (name, version) seen at
+        ``at_s``: ``offsets`` is partition -> (first, last)."""
         key = (name, version)
         if at_s > self.last_seen.get(key, 0.0):
             self.last_seen[key] = at_s
@@ -76,7 +79,8 @@ class ZombieWatch:
                 newest[partition] = (last, at_s)
 
     def read(self, committed: dict[int, int]) -> None:
-        """Fold in how far reader groups have read: partition -> furthest committed offset (next to read)."""
+        """Fold in how far reader groups have read: partition
+        -> furthest committed offset (next to read)."""
         self.readers_checked = True
         for key, unread in self.oldest_unread.items():
             for partition, (offset, _) in list(unread.items()):
@@ -87,7 +91,8 @@ class ZombieWatch:
                 if upto > last[0]:
                     del unread[partition]
                 else:
-                    # Read partway: the oldest unread one lies between; the newest's time never overstates.
+                    # Read partway: the oldest unread one lies between; the newest's time never
+                    # overstates.
                     unread[partition] = last
 
     def check(self, now_s: float, watching_since_s: float) -> list[ZombieStatus]:
@@ -101,5 +106,6 @@ class ZombieWatch:
             last = max(since, watching_since_s, self.last_seen.get(key, 0.0))
             oldest = min((at for _, at in self.oldest_unread.get(key, {}).values()), default=now_s)
             unread = max(0.0, now_s - oldest) if self.readers_checked else 0.0
-            out.append(ZombieStatus(key[0], key[1], stage, max(0.0, now_s - last), unread, self.after_s))
+            out.append(ZombieStatus(key[0], key[1], stage, max(0.0, now_s - last), unread,
+                                    self.after_s))
         return out

@@ -1,4 +1,5 @@
-"""Trainer: turns feedback into training data, retrains incrementally, validates, exports ONNX, registers."""
+"""Trainer: turns feedback into training data, retrains
+incrementally, validates, exports ONNX, registers."""
 
 from loopline.services.trainer.export import to_onnx
 from loopline.services.trainer.learner import Learner

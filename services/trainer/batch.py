@@ -25,17 +25,13 @@ import onnx
 import orjson
 from onnx import TensorProto, helper
 
-from loopline.errors import LooplineError
-from loopline.spec import BatchLearner, PipelineSpec
+from loopline.services.trainer.errors import BatchError
 from loopline.services.trainer.transforms import FeatureMap, Graph
+from loopline.spec import BatchLearner, PipelineSpec
 
 OPSET = 17
 ML_OPSET = 3
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
-
-
-class BatchError(LooplineError):
-    """A batch learner cannot be trained or exported."""
 
 
 @dataclass
@@ -79,17 +75,17 @@ def one_thread() -> Any:
     The trainer shares its machine with the broker and the other services: boosting on a few
     thousand rows with every core spin-waiting took 1-7 s on a busy 2-core host, 0.1 s on one.
     """
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - scikit-learn's own dependency
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
     return threadpool_limits(limits=1)
 
 
 def _estimator(cfg: BatchLearner, task: str, seed: int) -> Any:
     from sklearn.ensemble import (
-        HistGradientBoostingClassifier,  # noqa: PLC0415 - heavy import
+        HistGradientBoostingClassifier,  # heavy import
         HistGradientBoostingRegressor,
     )
-    from sklearn.linear_model import LogisticRegression, Ridge  # noqa: PLC0415
+    from sklearn.linear_model import LogisticRegression, Ridge
 
     if cfg.kind == "linear":
         if task == "regression":
@@ -141,7 +137,7 @@ class BatchModel:
         """Fit transforms and estimator on a window; raise :class:`BatchError` if impossible."""
         keep = ~np.isnan(inputs.x).any(axis=1)  # a required value that was missing: not learnable
         if not keep.all():
-            idx = np.flatnonzero(keep)
+            idx = np.flatnonzero(keep).tolist()
             inputs = Inputs(inputs.x[idx], {k: [v[i] for i in idx] for k, v in inputs.s.items()})
             targets = [targets[i] for i in idx]
         if len(targets) < 2:
@@ -230,7 +226,7 @@ class BatchModel:
             head.op("Cast", [est.graph.output[0].name], out=out_name, to=TensorProto.DOUBLE)
             outputs = [helper.make_tensor_value_info(out_name, TensorProto.DOUBLE, ["N", 1])]
         else:
-            from loopline.scoring import graph_class_labels  # noqa: PLC0415
+            from loopline.scoring import graph_class_labels
 
             named = graph_class_labels(est.SerializeToString())
             if named is not None and named != self.out_classes:
@@ -269,7 +265,7 @@ class BatchModel:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
             raise BatchError(f"exported {self.name} model is not valid ONNX: {e}") from e
-        return model.SerializeToString()  # type: ignore[no-any-return]
+        return model.SerializeToString()
 
     def _inputs(self, g: Graph) -> tuple[list[Any], str, dict[str, str]]:
         """Graph inputs in the deployment's float type; the double matrix and the string inputs."""
@@ -330,7 +326,7 @@ def _free(name: str, taken: set[str]) -> str:
 
 
 def _version(dist: str) -> str:
-    import importlib.metadata  # noqa: PLC0415
+    import importlib.metadata
 
     try:
         return importlib.metadata.version(dist)
@@ -352,7 +348,7 @@ def _tree_converter(alias: str) -> Any:
     skl2onnx 1.20 writes ``nodes_missing_value_tracks_true=False`` for leaves, which protobuf 7
     rejects; the workaround is per call (``custom_conversion_functions``), nothing global.
     """
-    from skl2onnx.common._registration import get_converter  # noqa: PLC0415
+    from skl2onnx.common._registration import get_converter
 
     original = get_converter(alias)
 
@@ -373,8 +369,8 @@ def _tree_converter(alias: str) -> Any:
 
 def _convert(estimator: Any, width: int, *, double: bool, classification: bool) -> Any:
     """The estimator alone as an ONNX model reading ``sk_Z``; every name prefixed ``sk_``."""
-    from skl2onnx import convert_sklearn  # noqa: PLC0415 - heavy import
-    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType  # noqa: PLC0415
+    from skl2onnx import convert_sklearn  # heavy import
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     tensor = DoubleTensorType if double else FloatTensorType
     options = {id(estimator): {"zipmap": False}} if classification else None
@@ -389,7 +385,7 @@ def _convert(estimator: Any, width: int, *, double: bool, classification: bool) 
             options=options,
             custom_conversion_functions=custom,
         )
-    except Exception as e:  # noqa: BLE001 - skl2onnx raises many kinds
+    except Exception as e:  # skl2onnx raises many kinds
         raise BatchError(f"skl2onnx cannot convert {type(estimator).__name__}: {e}") from e
     _prefix(model.graph, "sk_")
     return model

@@ -20,7 +20,8 @@ from loopline.services.trainer.join import Example
 
 @dataclass
 class Ranges:
-    """Per partition: [first offset, last offset, count] of learned examples, and the event-time span."""
+    """Per partition: [first offset, last offset, count]
+    of learned examples, and the event-time span."""
 
     topic: str
     parts: dict[int, list[int]] = field(default_factory=dict)
@@ -44,19 +45,23 @@ class Ranges:
 
     def records(self) -> list[dict[str, Any]]:
         """The ranges as registry ``OffsetRange`` records."""
-        return [{"topic": self.topic, "partition": p, "first_offset": r[0], "last_offset": r[1], "count": r[2]}
+        return [{"topic": self.topic, "partition": p, "first_offset": r[0], "last_offset": r[1],
+                 "count": r[2]}
                 for p, r in sorted(self.parts.items())]
 
     def summary(self) -> dict[str, Any]:
         """Ranges, count and time span, for a scorecard."""
-        return {"count": self.count, "ranges": self.records(), "ts_min": self.ts_min, "ts_max": self.ts_max}
+        return {"count": self.count, "ranges": self.records(), "ts_min": self.ts_min,
+                "ts_max": self.ts_max}
 
     def merged(self, other: Ranges) -> Ranges:
         """A copy covering both."""
-        out = Ranges(self.topic, {p: list(r) for p, r in self.parts.items()}, self.ts_min, self.ts_max)
+        out = Ranges(self.topic, {p: list(r) for p, r in self.parts.items()}, self.ts_min,
+                     self.ts_max)
         for p, r in other.parts.items():
             mine = out.parts.get(p)
-            out.parts[p] = list(r) if mine is None else [min(mine[0], r[0]), max(mine[1], r[1]), mine[2] + r[2]]
+            out.parts[p] = list(r) if mine is None else [min(mine[0], r[0]), max(mine[1], r[1]),
+                                                         mine[2] + r[2]]
         for ts in (other.ts_min, other.ts_max):
             if ts is not None:
                 out.ts_min = ts if out.ts_min is None else min(out.ts_min, ts)

@@ -20,17 +20,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from river import compose, multiclass
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import ExportError
 from loopline.services.trainer.learner import Learner
 
 OPSET = 17
 ML_OPSET = 3
 INPUT = "input"
 X = "x64"  # the input as double: what every node of the graph reads
-
-
-class ExportError(LooplineError):
-    """A learner cannot be exported to ONNX."""
 
 
 def _scaler_arrays(scaler: Any, features: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +45,8 @@ def _linear(model: Any, features: list[str]) -> tuple[np.ndarray, float]:
 def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
     pipeline = learner.model
     if not isinstance(pipeline, compose.Pipeline):
-        raise ExportError(f"cannot export {type(pipeline).__name__}: expected scaler | linear model")
+        raise ExportError(
+            f"cannot export {type(pipeline).__name__}: expected scaler | linear model")
     scaler, model = list(pipeline.steps.values())
     features = learner.features
     means, inv_std = _scaler_arrays(scaler, features)
@@ -59,14 +56,16 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
     outputs = []
     if learner.task == "regression":
         w, b = _linear(model, features)
-        inits += [numpy_helper.from_array(w.reshape(-1, 1), "W"), numpy_helper.from_array(np.array([b]), "B")]
+        inits += [numpy_helper.from_array(w.reshape(-1, 1), "W"),
+                  numpy_helper.from_array(np.array([b]), "B")]
         nodes += [helper.make_node("MatMul", ["scaled", "W"], ["dot"]),
                   helper.make_node("Add", ["dot", "B"], ["variable"])]
         outputs.append(helper.make_tensor_value_info("variable", TensorProto.DOUBLE, ["N", 1]))
         return nodes, inits, outputs
     classes = learner.classes
     if isinstance(model, multiclass.OneVsRestClassifier):
-        cols = [_linear(model.classifiers[c], features) if c in model.classifiers else (np.zeros(len(features)), 0.0)
+        cols = [_linear(model.classifiers[c], features) if c in model.classifiers
+                else (np.zeros(len(features)), 0.0)
                 for c in classes]
         W = np.stack([c[0] for c in cols], axis=1)
         B = np.array([c[1] for c in cols])
@@ -83,7 +82,7 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
                   helper.make_node("Div", ["votes", "total"], ["probabilities"])]
     else:
         w, b = _linear(model, features)
-        pos = classes.index(learner.positive)
+        pos = classes.index(learner.positive)  # type: ignore[arg-type]  # a classifier has one
         # Column j gets sign +1 for the positive class, -1 otherwise: sigmoid(-z) = 1 - sigmoid(z).
         sign = np.array([1.0 if j == pos else -1.0 for j in range(len(classes))])
         W = np.outer(w, sign)
@@ -97,7 +96,8 @@ def _graph_linear(learner: Learner) -> tuple[list[Any], list[Any], list[Any]]:
                                keys_int64s=list(range(len(classes))), values_strings=classes,
                                default_string="")]
     outputs += [helper.make_tensor_value_info("label", TensorProto.STRING, ["N"]),
-                helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE, ["N", len(classes)])]
+                helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE,
+                                              ["N", len(classes)])]
     return nodes, inits, outputs
 
 
@@ -108,7 +108,7 @@ def to_onnx(learner: Learner, name: str = "loopline-trainer",
     ``input_dtype`` (float32 or float64) is the type of the model's input tensor.
     """
     if learner.kind == "hoeffding_adaptive_tree":
-        from loopline.services.trainer.export_tree import tree_graph  # noqa: PLC0415
+        from loopline.services.trainer.export_tree import tree_graph
 
         nodes, inits, outputs = tree_graph(learner)
     else:
@@ -128,7 +128,7 @@ def to_onnx(learner: Learner, name: str = "loopline-trainer",
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported {learner.kind} model is not valid ONNX: {e}") from e
-    return model.SerializeToString()  # type: ignore[no-any-return]
+    return model.SerializeToString()
 
 
 def _version(dist: str) -> str:

@@ -18,12 +18,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 from river.tree.base import Branch
 
-from loopline.errors import LooplineError
-
-
-class TreeExportError(LooplineError):
-    """A tree has a node the exporter does not support."""
-
+from loopline.services.trainer.errors import TreeExportError
 
 Literal = tuple[int, bool]  # (split index, takes the left "<=" branch)
 
@@ -37,7 +32,8 @@ class _Flattener:
 
     def split(self, node: Any) -> int:
         if not hasattr(node, "threshold") or len(node.children) != 2:
-            raise TreeExportError(f"tree export supports numeric binary splits only, not {type(node).__name__}")
+            raise TreeExportError("tree export supports numeric binary splits only, not "
+                                  f"{type(node).__name__}")
         if node.feature not in self.features:
             raise TreeExportError(f"tree splits on {node.feature!r}, which is not a model input")
         self.splits.append((self.features.index(node.feature), float(node.threshold)))
@@ -83,14 +79,17 @@ def tree_graph(learner: Any) -> tuple[list[Any], list[Any], list[Any]]:
         for j, (s, left) in enumerate(path):
             idx[i, j] = s if left else n_splits + s
     values = np.stack([v for _, v in flat.leaves])
-    inits = [numpy_helper.from_array(idx, "leaf_literals"), numpy_helper.from_array(values, "leaf_values"),
+    inits = [numpy_helper.from_array(idx, "leaf_literals"),
+             numpy_helper.from_array(values, "leaf_values"),
              numpy_helper.from_array(np.array([0], dtype=np.int64), "col0"),
-             numpy_helper.from_array(np.array([0.0]), "zero"), numpy_helper.from_array(np.array([1.0]), "one")]
+             numpy_helper.from_array(np.array([0.0]), "zero"),
+             numpy_helper.from_array(np.array([1.0]), "one")]
     nodes = [helper.make_node("Gather", ["x64", "col0"], ["first_col"], axis=1),
              helper.make_node("Mul", ["first_col", "zero"], ["zeros_col"]),
              helper.make_node("Add", ["zeros_col", "one"], ["ones_col"])]
     if n_splits:
-        inits += [numpy_helper.from_array(np.array([f for f, _ in flat.splits], dtype=np.int64), "split_feature"),
+        inits += [numpy_helper.from_array(np.array([f for f, _ in flat.splits], dtype=np.int64),
+                                          "split_feature"),
                   numpy_helper.from_array(np.array([t for _, t in flat.splits]), "split_threshold")]
         nodes += [helper.make_node("Gather", ["x64", "split_feature"], ["split_x"], axis=1),
                   helper.make_node("LessOrEqual", ["split_x", "split_threshold"], ["goes_left"]),
@@ -99,14 +98,16 @@ def tree_graph(learner: Any) -> tuple[list[Any], list[Any], list[Any]]:
                   helper.make_node("Concat", ["left", "right", "ones_col"], ["literals"], axis=1)]
     else:
         nodes.append(helper.make_node("Identity", ["ones_col"], ["literals"]))
-    nodes += [helper.make_node("Gather", ["literals", "leaf_literals"], ["paths"], axis=1),  # [N, L, depth]
+    # [N, L, depth]
+    nodes += [helper.make_node("Gather", ["literals", "leaf_literals"], ["paths"], axis=1),
               helper.make_node("ReduceMin", ["paths"], ["reached"], axes=[2], keepdims=0)]  # [N, L]
     if learner.task == "regression":
         inits.append(numpy_helper.from_array(np.ones((len(flat.leaves), 1)), "leaf_ones"))
         nodes += [helper.make_node("MatMul", ["reached", "leaf_values"], ["total"]),
                   helper.make_node("MatMul", ["reached", "leaf_ones"], ["count"]),
                   helper.make_node("Div", ["total", "count"], ["variable"])]
-        return nodes, inits, [helper.make_tensor_value_info("variable", TensorProto.DOUBLE, ["N", 1])]
+        return nodes, inits, [helper.make_tensor_value_info("variable", TensorProto.DOUBLE,
+                                                            ["N", 1])]
     classes = learner.classes
     inits += [numpy_helper.from_array(np.array([1e-300]), "tiny"),
               numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
@@ -117,7 +118,9 @@ def tree_graph(learner: Any) -> tuple[list[Any], list[Any], list[Any]]:
               helper.make_node("Div", ["votes", "vote_total"], ["probabilities"]),
               helper.make_node("ArgMax", ["probabilities"], ["label_index"], axis=1, keepdims=0),
               helper.make_node("LabelEncoder", ["label_index"], ["label"], domain="ai.onnx.ml",
-                               keys_int64s=list(range(len(classes))), values_strings=classes, default_string="")]
+                               keys_int64s=list(range(len(classes))), values_strings=classes,
+                               default_string="")]
     outputs = [helper.make_tensor_value_info("label", TensorProto.STRING, ["N"]),
-               helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE, ["N", len(classes)])]
+               helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE,
+                                             ["N", len(classes)])]
     return nodes, inits, outputs

@@ -96,7 +96,8 @@ class FeedbackJoin:
             self.clock = now_ms
         self._expire()
 
-    def add_event(self, event: dict[str, Any], partition: int, offset: int, seen: int) -> list[Example]:
+    def add_event(self, event: dict[str, Any], partition: int, offset: int,
+                  seen: int) -> list[Example]:
         """Remember a feature event; return examples whose waiting feedback it completes."""
         self.counts.features += 1
         eid = event["event_id"]
@@ -118,7 +119,8 @@ class FeedbackJoin:
         return self._retry(pid) + self._retry(row.event_id)
 
     def add_feedback(self, fb: dict[str, Any], seen: int) -> list[Example]:
-        """Join one feedback; return the example it labels (or nothing: waiting, duplicate, unusable)."""
+        """Join one feedback; return the example it labels
+        (or nothing: waiting, duplicate, unusable)."""
         self.counts.feedback += 1
         fid = fb["feedback_id"]
         if fid in self.seen_feedback:
@@ -159,7 +161,7 @@ class FeedbackJoin:
         if pred is not None:
             eid = pred.event_id
         elif eid is None:
-            self._wait(fb, pid)  # only a prediction id: wait for that prediction
+            self._wait(fb, pid)  # type: ignore[arg-type]  # only a prediction id: wait for it
             return None
         verdict = fb.get("verdict")
         if eid in self.labeled:
@@ -195,7 +197,8 @@ class FeedbackJoin:
                 return float(pred.value)
             return None
         if fb.get("label") is not None:
-            return str(fb["label"]) if not self.classes or str(fb["label"]) in self.classes else None
+            label = str(fb["label"])
+            return label if not self.classes or label in self.classes else None
         if verdict == "accept" and pred is not None:
             return pred.label
         if verdict == "reject" and pred is not None and len(self.classes) == 2:
@@ -216,25 +219,25 @@ class FeedbackJoin:
                 if counter:
                     setattr(self.counts, counter, getattr(self.counts, counter) + 1)
                 else:
-                    plist = self.event_preds.get(row.event_id)
+                    plist = self.event_preds.get(row.event_id)  # type: ignore[union-attr]  # a PredRow
                     if plist is not None:
                         if key in plist:
                             plist.remove(key)
                         if not plist:
-                            del self.event_preds[row.event_id]
+                            del self.event_preds[row.event_id]  # type: ignore[union-attr]  # as above
         while self.pending:
             fid = next(iter(self.pending))
-            fb, seen = self.pending[fid]
+            _fb, seen = self.pending[fid]
             if seen >= horizon and len(self.pending) <= self.max_entries:
                 break
             del self.pending[fid]
             self.counts.orphans += 1
-        for table in (self.seen_feedback, self.labeled):
-            while table:
-                key = next(iter(table))
-                if table[key] >= horizon and len(table) <= self.max_entries:
+        for ids in (self.seen_feedback, self.labeled):
+            while ids:
+                key = next(iter(ids))
+                if ids[key] >= horizon and len(ids) <= self.max_entries:
                     break
-                del table[key]
+                del ids[key]
         # pending_by_ref may keep ids of expired feedback; drop those lists lazily here.
         if len(self.pending_by_ref) > 2 * max(1, len(self.pending)):
             live = set(self.pending)

@@ -13,23 +13,19 @@ from typing import Any
 
 from river import compose, linear_model, multiclass, optim, preprocessing, tree
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import LearnerError
 from loopline.spec import PipelineSpec
 
 #: Learners whose export to ONNX is exact (a parity test holds them to 1e-5).
 LINEAR = ("logistic_regression", "linear_regression")
 
 
-class LearnerError(LooplineError):
-    """A learner cannot be built for a pipeline or cannot learn an example."""
-
-
 def input_features(spec: PipelineSpec) -> list[str]:
     """The features the learner uses, in spec order (numeric and bool; strings are not modelled)."""
     names = [f.name for f in spec.features if f.type != "string"]
     if not names:
-        raise LearnerError(f"pipeline {spec.name}: the trainer needs at least one numeric or bool feature "
-                           "(rule: tabular_features)")
+        raise LearnerError(f"pipeline {spec.name}: the trainer needs at least one numeric or bool "
+                           "feature (rule: tabular_features)")
     return names
 
 
@@ -37,8 +33,8 @@ def classes_of(spec: PipelineSpec) -> list[str]:
     """The class names of a classification pipeline, in spec order."""
     classes = list(spec.label.classes or [])
     if spec.label.task == "classification" and len(classes) < 2:
-        raise LearnerError(f"pipeline {spec.name}: label.classes must list the classes for the trainer "
-                           "(rule: classes)")
+        raise LearnerError(f"pipeline {spec.name}: label.classes must list the classes for the "
+                           "trainer (rule: classes)")
     return classes
 
 
@@ -49,7 +45,8 @@ def positive_class(spec: PipelineSpec) -> str:
 
 
 def make_learner(spec: PipelineSpec) -> Any:
-    """A fresh river model for ``spec.trainer.learner`` (deterministic given ``spec.trainer.seed``)."""
+    """A fresh river model for ``spec.trainer.learner``
+    (deterministic given ``spec.trainer.seed``)."""
     cfg = spec.trainer
     task = spec.label.task
     if cfg.learner == "hoeffding_adaptive_tree":
@@ -59,14 +56,14 @@ def make_learner(spec: PipelineSpec) -> Any:
         return tree.HoeffdingAdaptiveTreeClassifier(seed=cfg.seed, leaf_prediction="mc")
     if cfg.learner == "linear_regression":
         if task != "regression":
-            raise LearnerError(f"pipeline {spec.name}: trainer.learner linear_regression needs label.task "
-                               "regression (rule: learner_fits_task)")
+            raise LearnerError(f"pipeline {spec.name}: trainer.learner linear_regression needs "
+                               "label.task regression (rule: learner_fits_task)")
         model: Any = linear_model.LinearRegression(optimizer=optim.SGD(cfg.learning_rate),
                                                    intercept_lr=cfg.learning_rate)
     else:
         if task != "classification":
-            raise LearnerError(f"pipeline {spec.name}: trainer.learner logistic_regression needs label.task "
-                               "classification (rule: learner_fits_task)")
+            raise LearnerError(f"pipeline {spec.name}: trainer.learner logistic_regression needs "
+                               "label.task classification (rule: learner_fits_task)")
         binary = linear_model.LogisticRegression(optimizer=optim.SGD(cfg.learning_rate),
                                                  intercept_lr=cfg.learning_rate)
         model = binary if len(classes_of(spec)) == 2 else multiclass.OneVsRestClassifier(binary)
@@ -81,7 +78,8 @@ class Learner:
         self.task = spec.label.task
         self.classes = classes_of(spec) if self.task == "classification" else []
         self.positive = positive_class(spec) if self.task == "classification" else None
-        self.binary_linear = spec.trainer.learner == "logistic_regression" and len(self.classes) == 2
+        self.binary_linear = (spec.trainer.learner == "logistic_regression"
+                              and len(self.classes) == 2)
         self.kind = spec.trainer.learner
         self.model = make_learner(spec)
         self.learned = 0
@@ -123,4 +121,5 @@ class Learner:
         """Predicted label (classification) or value (regression) per record."""
         if self.task == "regression":
             return [float(self.model.predict_one(self.x(r)) or 0.0) for r in records]
-        return [self.classes[max(range(len(row)), key=row.__getitem__)] for row in self.predict_proba(records)]
+        return [self.classes[max(range(len(row)), key=row.__getitem__)]
+                for row in self.predict_proba(records)]

@@ -1,4 +1,5 @@
-"""Retrain triggers from ``spec.trainer.retrain``: drift alert, N new labels, verdict rules, schedule.
+"""Retrain triggers from ``spec.trainer.retrain``: drift alert, N new labels, verdict rules,
+schedule.
 
 Counters run "since the last version" (accepted or rejected), so one trigger yields one
 candidate. A drift alert arms a trigger that fires once ``drift_settle_labels`` labels arrived
@@ -39,7 +40,8 @@ class RetrainPolicy:
 
     def on_alert(self, alert: dict[str, Any]) -> bool:
         """Arm the drift trigger on a raised drift/performance alert; return whether it armed."""
-        if alert["state"] != "raised" or alert["signal"] not in DRIFT_SIGNALS or alert["severity"] != "alert":
+        if (alert["state"] != "raised" or alert["signal"] not in DRIFT_SIGNALS
+                or alert["severity"] != "alert"):
             return False
         if self.drift_alert is None:
             what = alert.get("feature") or alert.get("detector") or ""

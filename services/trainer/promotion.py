@@ -90,7 +90,8 @@ class Trial:
         out: dict[str, Any] = {"phase": self.phase}
         for role, key in (("challenger", self.challenger), ("incumbent", self.incumbent)):
             n, total = self.stats.get(key, [0.0, 0.0])[:2]
-            out[role] = {"version": f"{key[0]}:{key[1]}", "n": int(n), "score": total / n if n else None}
+            out[role] = {"version": f"{key[0]}:{key[1]}", "n": int(n),
+                         "score": total / n if n else None}
         return out
 
     def decision(self, min_samples: int, margin: float, p_value: float = 0.0) -> str | None:

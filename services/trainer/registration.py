@@ -14,8 +14,8 @@ from loopline.models import Lineage, ModelRegistry, NewVersion
 
 
 def register_version(registry: ModelRegistry, pipeline: str, model: bytes, *, stage: str,
-                     reference: Sequence[Mapping[str, Any]], metrics: Mapping[str, float], trigger: str,
-                     training_ranges: list[dict[str, Any]], scorecard: dict[str, Any],
+                     reference: Sequence[Mapping[str, Any]], metrics: Mapping[str, float],
+                     trigger: str, training_ranges: list[dict[str, Any]], scorecard: dict[str, Any],
                      library_versions: Mapping[str, str]) -> dict[str, Any]:
     """Validate, store and publish a version with its lineage; return the version record."""
     return registry.register(pipeline, model, NewVersion(

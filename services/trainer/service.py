@@ -1,4 +1,5 @@
-"""The trainer: fold features, predictions, feedback and alerts into per-pipeline state; retrain; promote.
+"""The trainer: fold features, predictions, feedback and alerts into per-pipeline state; retrain;
+promote.
 
 Its state (river learners, the feedback join, trigger counters, live trials) is per pipeline, the
 trainer's unit of ownership: replicas split the pipelines between them through
@@ -21,7 +22,7 @@ from confluent_kafka import Message
 
 from loopline import avro, feedback, topics
 from loopline.artifacts import ArtifactStore
-from loopline.errors import LooplineError, SchemaError
+from loopline.errors import FeedbackError, LooplineError, SchemaError
 from loopline.models import ModelRegistry, champion
 from loopline.observability import bounded
 from loopline.registry import RegistryReader, now_ms
@@ -31,8 +32,9 @@ from loopline.runtime.service import ServiceRuntime
 from loopline.runtime.state import Changelog
 from loopline.runtime.units import Input, Units, UnitsMetrics
 from loopline.scoring import Scorer
-from loopline.services.trainer.data import Holdout, Ranges
 from loopline.services.trainer import tournament
+from loopline.services.trainer.data import Holdout, Ranges
+from loopline.services.trainer.errors import Deferred
 from loopline.services.trainer.export import library_versions
 from loopline.services.trainer.join import Example, FeedbackJoin
 from loopline.services.trainer.learner import Learner, input_features
@@ -105,12 +107,15 @@ class TrainerService:
         return [p for p in (self.settings.pipelines or sorted(state.specs)) if p in state.specs]
 
     def inputs(self, unit: str) -> list[Input]:
-        """A pipeline's topics (from the beginning for a fresh start) and the alerts (only new ones)."""
+        """A pipeline's topics (from the beginning for a
+        fresh start) and the alerts (only new ones)."""
         t = PipelineTopics(unit)
-        return [Input(t.features), Input(t.predictions), Input(t.feedback), Input(topics.ALERTS, "end")]
+        return [Input(t.features), Input(t.predictions), Input(t.feedback),
+                Input(topics.ALERTS, "end")]
 
     def install(self, unit: str, state: Any | None) -> None:
-        """Take a pipeline over: its restored state, or a fresh one (also when the spec's features changed)."""
+        """Take a pipeline over: its restored state, or a
+        fresh one (also when the spec's features changed)."""
         spec = self.reader.state.specs[unit]
         self.specs[unit] = spec
         self.codecs[unit] = self.reader.state.features_codec(unit)
@@ -119,7 +124,8 @@ class TrainerService:
             self.states[unit] = state
         else:
             if state is not None:
-                log.warning("trainer_learner_reset", extra={"pipeline": unit, "reason": "the spec's features changed"})
+                log.warning("trainer_learner_reset",
+                            extra={"pipeline": unit, "reason": "the spec's features changed"})
             self.states[unit] = new_state(spec, self.settings)
         log.info("trainer_pipeline", extra={"pipeline": unit, "restored": state is not None})
 
@@ -144,8 +150,8 @@ class TrainerService:
             self.codecs[pipeline] = state.features_codec(pipeline)
             st = self.states[pipeline]
             if st.learner.features != input_features(spec):
-                log.warning("trainer_learner_reset", extra={"pipeline": pipeline,
-                                                            "reason": "the spec's features changed"})
+                log.warning("trainer_learner_reset",
+                            extra={"pipeline": pipeline, "reason": "the spec's features changed"})
                 self.states[pipeline] = new_state(spec, self.settings)
             else:
                 st.spec_sha = spec.sha256()
@@ -165,7 +171,8 @@ class TrainerService:
             self.handle(fresh)
 
     def tick(self, out: Outputs) -> None:
-        """Registry changes, joins advanced on the wall clock when caught up, triggers and trials."""
+        """Registry changes, joins advanced on the wall
+        clock when caught up, triggers and trials."""
         if self.reader.poll(0.0):
             self.sync_pipelines()
         idle = time.monotonic() - self._last_data
@@ -183,10 +190,11 @@ class TrainerService:
 
     # ---- batches ------------------------------------------------------------------------------
     def handle(self, batch: list[Message]) -> None:
-        """Fold a batch into the joins and learners; features first, so a batch joins with itself."""
+        """Fold a batch into the joins and learners;
+        features first, so a batch joins with itself."""
         clock = max((m.timestamp()[1] for m in batch if m.timestamp()[0]), default=0)
-        for st in self.states.values():
-            st.join.advance(clock)
+        for held in self.states.values():
+            held.join.advance(clock)
         ordered = sorted(batch, key=lambda m: _KIND_ORDER[_kind(m.topic())])
         for m in ordered:
             kind = _kind(m.topic())
@@ -204,19 +212,24 @@ class TrainerService:
                     continue
                 assert pipeline is not None
                 if kind == "features":
-                    examples = st.join.add_event(self.codecs[pipeline].decode(m.value()), m.partition(),
-                                                 m.offset(), seen)
+                    examples = st.join.add_event(self.codecs[pipeline].decode(m.value()),
+                                                 m.partition(), m.offset(), seen)
                 elif kind == "predictions":
-                    examples = st.join.add_prediction(avro.codec("prediction").decode(m.value()), seen)
+                    examples = st.join.add_prediction(avro.codec("prediction").decode(m.value()),
+                                                      seen)
                 else:
-                    # any client may send feedback, as Avro or as JSON; lineage dead-letters bad ones
-                    record = feedback.decode(m.value(), m.topic(), m.partition(), ts if ts_type else None,
+                    # any client may send feedback, as Avro or as JSON; lineage dead-letters bad
+                    # ones
+                    record = feedback.decode(m.value(), m.topic(), m.partition(),
+                                             ts if ts_type else None,
                                              self.specs[pipeline].label.classes)
                     examples = st.join.add_feedback(record, seen)
-            except (SchemaError, feedback.FeedbackError) as e:
+            except (SchemaError, FeedbackError) as e:
                 self.metrics.bad_messages.labels(m.topic()).inc()
-                log.debug("trainer_bad_message", extra={"topic": m.topic(), "partition": m.partition(),
-                                                        "offset": m.offset(), "error": bounded(str(e))})
+                log.debug("trainer_bad_message", extra={"topic": m.topic(),
+                                                        "partition": m.partition(),
+                                                        "offset": m.offset(),
+                                                        "error": bounded(str(e))})
                 continue
             for example in examples:
                 self._example(pipeline, st, example)
@@ -227,7 +240,8 @@ class TrainerService:
         if st is None or spec is None or not spec.trainer.retrain.on_drift:
             return
         if st.policy.on_alert(alert):
-            log.info("trainer_drift_armed", extra={"pipeline": alert["pipeline"], "signal": alert["signal"],
+            log.info("trainer_drift_armed", extra={"pipeline": alert["pipeline"],
+                                                   "signal": alert["signal"],
                                                    "alert": alert["message"]})
             if not spec.trainer.retrain.warm_start:
                 # Cold start: the next candidate learns only data from the alert on.
@@ -265,15 +279,15 @@ class TrainerService:
                 continue
             try:
                 self.candidate(pipeline, spec, st, trigger)
-            except tournament.Deferred as e:
+            except Deferred as e:
                 st.policy.defer(e.labels)
                 log.info("trainer_candidate_deferred",
                          extra={"pipeline": pipeline, "trigger": trigger, "labels": e.labels})
             except LooplineError as e:
                 # A candidate that cannot be exported or registered must not stop learning; the
                 # counters restart so the next trigger tries again with more data.
-                log.error("trainer_candidate_failed", extra={"pipeline": pipeline, "trigger": trigger,
-                                                             "error": str(e)})
+                log.error("trainer_candidate_failed", extra={"pipeline": pipeline,
+                                                             "trigger": trigger, "error": str(e)})
                 self.metrics.versions.labels(pipeline, "failed").inc()
                 st.policy.reset(now_ms())
 
@@ -282,12 +296,14 @@ class TrainerService:
         scorer = self._champions.get(key)
         if scorer is None:
             data = self.models.store.read(record["sha256"])
-            scorer = Scorer(data, spec, record.get("fill_values") or {}, label=f"champion v{record['version']}",
+            scorer = Scorer(data, spec, record.get("fill_values") or {},
+                            label=f"champion v{record['version']}",
                             input_features=record.get("input_features") or None)
             self._champions = {key: scorer}
         return scorer
 
-    def candidate(self, pipeline: str, spec: PipelineSpec, st: PipelineState, trigger: str) -> dict[str, Any]:
+    def candidate(self, pipeline: str, spec: PipelineSpec, st: PipelineState,
+                  trigger: str) -> dict[str, Any]:
         """Run the tournament, validate its winner against the champion, register it (or not)."""
         reference = list(st.recent)
         champ = champion(self.reader.state, pipeline)
@@ -312,8 +328,10 @@ class TrainerService:
                             else "live trial" if card["accepted"] and champ else stage)
         done = self._already_registered(pipeline, trigger, ranges.records())
         if done is not None:
-            # Registered just before a crash that came before the checkpoint: adopt it, do not repeat it.
-            log.warning("trainer_version_adopted", extra={"pipeline": pipeline, "version": done["version"]})
+            # Registered just before a crash that came before the checkpoint: adopt it, do not
+            # repeat it.
+            log.warning("trainer_version_adopted",
+                        extra={"pipeline": pipeline, "version": done["version"]})
             st.policy.reset(now_ms())
             self._checkpoint_soon(pipeline)
             return done
@@ -328,7 +346,8 @@ class TrainerService:
                            "learner": result.winner.name})
         outcome = "accepted" if card["accepted"] else "rejected"
         self.metrics.versions.labels(pipeline, outcome).inc()
-        log.info("trainer_version", extra={"pipeline": pipeline, "version": record["version"], "stage": stage,
+        log.info("trainer_version", extra={"pipeline": pipeline, "version": record["version"],
+                                           "stage": stage,
                                            "trigger": trigger, "reason": card["reason"],
                                            "learner": result.winner.name,
                                            "evidence": card["evidence"]["note"],
@@ -351,7 +370,8 @@ class TrainerService:
                             ranges: list[dict[str, Any]]) -> dict[str, Any] | None:
         # The registry was read completely at start, so a version published before a crash is known.
         for (p, _, _), v in self.reader.state.versions.items():
-            if p == pipeline and v.get("trigger") == trigger and v.get("training_ranges") == ranges and ranges:
+            if (p == pipeline and v.get("trigger") == trigger
+                    and v.get("training_ranges") == ranges and ranges):
                 return v
         return None
 
@@ -364,7 +384,8 @@ class TrainerService:
             return  # our own registration not read back yet
         expected = ("shadow", "canary") if trial.phase == "trial" else ("champion",)
         if chal["stage"] not in expected:
-            log.info("trainer_trial_ended", extra={"pipeline": pipeline, "reason": f"stage is now {chal['stage']}",
+            log.info("trainer_trial_ended", extra={"pipeline": pipeline,
+                                                   "reason": f"stage is now {chal['stage']}",
                                                    **trial.summary()})
             st.trial = None
             st.policy.after_trial(spec.trainer, won=True)  # a person decided: no automatic retry
@@ -378,15 +399,16 @@ class TrainerService:
         summary = trial.summary()
         reason = (f"live {trial.phase}: {summary['challenger']['version']} scored "
                   f"{summary['challenger']['score']:.4f} vs {summary['incumbent']['version']} "
-                  f"{summary['incumbent']['score']:.4f} over {summary['challenger']['n']} labels, margin "
-                  f"{spec.trainer.margin:g}")
+                  f"{summary['incumbent']['score']:.4f} over {summary['challenger']['n']} labels, "
+                  f"margin {spec.trainer.margin:g}")
         (cname, cver), (iname, iver) = trial.challenger, trial.incumbent
         if trial.phase == "trial" and decision == "challenger":
             st.trial = promote_on_probation(self.models, pipeline, trial.challenger,
                                             trial.incumbent, reason, trial.regression)
             action = "promote"
         elif trial.phase == "trial":
-            self.models.promote(pipeline, cver, name=cname, to_stage="rejected", reason=f"rolled back: {reason}")
+            self.models.promote(pipeline, cver, name=cname, to_stage="rejected",
+                                reason=f"rolled back: {reason}")
             st.trial = None
             st.policy.after_trial(spec.trainer, won=False)
             action = "reject"
@@ -396,12 +418,14 @@ class TrainerService:
             st.policy.after_trial(spec.trainer, won=False)
             action = "rollback"
         else:
-            self.models.promote(pipeline, iver, name=iname, to_stage="retired", reason=f"probation passed: {reason}")
+            self.models.promote(pipeline, iver, name=iname, to_stage="retired",
+                                reason=f"probation passed: {reason}")
             st.trial = None
             st.policy.after_trial(spec.trainer, won=True)
             action = "probation_passed"
         self.metrics.stage_changes.labels(pipeline, action).inc()
-        log.info("trainer_stage_change", extra={"pipeline": pipeline, "action": action, "reason": reason})
+        log.info("trainer_stage_change",
+                 extra={"pipeline": pipeline, "action": action, "reason": reason})
         self._checkpoint_soon(pipeline)
 
     def _checkpoint_soon(self, pipeline: str) -> None:
@@ -422,22 +446,24 @@ def create(rt: ServiceRuntime, settings: TrainerSettings) -> TrainerService:
     return TrainerService(settings, models, TrainerMetrics(rt.registry), reader)
 
 
-def serve(rt: ServiceRuntime, settings: TrainerSettings, service: TrainerService | None = None) -> None:
+def serve(rt: ServiceRuntime, settings: TrainerSettings,
+          service: TrainerService | None = None) -> None:
     """Run the trainer until ``rt.stop`` is set (its units checkpointed on the way out)."""
     service = service or create(rt, settings)
     reader = service.reader
     changelog = Changelog(rt.kafka, "trainer", settings.state_partitions)
     group = rt.kafka.consumer("loopline-trainer-units", rt.group_id)
     data = rt.kafka.reader(f"{rt.group_id}-data", **{"enable.partition.eof": False})
-    units = Units("trainer", changelog, group, data, service, TopicIds(rt.kafka.admin("loopline-trainer")),
+    units = Units("trainer", changelog, group, data, service,
+                  TopicIds(rt.kafka.admin("loopline-trainer")),
                   UnitsMetrics(rt.registry, "trainer"), settings.checkpoint_interval_s)
     service.units = units
     try:
         reader.catch_up()
         rt.health.set_ready(False, "joining the trainer group")
         units.start()
-        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}), _Ready(rt, service),
-                       bisect=False, checkpointer=units, group=group)
+        loop = rt.loop(data, rt.delivery(**{"message.max.bytes": 64 * 1024 * 1024}),
+                       _Ready(rt, service), bisect=False, checkpointer=units, group=group)
         units.commit_now = loop.commit_now
         loop.run()
     finally:

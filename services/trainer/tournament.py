@@ -38,6 +38,7 @@ from loopline.models import fill_values
 from loopline.scoring import Scorer
 from loopline.services.trainer.batch import BatchModel, model_inputs
 from loopline.services.trainer.data import Holdout, Ranges, ranges_of
+from loopline.services.trainer.errors import Deferred, TournamentError
 from loopline.services.trainer.export import to_onnx
 from loopline.services.trainer.join import Example
 from loopline.services.trainer.learner import Learner
@@ -52,20 +53,6 @@ _TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
 _LINEAR_OPS = {"LinearClassifier", "LinearRegressor", "MatMul", "Gemm"}
 _HIDDEN_OPS = {"Relu", "Tanh", "LeakyRelu", "Elu", "Selu", "SVMClassifier", "SVMRegressor"}
 _RIVER_KINDS = ("logistic_regression", "linear_regression", "hoeffding_adaptive_tree")
-
-
-class TournamentError(LooplineError):
-    """No contender could be trained and exported."""
-
-
-class Deferred(LooplineError):
-    """The champion's errors changed too recently for a tournament on the new concept: wait."""
-
-    def __init__(self, pipeline: str, labels: int) -> None:
-        super().__init__(
-            f"pipeline {pipeline}: the concept changed {labels} label(s) short of a tournament"
-        )
-        self.labels = labels
 
 
 @dataclass
@@ -210,10 +197,10 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
     if props.get("learner") in _RIVER_KINDS and props.get("learner") != spec.trainer.learner:
         kind = props["learner"]
         if (
-            spec.label.task == "regression"
-            and kind == "logistic_regression"
-            or spec.label.task == "classification"
-            and kind == "linear_regression"
+            (spec.label.task == "regression"
+            and kind == "logistic_regression")
+            or (spec.label.task == "classification"
+            and kind == "linear_regression")
         ):
             return {"family": f"river.{kind}", "from": "recorded learner, other task"}, None
         return {"family": f"river.{kind}", "from": f"recorded learner ({producer})"}, kind
@@ -230,8 +217,8 @@ def champion_family(spec: PipelineSpec, model: bytes | None) -> tuple[dict[str, 
     # hand-made graphs multiply two data tensors or raise one to a power.
     products = any(
         n.op_type == "ReduceProd"
-        or n.op_type in ("Mul", "Pow")
-        and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow")
+        or (n.op_type in ("Mul", "Pow")
+        and sum(i not in constants for i in n.input) >= 2 - (n.op_type == "Pow"))
         for n in proto.graph.node
     )
     if ops & _TREE_OPS:

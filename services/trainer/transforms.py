@@ -22,17 +22,13 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from loopline.errors import LooplineError
+from loopline.services.trainer.errors import TransformError
 from loopline.spec import PipelineSpec, Transform
 
 #: Most categories one string feature contributes when the spec declares no ``values``.
 MAX_CATEGORIES = 50
 #: Most product terms a polynomial transform may add (a wide window stays trainable in seconds).
 MAX_TERMS = 2000
-
-
-class TransformError(LooplineError):
-    """Transforms cannot be fitted or exported for a pipeline."""
 
 
 class Graph:
@@ -56,7 +52,7 @@ class Graph:
         if arr.dtype.kind in "OUS":
             self.inits.append(
                 helper.make_tensor(
-                    n, TensorProto.STRING, arr.shape, [str(v).encode() for v in arr.ravel()]
+                    n, TensorProto.STRING, arr.shape, [str(v).encode() for v in arr.ravel()]  # type: ignore[misc]  # onnx's stubs omit bytes
                 )
             )
         else:
@@ -299,7 +295,7 @@ class FeatureMap:
             )
         for n in self.strings:
             cats = self.categories[n]
-            idx = g.op(
+            index = g.op(
                 "LabelEncoder",
                 [s[n]],
                 f"{n}_index",
@@ -309,7 +305,7 @@ class FeatureMap:
                 default_int64=-1,
             )
             hit = g.op(
-                "Equal", [idx, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit"
+                "Equal", [index, g.const(np.arange(len(cats), dtype=np.int64), "codes")], f"{n}_hit"
             )
             parts.append(g.op("Cast", [hit], f"{n}_onehot", to=TensorProto.DOUBLE))
         if len(parts) == 1:

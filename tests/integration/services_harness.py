@@ -1,4 +1,5 @@
-"""Helpers for crash tests: service processes that can be killed -9 and restarted, raw traffic, checks.
+"""Helpers for crash tests: service processes that can be killed -9 and restarted, raw traffic,
+checks.
 
 Imported by test_reliability.py (a plain module, not a test file).
 """
@@ -52,22 +53,25 @@ def make_spec(name: str, partitions: int) -> PipelineSpec:
                        "label": {"task": "classification", "classes": ["0", "1"], "positive": "1"}})
 
 
-def service_env(settings: LooplineSettings, home: Path, pipeline: str, **extra: str) -> dict[str, str]:
+def service_env(settings: LooplineSettings, home: Path, pipeline: str,
+                **extra: str) -> dict[str, str]:
     """Environment of a `loopline run <service>` child: this test's broker, home and pipeline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
     env.update(LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers or "",
                LOOPLINE_KAFKA_PROFILE=settings.kafka_profile, LOOPLINE_HOME=str(home),
                LOOPLINE_PIPELINES=pipeline, LOOPLINE_SESSION_TIMEOUT_MS="6000",
-               LOOPLINE_REGISTRY_POLL_S="0.2", LOOPLINE_FLUSH_ROWS="200", LOOPLINE_FLUSH_INTERVAL_S="0.5",
-               LOOPLINE_CHECKPOINT_INTERVAL_S="1")
+               LOOPLINE_REGISTRY_POLL_S="0.2", LOOPLINE_FLUSH_ROWS="200",
+               LOOPLINE_FLUSH_INTERVAL_S="0.5", LOOPLINE_CHECKPOINT_INTERVAL_S="1")
     env.update(extra)
     return env
 
 
 class ServiceProcess:
-    """One `python -m loopline.app.cli run <service>` child with a fixed metrics port (kept across restarts)."""
+    """One `python -m loopline.app.cli run <service>` child
+    with a fixed metrics port (kept across restarts)."""
 
-    def __init__(self, service: str, env: dict[str, str], log_path: Path, label: str | None = None) -> None:
+    def __init__(self, service: str, env: dict[str, str], log_path: Path,
+                 label: str | None = None) -> None:
         self.service = service
         self.label = label or service
         self.port = free_port()
@@ -158,9 +162,11 @@ class ServiceProcess:
 
 
 def raw_event(i: int, prefix: str, rng: np.random.Generator) -> tuple[bytes, bytes, bool]:
-    """(key, value, valid) of the i-th raw event: about one in six is bad, in five different ways."""
+    """(key, value, valid) of the i-th raw event:
+    about one in six is bad, in five different ways."""
     key = f"c{i % 97}"
-    features: dict[str, Any] = {"customer": key, "x1": float(rng.random()), "x2": float(rng.random()),
+    features: dict[str, Any] = {"customer": key, "x1": float(rng.random()),
+                                "x2": float(rng.random()),
                                 "flag": bool(i % 2), "x3": None if i % 3 else float(rng.random())}
     doc: dict[str, Any] = {"event_id": f"{prefix}-e{i}", "features": features}
     kind = i % 6
@@ -174,10 +180,13 @@ def raw_event(i: int, prefix: str, rng: np.random.Generator) -> tuple[bytes, byt
     elif bad == 2:
         features["flag"] = "yes"  # type
     elif bad == 3:
-        return key.encode(), f'{{"event_id": "{prefix}-e{i}", "features": {{'.encode(), False  # not JSON
+        # not JSON
+        return key.encode(), f'{{"event_id": "{prefix}-e{i}", "features": {{'.encode(), False
     else:
-        return key.encode(), f'{{"event_id": "{prefix}-e{i}", "features": {{"customer": "{key}", "x1": NaN, ' \
-                             f'"x2": 0.5, "flag": true}}}}'.encode(), False  # not finite
+        # not finite
+        return key.encode(), (f'{{"event_id": "{prefix}-e{i}", "features": '
+                              f'{{"customer": "{key}", "x1": NaN, '
+                              f'"x2": 0.5, "flag": true}}}}').encode(), False
     return key.encode(), json.dumps(doc).encode(), False
 
 
@@ -191,7 +200,8 @@ class RawTraffic:
     chunk: int = 25
     pause_s: float = 0.1
     limit: int = 2000
-    valid: dict[str, tuple[int, int]] = field(default_factory=dict)  # event_id -> (partition, offset)
+    # event_id -> (partition, offset)
+    valid: dict[str, tuple[int, int]] = field(default_factory=dict)
     bad: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset)
     failures: list[str] = field(default_factory=list)
     sent: int = 0
@@ -258,7 +268,8 @@ def served(store: LineageStore, pipeline: str) -> dict[str, int]:
         return {}
     con = q.connect(store, pipeline)
     try:
-        return dict(con.execute("SELECT event_id, count(*) FROM predictions WHERE served GROUP BY event_id")
+        return dict(con.execute("SELECT event_id, count(*) FROM predictions WHERE served GROUP BY "
+                                "event_id")
                     .fetchall())
     finally:
         con.close()
@@ -276,7 +287,8 @@ class DeadLetters:
 
     def __init__(self, kafka: KafkaConfig, topic: str, partitions: int) -> None:
         self.consumer = kafka.reader(f"test-deadletters-{topic}")
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(partitions)])
         self.codec = avro.codec("deadletter")
         self.letters: list[dict[str, Any]] = []
 
@@ -301,7 +313,8 @@ class DeadLetters:
 
 
 class ServiceThread:
-    """A service's ``serve(rt, settings[, service])`` on a thread, with its own runtime (no signals)."""
+    """A service's ``serve(rt, settings[, service])``
+    on a thread, with its own runtime (no signals)."""
 
     def __init__(self, name: str, settings: Any, service: Any = None) -> None:
         import importlib
@@ -337,7 +350,8 @@ class ServiceThread:
         total = 0.0
         for family in self.rt.registry.collect():
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
                     total += sample.value
         return total
 
@@ -357,7 +371,8 @@ class ServiceThread:
 
 
 def changelog_state(kafka: KafkaConfig, service: str, unit: str, partitions: int = 12) -> Any:
-    """The last checkpointed state of one unit, read from the service's changelog topic (None: none yet)."""
+    """The last checkpointed state of one unit, read from
+    the service's changelog topic (None: none yet)."""
     from loopline.runtime.state import Changelog
 
     changelog = Changelog(kafka, service, partitions)

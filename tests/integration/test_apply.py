@@ -25,8 +25,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud.yaml"
 def cli(settings: LooplineSettings, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LOOPLINE_BOOTSTRAP_SERVERS=settings.bootstrap_servers or "",
                LOOPLINE_KAFKA_PROFILE=settings.kafka_profile)
-    return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def spec_file(tmp_path: Path, name: str, **changes: object) -> Path:
@@ -58,7 +58,8 @@ def test_apply_creates_topics_and_publishes_once(settings: LooplineSettings, kaf
     assert state.spec_events[unique]["spec"]["spec_sha256"] == state.specs[unique].sha256()
 
 
-def test_bad_spec_gives_one_clear_error_and_changes_nothing(settings: LooplineSettings, kafka: KafkaConfig,
+def test_bad_spec_gives_one_clear_error_and_changes_nothing(settings: LooplineSettings,
+                                                            kafka: KafkaConfig,
                                                            tmp_path: Path, unique: str) -> None:
     path = spec_file(tmp_path, unique, partitions=0, bogus=True)
     result = cli(settings, "apply", str(path))
@@ -72,9 +73,11 @@ def test_bad_spec_gives_one_clear_error_and_changes_nothing(settings: LooplineSe
 def test_incompatible_evolution_is_refused(kafka: KafkaConfig, unique: str) -> None:
     base = {"name": unique, "features": [{"name": "x", "type": "float"}]}
     apply_spec(kafka, parse_spec(base))
-    added_optional = {**base, "features": [*base["features"], {"name": "y", "type": "int", "required": False}]}
+    added_optional = {**base, "features": [*base["features"],
+                                           {"name": "y", "type": "int", "required": False}]}
     assert apply_spec(kafka, parse_spec(added_optional)).published
-    added_required = {**base, "features": [*added_optional["features"], {"name": "z", "type": "int"}]}
+    added_required = {**base,
+                      "features": [*added_optional["features"], {"name": "z", "type": "int"}]}
     with pytest.raises(SpecError, match="backward_compatible"):
         apply_spec(kafka, parse_spec(added_required))
 
@@ -95,8 +98,8 @@ def test_incompatible_evolution_is_refused(kafka: KafkaConfig, unique: str) -> N
 def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
     env["LOOPLINE_HOME"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "loopline.app.cli", "apply", str(EXAMPLE)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "loopline.app.cli", "apply", str(EXAMPLE)],
+                            env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "no Kafka broker" in result.stderr and "loopline broker" in result.stderr
 
@@ -110,7 +113,8 @@ def test_catch_up_reads_a_whole_last_batch(kafka: KafkaConfig, unique: str) -> N
     producer = AckedProducer(kafka.producer("test-batch"))
     names = [f"{unique}{i}" for i in range(3)]
     for name in names:
-        key, event = spec_event(parse_spec({"name": name, "features": [{"name": "x", "type": "float"}]}))
+        key, event = spec_event(parse_spec({"name": name,
+                                            "features": [{"name": "x", "type": "float"}]}))
         producer.send("loopline.models", avro.codec("registry").encode(event), key=key)
     producer.confirm()
     reader = RegistryReader(kafka)

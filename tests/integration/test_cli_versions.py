@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_models import lr_model, registry  # noqa: F401 - the fixture, shared
 
 from loopline.app.cli import main as cli
 from loopline.kafka import KafkaConfig
 from loopline.models import Lineage, ModelRegistry, NewVersion
 from loopline.settings import LooplineSettings
-
-from test_models import lr_model, registry  # noqa: F401 - the fixture, shared
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +32,7 @@ def run(runner: CliRunner, *args: str, code: int = 0) -> Any:
     return result
 
 
-def trained(registry: ModelRegistry, pipeline: str, stage: str,  # noqa: F811
+def trained(registry: ModelRegistry, pipeline: str, stage: str,  # noqa: F811 - the shared fixture
             seed: int) -> dict[str, Any]:
     """A version registered the way the trainer registers one: with a trigger and a scorecard."""
     verdict = "rejected" if stage == "rejected" else "accepted"
@@ -44,7 +43,7 @@ def trained(registry: ModelRegistry, pipeline: str, stage: str,  # noqa: F811
 
 
 def test_versions_by_number_and_alias_origins_and_force(
-        runner: CliRunner, unique: str, registry: ModelRegistry) -> None:  # noqa: F811
+        runner: CliRunner, unique: str, registry: ModelRegistry) -> None:  # noqa: F811 - the shared fixture
     registry.register(unique, lr_model(4, 1))                                           # 1 user
     registry.register(unique, lr_model(4, 2), NewVersion(stage="challenger", traffic=0.2))  # 2 user
     trained(registry, unique, "rejected", 3)                                            # 3 trainer
@@ -98,7 +97,7 @@ def test_versions_by_number_and_alias_origins_and_force(
 
 
 def test_history_prints_whole_when_piped(runner: CliRunner, unique: str,
-                                         registry: ModelRegistry) -> None:  # noqa: F811
+                                         registry: ModelRegistry) -> None:  # noqa: F811 - the shared fixture
     registry.register(unique, lr_model(4, 1))
     trained(registry, unique, "shadow", 2)
     out = run(runner, "models", "list", unique, "--history").output

@@ -48,17 +48,21 @@ def make_spec(name: str) -> PipelineSpec:
 
 
 def sklearn_model(seed: int, dtype: Any) -> bytes:
-    """A logistic regression as users export it: skl2onnx, float32 (FloatTensorType) or float64 input."""
+    """A logistic regression as users export it: skl2onnx,
+    float32 (FloatTensorType) or float64 input."""
     rng = np.random.default_rng(seed)
     x = rng.random((300, 4)).astype(dtype)
     y = (x[:, 0] + 0.2 * x[:, 1] > 0.6).astype(int)
-    return to_onnx(LogisticRegression().fit(x, y), x[:1], options={"zipmap": False}).SerializeToString()
+    return to_onnx(LogisticRegression().fit(x, y), x[:1],
+                   options={"zipmap": False}).SerializeToString()
 
 
 def nan_model(threshold: float, dtype: int = TensorProto.FLOAT) -> bytes:
-    """A classifier whose probabilities are NaN for events with x1 > ``threshold`` (fine otherwise)."""
+    """A classifier whose probabilities are NaN for
+    events with x1 > ``threshold`` (fine otherwise)."""
     np_type = np.float32 if dtype == TensorProto.FLOAT else np.float64
-    inits = [numpy_helper.from_array(np.array([[1.0, -1.0], [0.5, -0.5], [0.0, 0.0], [0.0, 0.0]], np_type), "W"),
+    inits = [numpy_helper.from_array(np.array([[1.0, -1.0], [0.5, -0.5], [0.0, 0.0], [0.0, 0.0]],
+                                              np_type), "W"),
              numpy_helper.from_array(np.array([threshold], np_type), "T"),
              numpy_helper.from_array(np.array([np.nan], np_type), "NAN"),
              numpy_helper.from_array(np.array([0.0], np_type), "ZERO"),
@@ -72,9 +76,11 @@ def nan_model(threshold: float, dtype: int = TensorProto.FLOAT) -> bytes:
              helper.make_node("Where", ["bad", "NAN", "ZERO"], ["poison"]),
              helper.make_node("Add", ["p", "poison"], ["probabilities"]),
              helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "nan_model", [helper.make_tensor_value_info("X", dtype, [None, 4])],
+    graph = helper.make_graph(nodes, "nan_model",
+                              [helper.make_tensor_value_info("X", dtype, [None, 4])],
                               [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-                               helper.make_tensor_value_info("probabilities", dtype, [None, 2])], inits)
+                               helper.make_tensor_value_info("probabilities", dtype, [None, 2])],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -82,7 +88,8 @@ def nan_model(threshold: float, dtype: int = TensorProto.FLOAT) -> bytes:
 
 def feature_events(spec: PipelineSpec, n: int, start: int = 0, poison: set[int] | None = None
                    ) -> list[tuple[bytes, bytes]]:
-    """Feature events e<start>..; those in ``poison`` carry x1 = 5 (a value the NaN models fail on)."""
+    """Feature events e<start>..; those in ``poison``
+    carry x1 = 5 (a value the NaN models fail on)."""
     codec = avro.Codec(spec.features_schema())
     rng = np.random.default_rng(start)
     out = []
@@ -91,8 +98,8 @@ def feature_events(spec: PipelineSpec, n: int, start: int = 0, poison: set[int] 
         x1 = 5.0 if poison and i in poison else float(rng.random())
         rec = {"event_id": f"e{i}", "key": key, "ts": now_ms(), "ingested_at": now_ms(),
                "source": {"topic": spec.topics.raw, "partition": 0, "offset": i},
-               "features": {"customer": key, "x1": x1, "x2": float(rng.random()), "flag": bool(i % 2),
-                            "x3": float(rng.random())}}
+               "features": {"customer": key, "x1": x1, "x2": float(rng.random()),
+                            "flag": bool(i % 2), "x3": float(rng.random())}}
         out.append((key.encode(), codec.encode(rec)))
     return out
 
@@ -109,14 +116,17 @@ class Reader:
 
     def __init__(self, kafka: KafkaConfig, topic: str, kind: str, partitions: int) -> None:
         self.consumer = kafka.reader(f"test-{kind}-{time.monotonic_ns()}")
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(partitions)])
         self.codec = avro.codec(kind)
         self.records: list[dict[str, Any]] = []
 
-    def until(self, done, timeout_s: float = 60.0) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    def until(self, done,
+              timeout_s: float = 60.0) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]  # any predicate
         deadline = time.monotonic() + timeout_s
         while not done(self.records):
-            assert time.monotonic() < deadline, f"condition not met; have {len(self.records)} records"
+            assert time.monotonic() < deadline, (
+                f"condition not met; have {len(self.records)} records")
             for m in self.consumer.consume(1000, 0.2):
                 if m.error() is None:
                     self.records.append(self.codec.decode(m.value()))
@@ -137,7 +147,8 @@ def readers() -> Iterator[list[Reader]]:
 class Inference:
     """The inference service on a thread."""
 
-    def __init__(self, settings: LooplineSettings, pipelines: list[str], group: str, artifacts: Path) -> None:
+    def __init__(self, settings: LooplineSettings, pipelines: list[str], group: str,
+                 artifacts: Path) -> None:
         self.settings = InferenceSettings(
             bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
             session_timeout_ms=6000, home=settings.home, pipelines=pipelines, group_id=group,
@@ -187,9 +198,10 @@ def publish_unchecked(kafka: KafkaConfig, registry: ModelRegistry, spec: Pipelin
               "traffic": traffic, "parent": None, "created_at": now_ms(), "library_versions": {},
               "metrics": {}, "reference_profile_json": None, "training_ranges": [], "trigger": None,
               "scorecard_json": None, "fill_values": {}, "input_features": []}
-    publish(AckedProducer(kafka.producer("test-registry")), model_version_key(spec.name, spec.name, version),
-            {"kind": "model_version", "pipeline": spec.name, "at": now_ms(), "spec": None, "model": record,
-             "stage_change": None})
+    publish(AckedProducer(kafka.producer("test-registry")),
+            model_version_key(spec.name, spec.name, version),
+            {"kind": "model_version", "pipeline": spec.name, "at": now_ms(), "spec": None,
+             "model": record, "stage_change": None})
     return version
 
 
@@ -201,12 +213,16 @@ def served_once(preds: list[dict[str, Any]], n: int) -> Counter[str]:
     return served
 
 
-def test_float32_champion_and_float64_shadow_both_score(kafka: KafkaConfig, settings: LooplineSettings,
-                                                        unique: str, tmp_path: Path, inference: list[Inference],
+def test_float32_champion_and_float64_shadow_both_score(kafka: KafkaConfig,
+                                                        settings: LooplineSettings,
+                                                        unique: str, tmp_path: Path,
+                                                        inference: list[Inference],
                                                         readers: list[Reader]) -> None:
     spec, registry = deploy(kafka, unique, tmp_path)
-    registry.register(unique, sklearn_model(1, np.float32))  # the usual skl2onnx export: tensor(float)
-    registry.register(unique, sklearn_model(2, np.float64), NewVersion(stage="shadow"))  # tensor(double)
+    # the usual skl2onnx export: tensor(float)
+    registry.register(unique, sklearn_model(1, np.float32))
+    # tensor(double)
+    registry.register(unique, sklearn_model(2, np.float64), NewVersion(stage="shadow"))
     inference.append(Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts"))
     n = 600
     produce(kafka, spec.topics.features, feature_events(spec, n))
@@ -220,7 +236,8 @@ def test_float32_champion_and_float64_shadow_both_score(kafka: KafkaConfig, sett
                                variant="shadow") == 0
 
 
-def test_a_challenger_that_fails_every_event_is_taken_out(kafka: KafkaConfig, settings: LooplineSettings,
+def test_a_challenger_that_fails_every_event_is_taken_out(kafka: KafkaConfig,
+                                                          settings: LooplineSettings,
                                                          unique: str, tmp_path: Path,
                                                          inference: list[Inference],
                                                          readers: list[Reader]) -> None:
@@ -236,10 +253,13 @@ def test_a_challenger_that_fails_every_event_is_taken_out(kafka: KafkaConfig, se
     readers.append(preds)
     got = preds.until(lambda r: sum(p["served"] for p in r) >= n)
     served_once(got, n)
-    assert {p["model_version"] for p in got} == {1}  # the challenger's keys went back to the champion
-    alert = alerts.until(lambda r: any(a["pipeline"] == unique and a["signal"] == "model_failure" for a in r))
+    # the challenger's keys went back to the champion
+    assert {p["model_version"] for p in got} == {1}
+    alert = alerts.until(lambda r: any(a["pipeline"] == unique and a["signal"] == "model_failure"
+                                       for a in r))
     alert = next(a for a in alert if a["pipeline"] == unique and a["signal"] == "model_failure")
-    assert alert["model_version"] == bad and "NaN" in alert["message"] and "offset" in alert["message"]
+    assert alert["model_version"] == bad
+    assert "NaN" in alert["message"] and "offset" in alert["message"]
     deadline = time.monotonic() + 30
     while registry.state().versions[(unique, unique, bad)]["stage"] != "rejected":
         assert time.monotonic() < deadline, "the registry does not show the version taken out"
@@ -264,10 +284,12 @@ def test_a_failing_champion_rolls_back_and_poison_events_are_dead_lettered(
         assert time.monotonic() < deadline, "v2 never took over"
         time.sleep(0.1)
     # Every event of the next stretch makes v2 fail: it is rolled back to v1, which serves them all.
-    produce(kafka, spec.topics.features, feature_events(spec, 300, start=100, poison=set(range(100, 400))))
+    produce(kafka, spec.topics.features,
+            feature_events(spec, 300, start=100, poison=set(range(100, 400))))
     got = preds.until(lambda r: sum(p["served"] for p in r) >= 400)
     served_once(got, 400)
-    assert {p["model_version"] for p in got if p["event_id"] in {f"e{i}" for i in range(100, 400)}} == {1}
+    assert {p["model_version"] for p in got
+            if p["event_id"] in {f"e{i}" for i in range(100, 400)}} == {1}
     deadline = time.monotonic() + 30
     while True:
         state = registry.state()
@@ -284,22 +306,26 @@ def test_a_pipeline_without_a_working_version_waits_and_loses_nothing(
         inference: list[Inference], readers: list[Reader]) -> None:
     spec, registry = deploy(kafka, unique, tmp_path)
     other, other_registry = deploy(kafka, f"{unique}b", tmp_path)
-    publish_unchecked(kafka, registry, spec, nan_model(2.0), "champion")  # fails on every live event
+    # fails on every live event
+    publish_unchecked(kafka, registry, spec, nan_model(2.0), "champion")
     other_registry.register(other.name, sklearn_model(3, np.float32))
-    service = Inference(settings, [unique, other.name], f"{unique}-inference", tmp_path / "artifacts")
+    service = Inference(settings, [unique, other.name], f"{unique}-inference",
+                        tmp_path / "artifacts")
     inference.append(service)
     n = 200
     produce(kafka, spec.topics.features, feature_events(spec, n, poison=set(range(n))))
     produce(kafka, other.topics.features, feature_events(other, n))
     other_preds = Reader(kafka, other.topics.predictions, "prediction", other.partitions)
     readers.append(other_preds)
-    served_once(other_preds.until(lambda r: len(r) >= n), n)  # the other pipeline is served all along
+    # the other pipeline is served all along
+    served_once(other_preds.until(lambda r: len(r) >= n), n)
     deadline = time.monotonic() + 30
     while service.rt.health.ready()[0]:
         assert time.monotonic() < deadline, "readiness stayed true without a working version"
         time.sleep(0.1)
     assert unique in service.rt.health.ready()[1]
-    registry.register(unique, sklearn_model(4, np.float32))  # a working version: what waited is served
+    # a working version: what waited is served
+    registry.register(unique, sklearn_model(4, np.float32))
     preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
     readers.append(preds)
     served_once(preds.until(lambda r: len(r) >= n), n)
@@ -329,14 +355,16 @@ def test_events_a_champion_cannot_score_are_dead_lettered_the_rest_served(
 
 
 def test_readiness_says_when_the_broker_is_gone(tmp_path: Path, unique: str) -> None:
-    """A service whose broker died is alive but not ready, and says why (it cannot make progress)."""
+    """A service whose broker died is alive but not
+    ready, and says why (it cannot make progress)."""
     broker = EmbeddedBroker(home=tmp_path / "broker")
     broker.start()
     try:
-        settings = LooplineSettings(bootstrap_servers=broker.bootstrap_servers, kafka_profile="embedded",
+        settings = LooplineSettings(bootstrap_servers=broker.bootstrap_servers,
+                                    kafka_profile="embedded",
                                     session_timeout_ms=6000, home=tmp_path)
         kafka = KafkaConfig.from_settings(settings)
-        spec, registry = deploy(kafka, unique, tmp_path)
+        _spec, registry = deploy(kafka, unique, tmp_path)
         registry.register(unique, sklearn_model(1, np.float32))
         service = Inference(settings, [unique], f"{unique}-inference", tmp_path / "artifacts")
         try:
@@ -349,9 +377,10 @@ def test_readiness_says_when_the_broker_is_gone(tmp_path: Path, unique: str) -> 
             while service.rt.health.ready()[0]:
                 assert time.monotonic() < deadline, "still ready with the broker gone"
                 time.sleep(0.2)
-            ready, reason = service.rt.health.ready()
+            _ready, reason = service.rt.health.ready()
             assert "broker unreachable" in reason, reason
-            assert service.rt.health.live()[0], "alive: the loop still runs, it just cannot make progress"
+            assert service.rt.health.live()[0], (
+                "alive: the loop still runs, it just cannot make progress")
         finally:
             service.rt.stop.set()
             service.thread.join(30)

@@ -34,7 +34,7 @@ CLI = [sys.executable, "-m", "loopline.app.cli"]
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        return json.loads(path.read_text())  # type: ignore[no-any-return]  # JSON is Any
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
@@ -55,7 +55,8 @@ def ready(home: Path) -> bool:
     return True
 
 
-def predictions_on_topic(kafka: KafkaConfig, topic: str, partitions: int) -> Counter[tuple[str, str]]:
+def predictions_on_topic(kafka: KafkaConfig, topic: str,
+                         partitions: int) -> Counter[tuple[str, str]]:
     """Messages per (event id, variant) on the predictions topic, read committed from the start."""
     consumer = kafka.reader(f"test-durability-{time.monotonic_ns()}")
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
@@ -76,17 +77,20 @@ def predictions_on_topic(kafka: KafkaConfig, topic: str, partitions: int) -> Cou
 
 def test_kill_9_of_the_kafka_broker_mid_stream_under_up(tmp_path: Path, unique: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
-    env.update(LOOPLINE_HOME=str(tmp_path), LOOPLINE_ENGINE="kafka", LOOPLINE_SESSION_TIMEOUT_MS="6000",
-               LOOPLINE_PIPELINES=unique, LOOPLINE_FLUSH_INTERVAL_S="0.5", LOOPLINE_REGISTRY_POLL_S="0.2")
+    env.update(LOOPLINE_HOME=str(tmp_path), LOOPLINE_ENGINE="kafka",
+               LOOPLINE_SESSION_TIMEOUT_MS="6000",
+               LOOPLINE_PIPELINES=unique, LOOPLINE_FLUSH_INTERVAL_S="0.5",
+               LOOPLINE_REGISTRY_POLL_S="0.2")
     with (tmp_path / "up.out").open("w") as out:
         up = subprocess.Popen([*CLI, "up", "--services", "ingest,inference,lineage"], env=env,
                               stdout=out, stderr=subprocess.STDOUT)
     traffic: RawTraffic | None = None
     try:
-        wait_until(lambda: read_json(tmp_path / "broker.json").get("pid") is not None, 240, "the broker")
+        wait_until(lambda: read_json(tmp_path / "broker.json").get("pid") is not None, 240,
+                   "the broker")
         broker = read_json(tmp_path / "broker.json")
-        settings = LooplineSettings(bootstrap_servers=str(broker["bootstrap_servers"]), kafka_profile="kafka",
-                                    session_timeout_ms=6000, home=tmp_path)
+        settings = LooplineSettings(bootstrap_servers=str(broker["bootstrap_servers"]),
+                                    kafka_profile="kafka", session_timeout_ms=6000, home=tmp_path)
         kafka = KafkaConfig.from_settings(settings)
         spec = make_spec(unique, partitions=2)
         apply_spec(kafka, spec)
@@ -94,13 +98,16 @@ def test_kill_9_of_the_kafka_broker_mid_stream_under_up(tmp_path: Path, unique: 
             spec.name, make_model(1))
         wait_until(lambda: ready(tmp_path), 240, "ingest, inference and lineage ready")
         store = LineageStore(tmp_path / "lineage")
-        traffic = RawTraffic(kafka, spec.topics.raw, unique, chunk=10, pause_s=0.1, limit=1500).start()
+        traffic = RawTraffic(kafka, spec.topics.raw, unique, chunk=10, pause_s=0.1,
+                             limit=1500).start()
         wait_until(lambda: len(served(store, unique)) >= 150, 120, "events served before the kill")
         os.kill(int(broker["pid"]), signal.SIGKILL)  # kill -9 of the broker, mid-stream
-        wait_until(lambda: read_json(tmp_path / "broker.json").get("pid") not in (None, broker["pid"]), 240,
-                   "`up` started the broker again")
+        wait_until(lambda: read_json(tmp_path / "broker.json").get("pid") not in (None,
+                                                                                  broker["pid"]),
+                   240, "`up` started the broker again")
         resumed = traffic.sent
-        wait_until(lambda: traffic.sent >= resumed + 300, 240, "traffic flowing again after the restart")
+        wait_until(lambda: traffic.sent >= resumed + 300, 240,
+                   "traffic flowing again after the restart")
         traffic.finish()  # the producer retried through the outage: everything sent is acknowledged
         wait_until(lambda: set(traffic.valid) <= set(served(store, unique)), 300,
                    "every valid event served after the broker came back")
@@ -129,4 +136,5 @@ def test_kill_9_of_the_kafka_broker_mid_stream_under_up(tmp_path: Path, unique: 
     said = (tmp_path / "up.out").read_text()
     assert "died" in said and "Nothing is lost" in said
     print(f"\ndurability: sent={traffic.sent} valid={len(traffic.valid)} bad={len(traffic.bad)} "
-          f"served={len(per_event)} up said: {[l for l in said.splitlines() if 'restart' in l][:5]}")
+          f"served={len(per_event)} up said: "
+          f"{[line for line in said.splitlines() if 'restart' in line][:5]}")

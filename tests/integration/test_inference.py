@@ -1,4 +1,5 @@
-"""The inference service on the real broker with real ONNX models: routing, shadows, hot swap, refusals."""
+"""The inference service on the real broker with real
+ONNX models: routing, shadows, hot swap, refusals."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def make_model(seed: int, zipmap: bool = False) -> bytes:
     return to_onnx(LogisticRegression().fit(x, y), x[:1], options=options).SerializeToString()
 
 
-def feature_events(spec: PipelineSpec, n: int, start: int = 0, keys: int = 500) -> list[tuple[bytes, bytes]]:
+def feature_events(spec: PipelineSpec, n: int, start: int = 0,
+                   keys: int = 500) -> list[tuple[bytes, bytes]]:
     codec = avro.Codec(spec.features_schema())
     rng = np.random.default_rng(start)
     out = []
@@ -87,14 +89,17 @@ class Reader:
 
         self.consumer = kafka.reader(f"test-{kind}")
         _OPEN.append(self.consumer)
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(partitions)])
         self.codec = avro.codec(kind)
         self.records: list[dict[str, Any]] = []
 
-    def until(self, done, timeout_s: float = 60.0) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    def until(self, done,
+              timeout_s: float = 60.0) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]  # any predicate
         deadline = time.monotonic() + timeout_s
         while not done(self.records):
-            assert time.monotonic() < deadline, f"condition not met; have {len(self.records)} records"
+            assert time.monotonic() < deadline, (
+                f"condition not met; have {len(self.records)} records")
             for m in self.consumer.consume(1000, 0.2):
                 if m.error() is None:
                     self.records.append(self.codec.decode(m.value()))
@@ -102,7 +107,8 @@ class Reader:
 
 
 @pytest.fixture
-def deployed(kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+def deployed(kafka: KafkaConfig, settings: LooplineSettings, unique: str,
+             tmp_path: Path):  # type: ignore[no-untyped-def]  # pytest fixtures
     spec = make_spec(unique)
     apply_spec(kafka, spec)
     registry = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts")), actor="test")
@@ -112,7 +118,8 @@ def deployed(kafka: KafkaConfig, settings: LooplineSettings, unique: str, tmp_pa
 
 @pytest.fixture
 def service(settings: LooplineSettings, unique: str, tmp_path: Path) -> Iterator[ServiceRuntime]:
-    s = InferenceSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+    s = InferenceSettings(bootstrap_servers=settings.bootstrap_servers,
+                          kafka_profile=settings.kafka_profile,
                           session_timeout_ms=6000, home=settings.home, pipelines=[unique],
                           group_id=f"inference-{unique}", batch_size=500, registry_poll_s=0.05,
                           artifact_uri=str(tmp_path / "artifacts"))  # where `deployed` registers
@@ -146,7 +153,8 @@ def metric(rt: ServiceRuntime, name: str, **labels: str) -> float:
     return rt.registry.get_sample_value(name, labels) or 0.0
 
 
-def test_champion_challenger_shadow_split(kafka: KafkaConfig, deployed, service, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_champion_challenger_shadow_split(kafka: KafkaConfig, deployed, service,
+                                          unique: str) -> None:  # type: ignore[no-untyped-def]  # pytest fixtures
     spec, registry = deployed
     registry.register(unique, make_model(2), NewVersion(stage="challenger", traffic=0.2))
     registry.register(unique, make_model(3, zipmap=True), NewVersion(stage="shadow"))
@@ -173,11 +181,12 @@ def test_champion_challenger_shadow_split(kafka: KafkaConfig, deployed, service,
     share = len(challenger_keys) / len(variant_of_key)
     assert 0.15 < share < 0.25
     assert metric(service, "loopline_inference_events_total", pipeline=unique) == n
-    assert metric(service, "loopline_inference_predictions_total", pipeline=unique, variant="shadow",
-                  served="false") == n
+    assert metric(service, "loopline_inference_predictions_total", pipeline=unique,
+                  variant="shadow", served="false") == n
 
 
-def test_hot_swap_while_traffic_flows(kafka: KafkaConfig, deployed, service, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_hot_swap_while_traffic_flows(kafka: KafkaConfig, deployed, service,
+                                      unique: str) -> None:  # type: ignore[no-untyped-def]  # pytest fixtures
     spec, registry = deployed
     reader = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions)
     stop = threading.Event()
@@ -200,7 +209,8 @@ def test_hot_swap_while_traffic_flows(kafka: KafkaConfig, deployed, service, uni
     preds = reader.until(lambda r: len(by_event(r)) >= sent[0])
     events = by_event(preds)
     assert len(events) == sent[0], "lost events"
-    assert all(sum(p["served"] for p in ps) == 1 for ps in events.values()), "an event served twice or never"
+    assert all(sum(p["served"] for p in ps) == 1
+               for ps in events.values()), "an event served twice or never"
     versions = Counter(p["model_version"] for p in preds)
     assert versions[1] > 0 and versions[2] > 0
     # Per partition, once v2 served, v1 never serves again (the swap happens between batches).
@@ -215,27 +225,33 @@ def test_hot_swap_while_traffic_flows(kafka: KafkaConfig, deployed, service, uni
     assert all(last_v1[p] < first_v2[p] for p in first_v2)
 
 
-def test_corrupt_artifact_refused_while_serving_continues(kafka: KafkaConfig, deployed, service,  # type: ignore[no-untyped-def]
+def test_corrupt_artifact_refused_while_serving_continues(kafka: KafkaConfig, deployed,
+                                                          service,  # type: ignore[no-untyped-def]  # pytest fixtures
                                                           unique: str, tmp_path: Path) -> None:
     spec, registry = deployed
     alerts = Reader(kafka, topics.ALERTS, "alert", 1)
-    # A version whose artifact in the store does not match its sha256 (tampered after it was stored).
+    # A version whose artifact in the store does not match its sha256 (tampered after it was
+    # stored).
     claimed = "ab" * 32
     (tmp_path / "artifacts" / f"{claimed}.onnx").write_bytes(b"not an onnx model")
     record = dict(registry.state().versions[(unique, unique, 1)])
     for k in ("pipeline", "at"):
         record.pop(k)
-    record.update(version=2, sha256=claimed, uri=(tmp_path / "artifacts" / f"{claimed}.onnx").as_uri(),
+    record.update(version=2, sha256=claimed,
+                  uri=(tmp_path / "artifacts" / f"{claimed}.onnx").as_uri(),
                   stage="champion", created_at=now_ms())
     producer = AckedProducer(kafka.producer("test-registry"))
     publish(producer, model_version_key(unique, unique, 2),
-            {"kind": "model_version", "pipeline": unique, "at": now_ms(), "spec": None, "model": record,
-             "stage_change": None})
+            {"kind": "model_version", "pipeline": unique, "at": now_ms(), "spec": None,
+             "model": record, "stage_change": None})
     alert = alerts.until(lambda r: any(a["pipeline"] == unique for a in r))
-    alert = [a for a in alert if a["pipeline"] == unique][0]
-    assert alert["signal"] == "model_load" and alert["model_version"] == 2 and "sha256" in alert["message"]
-    assert metric(service, "loopline_inference_model_loads_total", pipeline=unique, outcome="refused") == 1
+    alert = next(a for a in alert if a["pipeline"] == unique)
+    assert alert["signal"] == "model_load" and alert["model_version"] == 2
+    assert "sha256" in alert["message"]
+    assert metric(service, "loopline_inference_model_loads_total", pipeline=unique,
+                  outcome="refused") == 1
     produce(kafka, spec.topics.features, feature_events(spec, 500))
-    preds = Reader(kafka, spec.topics.predictions, "prediction", spec.partitions).until(lambda r: len(r) >= 500)
+    preds = Reader(kafka, spec.topics.predictions, "prediction",
+                   spec.partitions).until(lambda r: len(r) >= 500)
     assert len(preds) == 500 and {p["model_version"] for p in preds} == {1}
     assert all(p["served"] for p in preds)

@@ -1,4 +1,5 @@
-"""The ingest service on the real broker: mixed input, counting, dead letters, restarts, new pipelines."""
+"""The ingest service on the real broker: mixed input,
+counting, dead letters, restarts, new pipelines."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def make_spec(name: str, **changes: Any) -> PipelineSpec:
     return spec.model_copy(update={"name": name, **changes})
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0,
+             what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"{what} not met within {timeout_s:.0f}s"
@@ -54,14 +56,18 @@ class Running:
     """An IngestService on a thread, with its own runtime (metrics registry, health, stop flag)."""
 
     def __init__(self, kafka: KafkaConfig, pipelines: list[str], group: str,
-                 delivery: Callable[[ServiceRuntime], Delivery] | None = None, **settings: Any) -> None:
+                 delivery: Callable[[ServiceRuntime], Delivery] | None = None,
+                 **settings: Any) -> None:
         self.settings = IngestSettings(
-            bootstrap_servers=kafka.settings.bootstrap_servers, kafka_profile=kafka.settings.kafka_profile,
+            bootstrap_servers=kafka.settings.bootstrap_servers,
+            kafka_profile=kafka.settings.kafka_profile,
             session_timeout_ms=6000, home=kafka.settings.home, pipelines=pipelines, batch_size=200,
-            registry_poll_s=0.2, group_id=group, instance_id=f"{group}-{next(_INSTANCES)}", **settings)
+            registry_poll_s=0.2, group_id=group, instance_id=f"{group}-{next(_INSTANCES)}",
+            **settings)
         self.rt = ServiceRuntime("ingest", self.settings, install_signals=False)
         self.registry, self.health, self.stop = self.rt.registry, self.rt.health, self.rt.stop
-        self.service = IngestService(self.rt, self.settings, delivery(self.rt) if delivery else None)
+        self.service = IngestService(self.rt, self.settings,
+                                     delivery(self.rt) if delivery else None)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -92,7 +98,8 @@ def running(kafka: KafkaConfig) -> Iterator[list[Running]]:
         r.thread.join(30)
 
 
-def produce(kafka: KafkaConfig, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+def produce(kafka: KafkaConfig, topic: str,
+            messages: list[tuple[bytes | None, bytes | None]]) -> None:
     producer = AckedProducer(kafka.producer("test-producer", **{"message.max.bytes": 16_000_000}))
     for value, key in messages:
         producer.send(topic, value, key=key)
@@ -101,7 +108,8 @@ def produce(kafka: KafkaConfig, topic: str, messages: list[tuple[bytes | None, b
 
 def read_all(kafka: KafkaConfig, topic: str, partitions: int, expect: int, timeout_s: float = 60.0,
              settle_s: float = 0.5) -> list[Any]:
-    """Read a topic from the beginning until ``expect`` messages arrived (and nothing more shows up)."""
+    """Read a topic from the beginning until ``expect``
+    messages arrived (and nothing more shows up)."""
     consumer = kafka.reader(f"test-read-{time.monotonic_ns()}", **{"message.max.bytes": 16_000_000})
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     got: list[Any] = []
@@ -119,10 +127,13 @@ def read_all(kafka: KafkaConfig, topic: str, partitions: int, expect: int, timeo
 
 def mixed_input(spec: PipelineSpec) -> tuple[list[tuple[bytes | None, bytes | None]],
                                              dict[bytes, tuple[str | None, str]], int]:
-    """Valid and broken messages; returns them, the expected (field, rule) per broken original, #valid."""
+    """Valid and broken messages; returns them, the
+    expected (field, rule) per broken original, #valid."""
     rng = random.Random(7)
-    good = [orjson.dumps({"event_id": f"ev-{i}", "features": {**GOOD, "amount": float(i)}}) for i in range(40)]
-    good += [orjson.dumps({"features": {**GOOD, "customer_id": f"cust-{i}"}, "ts": "2024-05-01T12:00:00Z"})
+    good = [orjson.dumps({"event_id": f"ev-{i}", "features": {**GOOD, "amount": float(i)}})
+            for i in range(40)]
+    good += [orjson.dumps({"features": {**GOOD, "customer_id": f"cust-{i}"},
+                           "ts": "2024-05-01T12:00:00Z"})
              for i in range(10)]
     raw_codec = avro.Codec(spec.raw_schema())
     good.append(raw_codec.encode({"event_id": "avro-1", "key": "k", "ts": 5,
@@ -130,8 +141,11 @@ def mixed_input(spec: PipelineSpec) -> tuple[list[tuple[bytes | None, bytes | No
     bad: dict[bytes, tuple[str | None, str]] = {
         b'{"features": {"customer_id": "c1", "amount": 1': (None, "json"),
         orjson.dumps({"features": {**GOOD, "amount": "12.5"}}): ("features.amount", "type"),
-        orjson.dumps({"features": {k: v for k, v in GOOD.items() if k != "hour"}}): ("features.hour", "required"),
-        orjson.dumps({"features": {**GOOD, "amount": 1.0}}).replace(b"1.0", b"NaN"): ("features.amount", "finite"),
+        orjson.dumps({"features": {k: v for k, v in GOOD.items()
+                                   if k != "hour"}}): ("features.hour", "required"),
+        orjson.dumps({"features": {**GOOD, "amount": 1.0}}).replace(b"1.0",
+                                                                    b"NaN"): ("features.amount",
+                                                                              "finite"),
         orjson.dumps({"features": {**GOOD, "amount": 1e9}}): ("features.amount", "range"),
         orjson.dumps({"features": {**GOOD, "country": "XX"}}): ("features.country", "values"),
         orjson.dumps({"features": {**GOOD, "colour": "red"}}): ("features.colour", "unknown_field"),
@@ -141,9 +155,11 @@ def mixed_input(spec: PipelineSpec) -> tuple[list[tuple[bytes | None, bytes | No
         bytes(rng.getrandbits(8) for _ in range(300)).replace(b"\xc3\x01", b"xx"): (None, "json"),
         b'{"features": {"amount": "' + b"x" * 5_000_000 + b'"}}': (None, "size"),
         avro.codec("feedback").encode({"feedback_id": "f", "ts": 1}): (None, "schema"),
-        raw_codec.encode({"event_id": "a", "features": {**GOOD, "hour": 99}}): ("features.hour", "range"),
+        raw_codec.encode({"event_id": "a", "features": {**GOOD, "hour": 99}}): ("features.hour",
+                                                                                "range"),
     }
-    messages: list[tuple[bytes | None, bytes | None]] = [(v, f"k{i}".encode()) for i, v in enumerate(good)]
+    messages: list[tuple[bytes | None, bytes | None]] = [(v, f"k{i}".encode())
+                                                         for i, v in enumerate(good)]
     messages += [(v, b"bad") for v in bad]
     messages.append((None, b"tombstone"))
     rng.shuffle(messages)
@@ -160,8 +176,10 @@ def test_mixed_input_counts_and_every_dead_letter(kafka: KafkaConfig, unique: st
     r = Running(kafka, [spec.name], f"{unique}-ingest")
     running.append(r)
     # The tombstone is a deletion, not an event: passed over and counted by the runtime.
-    wait_for(lambda: r.metric("loopline_ingest_events_total", pipeline=spec.name) >= len(messages) - 1
-             and r.metric("loopline_tombstones_skipped_total", service="ingest", topic=spec.topics.raw) == 1,
+    wait_for(lambda: r.metric("loopline_ingest_events_total",
+                              pipeline=spec.name) >= len(messages) - 1
+             and r.metric("loopline_tombstones_skipped_total", service="ingest",
+                          topic=spec.topics.raw) == 1,
              what="all messages handled")
     assert r.health.ready()[0]
     assert r.error is None
@@ -212,7 +230,8 @@ def test_mixed_input_counts_and_every_dead_letter(kafka: KafkaConfig, unique: st
 
 
 def failing_delivery(fail_on: int) -> Callable[[ServiceRuntime], Delivery]:
-    """The runtime's delivery, failing its ``fail_on``-th commit after producing: a crash before the commit."""
+    """The runtime's delivery, failing its ``fail_on``-th
+    commit after producing: a crash before the commit."""
 
     def make(rt: ServiceRuntime) -> Delivery:
         delivery = rt.delivery()
@@ -221,15 +240,17 @@ def failing_delivery(fail_on: int) -> Callable[[ServiceRuntime], Delivery]:
         def failing(outs: Any, offsets: Any, consumer: Any) -> None:
             calls[0] += 1
             if calls[0] == fail_on:
-                if isinstance(delivery, ExactlyOnce):  # produced inside a transaction never committed
+                # produced inside a transaction never committed
+                if isinstance(delivery, ExactlyOnce):
                     delivery.producer.begin_transaction()
-                    delivery._open = True  # noqa: SLF001 - so that closing aborts it
-                delivery._produce(outs)  # noqa: SLF001 - the outputs go out, the commit never happens
+                    delivery._open = True  # so that closing aborts it
+                delivery._produce(outs)  # the outputs go out, the commit never happens
                 delivery.producer.flush(10)
-                raise DeliveryError("injected: crash after the batch was produced, before the commit")
+                raise DeliveryError("injected: crash after the batch was produced, before the "
+                                    "commit")
             commit(outs, offsets, consumer)
 
-        delivery.commit = failing  # type: ignore[method-assign]
+        delivery.commit = failing  # type: ignore[method-assign]  # a test double
         return delivery
 
     return make
@@ -246,7 +267,8 @@ def test_restart_reprocesses_unacknowledged_input_with_same_ids(kafka: KafkaConf
     first = Running(kafka, [spec.name], group, delivery=failing_delivery(3))
     running.append(first)
     first.thread.join(60)
-    assert isinstance(first.error, DeliveryError)  # it stopped mid-way, batch 3 produced but not committed
+    # it stopped mid-way, batch 3 produced but not committed
+    assert isinstance(first.error, DeliveryError)
 
     second = Running(kafka, [spec.name], group)
     running.append(second)
@@ -270,7 +292,8 @@ def test_restart_reprocesses_unacknowledged_input_with_same_ids(kafka: KafkaConf
 def read_count(kafka: KafkaConfig, spec: PipelineSpec) -> int:
     consumer = kafka.reader(f"test-count-{time.monotonic_ns()}")
     try:
-        return sum(consumer.get_watermark_offsets(TopicPartition(spec.topics.features, p), timeout=10)[1]
+        return sum(consumer.get_watermark_offsets(TopicPartition(spec.topics.features, p),
+                                                  timeout=10)[1]
                    for p in range(spec.partitions))
     finally:
         consumer.close()
@@ -287,7 +310,8 @@ def test_pipeline_applied_later_is_picked_up_and_drop_policy_counts(kafka: Kafka
     assert later.name in r.health.ready()[1]  # says what it still waits for
 
     apply_spec(kafka, later)
-    produce(kafka, later.topics.raw, [(orjson.dumps({"features": {**GOOD, "colour": "red"}, "x": 1}), None)])
+    produce(kafka, later.topics.raw,
+            [(orjson.dumps({"features": {**GOOD, "colour": "red"}, "x": 1}), None)])
     wait_for(lambda: r.metric("loopline_ingest_accepted_total", pipeline=later.name) == 1,
              what="event of the later pipeline accepted")
     assert r.metric("loopline_ingest_dropped_fields_total", pipeline=later.name) == 2
@@ -300,15 +324,19 @@ def test_oversized_dead_letter_is_truncated_not_lost(kafka: KafkaConfig, unique:
                                                      running: list[Running]) -> None:
     spec = make_spec(unique, partitions=1)
     apply_spec(kafka, spec)
-    big = b'{"features": "' + bytes(range(65, 91)) * 20_000 + b'"}'  # 520 kB: over the 100 kB limit below
+    # 520 kB: over the 100 kB limit below
+    big = b'{"features": "' + bytes(range(65, 91)) * 20_000 + b'"}'
     produce(kafka, spec.topics.raw, [(big, b"k")])
     r = Running(kafka, [spec.name], f"{unique}-ingest", deadletter_max_bytes=100_000)
     running.append(r)
-    wait_for(lambda: r.metric("loopline_ingest_events_total", pipeline=spec.name) == 1, what="handled")
+    wait_for(lambda: r.metric("loopline_ingest_events_total", pipeline=spec.name) == 1,
+             what="handled")
     (m,) = read_all(kafka, spec.topics.deadletter, 1, 1)
     d = avro.codec("deadletter").decode(m.value())
-    assert len(m.value()) <= 100_000 and big.startswith(d["original"]) and len(d["original"]) > 50_000
-    assert d["rule"] == "type" and f"of {len(big)} bytes" in d["message"] and "sha256" in d["message"]
+    assert len(m.value()) <= 100_000 and big.startswith(d["original"])
+    assert len(d["original"]) > 50_000
+    assert d["rule"] == "type" and f"of {len(big)} bytes" in d["message"]
+    assert "sha256" in d["message"]
     assert r.metric("loopline_ingest_deadletter_truncated_total", pipeline=spec.name) == 1
     r.close()
 
@@ -336,7 +364,8 @@ def test_loopline_run_ingest_process(kafka: KafkaConfig, unique: str, tmp_path: 
 
     try:
         wait_for(lambda: get("/readyz")[0] == 200, what="/readyz 200")
-        produce(kafka, spec.topics.raw, [(orjson.dumps({"features": GOOD}), None), (b"{oops", None)])
+        produce(kafka, spec.topics.raw,
+                [(orjson.dumps({"features": GOOD}), None), (b"{oops", None)])
         line = f'loopline_ingest_events_total{{pipeline="{spec.name}"}} 2.0'
         wait_for(lambda: line in get("/metrics")[1], what="metrics count both messages")
         text = get("/metrics")[1]
@@ -348,7 +377,8 @@ def test_loopline_run_ingest_process(kafka: KafkaConfig, unique: str, tmp_path: 
     assert proc.returncode == 0, stderr.decode()[-2000:]
 
 
-def test_replicas_share_the_partitions(kafka: KafkaConfig, unique: str, running: list[Running]) -> None:
+def test_replicas_share_the_partitions(kafka: KafkaConfig, unique: str,
+                                       running: list[Running]) -> None:
     spec = make_spec(unique, partitions=3)
     apply_spec(kafka, spec)
     group = f"{unique}-ingest"
@@ -363,7 +393,8 @@ def test_replicas_share_the_partitions(kafka: KafkaConfig, unique: str, running:
         return sizes
 
     # A two-member cooperative rebalance takes ~40 s on the embedded broker (Tansu).
-    wait_for(lambda: sum(assigned()) == 3 and min(assigned()) > 0, timeout_s=120, what="both replicas assigned")
+    wait_for(lambda: sum(assigned()) == 3 and min(assigned()) > 0, timeout_s=120,
+             what="both replicas assigned")
     total = 600
     produce(kafka, spec.topics.raw, [(orjson.dumps({"features": {**GOOD, "customer_id": f"c{i}"}}),
                                       f"k{i}".encode()) for i in range(total)])

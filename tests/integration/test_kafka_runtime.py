@@ -1,5 +1,6 @@
-"""The runtime's one consume loop on the real broker: commit and restart, poison messages, fatal errors,
-aborted work, and (on Kafka) transactions a read_committed reader sees whole or not at all."""
+"""The runtime's one consume loop on the real broker: commit and restart, poison messages, fatal
+errors, aborted work, and (on Kafka) transactions a read_committed reader sees whole or not at
+all."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.runtime.delivery import Delivery
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
-from loopline.settings import ServiceSettings, LooplineSettings
+from loopline.settings import LooplineSettings, ServiceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,8 @@ def produce(kafka: KafkaConfig, topic: str, values: list[bytes]) -> None:
 
 def drain(kafka: KafkaConfig, topic: str, group: str, expect: int, timeout_s: float = 30.0,
           settle_s: float = 0.5) -> list[Message]:
-    """Read with a (read_committed) group until ``expect`` messages, then a little longer for extras."""
+    """Read with a (read_committed) group until ``expect``
+    messages, then a little longer for extras."""
     consumer = kafka.consumer("test-drain", group)
     consumer.subscribe([topic])
     got: list[Message] = []
@@ -49,9 +51,11 @@ def drain(kafka: KafkaConfig, topic: str, group: str, expect: int, timeout_s: fl
 
 
 class Upper:
-    """A handler: each message upper-cased to the sink; ``poison`` values raise; ``fatal`` raises a fatal error."""
+    """A handler: each message upper-cased to the sink;
+    ``poison`` values raise; ``fatal`` raises a fatal error."""
 
-    def __init__(self, sink: str, poison: set[bytes] = frozenset(), fatal: bytes | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, sink: str, poison: set[bytes] = frozenset(),
+                 fatal: bytes | None = None) -> None:  # type: ignore[assignment]  # a frozenset default
         self.sink, self.poison, self.fatal = sink, poison, fatal
         self.seen: list[bytes] = []
 
@@ -59,7 +63,8 @@ class Upper:
         for m in batch:
             value = m.value()
             if value == self.fatal:
-                raise KafkaException(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+                raise KafkaException(KafkaError(KafkaError._FATAL, "injected fatal error",
+                                                fatal=True))
             if value in self.poison:
                 raise ValueError(f"cannot handle {value!r}")
             out.send(self.sink, value.upper(), key=m.key())
@@ -74,14 +79,16 @@ class Running:
 
     def __init__(self, settings: LooplineSettings, source: str, handler: Upper, group: str,
                  delivery: Callable[[ServiceRuntime], Delivery] | None = None) -> None:
-        self.settings = ServiceSettings(bootstrap_servers=settings.bootstrap_servers, home=settings.home,
-                                        kafka_profile=settings.kafka_profile, session_timeout_ms=6000,
+        self.settings = ServiceSettings(bootstrap_servers=settings.bootstrap_servers,
+                                        home=settings.home, kafka_profile=settings.kafka_profile,
+                                        session_timeout_ms=6000,
                                         group_id=group, instance_id=group, batch_size=100)
         self.rt = ServiceRuntime("test", self.settings, install_signals=False)
         self.handler = handler
         consumer = self.rt.kafka.consumer("test-loop", group)
         consumer.subscribe([source])
-        self.loop = self.rt.loop(consumer, delivery(self.rt) if delivery else self.rt.delivery(), handler)
+        self.loop = self.rt.loop(consumer, delivery(self.rt) if delivery else self.rt.delivery(),
+                                 handler)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -106,7 +113,8 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_round_trip_commit_restart_no_redelivery(settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any,
+def test_round_trip_commit_restart_no_redelivery(settings: LooplineSettings, kafka: KafkaConfig,
+                                                 make_topic: Any,
                                                 unique: str) -> None:
     source, sink = make_topic(partitions=3), make_topic(partitions=3)
     values = [f"event-{i}".encode() for i in range(500)]
@@ -124,13 +132,15 @@ def test_round_trip_commit_restart_no_redelivery(settings: LooplineSettings, kaf
     second.stop()
     assert sorted(second.handler.seen) == [b"late-1", b"late-2"]
     out = drain(kafka, sink, f"{unique}-check", expect=502)
-    assert sorted(m.value() for m in out) == sorted(v.upper() for v in values + [b"late-1", b"late-2"])
+    assert sorted(m.value() for m in out) == sorted(v.upper()
+                                                    for v in [*values, b"late-1", b"late-2"])
 
 
 def test_a_poison_message_is_dead_lettered_and_the_rest_go_through(
         settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
     source, sink = make_topic(), make_topic()
-    ensure_global_topics(kafka)  # dead letters of a topic that belongs to no pipeline go to loopline.deadletter
+    # dead letters of a topic that belongs to no pipeline go to loopline.deadletter
+    ensure_global_topics(kafka)
     values = [f"v{i}".encode() for i in range(300)]
     poison = {b"v17", b"v150", b"v151", b"v299"}
     produce(kafka, source, values)
@@ -141,11 +151,13 @@ def test_a_poison_message_is_dead_lettered_and_the_rest_go_through(
     mine = [avro.codec("deadletter").decode(m.value()) for m in dead]
     mine = [d for d in mine if d["source"]["topic"] == source]
     assert sorted(d["original"] for d in mine) == sorted(poison)
-    assert all(d["rule"] == "internal" and "cannot handle" in d["message"] and d["service"] == "test"
+    assert all(d["rule"] == "internal" and "cannot handle" in d["message"]
+               and d["service"] == "test"
                for d in mine)
     out = drain(kafka, sink, f"{unique}-check", expect=296)
     assert sorted(m.value() for m in out) == sorted(v.upper() for v in values if v not in poison)
-    assert running.rt.registry.get_sample_value("loopline_poison_messages_total", {"service": "test"}) == 4
+    assert running.rt.registry.get_sample_value("loopline_poison_messages_total",
+                                                {"service": "test"}) == 4
 
 
 def test_a_fatal_error_stops_the_loop_with_nothing_committed(
@@ -164,7 +176,8 @@ def test_a_fatal_error_stops_the_loop_with_nothing_committed(
 
 
 def failing_once(rt: ServiceRuntime) -> Delivery:
-    """The runtime's delivery, whose first commit fails after producing (a crash between the two)."""
+    """The runtime's delivery, whose first commit
+    fails after producing (a crash between the two)."""
     delivery = rt.delivery()
     commit, calls = delivery.commit, [0]
 
@@ -173,13 +186,13 @@ def failing_once(rt: ServiceRuntime) -> Delivery:
         if calls[0] == 1:
             if delivery.exactly_once:
                 delivery.producer.begin_transaction()
-                delivery._open = True  # type: ignore[attr-defined]  # noqa: SLF001 - closing aborts it
-            delivery._produce(outs)  # noqa: SLF001 - produced, never committed
+                delivery._open = True  # type: ignore[attr-defined]  # closing aborts it
+            delivery._produce(outs)  # produced, never committed
             delivery.producer.flush(10)
             raise DeliveryError("injected: crash after producing, before the commit")
         commit(outs, offsets, consumer)
 
-    delivery.commit = failing  # type: ignore[method-assign]
+    delivery.commit = failing  # type: ignore[method-assign]  # a test double
     return delivery
 
 
@@ -198,6 +211,7 @@ def test_a_failed_commit_loses_nothing_and_read_committed_readers_see_each_outpu
     got = sorted(m.value() for m in out)
     assert set(got) == {v.upper() for v in values}, "nothing lost"
     if kafka.exactly_once:
-        assert len(got) == 200, "the aborted transaction's outputs are invisible to read_committed readers"
+        assert len(got) == 200, (
+            "the aborted transaction's outputs are invisible to read_committed readers")
     else:
         assert len(got) >= 200  # at least once: the unacknowledged batch came again

@@ -1,4 +1,5 @@
-"""Lineage service on the real broker: every row stored once across kill -9, queries, trace, forget."""
+"""Lineage service on the real broker: every row
+stored once across kill -9, queries, trace, forget."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ pytestmark = pytest.mark.integration
 
 def make_spec(name: str) -> PipelineSpec:
     return parse_spec({"name": name, "partitions": 2, "key": "user",
-                       "features": [{"name": "user", "type": "string"}, {"name": "x", "type": "float"}]})
+                       "features": [{"name": "user", "type": "string"},
+                                    {"name": "x", "type": "float"}]})
 
 
 def send_traffic(kafka: KafkaConfig, spec: PipelineSpec, start: int, count: int, t0: int) -> None:
     """Features, two variants' predictions per event, and feedback for every 4th event."""
-    features, pred, fb = avro.Codec(spec.features_schema()), avro.codec("prediction"), avro.codec("feedback")
+    features = avro.Codec(spec.features_schema())
+    pred, fb = avro.codec("prediction"), avro.codec("feedback")
     producer = AckedProducer(kafka.producer("test-traffic"))
     for i in range(start, start + count):
         event_id, key = f"e{i}", f"u{i % 7}"
@@ -44,7 +47,8 @@ def send_traffic(kafka: KafkaConfig, spec: PipelineSpec, start: int, count: int,
         for variant, version in (("champion", 1), ("shadow", 2)):
             producer.send(spec.topics.predictions, pred.encode({
                 "prediction_id": f"{event_id}-{variant}", "event_id": event_id, "key": key,
-                "pipeline": spec.name, "model_name": "m", "model_version": version, "model_sha256": "0" * 64,
+                "pipeline": spec.name, "model_name": "m", "model_version": version,
+                "model_sha256": "0" * 64,
                 "variant": variant, "served": variant == "champion", "label": "1" if i % 2 else "0",
                 "value": (i % 10) / 10, "scores": {"0": 0.5, "1": 0.5},
                 "source": {"topic": spec.topics.features, "partition": 0, "offset": i},
@@ -52,7 +56,8 @@ def send_traffic(kafka: KafkaConfig, spec: PipelineSpec, start: int, count: int,
         if i % 4 == 0:
             producer.send(spec.topics.feedback, fb.encode({
                 "feedback_id": f"f{i}", "prediction_id": f"{event_id}-champion", "event_id": None,
-                "label": "1", "value": None, "verdict": "accept", "ts": ts + 60_000}), key=key.encode())
+                "label": "1", "value": None, "verdict": "accept", "ts": ts + 60_000}),
+                          key=key.encode())
     producer.confirm()
 
 
@@ -64,8 +69,8 @@ def run_lineage(settings: LooplineSettings, home: Path, pipeline: str) -> subpro
                LOOPLINE_FLUSH_ROWS="40", LOOPLINE_FLUSH_INTERVAL_S="0.3", LOOPLINE_BATCH_SIZE="50")
     log = open(home / "lineage.log", "ab")  # noqa: SIM115 - the child owns it
     try:
-        return subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "lineage"], env=env,
-                                stdout=log, stderr=log)
+        return subprocess.Popen([sys.executable, "-m", "loopline.app.cli", "run", "lineage"],
+                                env=env, stdout=log, stderr=log)
     finally:
         log.close()
 
@@ -95,7 +100,8 @@ def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_kill_9_and_restart_loses_and_duplicates_nothing(settings: LooplineSettings, kafka: KafkaConfig,
+def test_kill_9_and_restart_loses_and_duplicates_nothing(settings: LooplineSettings,
+                                                         kafka: KafkaConfig,
                                                          tmp_path: Path, unique: str) -> None:
     spec = make_spec(unique)
     apply_spec(kafka, spec)
@@ -124,7 +130,8 @@ def test_kill_9_and_restart_loses_and_duplicates_nothing(settings: LooplineSetti
     assert result.summary["keys"] == 7
     labels = {(d["label"], d["n"]) for d in result.distribution}
     assert labels == {("0", 250), ("1", 250)}
-    window = q.query_predictions(store, unique, since=datetime.fromtimestamp((t0 + 100_000) / 1000, UTC),
+    window = q.query_predictions(store, unique,
+                                 since=datetime.fromtimestamp((t0 + 100_000) / 1000, UTC),
                                  until=datetime.fromtimestamp((t0 + 200_000) / 1000, UTC))
     assert window.summary["events"] == 100 and window.summary["predictions"] == 200
 
@@ -135,18 +142,21 @@ def test_trace_served_at_and_forget(settings: LooplineSettings, kafka: KafkaConf
     apply_spec(kafka, spec)
     producer = AckedProducer(kafka.producer("test-registry"))
     registered = now_ms()
-    model = {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "file:///m.onnx", "stage": "champion",
-             "traffic": 1.0, "parent": None, "created_at": registered, "library_versions": {}, "metrics": {},
-             "reference_profile_json": None, "trigger": None, "scorecard_json": None,
+    model = {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "file:///m.onnx",
+             "stage": "champion",
+             "traffic": 1.0, "parent": None, "created_at": registered, "library_versions": {},
+             "metrics": {}, "reference_profile_json": None, "trigger": None, "scorecard_json": None,
              "training_ranges": [{"topic": spec.topics.features, "partition": 0, "first_offset": 0,
                                   "last_offset": 10_000, "count": 10_001}]}
     publish(producer, model_version_key(unique, "m", 1),
-            {"kind": "model_version", "pipeline": unique, "at": registered, "spec": None, "model": model,
-             "stage_change": None})
+            {"kind": "model_version", "pipeline": unique, "at": registered, "spec": None,
+             "model": model, "stage_change": None})
     time.sleep(0.01)
     publish(producer, stage_change_key(unique, "m", 1),
-            {"kind": "stage_change", "pipeline": unique, "at": now_ms(), "spec": None, "model": None,
-             "stage_change": {"name": "m", "version": 1, "from_stage": "champion", "to_stage": "retired",
+            {"kind": "stage_change", "pipeline": unique, "at": now_ms(), "spec": None,
+             "model": None,
+             "stage_change": {"name": "m", "version": 1, "from_stage": "champion",
+                              "to_stage": "retired",
                               "traffic": 0.0, "reason": "test", "actor": "test"}})
     t0 = now_ms()
     proc = run_lineage(settings, tmp_path, unique)
@@ -164,12 +174,14 @@ def test_trace_served_at_and_forget(settings: LooplineSettings, kafka: KafkaConf
 
     chain = q.trace(store, state, "e8")
     assert chain["features"][0]["raw_offset"] == 8
-    assert [(p["variant"], p["served"]) for p in chain["predictions"]] == [("champion", True), ("shadow", False)]
+    assert [(p["variant"], p["served"]) for p in chain["predictions"]] == [("champion", True),
+                                                                           ("shadow", False)]
     assert [f["feedback_id"] for f in chain["feedback"]] == ["f8"]
     assert chain["trained_on"] == (["m/1"] if chain["features"][0]["_partition"] == 0 else [])
 
     at_registration = datetime.fromtimestamp(registered / 1000 + 0.001, UTC)
-    assert q.served_at(state, unique, at_registration) == [{"model": "m/1", "stage": "champion", "traffic": 1.0}]
+    assert q.served_at(state, unique,
+                       at_registration) == [{"model": "m/1", "stage": "champion", "traffic": 1.0}]
     assert q.served_at(state, unique, datetime.now(UTC))[0]["stage"] == "retired"
 
     result = q.forget(store, state, unique, "u1")

@@ -1,4 +1,5 @@
-"""Model registration, promotion, rollback and stage history on the real broker with real ONNX models."""
+"""Model registration, promotion, rollback and stage
+history on the real broker with real ONNX models."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ from onnx import TensorProto, helper
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
+from loopline.app.cli import main as cli
 from loopline.apply import apply_spec
 from loopline.artifacts import ArtifactStore, read_artifact
-from loopline.app.cli import main as cli
 from loopline.errors import LooplineError
 from loopline.kafka import KafkaConfig
-from loopline.models import (ModelRegistry, NewVersion, champion, serving_at, stage_history,
-                             versions_of)
+from loopline.models import (
+    ModelRegistry,
+    NewVersion,
+    champion,
+    serving_at,
+    stage_history,
+    versions_of,
+)
 from loopline.registry import now_ms
 from loopline.settings import LooplineSettings
 from loopline.spec import parse_spec
@@ -30,13 +37,15 @@ def lr_model(width: int = 3, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     x = rng.random((200, width)).astype(np.float32)
     y = (x[:, 0] > 0.5).astype(int)
-    return to_onnx(LogisticRegression().fit(x, y), x[:1], options={"zipmap": False}).SerializeToString()
+    return to_onnx(LogisticRegression().fit(x, y), x[:1],
+                   options={"zipmap": False}).SerializeToString()
 
 
 @pytest.fixture
 def registry(kafka: KafkaConfig, unique: str, tmp_path: Path) -> ModelRegistry:
     spec = parse_spec({"name": unique, "features": [
-        {"name": "a", "type": "float"}, {"name": "b", "type": "float"}, {"name": "flag", "type": "bool"},
+        {"name": "a", "type": "float"}, {"name": "b", "type": "float"},
+        {"name": "flag", "type": "bool"},
         {"name": "opt", "type": "float", "required": False}, {"name": "city", "type": "string"}],
         "label": {"classes": ["0", "1"], "positive": "1"}})
     apply_spec(kafka, spec)
@@ -53,7 +62,8 @@ def reference_csv(path: Path, rows: int = 50) -> Path:
     return path
 
 
-def test_register_with_reference_profile_and_fill(registry: ModelRegistry, unique: str, tmp_path: Path) -> None:
+def test_register_with_reference_profile_and_fill(registry: ModelRegistry, unique: str,
+                                                  tmp_path: Path) -> None:
     from loopline.models import load_reference
 
     state = registry.state()
@@ -74,8 +84,10 @@ def test_register_with_reference_profile_and_fill(registry: ModelRegistry, uniqu
     assert read_artifact(rec["uri"], rec["sha256"]) == lr_model(4)
 
 
-@pytest.mark.parametrize(("model", "rule"), [(lr_model(3), "input_shape"), (b"\x08\x07garbage", "loads")])
-def test_registration_refuses_bad_models(registry: ModelRegistry, unique: str, model: bytes, rule: str) -> None:
+@pytest.mark.parametrize(("model", "rule"),
+                         [(lr_model(3), "input_shape"), (b"\x08\x07garbage", "loads")])
+def test_registration_refuses_bad_models(registry: ModelRegistry, unique: str, model: bytes,
+                                         rule: str) -> None:
     with pytest.raises(LooplineError, match=rule):
         registry.register(unique, model)
     assert not versions_of(registry.state(), unique)
@@ -87,8 +99,10 @@ def test_nan_output_and_sha_mismatch_refused(registry: ModelRegistry, unique: st
     out = helper.make_node("Div", ["z", "z"], ["value"])
     graph = helper.make_graph([node, sub, out], "nan",
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("value", TensorProto.FLOAT, [None, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+                              [helper.make_tensor_value_info("value", TensorProto.FLOAT,
+                                                             [None, 2])])
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     with pytest.raises(LooplineError, match="finite_output"):
         registry.register(unique, model)
     with pytest.raises(LooplineError, match="sha256_match"):
@@ -111,8 +125,10 @@ def test_promote_rollback_and_history(registry: ModelRegistry, unique: str) -> N
     assert champion(state, unique)["version"] == 1
     assert state.versions[(unique, unique, 2)]["stage"] == "rejected"
     history = [(c["version"], c["from_stage"], c["to_stage"]) for c in stage_history(state, unique)]
-    assert history == [(1, None, "champion"), (2, None, "challenger"), (2, "challenger", "champion"),
-                       (1, "champion", "retired"), (1, "retired", "champion"), (2, "champion", "rejected")]
+    assert history == [(1, None, "champion"), (2, None, "challenger"),
+                       (2, "challenger", "champion"),
+                       (1, "champion", "retired"), (1, "retired", "champion"),
+                       (2, "champion", "rejected")]
     assert serving_at(state, unique, t_v1) == {(unique, 1): ("champion", 1.0)}
     with pytest.raises(LooplineError, match="earlier champion"):
         registry.rollback(unique)
@@ -122,15 +138,18 @@ def test_cli_register_list_promote(settings: LooplineSettings, registry: ModelRe
                                    tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(lr_model(4))
-    env = {"LOOPLINE_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "LOOPLINE_KAFKA_PROFILE": "embedded",
-           "COLUMNS": "250", "LOOPLINE_HOME": str(settings.home), "LOOPLINE_ARTIFACT_URI": str(tmp_path / "store")}
+    env = {"LOOPLINE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "LOOPLINE_KAFKA_PROFILE": "embedded",
+           "COLUMNS": "250", "LOOPLINE_HOME": str(settings.home),
+           "LOOPLINE_ARTIFACT_URI": str(tmp_path / "store")}
     runner = CliRunner(env=env)
     ref = reference_csv(tmp_path / "ref.csv")
-    r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--reference", str(ref),
-                            "--metrics", "auc=0.8"])
+    r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--reference",
+                            str(ref), "--metrics", "auc=0.8"])
     assert r.exit_code == 0, r.output
     assert f"registered {unique}/1 " in r.output and "reference profile stored" in r.output
-    r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model), "--stage", "shadow"])
+    r = runner.invoke(cli,
+                      ["models", "register", unique, "--onnx", str(model), "--stage", "shadow"])
     assert r.exit_code == 0, r.output
     assert f"scored beside champion {unique}/{unique} v1" in r.output
     r = runner.invoke(cli, ["models", "register", unique, "--onnx", str(model),

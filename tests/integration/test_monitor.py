@@ -1,5 +1,6 @@
-"""The monitor on the real broker: a champion with a reference profile, a stream that shifts at a known
-point, late feedback, a deployed version without traffic; alerts once per episode, metrics, restart."""
+"""The monitor on the real broker: a champion with a reference profile, a stream that shifts at a
+known point, late feedback, a deployed version without traffic; alerts once per episode, metrics,
+restart."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from loopline.apply import apply_spec
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.profile import build_profile
 from loopline.registry import model_version_key, now_ms, publish
-from loopline.sdk import PredictionReader
 from loopline.runtime.service import ServiceRuntime
+from loopline.sdk import PredictionReader
 from loopline.services.monitor.main import create, serve
 from loopline.services.monitor.service import MonitorService
 from loopline.services.monitor.settings import MonitorSettings
@@ -40,20 +41,24 @@ def make_spec(name: str) -> PipelineSpec:
         "features": [{"name": "amount", "type": "float", "min": 0},
                      {"name": "channel", "type": "string", "required": False}],
         "label": {"classes": ["no", "yes"], "positive": "yes"},
-        "monitor": {"detectors": ["adwin", "page_hinkley"], "error_detectors": ["ddm", "hddm_a"], "window": 500,
-                    "zombie_after_s": 2.0}})
+        "monitor": {"detectors": ["adwin", "page_hinkley"], "error_detectors": ["ddm", "hddm_a"],
+                    "window": 500, "zombie_after_s": 2.0}})
 
 
 def register(producer: AckedProducer, spec: PipelineSpec, version: int, stage: str,
              profile: dict[str, Any] | None) -> None:
     publish(producer, model_version_key(spec.name, "fraud-lr", version), {
-        "kind": "model_version", "pipeline": spec.name, "at": now_ms(), "spec": None, "stage_change": None,
-        "model": {"name": "fraud-lr", "version": version, "sha256": "0" * 64, "uri": "file:///nowhere",
-                  "stage": stage, "traffic": 1.0 if stage == "champion" else 0.1, "created_at": now_ms(),
+        "kind": "model_version", "pipeline": spec.name, "at": now_ms(), "spec": None,
+        "stage_change": None,
+        "model": {"name": "fraud-lr", "version": version, "sha256": "0" * 64,
+                  "uri": "file:///nowhere",
+                  "stage": stage, "traffic": 1.0 if stage == "champion" else 0.1,
+                  "created_at": now_ms(),
                   "reference_profile_json": orjson.dumps(profile).decode() if profile else None}})
 
 
-def events(spec: PipelineSpec, start: int, n: int, seed: int) -> tuple[list[bytes], list[bytes], list[str]]:
+def events(spec: PipelineSpec, start: int, n: int,
+           seed: int) -> tuple[list[bytes], list[bytes], list[str]]:
     """Features and champion predictions for events start..start+n; the amount shifts at SHIFT."""
     rng = np.random.default_rng(seed + start)
     fcodec, pcodec = avro.Codec(spec.features_schema()), avro.codec("prediction")
@@ -69,7 +74,8 @@ def events(spec: PipelineSpec, start: int, n: int, seed: int) -> tuple[list[byte
         predicted = "yes" if amount > 60 else "no"
         predictions.append(pcodec.encode({
             "prediction_id": f"p{i}", "event_id": eid, "key": None, "pipeline": spec.name,
-            "model_name": "fraud-lr", "model_version": 1, "model_sha256": "0" * 64, "variant": "champion",
+            "model_name": "fraud-lr", "model_version": 1, "model_sha256": "0" * 64,
+            "variant": "champion",
             "served": True, "label": predicted, "value": min(1.0, amount / 100), "scores": {},
             "source": {"topic": t.features, "partition": 0, "offset": i}, "event_ts": 1_000_000 + i,
             "scored_at": 2_000_000 + i}))
@@ -85,7 +91,8 @@ def dead_letters(spec: PipelineSpec, n: int) -> list[bytes]:
     return [codec.encode({"original": b'{"features": {"amount": "12"}}', "original_key": None,
                           "source": {"topic": spec.topics.raw, "partition": 0, "offset": i},
                           "source_timestamp": None, "field": "amount", "rule": "type",
-                          "message": "amount: expected a number, got a string", "service": "ingest", "at": now_ms()})
+                          "message": "amount: expected a number, got a string", "service": "ingest",
+                          "at": now_ms()})
             for i in range(n)]
 
 
@@ -97,8 +104,9 @@ def send(producer: AckedProducer, topic: str, values: list[bytes]) -> None:
 
 def feedback(start: int, truth: list[str]) -> list[bytes]:
     codec = avro.codec("feedback")
-    return [codec.encode({"feedback_id": f"f{start + j}", "prediction_id": f"p{start + j}", "event_id": None,
-                          "label": label, "value": None, "verdict": None, "ts": 9_000_000 + start + j})
+    return [codec.encode({"feedback_id": f"f{start + j}", "prediction_id": f"p{start + j}",
+                          "event_id": None, "label": label, "value": None, "verdict": None,
+                          "ts": 9_000_000 + start + j})
             for j, label in enumerate(truth)]
 
 
@@ -120,10 +128,12 @@ class Alerts:
                     self.events.append(event)
         return self.events
 
-    def wait(self, condition: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 60.0) -> None:
+    def wait(self, condition: Callable[[list[dict[str, Any]]], bool],
+             timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition(self.poll()):
-            assert time.monotonic() < deadline, f"alerts so far: {[e['message'] for e in self.events]}"
+            assert time.monotonic() < deadline, (
+                f"alerts so far: {[e['message'] for e in self.events]}")
 
     def close(self) -> None:
         self._consumer.close()
@@ -171,23 +181,25 @@ def gauge(text: str, series: str, **labels: str) -> float | None:
     return None
 
 
-def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: LooplineSettings, unique: str,
-                                                tmp_path: Path) -> None:
+def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: LooplineSettings,
+                                                unique: str, tmp_path: Path) -> None:
     spec = make_spec(unique)
     apply_spec(kafka, spec)
     producer = AckedProducer(kafka.producer("test-monitor"))
     rng = np.random.default_rng(5)
-    channel = [None if i % 3 == 0 else "web" for i in range(5000)]  # optional: missing a third of the time
+    # optional: missing a third of the time
+    channel = [None if i % 3 == 0 else "web" for i in range(5000)]
     profile = build_profile({"amount": rng.normal(50, 10, 5000), "channel": channel},
                             {"amount": "float", "channel": "string"},
                             {"value": np.clip(rng.normal(50, 10, 5000) / 100, 0, 1)})
     register(producer, spec, 1, "champion", profile)
     register(producer, spec, 2, "challenger", profile)  # deployed, never scores: a zombie
 
-    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers,
+                                kafka_profile=settings.kafka_profile,
                                 session_timeout_ms=6000, home=tmp_path, pipelines=[spec.name],
-                                group_id=f"{unique}-monitor", checkpoint_interval_s=0.5, zombie_check_s=0.3,
-                                log_level="WARNING")
+                                group_id=f"{unique}-monitor", checkpoint_interval_s=0.5,
+                                zombie_check_s=0.3, log_level="WARNING")
     alerts = Alerts(kafka, spec.name)
     monitor = Running(msettings)
     try:
@@ -200,18 +212,21 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
             return [e for e in alerts.events if e["signal"] == signal and e["state"] == "raised"
                     and (detector is None or e["detector"] == detector)]
 
-        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total", kind="deadletter") == 300,
+        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total",
+                               kind="deadletter") == 300,
                  "every dead letter consumed")
         alerts.wait(lambda _: bool(raised("drift", "psi"))
                     and bool(raised("zombie")) and bool(raised("quality")))
-        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total", kind="predictions") == TOTAL,
+        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total",
+                               kind="predictions") == TOTAL,
                  "every prediction consumed")
         assert not raised("performance"), "no feedback yet, so no performance alert"
 
         # Feedback arrives late: after every prediction was consumed.
         send(producer, spec.topics.feedback, feedback(0, truth))
         alerts.wait(lambda _: bool(raised("performance")))
-        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_labeled", variant="champion") == TOTAL,
+        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_labeled",
+                               variant="champion") == TOTAL,
                  "every feedback joined")
         text = monitor.metrics()
         monitor.stop()  # writes the final checkpoint
@@ -226,13 +241,15 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         assert psi["last_offset"] - SHIFT < 300 and "Feature 'amount' drifted" in psi["message"]
         assert psi["statistic"] >= 0.25 and psi["threshold"] == 0.25 and psi["p_value"] < 1e-4
         assert psi["reference_value"] < 51 < 60 < psi["current_value"] and psi["action"]
-        assert psi["model_name"] == "fraud-lr" and psi["model_version"] == 1 and "PSI" in psi["message"]
+        assert psi["model_name"] == "fraud-lr" and psi["model_version"] == 1
+        assert "PSI" in psi["message"]
         assert any(e["feature"] == "value" and e["model_version"] == 1 for e in raised("drift")), \
             "the champion's output drifts with its input"
         perf = raised("performance")[0]
         assert perf["model_name"] == "fraud-lr" and "degraded" in perf["message"]
         zombie = raised("zombie")
-        # v2 never scored; v1 may be reported too, once its traffic stopped for 2 s while feedback was awaited.
+        # v2 never scored; v1 may be reported too, once its traffic stopped for 2 s while feedback
+        # was awaited.
         challenger = next(e for e in zombie if e["model_version"] == 2)
         assert challenger["severity"] == "warning"
         assert "fraud-lr v2 (challenger) has served no predictions" in challenger["message"]
@@ -244,15 +261,18 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
 
         quality = raised("quality")
         assert [(e["feature"], e["detector"]) for e in quality] == [("amount", "type_error")], \
-            "ingest's type errors are reported; 'channel' is missing no more often than in the reference"
+            ("ingest's type errors are reported; "
+             "'channel' is missing no more often than in the reference")
         assert "Data quality of feature 'amount'" in quality[0]["message"]
 
         # The metrics show it.
         assert gauge(text, "loopline_monitor_alert_active", signal="drift", name="amount",
                      detector="psi") == 2.0
-        assert gauge(text, "loopline_monitor_psi", subject="feature", name="amount") >= 0.25  # type: ignore[operator]
+        assert gauge(text, "loopline_monitor_psi", subject="feature",
+                     name="amount") >= 0.25  # type: ignore[operator]  # the gauge exists
         assert gauge(text, "loopline_monitor_zombie", version="2") == 1.0
-        accuracy = gauge(text, "loopline_monitor_model_metric", variant="champion", metric="accuracy")
+        accuracy = gauge(text, "loopline_monitor_model_metric", variant="champion",
+                         metric="accuracy")
         assert accuracy is not None and 0.45 < accuracy < 0.65  # the last window is all post-shift
 
         # Restart: detectors and open episodes come back from the checkpoint.
@@ -265,7 +285,8 @@ def test_shift_late_feedback_zombie_and_restart(kafka: KafkaConfig, settings: Lo
         assert pm.features["amount"].detectors[0].seen == TOTAL
         f, p, _ = events(spec, TOTAL, 1000, seed=2)
         send(producer, spec.topics.features, f)
-        wait_for(lambda: pm.features["amount"].detectors[0].seen == TOTAL + 1000, "post-restart events")
+        wait_for(lambda: pm.features["amount"].detectors[0].seen == TOTAL + 1000,
+                 "post-restart events")
         time.sleep(1.0)  # lets any (wrong) duplicate alert arrive before counting
         new = alerts.poll()[alerts_before:]
         assert not [e for e in new if e["state"] == "raised" and e["detector"] == "psi"], \
@@ -284,10 +305,11 @@ def test_predictions_nobody_reads_are_reported_until_a_reader_consumes_them(
     apply_spec(kafka, spec)
     producer = AckedProducer(kafka.producer("test-monitor"))
     register(producer, spec, 1, "champion", None)
-    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers,
+                                kafka_profile=settings.kafka_profile,
                                 session_timeout_ms=6000, home=tmp_path, pipelines=[spec.name],
-                                group_id=f"{unique}-monitor", zombie_check_s=0.3, readers_check_s=0.3,
-                                log_level="WARNING")
+                                group_id=f"{unique}-monitor", zombie_check_s=0.3,
+                                readers_check_s=0.3, log_level="WARNING")
     alerts = Alerts(kafka, spec.name)
 
     def unread(state: str) -> list[dict[str, Any]]:
@@ -307,8 +329,8 @@ def test_predictions_nobody_reads_are_reported_until_a_reader_consumes_them(
 
     _, p, _ = events(spec, 0, 200, seed=4)
     send(producer, spec.topics.predictions, p)
-    # Loopline's own services (lineage, trainer: loopline-*) read predictions too; they are not readers.
-    # This one has committed past every prediction before the monitor even starts.
+    # Loopline's own services (lineage, trainer: loopline-*) read predictions too; they are not
+    # readers. This one has committed past every prediction before the monitor even starts.
     read_all(f"loopline-lineage-{unique}", 200)
     monitor = Running(msettings)
     try:
@@ -331,12 +353,14 @@ def test_predictions_nobody_reads_are_reported_until_a_reader_consumes_them(
         alerts.close()
 
 
-def test_a_pipeline_applied_after_start_is_monitored(kafka: KafkaConfig, settings: LooplineSettings, unique: str,
-                                                     tmp_path: Path) -> None:
+def test_a_pipeline_applied_after_start_is_monitored(kafka: KafkaConfig, settings: LooplineSettings,
+                                                     unique: str, tmp_path: Path) -> None:
     spec = make_spec(unique)
-    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+    msettings = MonitorSettings(bootstrap_servers=settings.bootstrap_servers,
+                                kafka_profile=settings.kafka_profile,
                                 session_timeout_ms=6000, home=tmp_path, pipelines=[spec.name],
-                                group_id=f"{unique}-monitor", registry_poll_s=0.2, log_level="WARNING")
+                                group_id=f"{unique}-monitor", registry_poll_s=0.2,
+                                log_level="WARNING")
     monitor = Running(msettings)
     try:
         wait_for(lambda: monitor.rt.health.ready()[0], "monitor ready")
@@ -344,7 +368,8 @@ def test_a_pipeline_applied_after_start_is_monitored(kafka: KafkaConfig, setting
         apply_spec(kafka, spec)
         f, _, _ = events(spec, 0, 300, seed=3)
         send(AckedProducer(kafka.producer("test-monitor")), spec.topics.features, f)
-        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total", kind="features") == 300,
+        wait_for(lambda: gauge(monitor.metrics(), "loopline_monitor_events_total",
+                               kind="features") == 300,
                  "the new pipeline's events consumed")
     finally:
         monitor.stop()

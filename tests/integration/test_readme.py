@@ -201,7 +201,8 @@ def substitute(text: str, values: dict[str, str]) -> str:
             if p.value not in values:
                 raise AssertionError(f"placeholder {p.pattern!r} ({p.meaning}) is used before "
                                      "the example that gives its value")
-            text = re.sub(p.pattern, lambda _: values[p.value], text)
+            value = values[p.value]
+            text = re.sub(p.pattern, lambda _, value=value: value, text)
     left = re.findall(r"<[a-z_]+>", text)
     assert not left, f"undocumented placeholder(s) {left} in {text!r}: add them to PLACEHOLDERS"
     return text
@@ -409,7 +410,8 @@ def test_using_it_reaches_a_prediction_feedback_a_retrain_and_a_report(
     listed = walk.output(FIRST, "loopline models list fraud").stdout
     assert any(f"{pipeline}/{v['version']}" in line and "trainer" in line
                for v in trained for line in listed.splitlines()), listed
-    replay = walk.output(FIRST, "loopline replay fraud --since 1h --model fraud/1 --against fraud/2")
+    replay = walk.output(FIRST,
+                         "loopline replay fraud --since 1h --model fraud/1 --against fraud/2")
     audit = f"reproducibility audit of {pipeline}/1: "  # every served event of events.csv
     assert audit in replay.stdout and "/3000 live scores reproduced exactly" in replay.stdout
     # The report tells that story in one offline file.

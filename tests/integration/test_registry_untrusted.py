@@ -63,7 +63,8 @@ class TopicReader:
 
     def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, kind: str) -> None:
         self.consumer: Consumer = kafka.reader(f"test-read-{topic}")
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(partitions)])
         self.codec = avro.codec(kind)
         self.records: list[dict[str, Any]] = []
 
@@ -95,7 +96,8 @@ def processes() -> Iterator[list[ServiceProcess]]:
 
 
 def rejections(process: ServiceProcess, needle: str) -> dict[str, str]:
-    """key -> rule of the registry_record_rejected lines a service logged for keys with ``needle``."""
+    """key -> rule of the registry_record_rejected
+    lines a service logged for keys with ``needle``."""
     return {doc["key"]: doc["rule"] for doc in process.log_lines("warning", "error")
             if doc.get("event") == "registry_record_rejected" and needle in str(doc.get("key"))}
 
@@ -244,12 +246,14 @@ def test_the_monitor_dead_letters_and_alerts_an_invalid_registry_record_once(
     garbage = f"not a registry record {unique}".encode()
     produce_raw(foreign_producer(settings), topics.MODELS,
                 [(f"garbage/{unique}".encode(), garbage),
-                 (f"pipeline/{unique}/model/{unique}/7".encode(), b"\xc3\x01broken " + unique.encode())])
+                 (f"pipeline/{unique}/model/{unique}/7".encode(),
+                  b"\xc3\x01broken " + unique.encode())])
     env = service_env(settings, tmp_path, unique)
 
     def monitor(label: str) -> ServiceProcess:
         p = ServiceProcess("monitor", dict(env, LOOPLINE_GROUP_ID=f"{unique}-monitor",
-                                           LOOPLINE_INSTANCE_ID=label), tmp_path / f"{label}.log", label)
+                                           LOOPLINE_INSTANCE_ID=label), tmp_path / f"{label}.log",
+                           label)
         processes.append(p)
         p.start()
         return p
@@ -264,10 +268,12 @@ def test_the_monitor_dead_letters_and_alerts_an_invalid_registry_record_once(
         return [r for r in records if unique.encode() in (r.get("original") or b"")
                 or unique in str(r.get("message", ""))]
 
-    letters.until(lambda r: len(mine(r)) >= 1, "the random bytes dead-lettered on loopline.deadletter")
+    letters.until(lambda r: len(mine(r)) >= 1,
+                  "the random bytes dead-lettered on loopline.deadletter")
     pipeline_letters = TopicReader(kafka, spec.topics.deadletter, 1, "deadletter")
     readers.append(pipeline_letters)
-    pipeline_letters.until(lambda r: len(r) >= 1, "the broken model record dead-lettered on its pipeline")
+    pipeline_letters.until(lambda r: len(r) >= 1,
+                           "the broken model record dead-lettered on its pipeline")
     alerts.until(lambda r: len([a for a in r if a["signal"] == "registry_record"
                                 and (a["pipeline"] == unique or unique in a["message"])]) >= 2,
                  "one alert per invalid record")

@@ -1,4 +1,5 @@
-"""Crash and failover on the real broker: kill -9 every service mid-stream, and an inference replica.
+"""Crash and failover on the real broker: kill -9 every service mid-stream, and an inference
+replica.
 
 Every service runs as its own `loopline run <service>` process. What users read afterwards — the
 lineage store's served predictions and the dead-letter topic — must hold every input exactly once.
@@ -12,8 +13,16 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from services_harness import (DeadLetters, RawTraffic, ServiceProcess, make_spec, served, service_env, stored_rows,
-                              wait_until)
+from services_harness import (
+    DeadLetters,
+    RawTraffic,
+    ServiceProcess,
+    make_spec,
+    served,
+    service_env,
+    stored_rows,
+    wait_until,
+)
 from test_inference import feature_events, make_model
 
 from loopline import avro
@@ -44,7 +53,8 @@ def test_kill_9_each_service_mid_stream_loses_and_duplicates_nothing(
     spec = make_spec(unique, partitions=2)
     deploy(kafka, spec, tmp_path)
     env = service_env(settings, tmp_path, unique)
-    procs = {name: ServiceProcess(name, dict(env, LOOPLINE_GROUP_ID=f"{unique}-{name}"), tmp_path / f"{name}.log")
+    procs = {name: ServiceProcess(name, dict(env, LOOPLINE_GROUP_ID=f"{unique}-{name}"),
+                                  tmp_path / f"{name}.log")
              for name in KILL_ORDER}
     store = LineageStore(tmp_path / "lineage")
     traffic = RawTraffic(kafka, spec.topics.raw, unique, chunk=8, pause_s=0.2, limit=3000)
@@ -66,7 +76,8 @@ def test_kill_9_each_service_mid_stream_loses_and_duplicates_nothing(
             procs[name].start()
             procs[name].wait_ready(60)
         traffic.finish()
-        wait_until(lambda: set(traffic.valid) <= set(served(store, unique)), 120, "every valid event served")
+        wait_until(lambda: set(traffic.valid) <= set(served(store, unique)), 120,
+                   "every valid event served")
         wait_until(lambda: traffic.bad <= dead.poll().sources(spec.topics.raw), 60,
                    "every bad event dead-lettered")
         monitor = procs["monitor"]  # restarted from its checkpoint, it goes on watching the stream
@@ -82,36 +93,45 @@ def test_kill_9_each_service_mid_stream_loses_and_duplicates_nothing(
 
     per_event = served(store, unique)
     missing, extra = set(traffic.valid) - set(per_event), set(per_event) - set(traffic.valid)
-    assert not missing and not extra, f"{len(missing)} valid events never served, {len(extra)} unknown served"
+    assert not missing and not extra, (
+        f"{len(missing)} valid events never served, {len(extra)} unknown served")
     doubled = {e: n for e, n in per_event.items() if n != 1}
-    assert not doubled, f"{len(doubled)} events served more than once, e.g. {list(doubled.items())[:3]}"
+    assert not doubled, (
+        f"{len(doubled)} events served more than once, e.g. {list(doubled.items())[:3]}")
     con = q.connect(store, unique)
     features = con.execute("SELECT count(*), count(DISTINCT event_id) FROM features").fetchone()
     con.close()
-    assert features == (len(traffic.valid), len(traffic.valid)), "features table lost or duplicated events"
+    assert features == (len(traffic.valid),
+                        len(traffic.valid)), "features table lost or duplicated events"
     assert dead.sources(spec.topics.raw) == traffic.bad
-    # On the topics themselves, as a read_committed consumer sees them: on Kafka (transactions) exactly
-    # one prediction per event and variant and one dead letter per bad input; elsewhere at least one.
+    # On the topics themselves, as a read_committed consumer sees them: on Kafka (transactions)
+    # exactly one prediction per event and variant and one dead letter per bad input; elsewhere at
+    # least one.
     per_prediction = predictions_on_topic(kafka, spec)
     letters = Counter((d["source"]["partition"], d["source"]["offset"]) for d in dead.letters
                       if d["source"]["topic"] == spec.topics.raw)
     assert {e for e, _ in per_prediction} == set(traffic.valid)
     if kafka.exactly_once:
-        assert set(per_prediction.values()) == {1}, [k for k, n in per_prediction.items() if n > 1][:5]
+        assert set(per_prediction.values()) == {1}, [k for k, n in per_prediction.items()
+                                                     if n > 1][:5]
         assert set(letters.values()) == {1}, [k for k, n in letters.items() if n > 1][:5]
     assert all(p.kills == 1 for p in procs.values())
-    for p in procs.values():  # a killed process logs nothing; an error line means a service crashed on its own
+    # a killed process logs nothing; an error line means a service crashed on its own
+    for p in procs.values():
         assert not p.errors(), (p.label, p.errors()[:2])
     print(f"\nreliability: sent={traffic.sent} valid={len(traffic.valid)} bad={len(traffic.bad)} "
-          f"served_events={len(per_event)} prediction_rows_stored={stored_rows(store, unique, 'predictions')} "
-          f"feature_rows_stored={stored_rows(store, unique, 'features')} dead_letters={len(dead.letters)} "
+          f"served_events={len(per_event)} "
+          f"prediction_rows_stored={stored_rows(store, unique, 'predictions')} "
+          f"feature_rows_stored={stored_rows(store, unique, 'features')} "
+          f"dead_letters={len(dead.letters)} "
           f"kills={sum(p.kills for p in procs.values())}")
 
 
 def predictions_on_topic(kafka: KafkaConfig, spec: PipelineSpec) -> Counter[tuple[str, str]]:
     """Messages per (event id, variant) on the predictions topic, read committed from the start."""
     consumer = kafka.reader(f"test-predictions-{now_ms()}")
-    consumer.assign([TopicPartition(spec.topics.predictions, p, OFFSET_BEGINNING) for p in range(spec.partitions)])
+    consumer.assign([TopicPartition(spec.topics.predictions, p, OFFSET_BEGINNING)
+                     for p in range(spec.partitions)])
     codec = avro.codec("prediction")
     out: Counter[tuple[str, str]] = Counter()
     quiet = 0
@@ -131,7 +151,8 @@ def predictions_on_topic(kafka: KafkaConfig, spec: PipelineSpec) -> Counter[tupl
 class FeatureTraffic:
     """Feature events e0, e1, ... produced on a thread, ``chunk`` at a time, until stopped."""
 
-    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, chunk: int = 30, pause_s: float = 0.2) -> None:
+    def __init__(self, kafka: KafkaConfig, spec: PipelineSpec, chunk: int = 30,
+                 pause_s: float = 0.2) -> None:
         self.kafka, self.spec, self.chunk, self.pause_s = kafka, spec, chunk, pause_s
         self.sent = 0
         self._stop = threading.Event()
@@ -170,13 +191,14 @@ def served_since(store: LineageStore, pipeline: str, since_ms: int) -> dict[int,
         return {}
     con = q.connect(store, pipeline)
     try:
-        return dict(con.execute("SELECT features_partition, count(*) FROM predictions WHERE served AND "
-                                "epoch_ms(event_ts) >= ? GROUP BY ALL", [since_ms]).fetchall())
+        return dict(con.execute("SELECT features_partition, count(*) FROM predictions WHERE served "
+                                "AND epoch_ms(event_ts) >= ? GROUP BY ALL", [since_ms]).fetchall())
     finally:
         con.close()
 
 
-def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSettings, kafka: KafkaConfig,
+def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSettings,
+                                                          kafka: KafkaConfig,
                                                           tmp_path: Path, unique: str) -> None:
     spec = make_spec(unique, partitions=3)
     deploy(kafka, spec, tmp_path)
@@ -184,7 +206,8 @@ def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSett
     group = dict(env, LOOPLINE_GROUP_ID=f"{unique}-inference")
     a = ServiceProcess("inference", group, tmp_path / "inference-a.log", "inference-a")
     b = ServiceProcess("inference", group, tmp_path / "inference-b.log", "inference-b")
-    lineage = ServiceProcess("lineage", dict(env, LOOPLINE_GROUP_ID=f"{unique}-lineage"), tmp_path / "lineage.log")
+    lineage = ServiceProcess("lineage", dict(env, LOOPLINE_GROUP_ID=f"{unique}-lineage"),
+                             tmp_path / "lineage.log")
     store = LineageStore(tmp_path / "lineage")
     traffic = FeatureTraffic(kafka, spec)
 
@@ -197,7 +220,8 @@ def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSett
         for p in (a, b, lineage):
             p.wait_ready(90)
         traffic.start()
-        wait_until(lambda: events(a) > 0 and events(b) > 0, 90, "both replicas scoring their partitions")
+        wait_until(lambda: events(a) > 0 and events(b) > 0, 90,
+                   "both replicas scoring their partitions")
         b_before = events(b)
         a.kill9()
         killed_at = now_ms()  # events created from now on (their ts) can only be scored by b
@@ -205,7 +229,8 @@ def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSett
         wait_until(lambda: len(served_since(store, unique, killed_at)) == spec.partitions, 90,
                    "the surviving replica serving every partition")
         total = traffic.finish()
-        wait_until(lambda: len(served(store, unique)) >= total, 90, "every event served after the failover")
+        wait_until(lambda: len(served(store, unique)) >= total, 90,
+                   "every event served after the failover")
         b_after = events(b)
         assert b.ready() and not b.errors()
     finally:
@@ -216,9 +241,12 @@ def test_inference_replica_takes_over_when_the_other_dies(settings: LooplineSett
     per_event = served(store, unique)
     assert set(per_event) == {f"e{i}" for i in range(total)}, "events lost (or unknown ones served)"
     doubled = {e: n for e, n in per_event.items() if n != 1}
-    assert not doubled, f"{len(doubled)} events served more than once, e.g. {list(doubled.items())[:3]}"
+    assert not doubled, (
+        f"{len(doubled)} events served more than once, e.g. {list(doubled.items())[:3]}")
     after_kill = served_since(store, unique, killed_at)
-    assert b_after - b_before >= sum(after_kill.values()), "b scored fewer events than were served after the kill"
+    assert b_after - b_before >= sum(after_kill.values()), (
+        "b scored fewer events than were served after the kill")
     print(f"\nfailover: events={total} served={len(per_event)} "
           f"prediction_rows_stored={stored_rows(store, unique, 'predictions')} "
-          f"served_after_kill_by_partition={after_kill} b_scored_after_kill={b_after - b_before:.0f}")
+          f"served_after_kill_by_partition={after_kill} "
+          f"b_scored_after_kill={b_after - b_before:.0f}")

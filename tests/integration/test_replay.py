@@ -1,4 +1,5 @@
-"""Replay on the real broker: inference serves, lineage logs, replay reproduces and compares versions."""
+"""Replay on the real broker: inference serves, lineage
+logs, replay reproduces and compares versions."""
 
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ def in_thread(rt: ServiceRuntime, body: Callable[[], None]) -> threading.Thread:
 
 
 @pytest.fixture
-def running(settings: LooplineSettings, kafka: KafkaConfig, unique: str, tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]
+def running(settings: LooplineSettings, kafka: KafkaConfig, unique: str,
+            tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]  # any records
     spec = make_spec(unique)
     apply_spec(kafka, spec)
     registry = ModelRegistry(kafka, ArtifactStore(str(tmp_path / "artifacts")), actor="test")
     registry.register(unique, make_model(1))
-    common = {"bootstrap_servers": settings.bootstrap_servers, "kafka_profile": settings.kafka_profile,
+    common = {"bootstrap_servers": settings.bootstrap_servers,
+              "kafka_profile": settings.kafka_profile,
               "session_timeout_ms": 6000, "home": tmp_path, "pipelines": [unique]}
     inf_settings = InferenceSettings(**common, group_id=f"{unique}-inference", registry_poll_s=0.05)
     lin_settings = LineageSettings(**common, group_id=f"{unique}-lineage", flush_interval_s=0.3)
@@ -74,9 +77,11 @@ def served_rows(store: LineageStore, pipeline: str) -> int:
     return int(q.query_predictions(store, pipeline).summary["served"])
 
 
-def test_replay_reproduces_the_served_version_and_compares_another(kafka: KafkaConfig, running, unique: str) -> None:  # type: ignore[no-untyped-def]
+def test_replay_reproduces_the_served_version_and_compares_another(kafka: KafkaConfig, running,
+                                                                   unique: str) -> None:  # type: ignore[no-untyped-def]  # pytest fixtures
     spec, registry, store = running
-    registry.register(unique, make_model(5), NewVersion(stage="shadow"))  # v2 scores every event, serves none
+    # v2 scores every event, serves none
+    registry.register(unique, make_model(5), NewVersion(stage="shadow"))
     time.sleep(1.0)  # the service picks the shadow up between batches
     produce(kafka, spec.topics.features, feature_events(spec, 600))
     wait_until(lambda: served_rows(store, unique) >= 600)
@@ -86,14 +91,16 @@ def test_replay_reproduces_the_served_version_and_compares_another(kafka: KafkaC
         record = feedback.make(event_id=f"e{i}", label="1" if i % 2 else "0")
         labels.send(spec.topics.feedback, feedback.encode(record), key=f"e{i}")
     labels.confirm()
-    wait_until(lambda: q.connect(store, unique).execute("SELECT count(*) FROM feedback").fetchone()[0] >= 200)
+    wait_until(lambda: q.connect(store, unique).execute(
+        "SELECT count(*) FROM feedback").fetchone()[0] >= 200)
 
     reader = RegistryReader(kafka)
     state = reader.catch_up()
     reader.close()
     name = state.versions[next(k for k in state.versions if k[0] == unique)]["name"]
     seen: list[int] = []
-    report = replay(store, state, unique, (name, 1), against=(name, 2), progress=lambda done, total: seen.append(done))
+    report = replay(store, state, unique, (name, 1), against=(name, 2), progress=lambda done,
+                    total: seen.append(done))
     assert report.rows == 600 and seen[-1] == 600
     v1, v2 = report.sides
     assert v1.logged == 600 and v1.reproduced == 600 and v1.max_abs_diff == 0.0  # an exact audit

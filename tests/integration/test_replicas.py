@@ -1,6 +1,6 @@
 """Stateful services scale out (issue 19): two monitor and two trainer replicas split the pipelines,
-and kill -9 of one of each mid-stream moves its pipelines to the other with their state: no alert lost
-or raised twice, no label learned twice, no candidate trained twice."""
+and kill -9 of one of each mid-stream moves its pipelines to the other with their state: no alert
+lost or raised twice, no label learned twice, no candidate trained twice."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def first_model(spec: PipelineSpec) -> tuple[bytes, list[dict[str, float]]]:
 
 
 def stream(seed: int) -> list[tuple[dict[str, float], str]]:
-    """SEA before the drift; after it the concept changes and x1 shifts (both the error stream and the
-    feature distributions see it)."""
+    """SEA before the drift; after it the concept changes and x1 shifts (both the error stream and
+    the feature distributions see it)."""
     before = sea(DRIFT, 0, seed)
     after = [({**x, "x1": x["x1"] * 0.5 + 6.0}, y) for x, y in sea(EVENTS - DRIFT, 3, seed + 1)]
     return before + after
@@ -81,7 +81,8 @@ class Feeder:
             for s in self.specs:
                 x, _ = self.data[s.name][i]
                 self.producer.send(s.topics.features, self.codecs[s.name].encode({
-                    "event_id": f"e{i}", "key": f"k{i % 50}", "ts": now_ms(), "ingested_at": now_ms(),
+                    "event_id": f"e{i}", "key": f"k{i % 50}", "ts": now_ms(),
+                    "ingested_at": now_ms(),
                     "source": {"topic": s.topics.raw, "partition": 0, "offset": i}, "features": x,
                     "content_hash": None}), key=f"k{i % 50}".encode())
                 j = i - LABEL_DELAY
@@ -94,8 +95,8 @@ class Feeder:
 
 
 def spread_names(prefix: str) -> list[str]:
-    """Pipeline names hashing to changelog partitions 0, 1, 6 and 7 of 12: whether the group hands out
-    ranges or alternates, each of two replicas owns two of them."""
+    """Pipeline names hashing to changelog partitions 0, 1, 6 and 7 of 12: whether the group hands
+    out ranges or alternates, each of two replicas owns two of them."""
     wanted, names, i = [0, 1, 6, 7], {}, 0
     while len(names) < len(wanted):
         name = f"{prefix}p{i}"
@@ -126,7 +127,8 @@ def alerts_of(kafka: KafkaConfig, names: set[str]) -> list[dict[str, Any]]:
         consumer.close()
 
 
-def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: LooplineSettings, kafka: KafkaConfig,
+def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: LooplineSettings,
+                                                              kafka: KafkaConfig,
                                                               tmp_path: Path, unique: str) -> None:
     specs = [make_spec(name) for name in spread_names(unique)]
     names = {s.name for s in specs}
@@ -135,8 +137,8 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
         apply_spec(kafka, s)
         model, reference = first_model(s)
         registry.register(s.name, model, NewVersion(reference=reference))
-    env = service_env(settings, tmp_path, ",".join(sorted(names)), LOOPLINE_CHECKPOINT_INTERVAL_S="1",
-                      LOOPLINE_STATE_PARTITIONS="12")
+    env = service_env(settings, tmp_path, ",".join(sorted(names)),
+                      LOOPLINE_CHECKPOINT_INTERVAL_S="1", LOOPLINE_STATE_PARTITIONS="12")
     procs = {
         "inference": ServiceProcess("inference", dict(env, LOOPLINE_GROUP_ID=f"{unique}-inference"),
                                     tmp_path / "inference.log"),
@@ -156,7 +158,8 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
             return [procs[f"{svc}-{r}"].metric("loopline_units_owned", service=svc) for r in "ab"]
 
         # The monitor has one more unit: the registry (its invalid records are reported once).
-        wait_until(lambda: sum(owned("monitor")) == PIPELINES + 1 and sum(owned("trainer")) == PIPELINES,
+        wait_until(lambda: sum(owned("monitor")) == PIPELINES + 1
+                   and sum(owned("trainer")) == PIPELINES,
                    120, "every pipeline owned once by each stateful service")
         shares = (owned("monitor"), owned("trainer"))
         for upto in range(200, 800 + 1, 200):
@@ -168,8 +171,10 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
         for upto in range(1000, EVENTS + 1, 200):
             feed.send(upto)
             time.sleep(0.5)
-        wait_until(lambda: procs["monitor-b"].metric("loopline_units_owned", service="monitor") == PIPELINES + 1
-                   and procs["trainer-a"].metric("loopline_units_owned", service="trainer") == PIPELINES, 120,
+        wait_until(lambda: procs["monitor-b"].metric("loopline_units_owned",
+                                                     service="monitor") == PIPELINES + 1
+                   and procs["trainer-a"].metric("loopline_units_owned",
+                                                 service="trainer") == PIPELINES, 120,
                    "the survivors own every pipeline")
 
         def labels_learned() -> int:
@@ -180,9 +185,11 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
             return total
 
         expected_labels = PIPELINES * (EVENTS - LABEL_DELAY)
-        wait_until(lambda: labels_learned() == expected_labels, 180, "every label joined, in the checkpoints")
+        wait_until(lambda: labels_learned() == expected_labels, 180,
+                   "every label joined, in the checkpoints")
         wait_until(lambda: len([a for a in alerts_of(kafka, names) if a["signal"] == "drift"
-                                and a["state"] == "raised"]) >= PIPELINES, 120, "a drift alert per pipeline")
+                                and a["state"] == "raised"]) >= PIPELINES, 120,
+                   "a drift alert per pipeline")
         for name in ("inference", "monitor-b", "trainer-a"):
             assert procs[name].ready(), name
     finally:
@@ -198,17 +205,21 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
     per_id = Counter(a["alert_id"] for a in alerts)
     if kafka.exactly_once:
         assert max(per_id.values()) == 1, "an alert was raised twice"
-    episodes = Counter((a["pipeline"], a["signal"], a["feature"], a["detector"], a["model_version"], a["severity"])
+    episodes = Counter((a["pipeline"], a["signal"], a["feature"], a["detector"], a["model_version"],
+                        a["severity"])
                        for a in raised)
     assert max(episodes.values()) == 1, [e for e, n in episodes.items() if n > 1]
     for s in specs:
         st = changelog_state(kafka, "trainer", s.name)
         counts = st.join.counts
         assert counts.joined == EVENTS - LABEL_DELAY and counts.duplicates == 0, (s.name, counts)
-        assert st.learner.learned + len(st.holdout.items) == counts.joined, "a label learned twice or lost"
-        triggers = Counter(v["trigger"] for v in versions_of(registry.state(), s.name) if v["trigger"])
+        assert st.learner.learned + len(st.holdout.items) == counts.joined, (
+            "a label learned twice or lost")
+        triggers = Counter(v["trigger"] for v in versions_of(registry.state(), s.name)
+                           if v["trigger"])
         assert all(n == 1 for n in triggers.values()), f"a candidate trained twice: {triggers}"
     for p in procs.values():
         assert not p.errors(), (p.label, p.errors()[:2])
-    print(f"\nreplicas: shares before the kill monitor={shares[0]} trainer={shares[1]}; alerts={len(alerts)} "
-          f"raised={len(raised)}; versions={[len(versions_of(registry.state(), s.name)) for s in specs]}")
+    print(f"\nreplicas: shares before the kill monitor={shares[0]} trainer={shares[1]}; "
+          f"alerts={len(alerts)} raised={len(raised)}; "
+          f"versions={[len(versions_of(registry.state(), s.name)) for s in specs]}")

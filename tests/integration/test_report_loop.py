@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from chromium_harness import render
 from click.testing import CliRunner
+from services_harness import ServiceThread
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
-from chromium_harness import render
 from loopline import feedback as fb
 from loopline.app.cli import main as cli
 from loopline.app.report.sources import read_alerts
@@ -33,7 +34,6 @@ from loopline.services.lineage.settings import LineageSettings
 from loopline.services.lineage.store import LineageStore
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, parse_spec
-from services_harness import ServiceThread
 
 pytestmark = pytest.mark.integration
 DRIFT, CHALLENGER, PROMOTION, TOTAL, CHUNK = 600, 800, 1000, 1200, 100
@@ -69,7 +69,7 @@ def stored(store: LineageStore, pipeline: str, sql: str) -> int:
         return 0
     con = connect(store, pipeline)
     try:
-        return int(con.execute(sql).fetchone()[0])  # type: ignore[index]
+        return int(con.execute(sql).fetchone()[0])  # type: ignore[index]  # the query returns a row
     finally:
         con.close()
 
@@ -262,7 +262,7 @@ def _event_ms(store: LineageStore, pipeline: str, event_id: str) -> int:
             con.execute(
                 "SELECT min(epoch_ms(event_ts)) FROM predictions WHERE event_id = ?", [event_id]
             ).fetchone()[0]
-        )  # type: ignore[index]
+        )  # type: ignore[index]  # the query returns a row
     finally:
         con.close()
 
@@ -271,7 +271,7 @@ def embedded(page: str) -> dict[str, Any]:
     """The machine-readable numbers the page carries."""
     start = page.index('<script type="application/json" id="loopline-report-data">')
     body = page[page.index(">", start) + 1 : page.index("</script>", start)]
-    return orjson.loads(body)  # type: ignore[no-any-return]
+    return orjson.loads(body)  # type: ignore[no-any-return]  # JSON is Any
 
 
 def same(mine: dict[str, Any], theirs: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""SDK and CLI tools on the real broker: local validation, produce from files, tail, feedback, reading."""
+"""SDK and CLI tools on the real broker: local validation,
+produce from files, tail, feedback, reading."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import orjson
 import pytest
 
 from loopline import avro, feedback
+from loopline.app.tools import decoder, tail
 from loopline.apply import apply_spec
 from loopline.kafka import AckedProducer, KafkaConfig
 from loopline.sdk import EventProducer, FeedbackSender, PredictionReader, ValidationError
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, parse_spec
-from loopline.app.tools import decoder, tail
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +29,14 @@ def spec_for(name: str) -> PipelineSpec:
                                     {"name": "amount", "type": "float", "min": 0}]})
 
 
-def read_all(kafka: KafkaConfig, topic: str, kind: str, spec: PipelineSpec, n: int) -> list[dict]:  # type: ignore[type-arg]
-    out: list[dict] = []  # type: ignore[type-arg]
+def read_all(kafka: KafkaConfig, topic: str, kind: str, spec: PipelineSpec,
+             n: int) -> list[dict]:  # type: ignore[type-arg]  # any records
+    out: list[dict] = []  # type: ignore[type-arg]  # any records
     tail(kafka, topic, decoder(kind, spec, _state(kafka)), True, n, lambda: False, out.append)
     return out
 
 
-def _state(kafka: KafkaConfig):  # type: ignore[no-untyped-def]
+def _state(kafka: KafkaConfig):  # type: ignore[no-untyped-def]  # the registry's state
     from loopline.registry import RegistryReader
 
     reader = RegistryReader(kafka)
@@ -78,11 +80,12 @@ def test_feedback_sender_and_prediction_reader(settings: LooplineSettings, kafka
             "prediction_id": f"p{i}", "event_id": f"e{i // 2}", "key": None, "pipeline": unique,
             "model_name": "m", "model_version": 1, "model_sha256": "0" * 64,
             "variant": "champion" if i % 2 == 0 else "shadow", "served": i % 2 == 0, "label": "yes",
-            "value": 0.9, "scores": {}, "source": {"topic": spec.topics.features, "partition": 0, "offset": i},
+            "value": 0.9, "scores": {},
+            "source": {"topic": spec.topics.features, "partition": 0, "offset": i},
             "event_ts": 1, "scored_at": 2}))
     producer.confirm()
     reader = PredictionReader(unique, f"{unique}-reader", settings=settings)
-    got: list[dict] = []  # type: ignore[type-arg]
+    got: list[dict] = []  # type: ignore[type-arg]  # any records
     for _ in range(40):
         batch = reader.poll()
         got += batch
@@ -96,8 +99,8 @@ def test_feedback_sender_and_prediction_reader(settings: LooplineSettings, kafka
     assert leftovers == []  # handled batches are committed on close
 
 
-def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaConfig, tmp_path: Path,
-                                       unique: str) -> None:
+def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaConfig,
+                                       tmp_path: Path, unique: str) -> None:
     spec = spec_for(unique)
     apply_spec(kafka, spec)
     csv_file = tmp_path / "events.csv"
@@ -106,8 +109,8 @@ def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaC
                LOOPLINE_KAFKA_PROFILE=settings.kafka_profile)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run([sys.executable, "-m", "loopline.app.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
 
     produced = cli("produce", unique, str(csv_file), "--rate", "100")
     assert produced.returncode == 0, produced.stderr
@@ -116,9 +119,10 @@ def test_cli_produce_tail_and_feedback(settings: LooplineSettings, kafka: KafkaC
     assert tailed.returncode == 0, tailed.stderr
     values = sorted((orjson.loads(line)["value"] for line in tailed.stdout.splitlines()),
                     key=lambda v: v["event_id"])
-    # Typed as the spec says where it parses; left as text for ingest to dead-letter where it does not.
-    assert [v["features"] for v in values] == [{"user": "u1", "amount": 1.5}, {"user": "u2", "amount": "oops"},
-                                               {"user": "u3"}]
+    # Typed as the spec says where it parses; left as text for ingest to dead-letter where it does
+    # not.
+    assert [v["features"] for v in values] == [{"user": "u1", "amount": 1.5},
+                                               {"user": "u2", "amount": "oops"}, {"user": "u3"}]
     sent = cli("feedback", unique, "--event-id", "a", "--verdict", "accept")
     assert sent.returncode == 0, sent.stderr
     bad = cli("feedback", unique, "--event-id", "a", "--label", "perhaps")

@@ -22,21 +22,21 @@ pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "loopline.app.cli"]
 
 
-def wait_for(condition, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]  # any predicate
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
 
 
-def read_json(path: Path) -> dict:  # type: ignore[type-arg]
+def read_json(path: Path) -> dict:  # type: ignore[type-arg]  # any records
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        return json.loads(path.read_text())  # type: ignore[no-any-return]  # JSON is Any
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def ready(state: dict) -> bool:  # type: ignore[type-arg]
+def ready(state: dict) -> bool:  # type: ignore[type-arg]  # any records
     try:
         url = state["services"]["lineage"]["metrics"] + "/readyz"
         with urllib.request.urlopen(url, timeout=1) as r:

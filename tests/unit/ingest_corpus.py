@@ -69,9 +69,9 @@ def _float_tokens(f: Feature, rng: random.Random) -> tuple[list[str], list[str],
         _num((a + b) / 2),
         _num(rng.uniform(a, b)),
         _num(rng.uniform(a, b)),
-        "%.17e" % rng.uniform(a, b),
-        "%.3E" % rng.uniform(a, b),
-        "%.3e" % rng.uniform(a, b),
+        f"{rng.uniform(a, b):.17e}",
+        f"{rng.uniform(a, b):.3E}",
+        f"{rng.uniform(a, b):.3e}",
     ]
     if a <= 0 <= b:
         texts += ["-0.0", "0e0", "0.0", "1e-400", "5e-324"]
@@ -173,12 +173,9 @@ def _string_tokens(f: Feature, rng: random.Random) -> tuple[list[str], list[str]
         bad = [json.dumps(v.lower() if v != v.lower() else v.upper()) for v in f.values]
         bad += [json.dumps(f.values[0] + " "), '""', *_STRINGS[2:5]]
     else:
-        plain = list(_STRINGS) + [
-            json.dumps(
-                "".join(rng.choice("aZ09 -_ü€") for _ in range(rng.randint(1, 20))),
-                ensure_ascii=rng.random() < 0.5,
-            )
-        ]
+        plain = [*list(_STRINGS),
+                 json.dumps("".join(rng.choice("aZ09 -_ü€") for _ in range(rng.randint(1, 20))),
+                            ensure_ascii=rng.random() < 0.5)]
         bad = []
     bad += ["5", "0", "1.5", "true", "false", *_JUNK[:6], *_BAD_STRINGS, *_NONFINITE[:2]]
     return plain, [], bad
@@ -460,7 +457,7 @@ def _avro_value(f: Feature, value: object) -> object:
     if value is None:
         return None
     if f.type == "float":
-        return float(value)  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]  # a corpus value
     return value
 
 

@@ -15,7 +15,8 @@ def test_alert_round_trips_and_id_is_stable_per_episode() -> None:
                     statistic=0.5, threshold=0.25, episode="p0:1200", at=2)
     assert a["alert_id"] == b["alert_id"]
     assert avro.codec("alert").decode(avro.codec("alert").encode(a)) == a
-    c = alert_event("fraud", "drift", "again", feature="amount", detector="adwin", episode="p0:9000")
+    c = alert_event("fraud", "drift", "again", feature="amount", detector="adwin",
+                    episode="p0:9000")
     assert c["alert_id"] != a["alert_id"]
 
 

@@ -117,7 +117,7 @@ class FakeS3:
     def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
         if (Bucket, Key) not in self.objects:
             error = Exception("NoSuchKey")
-            error.response = {"Error": {"Code": "NoSuchKey"}}  # type: ignore[attr-defined]
+            error.response = {"Error": {"Code": "NoSuchKey"}}  # type: ignore[attr-defined]  # set by the code under test
             raise error
         data = self.objects[(Bucket, Key)]
         body = FakeBody(data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import fastavro
 import fastavro.utils
@@ -15,16 +14,20 @@ from loopline.spec import parse_spec
 
 FIXED = ["prediction", "feedback", "deadletter", "alert", "registry"]
 SPEC = parse_spec({"name": "demo", "features": [{"name": "x", "type": "float"},
-                                                {"name": "tag", "type": "string", "required": False}]})
+                                                {"name": "tag", "type": "string",
+                                                 "required": False}]})
 
 
 def codecs() -> list[avro.Codec]:
-    return [avro.codec(k) for k in FIXED] + [avro.Codec(SPEC.features_schema()), avro.Codec(SPEC.raw_schema())]
+    return [avro.codec(k) for k in FIXED] + [avro.Codec(SPEC.features_schema()),
+                                             avro.Codec(SPEC.raw_schema())]
 
 
 def test_avro_null_fingerprint_matches_the_specification() -> None:
-    # Avro spec / Java SchemaNormalization: CRC-64-AVRO("null") = 0x63dd24e7cc258f8a, sent little-endian.
-    assert avro.fingerprint(fastavro.parse_schema("null")) == (0x63DD24E7CC258F8A).to_bytes(8, "little")
+    # Avro spec / Java SchemaNormalization: CRC-64-AVRO("null") = 0x63dd24e7cc258f8a, sent
+    # little-endian.
+    assert avro.fingerprint(fastavro.parse_schema("null")) == (0x63DD24E7CC258F8A).to_bytes(
+        8, "little")
 
 
 @pytest.mark.parametrize("codec", codecs(), ids=lambda c: c.name)
@@ -40,7 +43,8 @@ def test_encode_names_the_problem() -> None:
         avro.codec("feedback").encode({"feedback_id": 1})
 
 
-@pytest.mark.parametrize("data", [b"", b"{}", b"\xc3\x01" + b"\x00" * 8, b"\xc3\x02" + b"\x00" * 20])
+@pytest.mark.parametrize("data",
+                         [b"", b"{}", b"\xc3\x01" + b"\x00" * 8, b"\xc3\x02" + b"\x00" * 20])
 def test_decode_rejects_foreign_bytes(data: bytes) -> None:
     with pytest.raises(SchemaError):
         avro.codec("feedback").decode(data)
@@ -133,7 +137,10 @@ def test_decode_each_keeps_only_the_fields_asked_for(codec: avro.Codec) -> None:
     values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 100)]
     names = [f["name"] for f in codec.schema["fields"]]
     for fields in (names[:1], names[1::2], names[-1:]):
-        assert codec.decode_each(values, fields) == [{k: r[k] for k in fields} for r in per_message(codec, values)]  # type: ignore[index]
+        assert codec.decode_each(values,
+                                 fields) == [{k: r[k] for k in fields}
+                                             for r in per_message(codec,
+                                                                  values)]  # type: ignore[index]  # decoded records
     with pytest.raises(SchemaError, match="has no field 'nope'"):
         codec.decode_each(values, ["nope"])
 
@@ -159,10 +166,12 @@ def test_several_writer_versions_in_one_batch(decode_calls: list[bytes]) -> None
                        new.encode({**r, "comment": None, "score": i / 7})][i % 3])
     decode_calls.clear()
     records = new.decode_many(values)
-    assert decode_calls == [v for i, v in enumerate(values) if i % 3 != 2]  # older writers: fastavro resolves
+    # older writers: fastavro resolves
+    assert decode_calls == [v for i, v in enumerate(values) if i % 3 != 2]
     assert records == per_message(new, values)
     assert {r["comment"] for r in records[:3]} == {None, "c1"} and records[0]["score"] == 0.5
-    assert new.decode_each(values[:3], ["score"]) == [{"score": 0.5}, {"score": 0.5}, {"score": 2 / 7}]
+    assert new.decode_each(values[:3], ["score"]) == [{"score": 0.5}, {"score": 0.5},
+                                                      {"score": 2 / 7}]
 
 
 def test_fastavro_judges_what_the_compiled_reader_refuses(decode_calls: list[bytes]) -> None:
@@ -177,13 +186,15 @@ def test_fastavro_judges_what_the_compiled_reader_refuses(decode_calls: list[byt
     assert result == expected
     assert result[40] == {"a": 1, "b": 2}
     assert [i for i, r in enumerate(result) if isinstance(r, str)] == [41]
-    with pytest.raises(SchemaError, match="message 41 of 82: corrupt test.Pair message"):
+    with pytest.raises(SchemaError, match=r"message 41 of 82: corrupt test.Pair message"):
         PAIR.decode_many(values)
 
 
-def test_a_schema_the_compiler_does_not_handle_is_read_by_fastavro(decode_calls: list[bytes]) -> None:
+def test_a_schema_the_compiler_does_not_handle_is_read_by_fastavro(
+        decode_calls: list[bytes]) -> None:
     codec = avro.Codec({"type": "record", "name": "When", "namespace": "test",
-                        "fields": [{"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]})
+                        "fields": [{"name": "at",
+                                    "type": {"type": "long", "logicalType": "timestamp-millis"}}]})
     values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 5)]
     expected = per_message(codec, values)
     decode_calls.clear()
@@ -204,11 +215,11 @@ def test_a_schema_the_compiler_does_not_handle_is_read_by_fastavro(decode_calls:
 def test_one_bad_message_is_named_and_the_rest_decoded(bad: object) -> None:
     codec = avro.codec("alert")
     values = [codec.encode(r) for r in fastavro.utils.generate_many(codec.parsed, 60)]
-    values[17] = bad(values[17])  # type: ignore[operator]
+    values[17] = bad(values[17])  # type: ignore[operator]  # bytes in the test
     result = each(codec, values)
     assert result == per_message(codec, values)
     assert [i for i, r in enumerate(result) if isinstance(r, str)] == [17]
-    with pytest.raises(SchemaError, match="^message 17 of 60: "):
+    with pytest.raises(SchemaError, match=r"^message 17 of 60: "):
         codec.decode_many(values)
 
 

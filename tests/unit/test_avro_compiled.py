@@ -25,16 +25,21 @@ EVERY_TYPE = {
         {"name": "d", "type": "double"},
         {"name": "raw", "type": "bytes"},
         {"name": "s", "type": "string"},
-        {"name": "color", "type": {"type": "enum", "name": "Color", "symbols": ["red", "green", "blue"]}},
+        {"name": "color",
+         "type": {"type": "enum", "name": "Color", "symbols": ["red", "green", "blue"]}},
         {"name": "hash", "type": {"type": "fixed", "name": "Hash", "size": 4}},
-        {"name": "code", "type": {"type": "enum", "name": "Code", "symbols": [f"c{i}" for i in range(100)]}},
+        {"name": "code",
+         "type": {"type": "enum", "name": "Code", "symbols": [f"c{i}" for i in range(100)]}},
         {"name": "tags", "type": {"type": "array", "items": "string"}},
         {"name": "weights", "type": {"type": "map", "values": "double"}},
         {"name": "pos", "type": {"type": "record", "name": "Pos",
-                                 "fields": [{"name": "x", "type": "int"}, {"name": "y", "type": ["null", "double"]}]}},
+                                 "fields": [{"name": "x", "type": "int"},
+                                            {"name": "y", "type": ["null", "double"]}]}},
         {"name": "again", "type": "Pos"},
-        {"name": "many", "type": ["null", "string", "long", "Color", {"type": "array", "items": "Pos"}]},
-        {"name": "nested", "type": {"type": "map", "values": {"type": "array", "items": ["null", "Hash"]}}},
+        {"name": "many",
+         "type": ["null", "string", "long", "Color", {"type": "array", "items": "Pos"}]},
+        {"name": "nested",
+         "type": {"type": "map", "values": {"type": "array", "items": ["null", "Hash"]}}},
     ],
 }
 SPEC = parse_spec({"name": "demo", "features": [
@@ -43,12 +48,14 @@ SPEC = parse_spec({"name": "demo", "features": [
 
 
 def schemas() -> list[dict[str, Any]]:
-    fixed = [avro.codec(k).schema for k in ("prediction", "feedback", "deadletter", "alert", "registry")]
+    fixed = [avro.codec(k).schema
+             for k in ("prediction", "feedback", "deadletter", "alert", "registry")]
     return [EVERY_TYPE, SPEC.features_schema(), SPEC.raw_schema(), *fixed]
 
 
 def expanded(schema: dict[str, Any]) -> dict[str, Any]:
-    return fastavro.parse_schema(schema, named_schemas=avro.named_types(), expand=True)  # type: ignore[no-any-return]
+    return fastavro.parse_schema(schema, named_schemas=avro.named_types(),
+                                 expand=True)  # type: ignore[no-any-return]  # fastavro: any schema form
 
 
 def body(parsed: dict[str, Any], record: dict[str, Any]) -> bytes:
@@ -102,7 +109,8 @@ def test_damaged_bodies_are_refused_or_read_as_fastavro_reads_them(schema: dict[
             elif how == "insert":
                 damaged[cut:cut] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
             elif damaged:
-                damaged[min(cut, len(damaged) - 1)] = rng.randrange(128, 256) if how == "high" else rng.randrange(256)
+                damaged[min(cut, len(damaged) - 1)] = (rng.randrange(128, 256) if how == "high"
+                                                       else rng.randrange(256))
             try:
                 got, end = read(bytes(damaged), 0)
             except Exception:  # noqa: BLE001 - any refusal is fine: fastavro then judges
@@ -122,19 +130,23 @@ def test_negative_block_counts_carry_a_byte_size() -> None:
     # map: a block of -2 entries (4 bytes) then 0; array: -1 item (1 byte), 1 item, then 0
     data = bytes([3, 8, 2, 0x61, 2, 2, 0x62, 4, 0, 1, 2, 6, 2, 8, 0])
     assert compile_reader(schema)(data, 0) == ({"m": {"a": 1, "b": 2}, "a": [3, 4]}, len(data))
-    assert fastavro_reads(fastavro.parse_schema(schema), data) == {"m": {"a": 1, "b": 2}, "a": [3, 4]}
+    assert fastavro_reads(fastavro.parse_schema(schema), data) == {"m": {"a": 1, "b": 2},
+                                                                   "a": [3, 4]}
 
 
 def test_refuses_what_fastavro_would_read_differently() -> None:
-    read = compile_reader({"type": "record", "name": "L", "fields": [{"name": "v", "type": "long"}]})
-    assert read(bytes([0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), 0)[0] == {"v": 2**63 - 1}
+    read = compile_reader({"type": "record", "name": "L",
+                           "fields": [{"name": "v", "type": "long"}]})
+    assert read(bytes([0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+                0)[0] == {"v": 2**63 - 1}
     with pytest.raises(ValueError, match="beyond 64 bits"):
         read(bytes([0xFF] * 9 + [0x7F]), 0)
     padded = bytes([0x80] * 12 + [0x00])  # zero written long-hand: both read 0
     assert read(padded, 0) == ({"v": 0}, 13)
     assert fastavro_reads(fastavro.parse_schema({"type": "record", "name": "L", "fields": [
         {"name": "v", "type": "long"}]}), padded) == {"v": 0}
-    read_s = compile_reader({"type": "record", "name": "S", "fields": [{"name": "s", "type": "string"}]})
+    read_s = compile_reader({"type": "record", "name": "S",
+                             "fields": [{"name": "s", "type": "string"}]})
     with pytest.raises(ValueError, match="negative length"):
         read_s(bytes([0x01]) + b"abc", 0)
 

@@ -17,7 +17,8 @@ def api_versions_body(tags: list[tuple[int, bytes]]) -> bytes:
 
 
 def old_librdkafka_parses(body: bytes) -> bool:
-    """librdkafka < 2.2 skip_tags: skips (length - 1) bytes per tag (confluentinc/librdkafka#4278)."""
+    """librdkafka < 2.2 skip_tags: skips (length - 1)
+    bytes per tag (confluentinc/librdkafka#4278)."""
     pos = 6
     count, pos = body[pos] - 1, pos + 1
     pos += count * 7
@@ -45,7 +46,8 @@ def test_default_tags_are_dropped_so_old_clients_parse() -> None:
 
 def test_non_default_tags_are_kept() -> None:
     epoch = (1, struct.pack(">q", 5))
-    assert strip_default_tags(api_versions_body([epoch, (3, b"\x00")])) == api_versions_body([epoch])
+    assert strip_default_tags(api_versions_body([epoch,
+                                                 (3, b"\x00")])) == api_versions_body([epoch])
 
 
 def test_unexpected_shapes_pass_unchanged() -> None:

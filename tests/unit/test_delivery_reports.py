@@ -31,7 +31,7 @@ def test_runtime_delivery_reports_a_failed_message(tmp_path: Path) -> None:
         delivery = rt.delivery(**{"message.timeout.ms": 300})
         assert isinstance(delivery, AtLeastOnce)
         with pytest.raises(
-            DeliveryError, match="2 message.*failed delivery, first: t1: .*timed out"
+            DeliveryError, match=r"2 message.*failed delivery, first: t1: .*timed out"
         ):
             delivery.commit(
                 [Out("t1", b"v", b"k"), Out("t2", b"v", headers=[("h", b"x")], partition=0)],

@@ -35,7 +35,7 @@ def app() -> faust.App:
 
 def _message(value: bytes | None, topic: str = "loopline.shop.predictions", partition: int = 1,
              offset: int = 7, timestamp: float | None = 1700000000.5) -> Message:
-    return Message(topic, partition, offset, timestamp,  # type: ignore[arg-type]
+    return Message(topic, partition, offset, timestamp,  # type: ignore[arg-type]  # a hand-made message
                    0, [], b"k", value, None)
 
 
@@ -113,7 +113,8 @@ def test_json_feedback_without_an_id_gets_the_id_loopline_derives_from_the_messa
     value = b'{"prediction_id": "p1", "label": "yes"}'
     message = _message(value, "loopline.shop.feedback", 2, 40)
     record = topics.feedback.schema.loads_value(app, message)
-    assert record.feedback_id == feedback.derived_id("loopline.shop.feedback", 2, 1700000000500, value)
+    assert record.feedback_id == feedback.derived_id("loopline.shop.feedback", 2, 1700000000500,
+                                                     value)
     assert (record.prediction_id, record.label, record.ts) == ("p1", "yes", 1700000000500)
     avro_message = _message(feedback.encode(dict(record.asdict())), "loopline.shop.feedback", 2, 41)
     assert topics.feedback.schema.loads_value(app, avro_message) == record
@@ -159,7 +160,7 @@ def test_an_undecodable_message_is_logged_and_not_thrown_at_the_agent(
     async def throw(exc: BaseException) -> None:  # what Faust's default handler calls
         thrown.append(exc)
 
-    topic.throw = throw  # type: ignore[method-assign]
+    topic.throw = throw  # type: ignore[method-assign]  # a test double
 
     async def fail_twice() -> None:
         await topic.on_value_decode_error(ValueDecodeError("bad"), _message(b"x"))
@@ -169,7 +170,7 @@ def test_an_undecodable_message_is_logged_and_not_thrown_at_the_agent(
         asyncio.run(fail_twice())
     assert thrown == []
     logged = [r for r in caplog.records if r.getMessage() == "faust_bad_message"]
-    assert [(r.topic, r.partition, r.offset) for r in logged] == [  # type: ignore[attr-defined]
+    assert [(r.topic, r.partition, r.offset) for r in logged] == [  # type: ignore[attr-defined]  # set by the code under test
         ("loopline.shop.predictions", 1, 7)] * 2
 
 

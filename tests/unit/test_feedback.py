@@ -1,4 +1,5 @@
-"""Feedback arrives as Avro or JSON; both decode to the same record, bad ones name field and rule."""
+"""Feedback arrives as Avro or JSON; both decode to
+the same record, bad ones name field and rule."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from loopline.feedback import FeedbackError
 
 
 def test_avro_and_json_decode_alike() -> None:
-    record = feedback.make(prediction_id="p1", label="1", ts=5, feedback_id="f1", classes=["0", "1"])
+    record = feedback.make(prediction_id="p1", label="1", ts=5, feedback_id="f1",
+                           classes=["0", "1"])
     from_avro = feedback.decode(feedback.encode(record), "t", 0)
-    from_json = feedback.decode(b'{"feedback_id": "f1", "prediction_id": "p1", "label": 1, "ts": 5}', "t", 0)
+    from_json = feedback.decode(
+        b'{"feedback_id": "f1", "prediction_id": "p1", "label": 1, "ts": 5}', "t", 0)
     assert from_avro == from_json == record
 
 
@@ -104,7 +107,8 @@ def test_decode_each_is_decode_of_each_message(truncated: bool) -> None:
     got = feedback.decode_each(msgs, classes)
     assert [outcome(r) for r in got] == [outcome(r) for r in expected]
     assert got[0] == good[0]
-    assert got[4] == {"feedback_id": feedback.derived_id("t", 0, 7, values[4]), "prediction_id": None,
+    assert got[4] == {"feedback_id": feedback.derived_id("t", 0, 7, values[4]),
+                      "prediction_id": None,
                       "event_id": "e1", "label": None, "value": None, "verdict": "accept", "ts": 7}
     errors = [i for i, r in enumerate(got) if isinstance(r, FeedbackError)]
     assert errors == [3, 8, 13, 14, 18, 19, 23, 24, 28, 29] + ([34] if truncated else [])

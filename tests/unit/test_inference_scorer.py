@@ -12,7 +12,8 @@ from loopline.scoring import ModelError, Scorer, synthetic_batch
 from loopline.spec import parse_spec
 
 SPEC = parse_spec({"name": "unit", "features": [
-    {"name": "city", "type": "string", "values": ["a", "b"]}, {"name": "x", "type": "float", "min": 0, "max": 1},
+    {"name": "city", "type": "string", "values": ["a", "b"]},
+    {"name": "x", "type": "float", "min": 0, "max": 1},
     {"name": "n", "type": "int", "min": 0, "max": 10}, {"name": "flag", "type": "bool"},
     {"name": "opt", "type": "float", "required": False}],
     "label": {"classes": ["no", "yes"], "positive": "yes"}})
@@ -62,14 +63,17 @@ def multi_input(names: list[str]) -> bytes:
     """value = x + n (per-feature inputs, [N, 1])."""
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 1]) for n in names]
     node = helper.make_node("Sum", names, ["value"])
-    graph = helper.make_graph([node], "m", inputs, [helper.make_tensor_value_info("value", TensorProto.FLOAT,
+    graph = helper.make_graph([node], "m", inputs, [helper.make_tensor_value_info("value",
+                                                                                  TensorProto.FLOAT,
                                                                                    [None, 1])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def test_multi_input_regression_and_unknown_input() -> None:
-    spec = parse_spec({"name": "reg", "features": [{"name": "x", "type": "float"}, {"name": "n", "type": "int"},
-                                                   {"name": "opt", "type": "float", "required": False}],
+    spec = parse_spec({"name": "reg", "features": [{"name": "x", "type": "float"},
+                                                   {"name": "n", "type": "int"},
+                                                   {"name": "opt", "type": "float",
+                                                    "required": False}],
                        "label": {"task": "regression"}})
     scorer = Scorer(multi_input(["x", "opt"]), spec, {"opt": 10.0})
     result = scorer.score([{"x": 1.5, "n": 1, "opt": None}, {"x": 2.0, "n": 1, "opt": 1.0}])
@@ -79,7 +83,8 @@ def test_multi_input_regression_and_unknown_input() -> None:
 
 
 def test_regressor_single_input() -> None:
-    spec = parse_spec({"name": "reg", "features": [{"name": "x", "type": "float"}, {"name": "y", "type": "float"}],
+    spec = parse_spec({"name": "reg",
+                       "features": [{"name": "x", "type": "float"}, {"name": "y", "type": "float"}],
                        "label": {"task": "regression"}})
     x = np.array([[0, 1], [1, 0], [1, 1]], dtype=np.float32)
     model = to_onnx(LinearRegression().fit(x, [1.0, 2.0, 3.0]), x[:1]).SerializeToString()

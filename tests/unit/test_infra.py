@@ -76,12 +76,14 @@ def test_kubernetes_has_one_statefulset_per_service() -> None:
         assert container["ports"][0]["containerPort"] == int(METRICS_PORT)
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-        # A stable instance id per pod: its transactional id survives a restart (no dangling transaction).
+        # A stable instance id per pod: its transactional id survives a restart (no dangling
+        # transaction).
         instance = next(e for e in container["env"] if e["name"] == "LOOPLINE_INSTANCE_ID")
         assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     for scaled in (d for d in docs if d["kind"] == "ScaledObject"):
         service = scaled["spec"]["scaleTargetRef"]["name"].removeprefix("loopline-")
-        # KEDA reads the lag of the group the service really uses (ServiceRuntime.group_id's default).
+        # KEDA reads the lag of the group the service really uses (ServiceRuntime.group_id's
+        # default).
         assert scaled["spec"]["triggers"][0]["metadata"]["consumerGroup"] == f"loopline-{service}"
 
 
@@ -93,20 +95,24 @@ def test_dockerfile_copies_what_exists() -> None:
 
 
 def test_dashboard_metrics_exist_in_the_code() -> None:
-    source = "\n".join(p.read_text() for d in ("loopline", "services") for p in (REPO / d).rglob("*.py"))
+    source = "\n".join(p.read_text() for d in ("loopline", "services")
+                       for p in (REPO / d).rglob("*.py"))
     dashboards = sorted((INFRA / "grafana" / "dashboards").glob("*.json"))
     assert dashboards, "infra/grafana/dashboards holds no dashboard"
     for path in dashboards:
         dashboard = json.loads(path.read_text())
         exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
         assert exprs, f"{path.name} has no queries"
-        # Variables and annotations query Prometheus too: a renamed metric must not silently empty them.
-        exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
+        # Variables and annotations query Prometheus too: a renamed metric must not silently empty
+        # them.
+        exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", [])
+                  if "expr" in a]
         exprs += [v.get("definition", "") for v in dashboard.get("templating", {}).get("list", [])]
         for expr in exprs:
             for metric in re.findall(r"\bloopline_[a-z0-9_]+", expr):
                 base = re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
-                assert f'"{base}' in source or f'"{metric}"' in source, f"{path.name}: {metric} is not defined"
+                assert f'"{base}' in source or f'"{metric}"' in source, (
+                    f"{path.name}: {metric} is not defined")
 
 
 def test_replica_limits_match_how_each_service_scales() -> None:
@@ -125,9 +131,12 @@ def test_replica_limits_match_how_each_service_scales() -> None:
         assert d["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
         assert 1 <= d["spec"]["maxReplicaCount"] <= most_partitions, service
     assert partitions >= 1
-    # Stateful services split pipelines, never a pipeline: fixed replicas, within the changelog's partitions.
-    sets = {d["metadata"]["name"].removeprefix("loopline-"): d for d in docs if d["kind"] == "StatefulSet"}
+    # Stateful services split pipelines, never a pipeline: fixed replicas, within the changelog's
+    # partitions.
+    sets = {d["metadata"]["name"].removeprefix("loopline-"): d for d in docs
+            if d["kind"] == "StatefulSet"}
     limits = {"monitor": MonitorSettings.model_fields["state_partitions"].default,
               "trainer": TrainerSettings.model_fields["state_partitions"].default}
     for service, limit in limits.items():
-        assert 1 <= sets[service]["spec"]["replicas"] <= min(limit, len(list((REPO / "examples").glob("*.yaml"))))
+        examples = len(list((REPO / "examples").glob("*.yaml")))
+        assert 1 <= sets[service]["spec"]["replicas"] <= min(limit, examples)

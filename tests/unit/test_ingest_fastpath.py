@@ -210,8 +210,8 @@ def test_ints_stay_ints_for_float_features_and_bounds_hold() -> None:
 def test_oversized_and_non_json_messages_take_the_full_path() -> None:
     v = Validator(_fraud(max_message_bytes=150))
     big = orjson.dumps({"features": {**GOOD, "customer_id": "c" * 200}})
-    assert v.fast(big) is None and v.validate(big).rule == "size"  # type: ignore[union-attr]
-    assert v.fast(None) is None and v.validate(None).rule == "tombstone"  # type: ignore[union-attr]
+    assert v.fast(big) is None and v.validate(big).rule == "size"  # type: ignore[union-attr]  # not None here
+    assert v.fast(None) is None and v.validate(None).rule == "tombstone"  # type: ignore[union-attr]  # not None here
     avro_event = v.raw_codec.encode(
         {"event_id": "a", "key": None, "ts": None, "features": {**GOOD, "device_age_days": None}}
     )

@@ -48,7 +48,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestS
         deadletter_max_bytes=8192,
     )
     with ServiceRuntime("ingest", settings, install_signals=False) as rt:
-        yield IngestService(rt, settings, delivery=object())  # type: ignore[arg-type]
+        yield IngestService(rt, settings, delivery=object())  # type: ignore[arg-type]  # never used by this test
 
 
 def serve(service: IngestService, *specs: PipelineSpec) -> None:

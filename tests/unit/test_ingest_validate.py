@@ -78,7 +78,8 @@ def test_optional_feature_may_be_absent_or_null_and_ints_are_floats(validator: V
     (event(colour="red"), "features.colour", "unknown_field", "not declared"),
     (orjson.dumps({"features": GOOD, "extra": 1}), "extra", "unknown_field", "not declared"),
     (orjson.dumps({"features": GOOD, "ts": "yesterday"}), "ts", "timestamp", "ISO-8601"),
-    (orjson.dumps({"features": GOOD, "ts": "2024-05-01T12:00:00"}), "ts", "timestamp", "UTC offset"),
+    (orjson.dumps({"features": GOOD, "ts": "2024-05-01T12:00:00"}), "ts", "timestamp",
+     "UTC offset"),
     (orjson.dumps({"features": GOOD, "ts": 1.7e12}), "ts", "timestamp", "integer"),
     (orjson.dumps({"features": GOOD, "ts": -1}), "ts", "timestamp", "epoch milliseconds"),
     (orjson.dumps({"features": GOOD, "event_id": 5}), "event_id", "type", "non-empty string"),
@@ -86,8 +87,8 @@ def test_optional_feature_may_be_absent_or_null_and_ints_are_floats(validator: V
     (orjson.dumps({"features": GOOD, "key": ["a"]}), "key", "type", "must be a string"),
     (None, None, "tombstone", "tombstone"),
 ])
-def test_each_rule_names_field_and_rule(validator: Validator, value: bytes | None, field: str | None,
-                                        rule: str, words: str) -> None:
+def test_each_rule_names_field_and_rule(validator: Validator, value: bytes | None,
+                                        field: str | None, rule: str, words: str) -> None:
     verdict = rejected(validator, value)
     assert (verdict.field, verdict.rule) == (field, rule)
     assert words in verdict.message
@@ -109,8 +110,10 @@ def test_nan_literal_names_the_field(validator: Validator, literal: bytes) -> No
 
 def test_nan_outside_features_is_still_invalid_json(validator: Validator) -> None:
     spec = validator.spec.model_copy(update={"unknown_fields": "drop"})
-    verdict = rejected(Validator(spec), b'{"features": {"customer_id": "c", "amount": 1, "merchant_risk": 0, '
-                                        b'"hour": 1, "country": "DE", "card_present": false, "x": NaN}}')
+    verdict = rejected(Validator(spec),
+                       b'{"features": {"customer_id": "c", "amount": 1, "merchant_risk": 0, '
+                                        b'"hour": 1, "country": "DE", "card_present": false, "x": '
+                                        b'NaN}}')
     assert (verdict.field, verdict.rule) == (None, "json")
 
 
@@ -139,13 +142,15 @@ def test_avro_event_is_accepted_and_checked(spec: PipelineSpec, validator: Valid
     good = {"event_id": "a1", "key": None, "ts": 5, "features": {**GOOD, "device_age_days": None}}
     verdict = validator.validate(codec.encode(good))
     assert isinstance(verdict, Accepted) and verdict.event_id == "a1" and verdict.ts == 5
-    nan = validator.validate(codec.encode({**good, "features": {**good["features"], "amount": math.nan}}))
+    nan = validator.validate(codec.encode({**good,
+                                           "features": {**good["features"], "amount": math.nan}}))
     assert isinstance(nan, Rejection) and (nan.field, nan.rule) == ("features.amount", "finite")
     far = validator.validate(codec.encode({**good, "features": {**good["features"], "hour": 40}}))
     assert isinstance(far, Rejection) and (far.field, far.rule) == ("features.hour", "range")
 
 
-def test_avro_unknown_fingerprint_and_corrupt_body(spec: PipelineSpec, validator: Validator) -> None:
+def test_avro_unknown_fingerprint_and_corrupt_body(spec: PipelineSpec,
+                                                   validator: Validator) -> None:
     other = avro.codec("feedback").encode({"feedback_id": "f", "ts": 1})
     assert (rejected(validator, other).rule) == "schema"
     codec = avro.Codec(spec.raw_schema())
@@ -163,7 +168,8 @@ def test_parse_ts_iso_and_millis() -> None:
 # --- the generated features encoder must agree with fastavro ---------------------------------
 
 def corpus(seed: int = 3, n: int = 400) -> list[dict[str, Any]]:
-    """Events near every rule's edge: valid, wrong types, bounds, NaN, unknown and missing fields."""
+    """Events near every rule's edge: valid, wrong
+    types, bounds, NaN, unknown and missing fields."""
     rng = random.Random(seed)
     # (valid values at and inside the edges, invalid values just beyond them) per feature
     edge: dict[str, tuple[list[Any], list[Any]]] = {
@@ -177,7 +183,8 @@ def corpus(seed: int = 3, n: int = 400) -> list[dict[str, Any]]:
     }
     out = []
     for _ in range(n):
-        features = {k: rng.choice(good if rng.random() < 0.9 else bad) for k, (good, bad) in edge.items()
+        features = {k: rng.choice(good if rng.random() < 0.9 else bad)
+                    for k, (good, bad) in edge.items()
                     if rng.random() > 0.03}
         if rng.random() < 0.1:
             features["colour"] = "red"
@@ -202,15 +209,18 @@ def test_fast_encoder_writes_exactly_what_fastavro_writes(spec: PipelineSpec) ->
         for key in (None, "k", "ünïcode"):
             record = {"event_id": f"id-{i}", "key": key, "ts": a.ts or 1_700_000_000_000 + i,
                       "ingested_at": 1_700_000_000_123, "features": a.features,
-                      "source": {"topic": "loopline.fraud.raw", "partition": i % 3, "offset": i * 7919},
+                      "source": {"topic": "loopline.fraud.raw", "partition": i % 3,
+                                 "offset": i * 7919},
                       "content_hash": f"h{i}"}
-            fast = encoder.encode(record["event_id"], key, record["ts"], long_bytes(record["ingested_at"]),
+            fast = encoder.encode(record["event_id"], key, record["ts"],
+                                  long_bytes(record["ingested_at"]),
                                   encoder.source_prefix("loopline.fraud.raw"), i % 3, i * 7919,
                                   encoder.encode_features(a.features), f"h{i}")
             assert fast == codec.encode(record)
     assert encoder.encode("x", None, 2**40, long_bytes(0), encoder.source_prefix("t"), 0, 2**40,
                           encoder.encode_features(accepted[0].features), "") == codec.encode(
-        {"event_id": "x", "key": None, "ts": 2**40, "ingested_at": 0, "features": accepted[0].features,
+        {"event_id": "x", "key": None, "ts": 2**40, "ingested_at": 0,
+         "features": accepted[0].features,
          "source": {"topic": "t", "partition": 0, "offset": 2**40}, "content_hash": ""})
 
 

@@ -95,7 +95,7 @@ def test_single_node_settings_let_groups_and_transactions_work(tmp_path: Path) -
 @pytest.mark.parametrize(("engine", "embedded"), [("tansu", True), ("kafka", False)])
 def test_auto_profile_follows_the_recorded_engine(tmp_path: Path, engine: str,
                                                   embedded: bool) -> None:
-    write_state(tmp_path, "127.0.0.1:1234", os.getpid(), engine)  # type: ignore[arg-type]
+    write_state(tmp_path, "127.0.0.1:1234", os.getpid(), engine)  # type: ignore[arg-type]  # a deliberately wrong engine
     address = resolve_broker(LooplineSettings(home=tmp_path, bootstrap_servers=None))
     assert address == BrokerAddress("127.0.0.1:1234", embedded=embedded)
 

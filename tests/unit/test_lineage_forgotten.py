@@ -76,7 +76,7 @@ def test_unreadable_list_raises_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / fl.FILE_NAME
     assert fl.load(path) is fl.EMPTY
     path.write_text('{"format": 1, "salt": "short"}')
-    with pytest.raises(LooplineError, match="forgotten.json is unreadable.*salt"):
+    with pytest.raises(LooplineError, match=r"forgotten.json is unreadable.*salt"):
         fl.load(path)
     with pytest.raises(LooplineError, match="unreadable"):  # never overwritten and lost
         fl.add(path, ["u1"], [], [], at_ms=1)

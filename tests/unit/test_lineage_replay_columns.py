@@ -1,4 +1,5 @@
-"""The replay's columnar path builds exactly the tensors the inference service built from records."""
+"""The replay's columnar path builds exactly the
+tensors the inference service built from records."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from loopline.services.lineage.replay import _feature_columns
 from loopline.spec import parse_spec
 
 SPEC = parse_spec({"name": "unit", "features": [
-    {"name": "city", "type": "string"}, {"name": "x", "type": "float"}, {"name": "n", "type": "int"},
+    {"name": "city", "type": "string"}, {"name": "x", "type": "float"},
+    {"name": "n", "type": "int"},
     {"name": "flag", "type": "bool"}, {"name": "opt", "type": "float", "required": False},
     {"name": "opt_n", "type": "int", "required": False}],
     "label": {"classes": ["0", "1"], "positive": "1"}})
@@ -27,12 +29,13 @@ def model(dtype: type) -> bytes:
                    options={"zipmap": False}).SerializeToString()
 
 
-def records(n: int) -> list[dict]:  # type: ignore[type-arg]
+def records(n: int) -> list[dict]:  # type: ignore[type-arg]  # any records
     rng = np.random.default_rng(1)
     out = []
     for i in range(n):
         out.append({"city": "a", "x": float(rng.normal()) * 10.0 ** int(rng.integers(-8, 9)),
-                    # ints that float32 cannot hold, some that float64 cannot either (double rounding)
+                    # ints that float32 cannot hold, some that float64 cannot either (double
+                    # rounding)
                     "n": int(rng.integers(-2**62, 2**62)) if i % 3 else int(rng.integers(0, 2**25)),
                     "flag": bool(i % 2), "opt": None if i % 4 == 0 else float(rng.normal()),
                     "opt_n": None if i % 5 == 0 else int(rng.integers(-2**60, 2**60))})

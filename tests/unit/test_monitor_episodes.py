@@ -12,8 +12,10 @@ def test_one_raise_and_one_resolve_per_episode() -> None:
     events = [e.observe(key, level, f"level {level}", at=i, offset=i, statistic=1.0)
               for i, level in enumerate([None, "alert", "alert", "alert", "warning", None, None])]
     sent = [x for x in events if x is not None]
-    assert [(x["state"], x["severity"]) for x in sent] == [("raised", "alert"), ("resolved", "alert")]
-    assert sent[0]["first_offset"] == 1 and sent[1]["last_offset"] == 5 and sent[1]["first_offset"] == 1
+    assert [(x["state"], x["severity"]) for x in sent] == [("raised", "alert"),
+                                                           ("resolved", "alert")]
+    assert sent[0]["first_offset"] == 1
+    assert sent[1]["last_offset"] == 5 and sent[1]["first_offset"] == 1
     assert sent[0]["feature"] == "amount" and sent[0]["detector"] == "adwin"
     for x in sent:
         avro.codec("alert").encode(x)  # fits the schema

@@ -6,13 +6,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
 from prometheus_client import CollectorRegistry
 
 from loopline import avro
 from loopline.profile import build_profile
 from loopline.registry import RegistryState, rebaseline_event, spec_event
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
 from loopline.spec import parse_spec
 
 SPEC = parse_spec(

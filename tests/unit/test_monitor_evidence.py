@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from loopline.services.monitor.evidence import (
     MIN_HISTORY,
     batch_means_tau,

@@ -1,4 +1,5 @@
-"""Feedback joined to predictions: by id, late, early, by verdict, deduplicated, bounded by the TTL."""
+"""Feedback joined to predictions: by id, late, early,
+by verdict, deduplicated, bounded by the TTL."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from loopline.services.monitor.performance import PerformanceTracker
 
 
@@ -17,17 +19,19 @@ def tracker(task: str = "classification", ttl_ms: int = 10_000, **kw: Any) -> Pe
 
 def pred(i: int, variant: str = "champion", label: str = "yes", value: float = 0.9, ts: int = 1000,
          version: int = 1) -> dict[str, Any]:
-    return {"prediction_id": f"p{i}-{variant}", "event_id": f"e{i}", "model_name": "m", "model_version": version,
-            "variant": variant, "served": variant == "champion", "label": label, "value": value, "scored_at": ts}
+    return {"prediction_id": f"p{i}-{variant}", "event_id": f"e{i}", "model_name": "m",
+            "model_version": version,
+            "variant": variant, "served": variant == "champion", "label": label, "value": value,
+            "scored_at": ts}
 
 
 def fb(n: int, ts: int = 2000, **kw: Any) -> dict[str, Any]:
-    base = {"feedback_id": f"f{n}", "prediction_id": None, "event_id": None, "label": None, "value": None,
-            "verdict": None, "ts": ts}
+    base = {"feedback_id": f"f{n}", "prediction_id": None, "event_id": None, "label": None,
+            "value": None, "verdict": None, "ts": ts}
     return base | kw
 
 
-def by_variant(scored: list) -> dict[str, list[float]]:  # type: ignore[type-arg]
+def by_variant(scored: list) -> dict[str, list[float]]:  # type: ignore[type-arg]  # any records
     return {s.variant: s.errors.tolist() for s in scored}
 
 
@@ -55,8 +59,10 @@ def test_truth_is_kept_for_predictions_of_the_same_event_that_arrive_late() -> N
     assert by_variant(t.add_predictions([pred(1, "shadow", label="no")], [1])) == {"shadow": [1.0]}
 
 
-@pytest.mark.parametrize(("verdict", "champion_err", "challenger_err"), [("accept", 0.0, 1.0), ("reject", 1.0, 0.0)])
-def test_verdicts_imply_a_truth_for_binary_classes(verdict: str, champion_err: float, challenger_err: float) -> None:
+@pytest.mark.parametrize(("verdict", "champion_err", "challenger_err"),
+                         [("accept", 0.0, 1.0), ("reject", 1.0, 0.0)])
+def test_verdicts_imply_a_truth_for_binary_classes(verdict: str, champion_err: float,
+                                                   challenger_err: float) -> None:
     t = tracker()
     t.add_predictions([pred(1), pred(1, "challenger", label="no")], [0, 1])
     scored = t.add_feedback([fb(1, prediction_id="p1-champion", verdict=verdict)], [0])
@@ -76,13 +82,15 @@ def test_predictions_expire_after_the_ttl() -> None:
     t.add_predictions([pred(2, ts=5000)], [1])
     assert t.expired == 1
     assert t.add_feedback([fb(1, event_id="e1", label="yes", ts=5100)], [0]) == []
-    assert by_variant(t.add_feedback([fb(2, event_id="e2", label="yes", ts=5100)], [1])) == {"champion": [0.0]}
+    assert by_variant(t.add_feedback([fb(2, event_id="e2", label="yes", ts=5100)],
+                                     [1])) == {"champion": [0.0]}
 
 
 def test_regression_uses_absolute_error_and_mae() -> None:
     t = tracker("regression")
     t.add_predictions([pred(1, value=3.0), pred(2, value=5.0)], [0, 1])
-    scored = t.add_feedback([fb(1, event_id="e1", value=4.0), fb(2, event_id="e2", value=1.0)], [0, 1])
+    scored = t.add_feedback([fb(1, event_id="e1", value=4.0), fb(2, event_id="e2", value=1.0)],
+                            [0, 1])
     assert by_variant(scored) == {"champion": [1.0, 4.0]}
     assert scored[0].metric == pytest.approx(2.5)
     detectors = t.watches[("m", 1, "champion")].detectors
@@ -190,7 +198,8 @@ def test_the_baseline_is_the_first_window_of_labels_however_they_are_batched(bat
     labels = ["yes"] * 100 + ["no"] * (n - 100)
     for start in range(0, n, batch):
         idx = range(start, min(n, start + batch))
-        t.add_feedback([fb(i, prediction_id=f"p{i}-champion", label=labels[i]) for i in idx], list(idx))
+        t.add_feedback([fb(i, prediction_id=f"p{i}-champion", label=labels[i]) for i in idx],
+                       list(idx))
     key = ("m", 1, "champion")
     assert t.baseline[key] == 0.0
     assert t.recent(key) == (0.0, 1.0, n), "accuracy 0 now, 1 over the baseline window"

@@ -8,15 +8,15 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from loopline.services.monitor.evidence import MIN_SEGMENT
-from loopline.services.monitor.metrics import MonitorMetrics
-from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
-from loopline.services.monitor.readers import furthest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from loopline import avro
 from loopline.profile import build_profile
 from loopline.registry import RegistryState, spec_event
+from loopline.services.monitor.evidence import MIN_SEGMENT
+from loopline.services.monitor.metrics import MonitorMetrics
+from loopline.services.monitor.pipeline import Batch, PipelineMonitor, Tuning
+from loopline.services.monitor.readers import furthest
 from loopline.spec import parse_spec
 
 SPEC = parse_spec(
@@ -33,9 +33,10 @@ SHIFT = 3000
 def registry_state(profile: dict[str, Any]) -> RegistryState:
     state = RegistryState()
     state.apply(spec_event(SPEC)[1], 0)
-    state.apply({"kind": "model_version", "pipeline": SPEC.name, "at": 0, "spec": None, "stage_change": None,
-                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u", "stage": "champion",
-                           "traffic": 1.0, "created_at": 0,
+    state.apply({"kind": "model_version", "pipeline": SPEC.name, "at": 0, "spec": None,
+                 "stage_change": None,
+                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u",
+                           "stage": "champion", "traffic": 1.0, "created_at": 0,
                            "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
     return state
 
@@ -322,7 +323,8 @@ def test_serving_stalled_while_features_arrive_and_no_prediction_comes() -> None
     pm.on_features(batches[0], metrics, at=1_000_000)  # t = 1000 s
     pm.on_predictions(predictions(range(0, 250), 0), metrics, at=1_000_000, now_s=1000.0)
     assert pm.check_stalled(1000.0 + limit / 2, 0.0, metrics) == []
-    pm.on_features(batches[1], metrics, at=int((1000 + limit) * 1000))  # features go on, nothing served
+    # features go on, nothing served
+    pm.on_features(batches[1], metrics, at=int((1000 + limit) * 1000))
     raised = pm.check_stalled(1000.0 + limit + 5, 0.0, metrics)
     assert [(a["state"], a["signal"]) for a in raised] == [("raised", "stalled")]
     assert "no prediction came" in raised[0]["message"] and raised[0]["statistic"] > limit
@@ -354,9 +356,10 @@ def test_keys_and_id_like_features_are_not_drift_tested() -> None:
                              "amount": "float"})
     state = RegistryState()
     state.apply(spec_event(spec)[1], 0)
-    state.apply({"kind": "model_version", "pipeline": spec.name, "at": 0, "spec": None, "stage_change": None,
-                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u", "stage": "champion",
-                           "traffic": 1.0, "created_at": 0,
+    state.apply({"kind": "model_version", "pipeline": spec.name, "at": 0, "spec": None,
+                 "stage_change": None,
+                 "model": {"name": "m", "version": 1, "sha256": "0" * 64, "uri": "u",
+                           "stage": "champion", "traffic": 1.0, "created_at": 0,
                            "reference_profile_json": orjson.dumps(profile).decode()}}, 1)
     pm = PipelineMonitor(spec, Tuning())
     pm.refresh(state)

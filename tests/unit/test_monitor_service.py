@@ -31,7 +31,8 @@ class FakePipelineMonitor:
         pass
 
     def _see(self, kind: str, batch: Batch) -> list[Any]:
-        ids = [f"x{r['features']['x']:g}" if kind == "features"  # all the monitor reads of a feature event
+        # all the monitor reads of a feature event
+        ids = [f"x{r['features']['x']:g}" if kind == "features"
                else r.get("feedback_id") or r.get("event_id") or r["rule"] for r in batch.records]
         self.seen.append((kind, batch.partitions, batch.offsets, ids))
         return []
@@ -82,7 +83,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MonitorService:
 
 
 def seen(svc: MonitorService, pipeline: str) -> list[tuple[str, list[int], list[int], list[str]]]:
-    return svc.pipelines[pipeline].seen  # type: ignore[attr-defined, no-any-return]
+    return svc.pipelines[pipeline].seen  # type: ignore[attr-defined, no-any-return]  # set by the code under test
 
 
 def test_routes_the_held_pipelines_topics_and_names_bad_messages(
@@ -128,9 +129,10 @@ def test_one_pipeline_failing_does_not_stop_the_others(service: MonitorService,
     def broken(batch: Batch, metrics: Any, at: int) -> list[Any]:
         raise RuntimeError("a bug in one pipeline's detectors")
 
-    service.pipelines["demo"].on_features = broken  # type: ignore[method-assign]
+    service.pipelines["demo"].on_features = broken  # type: ignore[method-assign]  # a test double
     with caplog.at_level(logging.ERROR):
-        service.handle([msg(demo.features, 0, 0, feature("demo", 0)), msg(other.features, 0, 0, feature("other", 0))])
+        service.handle([msg(demo.features, 0, 0, feature("demo", 0)),
+                        msg(other.features, 0, 0, feature("other", 0))])
     assert seen(service, "other") == [("features", [0], [0], ["x0"])]
     assert service.metrics.events.labels("demo", "features_failed")._value.get() == 1
     assert any(r.getMessage() == "monitor_pipeline_failed" for r in caplog.records)

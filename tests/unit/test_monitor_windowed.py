@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from loopline.profile import categorical_profile, numeric_profile
 from loopline.services.monitor.evidence import bin_test
 from loopline.services.monitor.windowed import (
     MIN_EXPECTED,
@@ -16,8 +18,6 @@ from loopline.services.monitor.windowed import (
     WindowedDrift,
     psi,
 )
-
-from loopline.profile import categorical_profile, numeric_profile
 
 T = Thresholds(psi_warning=0.1, psi_alert=0.25, p_value=1e-4)
 
@@ -125,7 +125,7 @@ def test_a_change_segment_is_found_and_judged_from_its_start() -> None:
         numeric_profile(rng.normal(0, 1, 5000)), window=1000, every=1000, thresholds=T
     )
     feed(w, rng.normal(0, 1, 3000))
-    assert w.compare_since_change(1000) is None or w.compare_since_change(1000).level is None  # type: ignore[union-attr]
+    assert w.compare_since_change(1000) is None or w.compare_since_change(1000).level is None  # type: ignore[union-attr]  # not None here
     feed(w, rng.normal(1.5, 1, 100), start=3000, batch=100)
     c = w.compare_since_change(1000)
     assert c is not None and c.level == "alert"
@@ -175,13 +175,13 @@ def counter_psi(ref: dict[str, Any], window: list[str], size: int) -> float:
 def test_categorical_psi_is_identical_to_counting_strings(seed: int) -> None:
     rng = np.random.default_rng(seed)
     known = [f"c{i}" for i in range(int(rng.integers(2, 60)))]  # some kept, some pooled
-    ref = categorical_profile(rng.choice(known, 5000).tolist() + [True, 7])
+    ref = categorical_profile([*rng.choice(known, 5000).tolist(), True, 7])
     window, every = int(rng.integers(250, 1000)), int(rng.integers(1, 300))
     w = WindowedDrift(ref, window=window, every=every, thresholds=T)
     seen: list[str] = []
-    pool = known + ["unseen", "other", True, 7, 7.5]
+    pool = [*known, "unseen", "other", True, 7, 7.5]
     evaluations = 0
-    for i in range(60):
+    for _ in range(60):
         batch = [pool[j] for j in rng.integers(0, len(pool), int(rng.integers(1, 400)))]
         seen.extend(str(v) for v in batch)
         r = w.add(batch, np.arange(len(batch)), np.zeros(len(batch), dtype=int))
@@ -229,7 +229,7 @@ def test_recent_profile_is_the_last_window() -> None:
     )
     c = WindowedDrift(categorical_profile(["a", "b"] * 100), window=100, every=100, thresholds=T)
     feed(c, ["b", "c"] * 200)
-    assert c.recent_profile()["fractions"] == {"b": 0.5, "c": 0.5}  # type: ignore[index]
+    assert c.recent_profile()["fractions"] == {"b": 0.5, "c": 0.5}  # type: ignore[index]  # not None here
 
 
 def test_an_id_like_column_is_not_watched_nor_warmed_up_again() -> None:

@@ -12,8 +12,13 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from loopline.observability import (Health, JsonFormatter, MetricsServer, RateCapFilter,
-                                    configure_logging)
+from loopline.observability import (
+    Health,
+    JsonFormatter,
+    MetricsServer,
+    RateCapFilter,
+    configure_logging,
+)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -81,7 +86,7 @@ def test_info_lines_of_one_kind_are_capped_and_the_next_one_says_how_many_were_l
     assert all(cap.filter(r) for r in _records(50, level=logging.WARNING))
     now[0] = 61.0
     first, *rest = _records(5)
-    assert cap.filter(first) and first.suppressed == 997  # type: ignore[attr-defined]
+    assert cap.filter(first) and first.suppressed == 997  # type: ignore[attr-defined]  # set by the code under test
     assert sum(cap.filter(r) for r in rest) == 2
     assert not hasattr(rest[0], "suppressed")
 

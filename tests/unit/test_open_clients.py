@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from confluent_kafka import Consumer, Producer
-
 from conftest import close_open_clients
 
 

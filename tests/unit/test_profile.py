@@ -19,7 +19,8 @@ def test_numeric_profile_bins_sum_to_one_and_reference_has_no_outliers() -> None
     assert abs(x["mean"] - 5) < 0.1
     assert p["features"]["c"] == {"kind": "categorical", "count": 3, "missing": 1,
                                   "fractions": {"a": 2 / 3, "b": 1 / 3}}
-    assert p["outputs"]["label"]["kind"] == "categorical" and p["outputs"]["score"]["kind"] == "numeric"
+    assert p["outputs"]["label"]["kind"] == "categorical"
+    assert p["outputs"]["score"]["kind"] == "numeric"
 
 
 def test_values_outside_the_reference_fall_in_outlier_bins() -> None:

@@ -11,8 +11,14 @@ import pytest
 
 from loopline import avro
 from loopline.errors import SpecError
-from loopline.registry import (RegistryRecordError, RegistryState, RejectedRecord,
-                               model_version_key, spec_event, stage_change_key)
+from loopline.registry import (
+    RegistryRecordError,
+    RegistryState,
+    RejectedRecord,
+    model_version_key,
+    spec_event,
+    stage_change_key,
+)
 from loopline.spec import parse_spec
 from loopline.topics import check_model_name, check_pipeline_name
 

@@ -26,7 +26,8 @@ def test_float32_values_within_a_few_ulps_are_rounding_not_a_different_model() -
     now = [float(logged[0]), float(logged[1] + ulp[1]), float(logged[2] + FLOAT32_ULPS * ulp[2]),
            float(logged[3]) + 1e-3]
     side = audit(now, [float(x) for x in logged], float32=True)
-    assert (side.logged, side.reproduced, side.within_rounding) == (4, 1, 2)  # 1e-3 is a real change
+    # 1e-3 is a real change
+    assert (side.logged, side.reproduced, side.within_rounding) == (4, 1, 2)
     assert side.max_abs_diff > 9e-4
 
 

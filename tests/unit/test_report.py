@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import report_scenario as sc
 from click.testing import CliRunner
 
-import report_scenario as sc
 from loopline.app.cli import main as cli
 from loopline.app.report import Report, build
 from loopline.app.report.story import tell
@@ -44,7 +44,7 @@ def embedded(page: str) -> dict[str, Any]:
         r'<script type="application/json" id="loopline-report-data">(.*?)</script>', page, re.DOTALL
     )
     assert found, "the page carries no report data"
-    return orjson.loads(found.group(1))  # type: ignore[no-any-return]
+    return orjson.loads(found.group(1))  # type: ignore[no-any-return]  # JSON is Any
 
 
 def lineage_query(root: Path, *args: str) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def lineage_query(root: Path, *args: str) -> dict[str, Any]:
         env={"LOOPLINE_HOME": str(root.parent), "LOOPLINE_LINEAGE_DIR": str(root)},
     )
     assert result.exit_code == 0, result.output
-    return orjson.loads(result.output)  # type: ignore[no-any-return]
+    return orjson.loads(result.output)  # type: ignore[no-any-return]  # JSON is Any
 
 
 def same(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -200,7 +200,8 @@ def test_the_story_tells_registrations_and_the_promotion_in_time_order(report: R
     data = dataclasses.replace(report.data, versions=[*report.data.versions, later])
     lines = tell(data).lines
     order = [next(i for i, line in enumerate(lines) if line.startswith(start))
-             for start in ("shop/2 registered at", "shop/2 became champion", "shop/3 registered at")]
+             for start in ("shop/2 registered at", "shop/2 became champion",
+                           "shop/3 registered at")]
     assert order == sorted(order), lines
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
-
 import report_scenario as sc
 from chromium_harness import render
+
 from loopline.app.report import build
 
 

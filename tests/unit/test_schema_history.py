@@ -48,7 +48,8 @@ def test_schema_is_backward_compatible_with_its_history(path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["prediction", "feedback", "deadletter", "alert", "registry"])
 def test_messages_of_every_committed_version_stay_readable(kind: str) -> None:
-    """A message written under any committed version decodes with today's codec (schemas/history)."""
+    """A message written under any committed version
+    decodes with today's codec (schemas/history)."""
     import fastavro
     import fastavro.utils
 
@@ -56,9 +57,9 @@ def test_messages_of_every_committed_version_stay_readable(kind: str) -> None:
     for commit, text in committed_versions(REPO / "schemas" / f"{kind}.avsc"):
         old = fastavro.parse_schema(json.loads(text), named_schemas=avro.named_types())
         fp = avro.fingerprint(old)
-        assert fp in codec._writers, (  # noqa: SLF001 - the writers a codec accepts
-            f"schemas/{kind}.avsc as of {commit[:10]} (fingerprint {fp.hex()}) is not in schemas/history: "
-            f"add it as schemas/history/{kind}.{fp.hex()}.avsc")
+        assert fp in codec._writers, (  # the writers a codec accepts
+            f"schemas/{kind}.avsc as of {commit[:10]} (fingerprint {fp.hex()}) is not in "
+            f"schemas/history: add it as schemas/history/{kind}.{fp.hex()}.avsc")
         for record in fastavro.utils.generate_many(old, 5):
             message = avro.Codec(json.loads(text)).encode(record)
             decoded = codec.decode(message)

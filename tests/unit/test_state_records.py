@@ -1,4 +1,5 @@
-"""State records of stateful services: real states round-trip; forged or foreign records are refused."""
+"""State records of stateful services: real states
+round-trip; forged or foreign records are refused."""
 
 from __future__ import annotations
 
@@ -59,15 +60,19 @@ def test_a_forged_record_cannot_build_or_call_anything_else(payload: Any) -> Non
 
 
 @pytest.mark.parametrize("data", [b"", b"not zlib", zlib.compress(b"not a pickle"),
-                                  zlib.compress(pickle.dumps({"format": FORMAT - 1, "river": river.__version__,
+                                  zlib.compress(pickle.dumps({"format": FORMAT - 1,
+                                                              "river": river.__version__,
                                                               "state": 1})),
-                                  zlib.compress(pickle.dumps({"format": FORMAT, "river": "0.0.1", "state": 1}))],
-                         ids=["empty", "not compressed", "not a pickle", "older format", "other river"])
+                                  zlib.compress(pickle.dumps({"format": FORMAT, "river": "0.0.1",
+                                                              "state": 1}))],
+                         ids=["empty", "not compressed", "not a pickle", "older format",
+                              "other river"])
 def test_an_unusable_record_raises_state_error(data: bytes) -> None:
     with pytest.raises(StateError):
         decode_state(data)
 
 
 def test_units_hash_to_stable_partitions() -> None:
-    assert [partition_of(f"p{i}", 12) for i in range(5)] == [partition_of(f"p{i}", 12) for i in range(5)]
+    assert [partition_of(f"p{i}", 12) for i in range(5)] == [partition_of(f"p{i}", 12)
+                                                             for i in range(5)]
     assert len({partition_of(f"p{i}", 12) for i in range(200)}) == 12

@@ -10,7 +10,8 @@ from loopline.errors import SpecError
 
 def test_pipeline_topics() -> None:
     t = topics.PipelineTopics("fraud")
-    assert t.all() == [f"loopline.fraud.{k}" for k in ("raw", "features", "predictions", "feedback", "deadletter")]
+    assert t.all() == [f"loopline.fraud.{k}"
+                       for k in ("raw", "features", "predictions", "feedback", "deadletter")]
     assert topics.pipeline_of(t.predictions) == "fraud"
     assert topics.pipeline_of(topics.MODELS) is None
     assert topics.MODELS == "loopline.models" and topics.ALERTS == "loopline.alerts"

@@ -1,4 +1,5 @@
-"""ONNX export of trainer learners: parity with river within 1e-5, and the registry's own validation."""
+"""ONNX export of trainer learners: parity with river
+within 1e-5, and the registry's own validation."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ FEATURES = [{"name": "amount", "type": "float", "min": 0, "max": 1000},
 
 
 def make_spec(label: dict[str, Any], learner: str) -> PipelineSpec:
-    return parse_spec({"name": "p", "features": FEATURES, "label": label, "trainer": {"learner": learner}})
+    return parse_spec({"name": "p", "features": FEATURES, "label": label,
+                       "trainer": {"learner": learner}})
 
 
 def stream(n: int, seed: int) -> list[dict[str, Any]]:
     rnd = random.Random(seed)
-    return [{"amount": rnd.uniform(0, 1000), "hour": rnd.randint(0, 23), "card_present": rnd.random() < 0.5,
+    return [{"amount": rnd.uniform(0, 1000), "hour": rnd.randint(0, 23),
+             "card_present": rnd.random() < 0.5,
              "country": rnd.choice(["DE", "FR"])} for _ in range(n)]
 
 
@@ -42,7 +45,8 @@ def target(r: dict[str, Any], task: str, classes: list[str]) -> Any:
 
 CASES = [
     ({"classes": ["no", "yes"], "positive": "yes"}, "logistic_regression"),
-    ({"classes": ["yes", "no"], "positive": "yes"}, "logistic_regression"),  # positive first in spec order
+    # positive first in spec order
+    ({"classes": ["yes", "no"], "positive": "yes"}, "logistic_regression"),
     ({"classes": ["low", "mid", "high"]}, "logistic_regression"),  # one-vs-rest
     ({"task": "regression"}, "linear_regression"),
 ]
@@ -72,7 +76,8 @@ def test_onnx_matches_river_on_held_out_inputs(label: dict[str, Any], learner: s
 
 
 @pytest.mark.parametrize(("label", "learner"), CASES)
-def test_exported_model_passes_registry_validation_and_scores_like_river(label: dict[str, Any], learner: str) -> None:
+def test_exported_model_passes_registry_validation_and_scores_like_river(label: dict[str, Any],
+                                                                         learner: str) -> None:
     spec = make_spec(label, learner)
     model = Learner(spec)
     classes = list(spec.label.classes or [])
@@ -101,20 +106,25 @@ def test_untrained_model_exports_and_scores() -> None:
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_adaptive_tree_with_alternate_subtrees_matches_river(task: str) -> None:
-    from river import datasets  # noqa: PLC0415
+    from river import datasets
 
     label = {"classes": ["false", "true"]} if task == "classification" else {"task": "regression"}
-    spec = parse_spec({"name": "s", "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
+    spec = parse_spec({"name": "s",
+                       "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
                        "label": label, "trainer": {"learner": "hoeffding_adaptive_tree"}})
     model = Learner(spec)
     # A concept drift halfway makes the tree grow alternate subtrees, which river also consults.
-    data = [*datasets.synth.SEA(variant=0, seed=1).take(20000), *datasets.synth.SEA(variant=3, seed=2).take(20000)]
+    data = [*datasets.synth.SEA(variant=0, seed=1).take(20000),
+            *datasets.synth.SEA(variant=3, seed=2).take(20000)]
     for k, (x, y) in enumerate(data):
         record = {f"x{i}": v for i, v in x.items()}
-        model.learn(record, str(y).lower() if task == "classification" else x[0] * 2 + x[1] * (1 if k < 20000 else -1))
+        model.learn(record, str(y).lower() if task == "classification"
+                    else x[0] * 2 + x[1] * (1 if k < 20000 else -1))
     assert model.model.n_alternate_trees > 0 and model.model.n_nodes > 5
-    held_out = [{f"x{i}": v for i, v in x.items()} for x, _ in datasets.synth.SEA(seed=9).take(2000)]
-    out = ort.InferenceSession(to_onnx(model)).run(None, {"input": np.array([[r["x0"], r["x1"], r["x2"]]
+    held_out = [{f"x{i}": v for i, v in x.items()}
+                for x, _ in datasets.synth.SEA(seed=9).take(2000)]
+    out = ort.InferenceSession(to_onnx(model)).run(None, {"input": np.array([[r["x0"], r["x1"],
+                                                                              r["x2"]]
                                                                             for r in held_out])})
     if task == "regression":
         assert np.abs(out[0][:, 0] - np.array(model.predict(held_out))).max() < 1e-5

@@ -20,13 +20,14 @@ def event(i: int, ts: int = 0) -> dict[str, Any]:
 
 def pred(i: int, variant: str = "champion", served: bool = True, label: str = "yes",
          version: int = 1) -> dict[str, Any]:
-    return {"prediction_id": f"p{i}-{variant}", "event_id": f"e{i}", "model_name": "m", "model_version": version,
+    return {"prediction_id": f"p{i}-{variant}", "event_id": f"e{i}", "model_name": "m",
+            "model_version": version,
             "variant": variant, "served": served, "label": label, "value": 0.7, "scored_at": 5}
 
 
 def fb(fid: str, **kw: Any) -> dict[str, Any]:
-    return {"feedback_id": fid, "prediction_id": None, "event_id": None, "label": None, "value": None,
-            "verdict": None, "ts": 0, **kw}
+    return {"feedback_id": fid, "prediction_id": None, "event_id": None, "label": None,
+            "value": None, "verdict": None, "ts": 0, **kw}
 
 
 def test_label_by_prediction_id_joins_features_and_every_variant() -> None:
@@ -35,8 +36,10 @@ def test_label_by_prediction_id_joins_features_and_every_variant() -> None:
     j.add_prediction(pred(1), seen=0)
     j.add_prediction(pred(1, "shadow", served=False, label="no", version=2), seen=0)
     [ex] = j.add_feedback(fb("f1", prediction_id="p1-champion", label="no"), seen=0)
-    assert (ex.event_id, ex.target, ex.partition, ex.offset, ex.features) == ("e1", "no", 2, 40, {"x": 1.0})
-    assert sorted((p.variant, p.label) for p in ex.predictions) == [("champion", "yes"), ("shadow", "no")]
+    assert (ex.event_id, ex.target, ex.partition, ex.offset, ex.features) == ("e1", "no", 2, 40,
+                                                                              {"x": 1.0})
+    assert sorted((p.variant, p.label) for p in ex.predictions) == [("champion", "yes"),
+                                                                    ("shadow", "no")]
     assert j.counts.joined == 1 and "e1" not in j.events
 
 
@@ -83,7 +86,8 @@ def test_unusable_feedback_counts_for_rules_but_has_no_target() -> None:
     j = FeedbackJoin("classification", ["a", "b", "c"], TTL)
     j.add_event(event(1), 0, 1, seen=0)
     j.add_prediction(pred(1, label="a"), seen=0)
-    [ex] = j.add_feedback(fb("r", event_id="e1", verdict="reject"), seen=0)  # which class is right? unknown
+    # which class is right? unknown
+    [ex] = j.add_feedback(fb("r", event_id="e1", verdict="reject"), seen=0)
     assert ex.target is None and ex.verdict == "reject" and j.counts.unusable == 1
     assert j.add_feedback(fb("bad", event_id="e1", label="zzz"), seen=0)[0].target is None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import random
 from typing import Any
 
 import pytest
@@ -17,9 +16,10 @@ from loopline.services.trainer.promotion import Trial
 from loopline.spec import Trainer, parse_spec
 
 
-def alert(signal: str = "performance", state: str = "raised", severity: str = "alert") -> dict[str, Any]:
-    return {"alert_id": "a" * 32, "state": state, "signal": signal, "severity": severity, "feature": None,
-            "detector": "ddm", "message": "m"}
+def alert(signal: str = "performance", state: str = "raised",
+          severity: str = "alert") -> dict[str, Any]:
+    return {"alert_id": "a" * 32, "state": state, "signal": signal, "severity": severity,
+            "feature": None, "detector": "ddm", "message": "m"}
 
 
 def test_every_n_labels_and_reset() -> None:
@@ -138,7 +138,8 @@ def example(target: str, preds: list[tuple[str, int, str, int]]) -> Example:
 def test_trial_decides_on_paired_labels_after_min_samples() -> None:
     t = Trial("trial", ("m", 2), ("m", 1), started_ms=100, paired=True, regression=False)
     t.observe(example("yes", [("m", 1, "no", 150)]))  # unpaired: ignored
-    t.observe(example("yes", [("m", 1, "no", 50), ("m", 2, "yes", 150)]))  # champion's before the start
+    # champion's before the start
+    t.observe(example("yes", [("m", 1, "no", 50), ("m", 2, "yes", 150)]))
     assert t.stats == {}
     for i in range(10):
         t.observe(example("yes", [("m", 1, "yes" if i < 5 else "no", 150), ("m", 2, "yes", 150)]))
@@ -170,7 +171,7 @@ def test_a_clearly_worse_challenger_is_rejected_early_and_probation_rolls_back_e
 
 def test_unpaired_canary_uses_a_two_sample_test() -> None:
     t = Trial("trial", ("m", 2), ("m", 1), started_ms=0, paired=False, regression=True)
-    for i in range(60):
+    for _ in range(60):
         t.observe(example("0", [("m", 1, None, 1)]))  # every version scores its own events
         t.observe(example("0", [("m", 2, None, 1)]))
     # MAE 1.0 vs 0.1, with a small spread
@@ -183,27 +184,32 @@ def test_unpaired_canary_uses_a_two_sample_test() -> None:
 def test_probation_keeps_the_new_champion_unless_worse_by_margin() -> None:
     t = Trial("probation", ("m", 2), ("m", 1), started_ms=0, paired=True, regression=False)
     for i in range(10):
-        t.observe(example("yes", [("m", 2, "yes" if i < 7 else "no", 1), ("m", 1, "yes" if i < 8 else "no", 1)]))
+        t.observe(example("yes", [("m", 2, "yes" if i < 7 else "no", 1),
+                                  ("m", 1, "yes" if i < 8 else "no", 1)]))
     assert t.decision(10, 0.1) == "challenger"  # 0.7 vs 0.8: within the margin
     assert t.decision(10, 0.05) == "incumbent"
 
 
 def test_learner_is_reproducible_and_tree_is_seeded() -> None:
     for learner in ("logistic_regression", "hoeffding_adaptive_tree"):
-        spec = parse_spec({"name": "s", "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
-                           "label": {"classes": ["false", "true"]}, "trainer": {"learner": learner, "seed": 7}})
+        spec = parse_spec({"name": "s",
+                           "features": [{"name": f"x{i}", "type": "float"} for i in range(3)],
+                           "label": {"classes": ["false", "true"]},
+                           "trainer": {"learner": learner, "seed": 7}})
         runs = []
         for _ in range(2):
             m = Learner(spec)
             for x, y in datasets.synth.SEA(variant=0, seed=3).take(3000):
                 m.learn({f"x{i}": v for i, v in x.items()}, str(y).lower())
-            probe = [{f"x{i}": v for i, v in x.items()} for x, _ in datasets.synth.SEA(seed=9).take(200)]
+            probe = [{f"x{i}": v for i, v in x.items()}
+                     for x, _ in datasets.synth.SEA(seed=9).take(200)]
             runs.append(m.predict_proba(probe))
         assert runs[0] == runs[1]
 
 
 def test_learner_rejects_a_task_it_cannot_learn() -> None:
-    spec = parse_spec({"name": "s", "features": [{"name": "x", "type": "float"}], "label": {"task": "regression"},
+    spec = parse_spec({"name": "s", "features": [{"name": "x", "type": "float"}],
+                       "label": {"task": "regression"},
                        "trainer": {"learner": "logistic_regression"}})
     with pytest.raises(LearnerError, match="learner_fits_task"):
         Learner(spec)
@@ -217,8 +223,10 @@ def test_holdout_lags_the_learner_and_ranges_count_examples() -> None:
     for o in out:
         if o:
             r.add(o.partition, o.offset, o.ts)
-    assert r.records() == [{"topic": "t", "partition": 0, "first_offset": 10, "last_offset": 10, "count": 1},
-                           {"topic": "t", "partition": 1, "first_offset": 11, "last_offset": 11, "count": 1}]
+    assert r.records() == [{"topic": "t", "partition": 0, "first_offset": 10, "last_offset": 10,
+                            "count": 1},
+                           {"topic": "t", "partition": 1, "first_offset": 11, "last_offset": 11,
+                            "count": 1}]
     assert h.ranges("t").count == 3 and r.merged(h.ranges("t")).count == 5
 
 
@@ -230,7 +238,7 @@ def test_window_keeps_the_newest_labels_without_their_predictions() -> None:
     assert [e.event_id for e in h.window()] == [f"e{i}" for i in range(4, 10)]
     assert [e.event_id for e in h.window(2)] == ["e8", "e9"] and h.labeled == 6
     assert all(e.predictions == [] for e in h.past) and all(e.predictions for e in h.items)
-    restored = pickle.loads(pickle.dumps(h))  # noqa: S301 - our own object
+    restored = pickle.loads(pickle.dumps(h))
     assert restored.window() == h.window()
 
 

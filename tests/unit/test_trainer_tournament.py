@@ -89,7 +89,7 @@ def sklearn_champion(spec: PipelineSpec, kind: str = "poly_logistic") -> bytes:
         target_opset={"": 17, "ai.onnx.ml": 3},
         custom_conversion_functions=custom,
     )
-    return onx.SerializeToString()  # type: ignore[no-any-return]
+    return onx.SerializeToString()  # type: ignore[no-any-return]  # onnx is untyped
 
 
 def window_of(

@@ -377,7 +377,7 @@ def latency_chart(data: ReportData) -> Chart | None:
     return Chart(
         "latency",
         "Latency from event to prediction",
-        "Percentiles of scored_at − event_ts of the served predictions, per bucket: the time "
+        "Percentiles of scored_at − event_ts of the served predictions, per bucket: the time "  # noqa: RUF001 - a real minus sign
         "an event took through ingest and inference.",
         fig,
         320,

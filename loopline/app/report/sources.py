@@ -60,7 +60,8 @@ def read_alerts(kafka: KafkaConfig, pipeline: str, timeout_s: float = 30.0) -> l
                     continue
                 if alert["pipeline"] == pipeline:
                     found.append(alert)
-            if not got and all(read_to(consumer, topics.ALERTS, p, position[p], high[p]) for p in parts):
+            if not got and all(read_to(consumer, topics.ALERTS, p, position[p], high[p])
+                               for p in parts):
                 break
             if time.monotonic() > deadline:
                 raise LooplineError(f"{topics.ALERTS}: not read to its end within {timeout_s:.0f}s")
