@@ -136,7 +136,10 @@ class PredictionReader:
         self.served_only = served_only
         self.poll_timeout_s = poll_timeout_s
         self._codec = avro.codec("prediction")
-        self._consumer = self.kafka.consumer(f"loopline-sdk-{pipeline}", group_id)
+        # Never transactional: a reader commits what it handled itself, on any broker (the
+        # services' consumers leave commits to their transactions on exactly-once).
+        self._consumer = self.kafka.consumer(f"loopline-sdk-{pipeline}", group_id,
+                                             **{"enable.auto.commit": True})
         self._consumer.subscribe([self.spec.topics.predictions])
         self._handed_out: list[Any] = []
         # A service retrying a batch after a crash re-produces its predictions with the same
