@@ -237,3 +237,41 @@ def test_a_broker_that_restarts_empty_is_not_mistaken_for_the_stored_one(tmp_pat
     assert counts == [60, 120]
     skipped = stored(home, spec.name, "SELECT count(*) FROM features WHERE event_id LIKE 'r1-%'")
     assert skipped == [(60,)], "the new broker's offsets 0..59 were not taken for the stored ones"
+
+
+@pytest.mark.only_kafka
+def test_status_lag_is_exact_on_kafka(settings: LooplineSettings, kafka: KafkaConfig, unique: str,
+                                      tmp_path: Path) -> None:
+    """Kafka's high watermarks are exact (Tansu's are a batch's base offset + 1): lag to the
+    event."""
+    from loopline.app.status import collect
+    from loopline.registry import RegistryReader
+
+    spec = make_spec(unique)
+    apply_spec(kafka, spec)
+    raw = AckedProducer(kafka.producer("test-raw"))
+
+    def send(start: int, n: int) -> None:
+        for i in range(start, start + n):
+            event = {"event_id": f"e{i}", "features": {"user": f"u{i % 5}", "x": float(i)}}
+            raw.send(spec.topics.raw, orjson.dumps(event))
+        raw.confirm()
+
+    def lag() -> dict[str, int | None]:
+        reader = RegistryReader(kafka, client_id="test-status")
+        try:
+            (status,) = collect(kafka, reader.catch_up(), [spec.name], sample_s=0.1)
+        finally:
+            reader.close()
+        return status.lag
+
+    send(0, 100)
+    ingest = ServiceThread("ingest", IngestSettings(  # the default group, as status reads it
+        bootstrap_servers=settings.bootstrap_servers, kafka_profile=settings.kafka_profile,
+        home=tmp_path, session_timeout_ms=6000, pipelines=[spec.name], instance_id=unique))
+    try:
+        wait_until(lambda: lag()["ingest"] == 0, 90, "ingest committed all 100 events")
+    finally:
+        ingest.close()
+    send(100, 37)
+    assert lag()["ingest"] == 37
