@@ -80,3 +80,17 @@ def test_the_check_catches_each_form(tmp_path: Path, source: str, caught: bool) 
     path = tmp_path / "probe.py"
     path.write_text(source + "\n")
     assert bool(violations([path], ("services", "loopline.services", "loopline.app"))) is caught
+
+
+def test_every_python_folder_is_an_installed_package() -> None:
+    """A folder of modules missing from pyproject's packages is left out of a wheel install."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {p.parent
+               for p in [*(REPO / "loopline").rglob("*.py"), *(REPO / "services").rglob("*.py")]}
+    for folder in folders:
+        rel = folder.relative_to(REPO).parts
+        name = ".".join(("loopline", *rel) if rel[0] == "services" else rel)
+        assert name in listed, f"{folder} is not in [tool.setuptools] packages"
+        assert (folder / "__init__.py").exists(), f"{folder} has no __init__.py"
