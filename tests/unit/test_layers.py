@@ -86,7 +86,8 @@ def test_every_python_folder_is_an_installed_package() -> None:
     """A folder of modules missing from pyproject's packages is left out of a wheel install."""
     import tomllib
 
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
     folders = {p.parent
                for p in [*(REPO / "loopline").rglob("*.py"), *(REPO / "services").rglob("*.py")]}
     for folder in folders:
