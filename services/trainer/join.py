@@ -118,6 +118,10 @@ class FeedbackJoin:
         self.event_preds[row.event_id].append(pid)
         return self._retry(pid) + self._retry(row.event_id)
 
+    def predictions_of(self, event_id: str) -> list[PredRow]:
+        """Every prediction of an event known now (a labeled event's keep arriving with a batch)."""
+        return [self.preds[p] for p in self.event_preds.get(event_id, ()) if p in self.preds]
+
     def add_feedback(self, fb: dict[str, Any], seen: int) -> list[Example]:
         """Join one feedback; return the example it labels
         (or nothing: waiting, duplicate, unusable)."""

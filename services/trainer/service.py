@@ -196,6 +196,9 @@ class TrainerService:
         for held in self.states.values():
             held.join.advance(clock)
         ordered = sorted(batch, key=lambda m: _KIND_ORDER[_kind(m.topic())])
+        # Examples are used once the whole batch is joined: a label may complete on the champion's
+        # prediction while the shadow's, written beside it, comes a few messages later.
+        found: list[tuple[str, PipelineState, Example]] = []
         for m in ordered:
             kind = _kind(m.topic())
             ts_type, ts = m.timestamp()
@@ -231,8 +234,11 @@ class TrainerService:
                                                         "offset": m.offset(),
                                                         "error": bounded(str(e))})
                 continue
-            for example in examples:
-                self._example(pipeline, st, example)
+            found.extend((pipeline, st, example) for example in examples)
+        for pipeline, st, example in found:
+            if example.target is not None:
+                example.predictions = st.join.predictions_of(example.event_id)
+            self._example(pipeline, st, example)
 
     def _alert(self, alert: dict[str, Any]) -> None:
         st = self.states.get(alert["pipeline"])

@@ -449,7 +449,9 @@ def test_live_trial_promotes_then_probation_rolls_back(kafka: KafkaConfig, uniqu
                         "value": None, "scores": {},
                         "source": {"topic": spec.topics.features, "partition": 0, "offset": i},
                         "event_ts": now, "scored_at": now}
-                feed.producer.send(spec.topics.predictions, avro.codec("prediction").encode(pred))
+                # keyed by the event, as inference writes both variants
+                feed.producer.send(spec.topics.predictions, avro.codec("prediction").encode(pred),
+                                   key=f"k{i}".encode())
         feed.producer.confirm()
         feed.feedback([{"feedback_id": f"f{i}", "prediction_id": f"p{i}-champion", "label": y}
                        for i, (_, y) in enumerate(rows, start)])
@@ -512,7 +514,8 @@ def test_manual_policy_waits_for_a_person(kafka: KafkaConfig, unique: str, tmp_p
                     "value": None, "scores": {},
                     "source": {"topic": spec.topics.features, "partition": 0, "offset": i},
                     "event_ts": now, "scored_at": now}
-            feed.producer.send(spec.topics.predictions, avro.codec("prediction").encode(pred))
+            feed.producer.send(spec.topics.predictions, avro.codec("prediction").encode(pred),
+                               key=f"k{i}".encode())  # by the event, as inference writes them
     feed.producer.confirm()
     feed.feedback([{"feedback_id": f"f{i}", "prediction_id": f"q{i}-champion", "label": y}
                    for i, (_, y) in enumerate(data[200:], 200)])
