@@ -91,6 +91,23 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+class RebalanceTxnFilter(logging.Filter):
+    """librdkafka logs a transaction that a consumer-group rebalance made abortable at error
+    level ("TXNERR ... ILLEGAL_GENERATION"); the runtime aborts it and processes the batch again
+    (nothing lost, nothing doubled), so it is a warning."""
+
+    HANDLED = ("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS",
+               "FENCED_INSTANCE_ID")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Downgrade a handled rebalance TXNERR to a warning; let every record through."""
+        if record.levelno > logging.WARNING:
+            message = record.getMessage()
+            if "TXNERR" in message and any(code in message for code in self.HANDLED):
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class RateCapFilter(logging.Filter):
     """Lets at most ``burst`` info (or debug) lines of one kind through per ``window_s``.
 
@@ -146,6 +163,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     librdkafka = logging.getLogger("librdkafka")
     librdkafka.setLevel(max(logging.getLevelName(level), logging.WARNING))
     if not any(isinstance(f, RepeatFilter) for f in librdkafka.filters):
+        librdkafka.addFilter(RebalanceTxnFilter())
         librdkafka.addFilter(RepeatFilter())
 
 

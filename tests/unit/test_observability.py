@@ -17,6 +17,7 @@ from loopline.observability import (
     JsonFormatter,
     MetricsServer,
     RateCapFilter,
+    RebalanceTxnFilter,
     configure_logging,
 )
 
@@ -131,3 +132,16 @@ def test_a_client_hanging_up_early_is_not_a_traceback(capfd: pytest.CaptureFixtu
         server.stop()
     assert capfd.readouterr().err == ""  # socketserver's traceback would be on stderr
     assert [r.getMessage() for r in caplog.records] == ["metrics_request_failed"]
+
+
+def test_a_transaction_aborted_by_a_rebalance_is_a_warning_other_errors_stay_errors() -> None:
+    handled = logging.LogRecord("librdkafka", logging.ERROR, __file__, 1,
+                                "TXNERR [p#producer-1] Current transaction failed in state "
+                                "InTransaction: t[0](Broker: Specified group generation id is not "
+                                "valid) (after 0ms) (ILLEGAL_GENERATION, requires abort)",
+                                None, None)
+    other = logging.LogRecord("librdkafka", logging.ERROR, __file__, 1,
+                              "TXNERR [p#producer-1] Fatal error: PRODUCER_FENCED", None, None)
+    f = RebalanceTxnFilter()
+    assert f.filter(handled) and f.filter(other)
+    assert (handled.levelname, other.levelname) == ("WARNING", "ERROR")
