@@ -32,7 +32,7 @@ from loopline.artifacts import ArtifactStore
 from loopline.kafka import KafkaConfig, StopFlag
 from loopline.models import ModelRegistry
 from loopline.registry import now_ms
-from loopline.runtime.loop import positions_after
+from loopline.runtime.loop import consume_available, positions_after
 from loopline.settings import LooplineSettings
 from loopline.spec import PipelineSpec, parse_spec
 
@@ -108,7 +108,7 @@ def raw_loop(bootstrap: str, profile: str, home: str, pipeline: str, model_path:
     out_topic = spec.topics.predictions
     try:
         while not stop.is_set():
-            msgs = [m for m in consumer.consume(1000, 0.05) if m.error() is None]
+            msgs = [m for m in consume_available(consumer, 1000, 0.05) if m.error() is None]
             if not msgs:
                 continue
             evs = [decode(m.value()) for m in msgs]
@@ -162,7 +162,7 @@ class Collector:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for m in self.consumer.consume(2000, 0.05):
+            for m in consume_available(self.consumer, 2000, 0.05):
                 if m.error() is not None:
                     continue
                 now = now_ms()

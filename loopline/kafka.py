@@ -93,8 +93,13 @@ class KafkaConfig:
 
     def transactional_producer(self, transactional_id: str, **overrides: Any) -> Producer:
         """A producer for one service replica's transactions."""
+        # The coordinator answers CONCURRENT_TRANSACTIONS to the next transaction's first
+        # AddPartitionsToTxn until the last one's markers are written; librdkafka retries after
+        # retry.backoff.ms (100 by default, so every transaction took >= 100 ms when batches ran
+        # back to back). Retries still back off exponentially, up to retry.backoff.max.ms.
         return self.producer(transactional_id, **{"transactional.id": transactional_id,
-                                                  "transaction.timeout.ms": 60_000, **overrides})
+                                                  "transaction.timeout.ms": 60_000,
+                                                  "retry.backoff.ms": 5, **overrides})
 
     def consumer(self, client_id: str, group_id: str, **overrides: Any) -> Consumer:
         """A group consumer whose offsets are committed by the runtime, never before its outputs.
