@@ -109,14 +109,30 @@ class Delivery:
 
 
 class AtLeastOnce(Delivery):
-    """Produce, wait for every acknowledgement, then store the offsets (auto-committed)."""
+    """Produce, wait for every acknowledgement, then store the offsets (auto-committed).
+
+    The two halves can also run apart (:meth:`send`, then :meth:`confirm`): the loop sends a
+    batch's outputs and goes on with the next batch while Kafka acknowledges them, and confirms
+    (waits, then stores the offsets of every batch sent so far) once input runs dry or a bound is
+    reached. Offsets are still stored only after everything before them was acknowledged.
+    """
 
     def commit(self, outs: Sequence[Out], offsets: Sequence[TopicPartition],
                consumer: Consumer | None) -> None:
         """See :meth:`Delivery.commit`."""
+        self.send(outs)
+        self.confirm(offsets, consumer, bool(outs))
+
+    def send(self, outs: Sequence[Out]) -> None:
+        """Hand ``outs`` to the producer without waiting for Kafka's acknowledgement."""
         if outs:
             self._produce(outs)
-        remaining = self.producer.flush(self.timeout_s) if outs or len(self.producer) else 0
+            self.producer.poll(0)  # serve error reports; never blocks
+
+    def confirm(self, offsets: Sequence[TopicPartition], consumer: Consumer | None,
+                sent: bool = True) -> None:
+        """Wait until Kafka acknowledged everything sent, then store ``offsets``; raise if not."""
+        remaining = self.producer.flush(self.timeout_s) if sent or len(self.producer) else 0
         failures = self.failures.take()
         if remaining:
             raise DeliveryError(f"{remaining} message(s) not acknowledged within "

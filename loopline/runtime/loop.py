@@ -18,6 +18,14 @@ One error policy, for every service:
 
 Stateless services commit after every batch. Stateful ones (and sinks) pass a
 :class:`Checkpointer` that decides when to commit and which positions its state covers.
+
+On at-least-once, a stateless service under load does not wait for Kafka's acknowledgement of
+one large batch before processing the next: it sends the batch's outputs, goes on while they are
+acknowledged, and confirms (waits for every acknowledgement, then stores the input offsets of all
+batches sent) as soon as no input is waiting, or after ``max_unconfirmed`` messages or
+``max_unconfirmed_s``.
+The outputs leave at once either way; only the offsets move later. A crash before a
+confirmation re-delivers those batches, as a crash before a commit always did.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from loopline.errors import ClientStuck, LooplineError
 from loopline.kafka import StopFlag
 from loopline.observability import Health, bounded
-from loopline.runtime.delivery import Delivery, RetryBatch
+from loopline.runtime.delivery import AtLeastOnce, Delivery, RetryBatch
 from loopline.runtime.outputs import Outputs
 from loopline.topics import is_event_topic
 
@@ -110,11 +118,16 @@ def data_messages(messages: Sequence[Message]) -> list[Message]:
     return out
 
 
-def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
-    """Up to ``max_messages``: wait up to ``timeout_s``
-    for the first, then only what has arrived."""
+def consume_available(consumer: Consumer, max_messages: int, timeout_s: float,
+                      idle: Callable[[], None] | None = None) -> list[Message]:
+    """Up to ``max_messages``: wait up to ``timeout_s`` for the first, then only what has arrived.
+
+    ``idle`` is called before waiting, when nothing has arrived yet.
+    """
     messages: list[Any] = consumer.consume(max_messages, 0)
     if not messages:
+        if idle is not None:
+            idle()
         messages = consumer.consume(1, timeout_s)
         if messages and max_messages > 1:
             messages += consumer.consume(max_messages - 1, 0)
@@ -162,6 +175,12 @@ class LoopSettings:
     bisect: bool = True
     # Process-wide: only for a service that owns its process (not a loop on a test's thread).
     tune_gc: bool = False
+    # At-least-once, stateless: batches this large (input flows faster than it is handled) go
+    # on before their acknowledgement; smaller ones are confirmed at once (waiting on a batch of
+    # a few messages would only add latency). And how much may be sent before the wait.
+    pipeline_from: int = 100
+    max_unconfirmed: int = 5000
+    max_unconfirmed_s: float = 0.1
 
 
 class Loop:
@@ -185,6 +204,12 @@ class Loop:
         self.pending = self.outputs()
         self._closing = False
         self._stuck = False
+        # Sent, not yet acknowledged (at-least-once, stateless): see the module docstring.
+        self._pipelined = checkpointer is None and isinstance(delivery, AtLeastOnce)
+        self._unconfirmed: list[Outputs] = []
+        self._unconfirmed_positions: dict[tuple[str, int], int] = {}
+        self._unconfirmed_count = 0
+        self._unconfirmed_since = 0.0
 
     def outputs(self) -> Outputs:
         """A fresh output buffer for this service."""
@@ -208,8 +233,9 @@ class Loop:
                 if self.group is not self.consumer:
                     # the group's rebalance callbacks (its partitions are paused)
                     self.group.poll(0)
-                batch = data_messages(consume_available(self.consumer, s.batch_size,
-                                                        s.batch_timeout_s))
+                batch = data_messages(consume_available(
+                    self.consumer, s.batch_size, s.batch_timeout_s,
+                    self._confirm_idle if self._unconfirmed else None))
                 self.health.beat()
                 events = self._without_tombstones(batch) if self._has_tombstones(batch) else batch
                 if events:
@@ -297,6 +323,10 @@ class Loop:
             if not batch and not self.pending:
                 return
             positions = positions_after(batch)
+            if self._pipelined and not held and len(batch) >= self.settings.pipeline_from:
+                self._send(positions)
+                return
+            self._confirm()  # what was sent before goes first
             if held:  # commit only up to what the handler kept for later
                 keep = {(tp.topic, tp.partition): tp.offset for tp in held}
                 positions = [tp for tp in positions if (tp.topic, tp.partition) not in keep]
@@ -318,6 +348,46 @@ class Loop:
             for tp in held:
                 self.consumer.seek(tp)
             self.consumer.pause([TopicPartition(tp.topic, tp.partition) for tp in held])
+
+    def _send(self, positions: list[TopicPartition]) -> None:
+        """Send the pending outputs; confirm them later (see the module docstring)."""
+        assert isinstance(self.delivery, AtLeastOnce)
+        pending, s = self.pending, self.settings
+        self.delivery.send(pending.items)
+        pending.sent()
+        now = time.monotonic()
+        if not self._unconfirmed:
+            self._unconfirmed_since = now
+        self._unconfirmed.append(pending)
+        self._unconfirmed_count += len(pending.items) + 1
+        for tp in positions:  # a later batch's position of a partition replaces an earlier one
+            self._unconfirmed_positions[(tp.topic, tp.partition)] = tp.offset
+        self.pending = self.outputs()
+        if (self._unconfirmed_count >= s.max_unconfirmed
+                or now - self._unconfirmed_since >= s.max_unconfirmed_s):
+            self._confirm()
+
+    def _confirm_idle(self) -> None:
+        """Confirm while no input waits (a stuck broker can make that long: health sees it)."""
+        self.health.busy()
+        self._confirm()
+        self.health.idle()
+
+    def _confirm(self) -> None:
+        """Wait for the acknowledgement of everything sent; store the input offsets it covers."""
+        if not self._unconfirmed:
+            return
+        assert isinstance(self.delivery, AtLeastOnce)
+        started = time.perf_counter()
+        positions = [TopicPartition(t, p, o) for (t, p), o in self._unconfirmed_positions.items()]
+        self.delivery.confirm(positions, self.group)
+        self.metrics.commit_seconds.labels(self.service).observe(time.perf_counter() - started)
+        self.health.broker_ok()
+        confirmed, self._unconfirmed = self._unconfirmed, []
+        self._unconfirmed_positions = {}
+        self._unconfirmed_count = 0
+        for outputs in confirmed:
+            outputs.committed()
 
     def commit_now(self) -> None:
         """Commit what is pending with a checkpoint, now (a stateful service handing units over)."""
@@ -367,6 +437,7 @@ class Loop:
         return not self.stop.is_set()
 
     def _commit_final(self) -> None:
+        self._confirm()
         if self.checkpointer is not None:
             positions = self.checkpointer.checkpoint(self.pending)
         elif self.pending:

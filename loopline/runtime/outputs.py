@@ -103,6 +103,7 @@ class Outputs:
     dead_letters: int = 0
     max_deadletter_bytes: int | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    sent_callbacks: list[Callable[[], None]] = field(default_factory=list)
     #: Partitions to rewind to (and pause at) instead of committing past them: input kept for later.
     held: list[TopicPartition] = field(default_factory=list)
 
@@ -114,6 +115,11 @@ class Outputs:
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once these outputs are committed (e.g. count them in the metrics)."""
         self.callbacks.append(callback)
+
+    def on_sent(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once these outputs are handed to Kafka for good: before the next batch
+        is processed, perhaps before the commit (state the next batch must see, e.g. event ids)."""
+        self.sent_callbacks.append(callback)
 
     def send(self, topic: str, value: bytes | None, key: bytes | str | None = None,
              headers: Headers | None = None, partition: int | None = None) -> None:
@@ -136,13 +142,21 @@ class Outputs:
         self.items.extend(other.items)
         self.dead_letters += other.dead_letters
         self.callbacks.extend(other.callbacks)
+        self.sent_callbacks.extend(other.sent_callbacks)
         self.held.extend(other.held)
+
+    def sent(self) -> None:
+        """Run the sent callbacks (the loop calls this once the outputs went out for good)."""
+        for callback in self.sent_callbacks:
+            callback()
+        self.sent_callbacks.clear()
 
     def committed(self) -> None:
         """Run the commit callbacks (the loop calls this after a successful commit)."""
+        self.sent()
         for callback in self.callbacks:
             callback()
         self.callbacks.clear()
 
     def __len__(self) -> int:
-        return len(self.items) + len(self.callbacks) + len(self.held)
+        return len(self.items) + len(self.callbacks) + len(self.sent_callbacks) + len(self.held)

@@ -115,7 +115,7 @@ class _Tally:
     truncated: int = 0
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-    # event ids to remember once committed
+    # event ids to remember once the batch is sent
     seen: list[tuple[str, Seen]] = field(default_factory=list)
     pending: dict[str, Seen] = field(default_factory=dict)  # ids accepted earlier in this batch
 
@@ -228,6 +228,8 @@ class IngestService:
                 tally = tallies[p.spec.name] = _Tally()
             self._process_run(p, topic, run, out, tally, at_bytes)
         size, seconds = len(batch), time.perf_counter() - started
+        # The next batch must know these event ids even before this one is confirmed.
+        out.on_sent(lambda: self._remember(tallies))
         out.on_commit(lambda: self._count(tallies, size, seconds))
 
     def _process_run(self, p: _Pipeline, topic: str, run: list[Message], out: Outputs,
@@ -355,8 +357,16 @@ class IngestService:
                                          "offset": m.offset(), "field": why.field,
                                          "rule": why.rule})
 
+    def _remember(self, tallies: dict[str, _Tally]) -> None:
+        """Add the event ids a sent batch accepted to the index (duplicates of them are dropped)."""
+        for pipeline, t in tallies.items():
+            if t.seen:
+                p = self.pipelines.get(PipelineTopics(pipeline).raw)
+                if p is not None:
+                    p.index.add(t.seen)
+
     def _count(self, tallies: dict[str, _Tally], size: int, seconds: float) -> None:
-        """Add a committed batch to the metrics (per pipeline and rule) and the event id index."""
+        """Add a committed batch to the metrics (per pipeline and rule)."""
         m = self.metrics
         for pipeline, t in tallies.items():
             rejected = sum(t.rejected.values())
@@ -370,10 +380,6 @@ class IngestService:
                 m.dropped_fields.labels(pipeline).inc(t.dropped)
             if t.truncated:
                 m.truncated.labels(pipeline).inc(t.truncated)
-            if t.seen:
-                p = self.pipelines.get(PipelineTopics(pipeline).raw)
-                if p is not None:
-                    p.index.add(t.seen)
             # Debug, not info: every rejection is on the dead-letter topic with its reason, and
             # counted by rule and pipeline; at info this repeated them once per batch (with 5 % bad
             # input, a line for nearly every batch, and 2 % of ingest's time spent formatting it).

@@ -26,7 +26,7 @@ from loopline.apply import apply_spec
 from loopline.broker import free_port
 from loopline.errors import DeliveryError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.runtime.delivery import Delivery, ExactlyOnce
+from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.ingest import IngestService, IngestSettings, derived_event_id
 from loopline.spec import PipelineSpec, load_spec
@@ -235,6 +235,25 @@ def failing_delivery(fail_on: int) -> Callable[[ServiceRuntime], Delivery]:
 
     def make(rt: ServiceRuntime) -> Delivery:
         delivery = rt.delivery()
+        if isinstance(delivery, AtLeastOnce):
+            # Batches are sent, then confirmed (several at once under load): the confirmation
+            # that covers the fail_on-th batch fails.
+            send, confirm, sends = delivery.send, delivery.confirm, [0]
+
+            def counting_send(outs: Any) -> None:
+                sends[0] += 1
+                send(outs)
+
+            def failing_confirm(offsets: Any, consumer: Any, sent: bool = True) -> None:
+                if sends[0] >= fail_on:
+                    delivery.producer.flush(10)  # the outputs went out, the offsets never stored
+                    raise DeliveryError("injected: crash after the batch was produced, before "
+                                        "the commit")
+                confirm(offsets, consumer, sent)
+
+            delivery.send = counting_send  # type: ignore[method-assign]  # a test double
+            delivery.confirm = failing_confirm  # type: ignore[method-assign]  # a test double
+            return delivery
         commit, calls = delivery.commit, [0]
 
         def failing(outs: Any, offsets: Any, consumer: Any) -> None:

@@ -16,7 +16,7 @@ from loopline import avro
 from loopline.apply import ensure_global_topics
 from loopline.errors import DeliveryError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.runtime.delivery import Delivery
+from loopline.runtime.delivery import AtLeastOnce, Delivery
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.settings import LooplineSettings, ServiceSettings
@@ -179,6 +179,18 @@ def failing_once(rt: ServiceRuntime) -> Delivery:
     """The runtime's delivery, whose first commit
     fails after producing (a crash between the two)."""
     delivery = rt.delivery()
+    if isinstance(delivery, AtLeastOnce):  # the loop sends, then confirms: fail the confirmation
+        confirm, confirms = delivery.confirm, [0]
+
+        def failing_confirm(offsets: Any, consumer: Any, sent: bool = True) -> None:
+            confirms[0] += 1
+            if confirms[0] == 1:
+                delivery.producer.flush(10)  # produced, offsets never stored
+                raise DeliveryError("injected: crash after producing, before the commit")
+            confirm(offsets, consumer, sent)
+
+        delivery.confirm = failing_confirm  # type: ignore[method-assign]  # a test double
+        return delivery
     commit, calls = delivery.commit, [0]
 
     def failing(outs: Any, offsets: Any, consumer: Any) -> None:

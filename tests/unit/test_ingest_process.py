@@ -159,6 +159,27 @@ def test_a_duplicate_in_a_later_run_of_the_same_batch_is_recognised(service: Ing
     )
 
 
+def test_a_duplicate_of_a_sent_but_unconfirmed_batch_is_recognised(service: IngestService) -> None:
+    # On at-least-once the loop processes the next batch before the last one is acknowledged.
+    fraud = load_spec(REPO / "examples" / "fraud.yaml")
+    serve(service, fraud)
+    event = orjson.dumps({"event_id": "e1", "features": GOOD})
+    first, second = Outputs("ingest"), Outputs("ingest")
+    service.process(messages(fraud, [event]), first)
+    first.sent()  # handed to Kafka, not confirmed (its commit callbacks have not run)
+    assert service.rt.registry.get_sample_value(
+        "loopline_ingest_accepted_total", {"pipeline": "fraud"}) in (None, 0)
+    later = Message(topic=fraud.topics.raw, partition=0, offset=9, value=event, key=None,
+                    timestamp=(1, 5))
+    service.process([later], second)
+    second.committed()
+    assert second.items == []
+    first.committed()
+    duplicates = service.rt.registry.get_sample_value("loopline_ingest_duplicates_total",
+                                                      {"pipeline": "fraud"})
+    assert duplicates == 1
+
+
 def test_derived_ids_and_keys(service: IngestService) -> None:
     fraud = load_spec(REPO / "examples" / "fraud.yaml").model_copy(update={"key": None})
     serve(service, fraud)
