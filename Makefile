@@ -39,13 +39,15 @@ lint: $(STAMP) ## ruff (rules, line length) and mypy (strict on the core), as CI
 	cd $(LINT_SRC) && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p loopline
 
 # Workers: the suite mostly waits (group joins, services starting), so more than the cores.
+# loadgroup: tests marked xdist_group (sharing a module fixture) run on one worker.
 TEST_WORKERS ?= 4
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) ## The whole test suite on the embedded Tansu broker it starts itself
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(PYTEST)
 
 test-kafka: kafka ## The whole test suite again, on an Apache Kafka broker it starts itself
-	LOOPLINE_TEST_ENGINE=kafka $(BIN)/python -m pytest -n $(TEST_WORKERS)
+	LOOPLINE_TEST_ENGINE=kafka $(PYTEST)
 
 clean: ## Remove the virtual environment and local state
 	rm -rf $(VENV) .loopline .pytest_cache

@@ -10,6 +10,7 @@ The session broker is chosen by environment variables:
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import uuid
@@ -47,13 +48,68 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`."""
-    if os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka":
-        return
-    keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
-    if len(keep) < len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
-        items[:] = keep
+    """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`;
+    then the longest tests go first."""
+    if not (os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka"):
+        keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
+        if len(keep) < len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+            items[:] = keep
+    _longest_first(config, items)
+
+
+# --- the order of the tests: longest first ------------------------------------------------------
+# pytest-xdist hands tests to its workers in collection order. In file order, the few tests that
+# take minutes (README walk, demo, kill -9 runs) came last and ran alone on one worker while the
+# others idled: the suite's wall time was twice the sum of its tests' times over the workers.
+# Longest first, the short ones fill the gaps at the end. Expected times come from this run's
+# pytest cache (written at the end of every run) over tests/durations.json, a snapshot for a
+# fresh clone; a test in neither is guessed from its folder.
+
+DURATIONS = Path(__file__).with_name("durations.json")
+_CACHE_KEY = "loopline/durations"
+_OBSERVED: Counter[str] = Counter()
+
+
+def _expected_seconds(config: pytest.Config) -> dict[str, float]:
+    known: dict[str, float] = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        known.update(cache.get(_CACHE_KEY, {}))
+    return known
+
+
+def _longest_first(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Sort ``items`` by expected time, longest first; an ``xdist_group`` (tests sharing a module
+    fixture, run on one worker by ``--dist loadgroup``) counts as one, its tests kept in order."""
+    known = _expected_seconds(config)
+
+    def group(item: pytest.Item) -> str:
+        marker = item.get_closest_marker("xdist_group")
+        return f"group:{marker.args[0]}" if marker is not None and marker.args else item.nodeid
+
+    totals: Counter[str] = Counter()
+    for item in items:
+        guess = 5.0 if "/integration/" in item.nodeid else 0.1
+        totals[group(item)] += known.get(item.nodeid, guess)
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-totals[group(item)], group(item), position[id(item)]))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add up each test's setup, call and teardown (the controller sees every worker's)."""
+    _OBSERVED[report.nodeid] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Keep this run's times of the tests that take a while, for the next run's order."""
+    config = session.config
+    cache = getattr(config, "cache", None)
+    if hasattr(config, "workerinput") or cache is None or not _OBSERVED:
+        return  # only the controller (or a run without xdist) writes
+    times = cache.get(_CACHE_KEY, {})
+    times.update({k: round(v, 1) for k, v in _OBSERVED.items() if v >= 0.5})
+    cache.set(_CACHE_KEY, times)
 
 
 @pytest.fixture(scope="session")
