@@ -39,9 +39,10 @@ lint: $(STAMP) ## ruff (rules, line length) and mypy (strict on the core), as CI
 	cd $(LINT_SRC) && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p loopline
 
 # Workers: the suite mostly waits (group joins, services starting), so more than the cores.
-# loadgroup: tests marked xdist_group (sharing a module fixture) run on one worker.
+# loadfile: a module's tests run on one worker (its module fixtures are set up once); the
+# longest modules go first (tests/conftest.py).
 TEST_WORKERS ?= 4
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP) ## The whole test suite on the embedded Tansu broker it starts itself
 	$(PYTEST)

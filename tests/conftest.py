@@ -58,13 +58,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _longest_first(config, items)
 
 
-# --- the order of the tests: longest first ------------------------------------------------------
-# pytest-xdist hands tests to its workers in collection order. In file order, the few tests that
-# take minutes (README walk, demo, kill -9 runs) came last and ran alone on one worker while the
-# others idled: the suite's wall time was twice the sum of its tests' times over the workers.
-# Longest first, the short ones fill the gaps at the end. Expected times come from this run's
-# pytest cache (written at the end of every run) over tests/durations.json, a snapshot for a
-# fresh clone; a test in neither is guessed from its folder.
+# --- the order of the tests: longest modules first --------------------------------------------
+# pytest-xdist hands its workers whole modules (`--dist loadfile`: a module's fixtures are set up
+# once) in collection order. In file order, the modules that take minutes (README walk, demo,
+# kill -9 runs) came last and ran alone on one worker while the others idled: the suite's wall
+# time was twice the sum of its tests' times over the workers. Longest first, the short ones
+# fill the gaps at the end. Expected times come from the pytest cache (written at the end of every
+# run) over tests/durations.json, a snapshot for a fresh clone; a test in neither is guessed from
+# its folder.
 
 DURATIONS = Path(__file__).with_name("durations.json")
 _CACHE_KEY = "loopline/durations"
@@ -80,20 +81,19 @@ def _expected_seconds(config: pytest.Config) -> dict[str, float]:
 
 
 def _longest_first(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Sort ``items`` by expected time, longest first; an ``xdist_group`` (tests sharing a module
-    fixture, run on one worker by ``--dist loadgroup``) counts as one, its tests kept in order."""
+    """Sort ``items`` by their module's expected time, longest first; each module's tests stay
+    together and in their order."""
     known = _expected_seconds(config)
 
-    def group(item: pytest.Item) -> str:
-        marker = item.get_closest_marker("xdist_group")
-        return f"group:{marker.args[0]}" if marker is not None and marker.args else item.nodeid
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
 
     totals: Counter[str] = Counter()
     for item in items:
         guess = 5.0 if "/integration/" in item.nodeid else 0.1
-        totals[group(item)] += known.get(item.nodeid, guess)
+        totals[module(item)] += known.get(item.nodeid, guess)
     position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-totals[group(item)], group(item), position[id(item)]))
+    items.sort(key=lambda item: (-totals[module(item)], module(item), position[id(item)]))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

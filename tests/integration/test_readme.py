@@ -386,7 +386,6 @@ def walk(settings: LooplineSettings, tmp_path_factory: pytest.TempPathFactory) -
         w.stop()
 
 
-@pytest.mark.xdist_group("readme-walk")  # one walk (module fixture), one worker
 def test_every_readme_example_runs(walk: Walk) -> None:
     walk.check_finished()
     examples = readme_examples(README.read_text())
@@ -394,7 +393,6 @@ def test_every_readme_example_runs(walk: Walk) -> None:
     assert sorted(r.example.line for r in walk.ran) == sorted(e.line for e in expected)
 
 
-@pytest.mark.xdist_group("readme-walk")  # one walk (module fixture), one worker
 def test_using_it_reaches_a_prediction_feedback_a_retrain_and_a_report(
         walk: Walk, kafka: KafkaConfig) -> None:
     walk.check_finished()
@@ -424,7 +422,6 @@ def test_using_it_reaches_a_prediction_feedback_a_retrain_and_a_report(
     assert f"(trigger {trained[0]['trigger']})" in said, said
 
 
-@pytest.mark.xdist_group("readme-walk")  # one walk (module fixture), one worker
 def test_cli_tables_print_whole_when_piped_at_any_columns(walk: Walk,
                                                           kafka: KafkaConfig) -> None:
     walk.check_finished()
