@@ -261,6 +261,7 @@ class Stopper:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._armed = True
+        self._cleaning_up = False
 
     def install(self) -> None:
         """Route SIGINT and SIGTERM to this stopper."""
@@ -270,6 +271,17 @@ class Stopper:
     def disarm(self) -> None:
         """From now on a signal only records the request (cleanup is under way)."""
         self._armed = False
+        self._cleaning_up = True
+
+    def check(self) -> None:
+        """Raise :class:`StopRequested` if a stop was requested and nothing is cleaning up yet.
+
+        The handler's exception can be lost: raised while Python runs code whose exceptions it
+        ignores (a finalizer, a logging lock's release at exit), it is printed and dropped. So
+        `up` also checks between its steps.
+        """
+        if self.signal_name is not None and not self._cleaning_up:
+            raise StopRequested(self.signal_name)
 
     @property
     def requested(self) -> bool:
@@ -314,19 +326,28 @@ def run_up(settings: LooplineSettings, names: tuple[str, ...], specs: list[Pipel
             with console.status("starting the broker...") as status:
                 handle = stack.enter_context(broker_for(settings, progress_to(console, status)))
             try:
+                stopper.check()
                 _apply(settings, handle, specs, console)
+                stopper.check()
                 supervisor = Supervisor(settings, handle.bootstrap_servers, handle.embedded, names)
                 supervisor.start()
                 watch = BrokerWatch(handle, home,
                                     lambda line: console.print(line, style="bold red"))
+
+                def interrupt() -> bool:
+                    stopper.check()
+                    return not watch.alive()
+
                 with console.status("starting services...") as status:
                     ready = supervisor.wait_ready(120, lambda states: status.update(
                         "starting services: " + ", ".join(f"{n} {h}" for n, h in states)),
-                        interrupt=lambda: not watch.alive())
+                        interrupt=interrupt)
+                stopper.check()
                 _print_services(console, supervisor, ready)
                 supervisor.phase = "running"
                 supervisor.write_state()
                 while True:
+                    stopper.check()
                     code = watch.check(supervisor)
                     if code is not None:
                         return code
