@@ -49,7 +49,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`;
-    then the longest tests go first."""
+    then the longest modules go first."""
     if not (os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka"):
         keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
         if len(keep) < len(items):
