@@ -39,16 +39,13 @@ lint: $(STAMP) ## ruff (rules, line length) and mypy (strict on the core), as CI
 	cd $(LINT_SRC) && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p loopline
 
 # Workers: the suite mostly waits (group joins, services starting), so more than the cores.
-# loadfile: a module's tests run on one worker (its module fixtures are set up once); the
-# longest modules go first (tests/conftest.py).
 TEST_WORKERS ?= 4
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP) ## The whole test suite on the embedded Tansu broker it starts itself
-	$(PYTEST)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-kafka: kafka ## The whole test suite again, on an Apache Kafka broker it starts itself
-	LOOPLINE_TEST_ENGINE=kafka $(PYTEST)
+	LOOPLINE_TEST_ENGINE=kafka $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean: ## Remove the virtual environment and local state
 	rm -rf $(VENV) .loopline .pytest_cache

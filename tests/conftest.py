@@ -10,7 +10,6 @@ The session broker is chosen by environment variables:
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import uuid
@@ -48,68 +47,13 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`;
-    then the longest modules go first."""
-    if not (os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka"):
-        keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
-        if len(keep) < len(items):
-            config.hook.pytest_deselected(items=[i for i in items if i not in keep])
-            items[:] = keep
-    _longest_first(config, items)
-
-
-# --- the order of the tests: longest modules first --------------------------------------------
-# pytest-xdist hands its workers whole modules (`--dist loadfile`: a module's fixtures are set up
-# once) in collection order. In file order, the modules that take minutes (README walk, demo,
-# kill -9 runs) came last and ran alone on one worker while the others idled: the suite's wall
-# time was twice the sum of its tests' times over the workers. Longest first, the short ones
-# fill the gaps at the end. Expected times come from the pytest cache (written at the end of every
-# run) over tests/durations.json, a snapshot for a fresh clone; a test in neither is guessed from
-# its folder.
-
-DURATIONS = Path(__file__).with_name("durations.json")
-_CACHE_KEY = "loopline/durations"
-_OBSERVED: Counter[str] = Counter()
-
-
-def _expected_seconds(config: pytest.Config) -> dict[str, float]:
-    known: dict[str, float] = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    cache = getattr(config, "cache", None)
-    if cache is not None:
-        known.update(cache.get(_CACHE_KEY, {}))
-    return known
-
-
-def _longest_first(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Sort ``items`` by their module's expected time, longest first; each module's tests stay
-    together and in their order."""
-    known = _expected_seconds(config)
-
-    def module(item: pytest.Item) -> str:
-        return item.nodeid.split("::", 1)[0]
-
-    totals: Counter[str] = Counter()
-    for item in items:
-        guess = 5.0 if "/integration/" in item.nodeid else 0.1
-        totals[module(item)] += known.get(item.nodeid, guess)
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-totals[module(item)], module(item), position[id(item)]))
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Add up each test's setup, call and teardown (the controller sees every worker's)."""
-    _OBSERVED[report.nodeid] += report.duration
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Keep this run's times of the tests that take a while, for the next run's order."""
-    config = session.config
-    cache = getattr(config, "cache", None)
-    if hasattr(config, "workerinput") or cache is None or not _OBSERVED:
-        return  # only the controller (or a run without xdist) writes
-    times = cache.get(_CACHE_KEY, {})
-    times.update({k: round(v, 1) for k, v in _OBSERVED.items() if v >= 0.5})
-    cache.set(_CACHE_KEY, times)
+    """Tests of what only Apache Kafka offers (marked ``only_kafka``) run in `make test-kafka`."""
+    if os.environ.get("LOOPLINE_TEST_BOOTSTRAP_SERVERS") or _engine() == "kafka":
+        return
+    keep = [i for i in items if i.get_closest_marker("only_kafka") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
