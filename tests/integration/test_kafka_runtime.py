@@ -227,3 +227,51 @@ def test_a_failed_commit_loses_nothing_and_read_committed_readers_see_each_outpu
             "the aborted transaction's outputs are invisible to read_committed readers")
     else:
         assert len(got) >= 200  # at least once: the unacknowledged batch came again
+
+
+
+class Recording(Upper):
+    """Upper, noting for each batch which earlier batches were not committed when it arrived.
+
+    The first batch is held until ``go`` is set, so that the next one waits in the consumer.
+    """
+
+    def __init__(self, sink: str) -> None:
+        super().__init__(sink)
+        self.go = threading.Event()
+        self.committed: list[int] = []
+        self.uncommitted_at_arrival: list[list[int]] = []
+        self.sizes: list[int] = []
+
+    def process(self, batch: list[Message], out: Outputs) -> None:
+        number = len(self.sizes)
+        self.uncommitted_at_arrival.append([n for n in range(number) if n not in self.committed])
+        self.sizes.append(len(batch))
+        if number == 0:
+            assert self.go.wait(30)
+        super().process(batch, out)
+        out.on_commit(lambda: self.committed.append(number))
+
+
+def test_a_small_batch_is_committed_before_the_next_is_handled(
+        settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
+    # Under load the loop sends large batches and confirms them later. A batch of a few messages
+    # (a quiet stream) must be committed before the loop goes on, even with input waiting: its
+    # latency is its commit's.
+    source, sink = make_topic(partitions=1), make_topic()
+    handler = Recording(sink)
+    running = Running(settings, source, handler, f"{unique}-g")
+    try:
+        produce(kafka, source, [b"q0"])
+        wait_for(lambda: len(handler.sizes) == 1)
+        produce(kafka, source, [b"q1", b"q2"])  # arrives while q0 is being handled
+        time.sleep(1.0)  # fetched by then: it waits in the consumer
+        handler.go.set()
+        wait_for(lambda: sum(handler.sizes) == 3 and len(handler.committed) == len(handler.sizes))
+    finally:
+        handler.go.set()
+        running.stop()
+    assert not running.errors
+    assert handler.sizes[0] == 1 and len(handler.sizes) >= 2, handler.sizes
+    assert handler.uncommitted_at_arrival == [[] for _ in handler.sizes], (
+        handler.uncommitted_at_arrival)
