@@ -1,7 +1,7 @@
 """Helpers for crash tests: service processes that can be killed -9 and restarted, raw traffic,
 checks.
 
-Imported by test_reliability.py (a plain module, not a test file).
+A plain module, not a test file: the integration tests import it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loopline import avro
 from loopline.broker import die_with_parent, free_port
+from loopline.errors import DeliveryError
 from loopline.kafka import KafkaConfig, StopFlag
+from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.lineage import query as q
 from loopline.services.lineage.store import LineageStore
@@ -382,3 +384,51 @@ def changelog_state(kafka: KafkaConfig, service: str, unit: str, partitions: int
         return None
     envelope = restored.states.get(unit)
     return envelope["state"] if envelope else None
+
+
+def failing_delivery(fail_on: int) -> Callable[[ServiceRuntime], Delivery]:
+    """The runtime's delivery, crashing after its ``fail_on``-th batch went out, before its commit.
+
+    The test double of a service killed between producing a batch and committing it.
+    """
+
+    def make(rt: ServiceRuntime) -> Delivery:
+        delivery = rt.delivery()
+        if isinstance(delivery, AtLeastOnce):
+            # Batches are sent, then confirmed (several at once under load): the confirmation
+            # that covers the fail_on-th batch fails.
+            send, confirm, sends = delivery.send, delivery.confirm, [0]
+
+            def counting_send(outs: Any) -> None:
+                sends[0] += 1
+                send(outs)
+
+            def failing_confirm(offsets: Any, consumer: Any, sent: bool = True) -> None:
+                if sends[0] >= fail_on:
+                    delivery.producer.flush(10)  # the outputs went out, the offsets never stored
+                    raise DeliveryError("injected: crash after the batch was produced, before "
+                                        "the commit")
+                confirm(offsets, consumer, sent)
+
+            delivery.send = counting_send  # type: ignore[method-assign]  # a test double
+            delivery.confirm = failing_confirm  # type: ignore[method-assign]  # a test double
+            return delivery
+        commit, calls = delivery.commit, [0]
+
+        def failing(outs: Any, offsets: Any, consumer: Any) -> None:
+            calls[0] += 1
+            if calls[0] == fail_on:
+                # produced inside a transaction never committed
+                if isinstance(delivery, ExactlyOnce):
+                    delivery.producer.begin_transaction()
+                    delivery._open = True  # so that closing aborts it
+                delivery._produce(outs)  # the outputs go out, the commit never happens
+                delivery.producer.flush(10)
+                raise DeliveryError("injected: crash after the batch was produced, before the "
+                                    "commit")
+            commit(outs, offsets, consumer)
+
+        delivery.commit = failing  # type: ignore[method-assign]  # a test double
+        return delivery
+
+    return make

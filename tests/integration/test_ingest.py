@@ -20,13 +20,14 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from services_harness import failing_delivery
 
 from loopline import avro
 from loopline.apply import apply_spec
 from loopline.broker import free_port
 from loopline.errors import DeliveryError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.runtime.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from loopline.runtime.delivery import Delivery
 from loopline.runtime.service import ServiceRuntime
 from loopline.services.ingest import IngestService, IngestSettings, derived_event_id
 from loopline.spec import PipelineSpec, load_spec
@@ -227,52 +228,6 @@ def test_mixed_input_counts_and_every_dead_letter(kafka: KafkaConfig, unique: st
     assert by_id["avro-1"]["key"] == "k" and by_id["avro-1"]["features"]["device_age_days"] == 3
     assert by_id["ev-0"]["key"] == "c1"  # the spec's key feature
     r.close()
-
-
-def failing_delivery(fail_on: int) -> Callable[[ServiceRuntime], Delivery]:
-    """The runtime's delivery, failing its ``fail_on``-th
-    commit after producing: a crash before the commit."""
-
-    def make(rt: ServiceRuntime) -> Delivery:
-        delivery = rt.delivery()
-        if isinstance(delivery, AtLeastOnce):
-            # Batches are sent, then confirmed (several at once under load): the confirmation
-            # that covers the fail_on-th batch fails.
-            send, confirm, sends = delivery.send, delivery.confirm, [0]
-
-            def counting_send(outs: Any) -> None:
-                sends[0] += 1
-                send(outs)
-
-            def failing_confirm(offsets: Any, consumer: Any, sent: bool = True) -> None:
-                if sends[0] >= fail_on:
-                    delivery.producer.flush(10)  # the outputs went out, the offsets never stored
-                    raise DeliveryError("injected: crash after the batch was produced, before "
-                                        "the commit")
-                confirm(offsets, consumer, sent)
-
-            delivery.send = counting_send  # type: ignore[method-assign]  # a test double
-            delivery.confirm = failing_confirm  # type: ignore[method-assign]  # a test double
-            return delivery
-        commit, calls = delivery.commit, [0]
-
-        def failing(outs: Any, offsets: Any, consumer: Any) -> None:
-            calls[0] += 1
-            if calls[0] == fail_on:
-                # produced inside a transaction never committed
-                if isinstance(delivery, ExactlyOnce):
-                    delivery.producer.begin_transaction()
-                    delivery._open = True  # so that closing aborts it
-                delivery._produce(outs)  # the outputs go out, the commit never happens
-                delivery.producer.flush(10)
-                raise DeliveryError("injected: crash after the batch was produced, before the "
-                                    "commit")
-            commit(outs, offsets, consumer)
-
-        delivery.commit = failing  # type: ignore[method-assign]  # a test double
-        return delivery
-
-    return make
 
 
 def test_restart_reprocesses_unacknowledged_input_with_same_ids(kafka: KafkaConfig, unique: str,

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message
+from services_harness import failing_delivery
 
 from loopline import avro
 from loopline.apply import ensure_global_topics
 from loopline.errors import DeliveryError
 from loopline.kafka import AckedProducer, KafkaConfig
-from loopline.runtime.delivery import AtLeastOnce, Delivery
+from loopline.runtime.delivery import Delivery
 from loopline.runtime.outputs import Outputs
 from loopline.runtime.service import ServiceRuntime
 from loopline.settings import LooplineSettings, ServiceSettings
@@ -175,45 +176,12 @@ def test_a_fatal_error_stops_the_loop_with_nothing_committed(
     assert {b"a", b"b", b"stop", b"c"} <= set(second.handler.seen)
 
 
-def failing_once(rt: ServiceRuntime) -> Delivery:
-    """The runtime's delivery, whose first commit
-    fails after producing (a crash between the two)."""
-    delivery = rt.delivery()
-    if isinstance(delivery, AtLeastOnce):  # the loop sends, then confirms: fail the confirmation
-        confirm, confirms = delivery.confirm, [0]
-
-        def failing_confirm(offsets: Any, consumer: Any, sent: bool = True) -> None:
-            confirms[0] += 1
-            if confirms[0] == 1:
-                delivery.producer.flush(10)  # produced, offsets never stored
-                raise DeliveryError("injected: crash after producing, before the commit")
-            confirm(offsets, consumer, sent)
-
-        delivery.confirm = failing_confirm  # type: ignore[method-assign]  # a test double
-        return delivery
-    commit, calls = delivery.commit, [0]
-
-    def failing(outs: Any, offsets: Any, consumer: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 1:
-            if delivery.exactly_once:
-                delivery.producer.begin_transaction()
-                delivery._open = True  # type: ignore[attr-defined]  # closing aborts it
-            delivery._produce(outs)  # produced, never committed
-            delivery.producer.flush(10)
-            raise DeliveryError("injected: crash after producing, before the commit")
-        commit(outs, offsets, consumer)
-
-    delivery.commit = failing  # type: ignore[method-assign]  # a test double
-    return delivery
-
-
 def test_a_failed_commit_loses_nothing_and_read_committed_readers_see_each_output_once_on_kafka(
         settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
     source, sink = make_topic(), make_topic()
     values = [f"w{i}".encode() for i in range(200)]
     produce(kafka, source, values)
-    first = Running(settings, source, Upper(sink), f"{unique}-g", delivery=failing_once)
+    first = Running(settings, source, Upper(sink), f"{unique}-g", delivery=failing_delivery(1))
     first.thread.join(60)
     assert first.errors and isinstance(first.errors[0], DeliveryError)
     second = Running(settings, source, Upper(sink), f"{unique}-g")
