@@ -31,6 +31,8 @@ What Faust needs on Loopline's brokers (:func:`app_settings`):
   measures the cost). Apache Kafka keeps Faust's batching;
 - ``processing_guarantee="at_least_once"``: Tansu has no transactions. A redelivered event must not
   count twice: keep in a table value the offset it was last updated from (as the example does);
+- ``TableManager=SeekingTableManager``: Faust's own recovery can skip records fetched while it
+  seeks after restoring a table (:class:`SeekingRecovery`);
 - tables co-partitioned with a Loopline topic: ``partitions=topics.predictions.partitions``.
   Faust creates its own changelog and assignor topics; Loopline's come from ``loopline apply``.
 """
@@ -38,6 +40,7 @@ What Faust needs on Loopline's brokers (:func:`app_settings`):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import keyword
 import logging
 import ssl
@@ -51,6 +54,8 @@ import faust
 import orjson
 from faust.exceptions import ValueDecodeError
 from faust.models.fields import FieldDescriptor
+from faust.tables import TableManager
+from faust.tables.recovery import Recovery
 from faust.types import AppT, CodecT, ModelT
 from faust.types.tuples import Message
 
@@ -359,6 +364,37 @@ def _credentials(settings: LooplineSettings) -> faust.types.auth.CredentialsT | 
                                  mechanism=settings.sasl_mechanism or "PLAIN", ssl_context=context)
 
 
+class SeekingRecovery(Recovery):
+    """Faust's table recovery, with the flow stopped before the stream partitions are sought.
+
+    faust-streaming 0.15 (``Recovery.on_recovery_completed``; faust-streaming/faust#596, open)
+    resumes the stream partitions and awaits ``consumer.perform_seek()`` while the Fetcher it
+    started for the changelogs still hands records to the agents. Those records move the read
+    offsets past the committed offset the seek has just restored; ``flow_control.resume()`` then
+    clears the agents' queues, and the same records fetched again from the committed offset are
+    dropped as read already. The worker never processes them and its commits stop at the first.
+    With the flow stopped, the Fetcher drops the rest of its fetch and waits for the flow to
+    resume, which Faust does after the seek: everything is fetched again from the committed offset.
+    """
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        """Stop the flow, let a record being delivered land, then complete as Faust does."""
+        self.app.consumer.stop_flow()
+        await asyncio.sleep(0)
+        await super().on_recovery_completed(generation_id)
+
+
+class SeekingTableManager(TableManager):
+    """Faust's table manager, recovering with :class:`SeekingRecovery`."""
+
+    @property
+    def recovery(self) -> Recovery:
+        """The recovery service of these tables."""
+        if self._recovery is None:
+            self._recovery = SeekingRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 def app_settings(settings: LooplineSettings) -> dict[str, Any]:
     """Keyword arguments for ``faust.App``: broker, security, logs, what Loopline's brokers need."""
     kafka = KafkaConfig.from_settings(settings)
@@ -369,6 +405,7 @@ def app_settings(settings: LooplineSettings) -> dict[str, Any]:
         "broker_heartbeat_interval": max(0.1, session_s / 10),
         "processing_guarantee": "at_least_once",
         "topic_replication_factor": settings.replication_factor,
+        "TableManager": SeekingTableManager,
     }
     credentials = _credentials(settings)
     if credentials is not None:
