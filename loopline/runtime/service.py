@@ -79,8 +79,10 @@ class ServiceRuntime:
         failures = Failures()
         conf = {"on_delivery": failures, "delivery.report.only.error": True, **producer_overrides}
         if self.kafka.exactly_once:
-            producer = self.kafka.transactional_producer(self.transactional_id, **conf)
-            return ExactlyOnce(producer, failures=failures)
+            # Two producers taking turns (see ExactlyOnce): ids "<id>" and "<id>.2".
+            ids = (self.transactional_id, f"{self.transactional_id}.2")
+            return ExactlyOnce([self.kafka.transactional_producer(t, **conf) for t in ids],
+                               failures=failures)
         return AtLeastOnce(self.kafka.producer(f"loopline-{self.name}", **conf), failures=failures)
 
     def loop(self, consumer: Consumer, delivery: Delivery, handler: Handler, *, bisect: bool = True,

@@ -137,6 +137,23 @@ def test_round_trip_commit_restart_no_redelivery(settings: LooplineSettings, kaf
                                                     for v in [*values, b"late-1", b"late-2"])
 
 
+
+def test_outputs_keep_the_input_order_across_batches(
+        settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
+    # On Kafka, consecutive transactions take turns over two producers: each must be committed
+    # before the next one's outputs go out, or a partition's outputs would be reordered.
+    source, sink = make_topic(partitions=1), make_topic(partitions=1)
+    values = [f"o{i:04d}".encode() for i in range(1000)]
+    produce(kafka, source, values)
+    running = Running(settings, source, Upper(sink), f"{unique}-g")
+    out = drain(kafka, sink, f"{unique}-check", expect=len(values))
+    running.stop()
+    assert not running.errors
+    assert [m.value() for m in out] == [v.upper() for v in values]
+    transactions = running.rt.registry.get_sample_value("loopline_batches_total",
+                                                        {"service": "test"})
+    assert transactions is not None and transactions >= 10  # batches of at most 100
+
 def test_a_poison_message_is_dead_lettered_and_the_rest_go_through(
         settings: LooplineSettings, kafka: KafkaConfig, make_topic: Any, unique: str) -> None:
     source, sink = make_topic(), make_topic()
