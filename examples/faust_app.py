@@ -20,6 +20,7 @@ Faust command works after the script name (``worker``, ``tables``, ...).
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from typing import Any
 
@@ -127,6 +128,10 @@ def main() -> None:
         raise SystemExit(f"faust_app: {problems}") from None
     except LooplineError as e:
         raise SystemExit(f"faust_app: {e}") from None
+    # Faust's `worker` command turns the web server on unless told otherwise, whatever the app's
+    # web_enabled says: pass the setting on, so that two workers can share a host.
+    if "worker" in sys.argv[1:] and not {"--with-web", "--without-web"} & set(sys.argv):
+        sys.argv.append("--with-web" if example.web_enabled else "--without-web")
     app.main()
 
 

@@ -191,6 +191,9 @@ def test_faust_example_counts_predictions_and_sends_feedback(
         wait_for("table after the first run", table, traffic.stats, w)
         wait_for("accepted predictions", accepted, traffic.accepted, w)
     assert w.log().count("faust_bad_message") >= 3, "skipped messages are logged"
+    # LOOPLINE_FAUST_WEB_ENABLED is false by default: no web server (Faust's `worker` starts one
+    # on port 6066 unless told not to, so a second worker on the host could not start).
+    assert ":6066" not in w.log(), w.log()[-3000:]
 
     # A second run restores the table from its changelog and counts only what is new.
     traffic.send(kafka, ["k0", "k1", "k2", "k3"], per_key=3)
