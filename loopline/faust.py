@@ -31,6 +31,8 @@ What Faust needs on Loopline's brokers (:func:`app_settings`):
   measures the cost). Apache Kafka keeps Faust's batching;
 - ``processing_guarantee="at_least_once"``: Tansu has no transactions. A redelivered event must not
   count twice: keep in a table value the offset it was last updated from (as the example does);
+- ``Stream=LooplineStream``: a message that is no record is skipped in its turn, so that Faust's
+  commits never pass over a message fetched before it and not processed yet;
 - ``TableManager=SeekingTableManager``: Faust's own recovery can skip records fetched while it
   seeks after restoring a table (:class:`SeekingRecovery`);
 - tables co-partitioned with a Loopline topic: ``partitions=topics.predictions.partitions``.
@@ -52,7 +54,7 @@ from typing import Any, cast
 import fastavro
 import faust
 import orjson
-from faust.exceptions import ValueDecodeError
+from faust.exceptions import Skip, ValueDecodeError
 from faust.models.fields import FieldDescriptor
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
@@ -266,12 +268,56 @@ class LooplineSchema(faust.Schema[str, Any]):
 
     def loads_value(self, app: AppT, message: Message, *, loads: Callable[..., Any] | None = None,
                     serializer: Any = None) -> Any:
-        """Decode ``message`` into this schema's record; raise ValueDecodeError if it is not one."""
+        """Decode ``message`` into this schema's record, or report that it is not one.
+
+        Not one: logged, and :class:`Undecodable` if the app's streams skip it in its turn
+        (:class:`LooplineStream`), else ValueDecodeError (Faust skips it at once).
+        """
         try:
             return self._record.from_data(self._decode(message), preferred_type=self._record)
         except (LooplineError, TypeError, ValueError) as e:  # TypeError: a record Faust refuses
             where = f"{message.topic}[{message.partition}]@{message.offset}"
-            raise ValueDecodeError(f"{where}: {e}") from e
+            stream: Any = app.conf.Stream  # a class (typed as Type[StreamT] in Faust)
+            if not issubclass(stream, LooplineStream):
+                raise ValueDecodeError(f"{where}: {e}") from e
+            _log_bad_message(message, f"{where}: {e}")
+            return Undecodable(where, str(e))
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """The value of a message of a Loopline topic that is no record (:class:`LooplineStream`)."""
+
+    where: str  #: topic[partition]@offset
+    error: str
+
+
+def skip_undecodable(value: Any) -> Any:
+    """A stream processor: skip an :class:`Undecodable` value (the stream acknowledges it)."""
+    if isinstance(value, Undecodable):
+        raise Skip()
+    return value
+
+
+class LooplineStream(faust.Stream):  # type: ignore[type-arg]  # generic in Faust's stubs only
+    """Faust's stream, skipping the undecodable messages of Loopline topics in their turn.
+
+    Faust acknowledges a message it cannot decode at once, ahead of the messages fetched before
+    it that an agent has not processed yet; its commit can then pass over one of them
+    (faust-streaming/faust#606, open), which is lost if the worker stops before processing it.
+    Decoded to :class:`Undecodable` instead, the message goes through the stream like the others
+    and is skipped and acknowledged after them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if skip_undecodable not in self._processors:  # clones inherit the processors
+            self.add_processor(skip_undecodable)
+
+
+def _log_bad_message(message: Message, error: str) -> None:
+    log.warning("faust_bad_message", extra={"topic": message.topic, "offset": message.offset,
+                                            "partition": message.partition, "error": error})
 
 
 class LooplineTopic(faust.Topic):
@@ -279,8 +325,7 @@ class LooplineTopic(faust.Topic):
 
     async def on_value_decode_error(self, exc: Exception, message: Message) -> None:
         """Log a message Faust could not decode (it has acknowledged it already); do not throw."""
-        log.warning("faust_bad_message", extra={"topic": message.topic, "offset": message.offset,
-                                                "partition": message.partition, "error": str(exc)})
+        _log_bad_message(message, str(exc))
 
     on_key_decode_error = on_value_decode_error  # a key that is not UTF-8
 
@@ -406,6 +451,7 @@ def app_settings(settings: LooplineSettings) -> dict[str, Any]:
         "processing_guarantee": "at_least_once",
         "topic_replication_factor": settings.replication_factor,
         "TableManager": SeekingTableManager,
+        "Stream": LooplineStream,
     }
     credentials = _credentials(settings)
     if credentials is not None:

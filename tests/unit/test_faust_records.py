@@ -174,6 +174,35 @@ def test_an_undecodable_message_is_logged_and_not_thrown_at_the_agent(
         ("loopline.shop.predictions", 1, 7)] * 2
 
 
+
+def test_with_loopline_streams_an_undecodable_message_is_skipped_in_its_turn(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Faust acknowledges a message it cannot decode at once, ahead of those fetched before it;
+    # with app_settings the message becomes an Undecodable value that the stream skips (and
+    # acknowledges) after them.
+    settings = lf.app_settings(LooplineSettings(bootstrap_servers="127.0.0.1:1"))
+
+    async def run() -> tuple[Any, list[Any], list[Any], bool]:
+        app = faust.App("unit-skip", loop=asyncio.get_running_loop(), **settings)
+        topic = lf.pipeline_topics(app, _spec()).predictions
+        value = topic.schema.loads_value(app, _message(b"not avro"))
+        stream = app.stream([1, value, 2])
+        derived = app.stream([value, 3]).filter(lambda v: True)
+        try:
+            return (value, [v async for v in stream], [v async for v in derived],
+                    isinstance(stream, lf.LooplineStream))
+        finally:  # a stream acknowledges through the app's consumer: never started, loop unused
+            app.consumer._thread.thread_loop.close()  # type: ignore[attr-defined]  # Faust's own
+
+    with caplog.at_level(logging.WARNING, logger="loopline.faust"):
+        value, read, read_derived, ours = asyncio.run(run())
+    assert isinstance(value, lf.Undecodable)
+    assert value.where == "loopline.shop.predictions[1]@7" and "bad magic bytes" in value.error
+    logged = [r for r in caplog.records if r.getMessage() == "faust_bad_message"]
+    assert [(r.topic, r.partition, r.offset) for r in logged] == [  # type: ignore[attr-defined]  # set by the code under test
+        ("loopline.shop.predictions", 1, 7)]
+    assert ours and read == [1, 2] and read_derived == [3]
+
 def test_topics_carry_the_pipeline_partitions_for_co_partitioned_tables(app: faust.App) -> None:
     topics = lf.pipeline_topics(app, _spec())
     assert topics.predictions.get_topic_name() == "loopline.shop.predictions"
