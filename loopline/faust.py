@@ -266,6 +266,15 @@ class LooplineSchema(faust.Schema[str, Any]):
                          value_serializer=codec)
         self._record, self._decode = value_type, decode
 
+    def loads_key(self, app: AppT, message: Message, *, loads: Callable[..., Any] | None = None,
+                  serializer: Any = None) -> Any:
+        """The message's key as text; bytes that are not UTF-8 replaced, as Loopline's services do.
+
+        A foreign producer's odd key must not cost a valid record (Faust would skip the message).
+        """
+        key = message.key
+        return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+
     def loads_value(self, app: AppT, message: Message, *, loads: Callable[..., Any] | None = None,
                     serializer: Any = None) -> Any:
         """Decode ``message`` into this schema's record, or report that it is not one.
@@ -327,7 +336,7 @@ class LooplineTopic(faust.Topic):
         """Log a message Faust could not decode (it has acknowledged it already); do not throw."""
         _log_bad_message(message, str(exc))
 
-    on_key_decode_error = on_value_decode_error  # a key that is not UTF-8
+    on_key_decode_error = on_value_decode_error  # another schema's key (Loopline's never fail)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,16 @@ def test_with_loopline_streams_an_undecodable_message_is_skipped_in_its_turn(
         ("loopline.shop.predictions", 1, 7)]
     assert ours and read == [1, 2] and read_derived == [3]
 
+
+def test_a_key_that_is_not_utf8_does_not_cost_the_record(app: faust.App) -> None:
+    # Loopline's services read such keys with replacement characters; Faust would skip the message.
+    schema = lf.pipeline_topics(app, _spec()).predictions.schema
+    message = _message(avro.codec("prediction").encode(_prediction()))
+    for key, text in ((b"k1", "k1"), (None, None), (b"\xff\xfek", "\ufffd\ufffdk")):
+        message.key = key
+        assert schema.loads_key(app, message) == text
+    assert schema.loads_value(app, message).prediction_id == _prediction()["prediction_id"]
+
 def test_topics_carry_the_pipeline_partitions_for_co_partitioned_tables(app: faust.App) -> None:
     topics = lf.pipeline_topics(app, _spec())
     assert topics.predictions.get_topic_name() == "loopline.shop.predictions"
