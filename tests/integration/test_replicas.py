@@ -205,10 +205,22 @@ def test_two_replicas_of_each_stateful_service_survive_a_kill(settings: Loopline
     per_id = Counter(a["alert_id"] for a in alerts)
     if kafka.exactly_once:
         assert max(per_id.values()) == 1, "an alert was raised twice"
-    episodes = Counter((a["pipeline"], a["signal"], a["feature"], a["detector"], a["model_version"],
-                        a["severity"])
-                       for a in raised)
-    assert max(episodes.values()) == 1, [e for e, n in episodes.items() if n > 1]
+    # An episode is raised once until it is resolved: a second raise with none between is a
+    # duplicate (a survivor that did not know its predecessor's alert). A detector may resolve and
+    # raise again (CI saw performance/errors raised, resolved and raised within 1.2 s, on a replica
+    # that was not killed): that is a new episode. One partition: the topic's order is theirs.
+    open_episodes: set[tuple[Any, ...]] = set()
+    twice = []
+    for a in alerts:
+        episode = (a["pipeline"], a["signal"], a["feature"], a["detector"], a["model_version"],
+                   a["severity"])
+        if a["state"] == "raised":
+            if episode in open_episodes:
+                twice.append(episode)
+            open_episodes.add(episode)
+        else:
+            open_episodes.discard(episode)
+    assert not twice, twice
     for s in specs:
         st = changelog_state(kafka, "trainer", s.name)
         counts = st.join.counts
